@@ -1,0 +1,3 @@
+from planer.cli import main
+
+main()
