@@ -1,0 +1,338 @@
+"""The network as data.
+
+An `Architecture` is the single description of a planer network: the search
+writes one, training, export and profiling read one. It is plain data with a
+JSON round-trip, validation that names the offending block, and the counts the
+search and the reports need (total and active parameters, FLOPs per token).
+
+A network is an embedding, an ordered list of pre-norm residual sublayers
+("blocks"), a final norm and an output head. Each block is one of:
+
+    attn  multi-head attention (heads x head_dim, optionally fewer kv_heads)
+    ffn   Linear - activation - Linear of width d_inner
+    moe   `experts` FFNs of width d_inner each, top_k routing per token
+    skip  identity (a position the search left empty)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from planer.errors import PlanerError
+
+FORMAT = "planer.arch/1"
+BLOCK_KINDS = ("attn", "ffn", "moe", "skip")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("relative", "rotary")
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+
+# Which BlockSpec fields each kind uses; the others must stay 0.
+_KIND_FIELDS = {
+    "attn": ("heads", "head_dim", "kv_heads"),
+    "ffn": ("d_inner",),
+    "moe": ("experts", "top_k", "d_inner"),
+    "skip": (),
+}
+
+
+class ArchError(PlanerError):
+    """An architecture that cannot be built."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kind: str
+    heads: int = 0
+    head_dim: int = 0
+    kv_heads: int = 0  # 0 means "same as heads" (plain multi-head attention)
+    d_inner: int = 0
+    experts: int = 0
+    top_k: int = 0
+
+    @staticmethod
+    def attn(heads: int, head_dim: int, kv_heads: int = 0) -> BlockSpec:
+        return BlockSpec("attn", heads=heads, head_dim=head_dim, kv_heads=kv_heads)
+
+    @staticmethod
+    def ffn(d_inner: int) -> BlockSpec:
+        return BlockSpec("ffn", d_inner=d_inner)
+
+    @staticmethod
+    def moe(experts: int, top_k: int, d_inner: int) -> BlockSpec:
+        return BlockSpec("moe", experts=experts, top_k=top_k, d_inner=d_inner)
+
+    @staticmethod
+    def skip() -> BlockSpec:
+        return BlockSpec("skip")
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. `attn4x64`, `ffn1024`, `moe8k2x512`."""
+        if self.kind == "attn":
+            kv = f"/kv{self.kv_heads}" if self.kv_heads and self.kv_heads != self.heads else ""
+            return f"attn{self.heads}x{self.head_dim}{kv}"
+        if self.kind == "ffn":
+            return f"ffn{self.d_inner}"
+        if self.kind == "moe":
+            return f"moe{self.experts}k{self.top_k}x{self.d_inner}"
+        return "skip"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind}
+        for name in _KIND_FIELDS.get(self.kind, ()):
+            value = getattr(self, name)
+            if name != "kv_heads" or value:
+                d[name] = value
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], where: str = "block") -> BlockSpec:
+        if not isinstance(d, dict) or "kind" not in d:
+            raise ArchError(f"{where}: expected an object with a 'kind' field, got {d!r}")
+        known = {f.name for f in fields(BlockSpec)}
+        unknown = set(d) - known
+        if unknown:
+            raise ArchError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        for name, value in d.items():
+            if name != "kind" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ArchError(f"{where}: field '{name}' must be an integer, got {value!r}")
+        return BlockSpec(**d)
+
+    def validate(self, where: str = "block") -> None:
+        if self.kind not in BLOCK_KINDS:
+            raise ArchError(f"{where}: unknown kind {self.kind!r}; use one of {', '.join(BLOCK_KINDS)}")
+        used = _KIND_FIELDS[self.kind]
+        for f in fields(self):
+            if f.name == "kind":
+                continue
+            value = getattr(self, f.name)
+            if value < 0:
+                raise ArchError(f"{where}: {f.name} must be >= 0, got {value}")
+            if f.name not in used and value:
+                raise ArchError(f"{where}: a {self.kind} block has no field '{f.name}' (got {value})")
+        if self.kind == "attn":
+            if self.heads < 1 or self.head_dim < 1:
+                raise ArchError(f"{where}: attn needs heads >= 1 and head_dim >= 1, got {self.heads} x {self.head_dim}")
+            if self.kv_heads and self.heads % self.kv_heads:
+                raise ArchError(
+                    f"{where}: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"
+                )
+        if self.kind in ("ffn", "moe") and self.d_inner < 1:
+            raise ArchError(f"{where}: {self.kind} needs d_inner >= 1, got {self.d_inner}")
+        if self.kind == "moe":
+            if self.experts < 1:
+                raise ArchError(f"{where}: moe needs experts >= 1, got {self.experts}")
+            if not 1 <= self.top_k <= self.experts:
+                raise ArchError(
+                    f"{where}: moe top_k must be between 1 and experts ({self.experts}), got {self.top_k}"
+                )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    d_model: int
+    vocab_size: int
+    blocks: tuple[BlockSpec, ...]
+    tgt_len: int = 128
+    mem_len: int = 128
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    pos: str = "relative"
+    activation: str = "gelu"
+    bias: bool = True  # biases in the FFN / expert linears (Transformer-XL: yes, Llama: no)
+    tie_embeddings: bool = True
+    name: str = ""
+
+    # ----------------------------------------------------------- construction
+    @staticmethod
+    def transformer_xl(
+        *, n_layer: int, d_model: int, n_head: int, d_head: int, d_inner: int,
+        vocab_size: int, tgt_len: int, mem_len: int, name: str = "",
+    ) -> Architecture:
+        """The classic stack: n_layer x (attention, FFN)."""
+        blocks: list[BlockSpec] = []
+        for _ in range(n_layer):
+            blocks += [BlockSpec.attn(n_head, d_head), BlockSpec.ffn(d_inner)]
+        return Architecture(d_model=d_model, vocab_size=vocab_size, blocks=tuple(blocks),
+                            tgt_len=tgt_len, mem_len=mem_len, name=name)
+
+    def with_blocks(self, blocks: list[BlockSpec] | tuple[BlockSpec, ...]) -> Architecture:
+        return replace(self, blocks=tuple(blocks))
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> Architecture:
+        for name in ("d_model", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ArchError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.tgt_len, int) or self.tgt_len < 1:
+            raise ArchError(f"tgt_len must be a positive integer, got {self.tgt_len!r}")
+        if not isinstance(self.mem_len, int) or self.mem_len < 0:
+            raise ArchError(f"mem_len must be an integer >= 0, got {self.mem_len!r}")
+        for name, allowed in (("norm", NORMS), ("pos", POSITIONS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ArchError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.pos == "relative" and self.d_model % 2:
+            raise ArchError(f"relative positions need an even d_model, got {self.d_model}")
+        if not self.blocks:
+            raise ArchError("an architecture needs at least one block")
+        for i, b in enumerate(self.blocks):
+            where = f"block {i} ({b.kind})"
+            b.validate(where)
+            if b.kind == "attn":
+                if self.pos == "relative" and b.kv_heads and b.kv_heads != b.heads:
+                    raise ArchError(
+                        f"{where}: grouped kv heads need pos='rotary'; relative attention uses kv_heads == heads"
+                    )
+                if self.pos == "rotary" and b.head_dim % 2:
+                    raise ArchError(f"{where}: rotary positions need an even head_dim, got {b.head_dim}")
+        return self
+
+    # ------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["blocks"] = [b.to_dict() for b in self.blocks]
+        return {"format": FORMAT, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Architecture:
+        if not isinstance(d, dict):
+            raise ArchError(f"an architecture is a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        fmt = d.pop("format", FORMAT)
+        if fmt != FORMAT:
+            raise ArchError(f"unsupported architecture format {fmt!r}; this planer reads {FORMAT!r}")
+        known = {f.name for f in fields(Architecture)}
+        unknown = set(d) - known
+        if unknown:
+            raise ArchError(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        missing = {"d_model", "vocab_size", "blocks"} - set(d)
+        if missing:
+            raise ArchError(f"missing field(s) {sorted(missing)}")
+        if not isinstance(d["blocks"], list):
+            raise ArchError("'blocks' must be a list of block objects")
+        d["blocks"] = tuple(BlockSpec.from_dict(b, f"block {i}") for i, b in enumerate(d["blocks"]))
+        return Architecture(**d).validate()
+
+    @staticmethod
+    def from_json(text: str) -> Architecture:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArchError(f"not valid JSON ({e})") from None
+        return Architecture.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_json())
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> Architecture:
+        p = Path(path)
+        if not p.is_file():
+            raise ArchError(f"{p}: no such architecture file; pass a run directory or an arch.json")
+        try:
+            return Architecture.from_json(p.read_text())
+        except ArchError as e:
+            raise ArchError(f"{p}: {e}; fix the file or regenerate it") from None
+
+    # ----------------------------------------------------------------- counts
+    @property
+    def attn_positions(self) -> list[int]:
+        """Indices of the blocks that carry a Transformer-XL memory."""
+        return [i for i, b in enumerate(self.blocks) if b.kind == "attn"]
+
+    def _norm_params(self) -> int:
+        return 2 * self.d_model if self.norm == "layernorm" else self.d_model
+
+    def ffn_params(self, d_inner: int) -> int:
+        """Parameters of one FFN (or one expert) of width d_inner."""
+        d = self.d_model
+        if self.activation == "swiglu":
+            return 3 * d * d_inner + (2 * d_inner + d if self.bias else 0)
+        return 2 * d * d_inner + (d_inner + d if self.bias else 0)
+
+    def block_params(self, b: BlockSpec) -> tuple[int, int]:
+        """(total, active per token) parameters of one block, its norm included."""
+        d = self.d_model
+        if b.kind == "skip":
+            return 0, 0
+        norm = self._norm_params()
+        if b.kind == "attn":
+            q = d * b.heads * b.head_dim
+            kv = 2 * d * b.n_kv_heads * b.head_dim
+            o = b.heads * b.head_dim * d
+            rel = (d * b.heads * b.head_dim + 2 * b.heads * b.head_dim) if self.pos == "relative" else 0
+            n = norm + q + kv + o + rel
+            return n, n
+        if b.kind == "ffn":
+            n = norm + self.ffn_params(b.d_inner)
+            return n, n
+        expert = self.ffn_params(b.d_inner)
+        router = d * b.experts
+        return norm + router + b.experts * expert, norm + router + b.top_k * expert
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active-per-token parameters, with and without embeddings."""
+        emb = self.vocab_size * self.d_model
+        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        total = active = 0
+        for b in self.blocks:
+            t, a = self.block_params(b)
+            total += t
+            active += a
+        fixed = self._norm_params()
+        return {
+            "total": emb + head + fixed + total,
+            "active": emb + head + fixed + active,
+            "non_embedding_total": fixed + total,
+            "non_embedding_active": fixed + active,
+        }
+
+    def flops_per_token(self) -> int:
+        """Forward multiply-adds x2 per token at the deployment shape.
+
+        Matmuls count 2 FLOPs per active weight; attention adds the score and
+        value products against the average context a token of a segment sees
+        (mem_len + (tgt_len + 1) / 2 keys) and, for relative positions, the
+        position projection amortised over the segment.
+        """
+        d = self.d_model
+        ctx = self.mem_len + (self.tgt_len + 1) / 2
+        klen = self.mem_len + self.tgt_len
+        total = 2 * d * self.vocab_size  # output head; the embedding is a lookup
+        for b in self.blocks:
+            if b.kind == "skip":
+                continue
+            if b.kind == "attn":
+                hd = b.heads * b.head_dim
+                total += 2 * (d * hd + 2 * d * b.n_kv_heads * b.head_dim + hd * d)
+                scores = 2 if self.pos == "rotary" else 3  # relative adds the position-score product
+                total += 2 * scores * hd * ctx
+                if self.pos == "relative":
+                    total += 2 * d * hd * klen / self.tgt_len
+            else:
+                mats = 3 if self.activation == "swiglu" else 2
+                width = b.d_inner * (b.top_k if b.kind == "moe" else 1)
+                total += 2 * mats * d * width
+                if b.kind == "moe":
+                    total += 2 * d * b.experts
+        return int(math.ceil(total))
+
+    def summary(self) -> str:
+        c = self.param_counts()
+        seq = " ".join(b.label() for b in self.blocks)
+        return (f"{self.name or 'network'}: d_model {self.d_model}, vocab {self.vocab_size}, "
+                f"{len(self.blocks)} blocks, tgt_len {self.tgt_len}, mem_len {self.mem_len}; "
+                f"{c['total'] / 1e6:.2f}M params ({c['active'] / 1e6:.2f}M active/token), "
+                f"{self.flops_per_token() / 1e6:.1f} MFLOPs/token\n  {seq}")
