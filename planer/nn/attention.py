@@ -1,0 +1,96 @@
+"""Causal multi-head attention over [memory; segment].
+
+Two position schemes share one module:
+- `relative` (Transformer-XL): content and position scores with the global
+  biases u, v and sinusoidal relative encodings, aligned by the pad-and-reshape
+  shift, so a segment attends to its memory exactly as to its own past.
+- `rotary` (Llama-style): rotary embeddings on queries and keys, optionally
+  fewer key/value heads than query heads (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from planer.arch import Architecture, BlockSpec
+
+
+def sinusoid(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+    """Transformer-XL's positional encoding: [sin | cos] of positions x inverse frequencies."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def rel_shift(x: Tensor) -> Tensor:
+    """Align position scores so that out[..., i, j] uses distance (K - T + i - j).
+
+    x[..., i, p] holds the score of query i against relative position row p,
+    where row p encodes distance K-1-p. Entries with j > K - T + i are garbage
+    and must be masked by the caller (they are the future).
+    """
+    b, h, t, k = x.shape
+    padded = F.pad(x, (1, 0)).view(b, h, k + 1, t)
+    return padded[:, :, 1:].reshape(b, h, t, k)
+
+
+def rotate(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary embedding on the last dim of x (B, H, L, D), halves-rotation convention."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: Architecture, spec: BlockSpec, dropatt: float = 0.0):
+        super().__init__()
+        d = arch.d_model
+        self.heads, self.head_dim, self.kv_heads = spec.heads, spec.head_dim, spec.n_kv_heads
+        self.pos = arch.pos
+        self.q = nn.Linear(d, self.heads * self.head_dim, bias=False)
+        self.kv = nn.Linear(d, 2 * self.kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(self.heads * self.head_dim, d, bias=False)
+        if self.pos == "relative":
+            self.r = nn.Linear(d, self.heads * self.head_dim, bias=False)
+            self.r_w_bias = nn.Parameter(torch.zeros(self.heads, self.head_dim))
+            self.r_r_bias = nn.Parameter(torch.zeros(self.heads, self.head_dim))
+        self.dropatt = nn.Dropout(dropatt)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, h: Tensor, tgt_len: int) -> Tensor:
+        """h: normalised [memory; segment], (B, K, d). Returns the segment's output (B, T, d)."""
+        b, k, d = h.shape
+        t = tgt_len
+        m = k - t
+        q = self.q(h[:, m:]).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        key, value = self.kv(h).view(b, k, 2, self.kv_heads, self.head_dim).unbind(2)
+        key, value = key.transpose(1, 2), value.transpose(1, 2)
+
+        if self.pos == "relative":
+            distances = torch.arange(k - 1, -1, -1, device=h.device)
+            r = self.r(sinusoid(distances, d).to(h.dtype)).view(k, self.heads, self.head_dim)
+            content = (q + self.r_w_bias[:, None]) @ key.transpose(-1, -2)
+            position = torch.einsum("bhtd,khd->bhtk", q + self.r_r_bias[:, None], r)
+            scores = content + rel_shift(position)
+        else:
+            q = rotate(q, torch.arange(m, k, device=h.device))
+            key = rotate(key, torch.arange(k, device=h.device))
+            if self.kv_heads != self.heads:
+                group = self.heads // self.kv_heads
+                key = key.repeat_interleave(group, dim=1)
+                value = value.repeat_interleave(group, dim=1)
+            scores = q @ key.transpose(-1, -2)
+
+        future = torch.ones(t, k, dtype=torch.bool, device=h.device).triu(1 + m)
+        scores = (scores * self.scale).masked_fill(future, float("-inf"))
+        probs = self.dropatt(scores.softmax(dim=-1))
+        out = (probs @ value).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.o(out)

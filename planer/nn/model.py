@@ -1,0 +1,104 @@
+"""The language model built from an `Architecture`.
+
+Embedding -> pre-norm residual blocks -> final norm -> (tied) output head.
+Every attention block carries a Transformer-XL memory: the hidden states that
+entered it during the previous segment(s), at most `mem_len` of them, reused
+without gradient. `forward` takes the memories and returns the new ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from planer.arch import Architecture, BlockSpec
+from planer.nn.attention import Attention
+from planer.nn.ffn import FFN
+from planer.nn.moe import MoE
+
+
+def make_norm(arch: Architecture) -> nn.Module:
+    if arch.norm == "rmsnorm":
+        return nn.RMSNorm(arch.d_model, eps=arch.norm_eps)
+    return nn.LayerNorm(arch.d_model, eps=arch.norm_eps)
+
+
+class Block(nn.Module):
+    """One pre-norm residual sublayer: x + dropout(f(norm(x)))."""
+
+    def __init__(self, arch: Architecture, spec: BlockSpec, dropout: float = 0.0, dropatt: float = 0.0):
+        super().__init__()
+        self.kind = spec.kind
+        if spec.kind == "skip":
+            return
+        self.norm = make_norm(arch)
+        self.drop = nn.Dropout(dropout)
+        if spec.kind == "attn":
+            self.f: nn.Module = Attention(arch, spec, dropatt)
+        elif spec.kind == "ffn":
+            self.f = FFN(arch.d_model, spec.d_inner, arch.activation, arch.bias)
+        else:
+            self.f = MoE(arch.d_model, spec.experts, spec.top_k, spec.d_inner, arch.activation, arch.bias)
+
+    def forward(self, x: Tensor, mem: Tensor | None = None) -> Tensor:
+        if self.kind == "skip":
+            return x
+        if self.kind == "attn":
+            context = x if mem is None else torch.cat([mem, x], dim=1)
+            return x + self.drop(self.f(self.norm(context), x.shape[1]))
+        return x + self.drop(self.f(self.norm(x)))
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # (B, T, vocab)
+    mems: list[Tensor]  # one (B, <=mem_len, d_model) per attention block
+    aux_loss: Tensor  # sum of the MoE blocks' load-balancing losses (0 without MoE)
+
+
+class LM(nn.Module):
+    def __init__(self, arch: Architecture, dropout: float = 0.0, dropatt: float = 0.0):
+        super().__init__()
+        self.arch = arch.validate()
+        self.embed = nn.Embedding(arch.vocab_size, arch.d_model)
+        self.emb_scale = math.sqrt(arch.d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(arch, spec, dropout, dropatt) for spec in arch.blocks)
+        self.norm = make_norm(arch)
+        self.head = None if arch.tie_embeddings else nn.Linear(arch.d_model, arch.vocab_size, bias=False)
+        self.apply(_init)
+
+    def forward(self, idx: Tensor, mems: list[Tensor] | None = None, mem_len: int | None = None) -> LMOutput:
+        """idx (B, T) token ids; mems from the previous call (None at the start of a stream)."""
+        mem_len = self.arch.mem_len if mem_len is None else mem_len
+        attn = [i for i, b in enumerate(self.blocks) if b.kind == "attn"]
+        if mems is not None and len(mems) != len(attn):
+            raise ValueError(f"expected {len(attn)} memories (one per attention block), got {len(mems)}")
+        x = self.drop(self.embed(idx) * self.emb_scale)
+        new_mems: list[Tensor] = []
+        aux = x.new_zeros(())
+        j = 0
+        for block in self.blocks:
+            if block.kind == "attn":
+                mem = None if mems is None else mems[j]
+                j += 1
+                seen = x if mem is None else torch.cat([mem, x], dim=1)
+                new_mems.append(seen[:, seen.shape[1] - min(mem_len, seen.shape[1]):].detach())
+                x = block(x, mem)
+            else:
+                x = block(x)
+                if block.kind == "moe":
+                    aux = aux + block.f.aux_loss
+        x = self.norm(x)
+        logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
+        return LMOutput(logits, new_mems, aux)
+
+
+def _init(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
