@@ -1,0 +1,140 @@
+"""Corpora in the two formats of the PLANER paper, and the bundled sample.
+
+A data spec names the source:
+
+    sample                 the enwik8-format Wikipedia excerpt shipped in gensim's test data
+    enwik8:PATH            a raw byte file (enwik8 itself or anything in its format)
+    wikitext103:DIR        a directory with wiki.{train,valid,test}.tokens
+
+Byte corpora are split like Transformer-XL's enwik8 (first 90 % / next 5 % /
+last 5 %); WikiText comes pre-split, with a word vocabulary built from train.
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from planer.errors import PlanerError
+
+SAMPLE_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+UNK, EOS = "<unk>", "<eos>"
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(PlanerError):
+    """A data source that cannot be read in the named format."""
+
+
+@dataclass
+class Corpus:
+    spec: str  # the data spec it was loaded from, stored with every run
+    unit: str  # "byte" (report bits per character) or "word" (report perplexity)
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    vocab: list[str] | None = None  # words by id; None for bytes
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 if self.vocab is None else len(self.vocab)
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+
+def split_bytes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Transformer-XL's enwik8 split: first 90 %, next 5 %, last 5 % (90M/5M/5M for enwik8)."""
+    n = len(data)
+    a, b = n * 90 // 100, n * 95 // 100
+    return data[:a], data[a:b], data[b:]
+
+
+def sample_path() -> Path:
+    """The bundled sample, located without importing gensim."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the 'sample' corpus ships in gensim's test data; install it with "
+                        "`pip install gensim` (or `pip install planer[sample]`), or pass --data enwik8:PATH")
+    path = Path(next(iter(spec.submodule_search_locations))) / SAMPLE_FILE
+    if not path.is_file():
+        raise DataError(f"gensim is installed but {path} is missing; reinstall gensim "
+                        "(`pip install --force-reinstall gensim`) or pass --data enwik8:PATH")
+    return path
+
+
+def load_bytes(spec: str, raw: bytes) -> Corpus:
+    if len(raw) < 1000:
+        raise DataError(f"{spec}: only {len(raw)} bytes; a byte corpus needs at least 1000 to split 90/5/5")
+    train, valid, test = split_bytes(np.frombuffer(raw, dtype=np.uint8))
+    return Corpus(spec, "byte", train, valid, test)
+
+
+def load_enwik8(path: Path, spec: str) -> Corpus:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; enwik8:PATH needs the raw enwik8 file (unzipped)")
+    raw = path.read_bytes()
+    if raw[:2] == b"PK" or raw[:3] == b"BZh" or raw[:2] == b"\x1f\x8b":
+        raise DataError(f"{path}: this is a compressed archive; unpack it and pass the raw file")
+    return load_bytes(spec, raw)
+
+
+def tokenize(path: Path) -> list[str]:
+    """WikiText words: whitespace-split, one <eos> per line (Transformer-XL's convention)."""
+    words: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            words.extend(line.split())
+            words.append(EOS)
+    return words
+
+
+def build_vocab(words: list[str]) -> list[str]:
+    """Vocabulary of the training words, most frequent first; <unk> and <eos> always present."""
+    counts = Counter(words)
+    vocab = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in (UNK, EOS)]
+    return [UNK, EOS] + vocab
+
+
+def encode(words: list[str], index: dict[str, int]) -> np.ndarray:
+    unk = index[UNK]
+    return np.fromiter((index.get(w, unk) for w in words), dtype=np.int32, count=len(words))
+
+
+def load_wikitext(directory: Path, spec: str) -> Corpus:
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such directory; wikitext103:DIR needs the folder with wiki.*.tokens")
+    paths = {s: directory / f"wiki.{s}.tokens" for s in SPLITS}
+    missing = [p.name for p in paths.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"{directory}: missing {', '.join(missing)}; expected wiki.train.tokens, "
+                        "wiki.valid.tokens and wiki.test.tokens (the WikiText-103 word-level release)")
+    try:
+        words = {s: tokenize(p) for s, p in paths.items()}
+    except UnicodeDecodeError as e:
+        raise DataError(f"{directory}: not UTF-8 text ({e}); is this the word-level (not raw) WikiText?") from None
+    vocab = build_vocab(words["train"])
+    index = {w: i for i, w in enumerate(vocab)}
+    return Corpus(spec, "word", *(encode(words[s], index) for s in SPLITS), vocab=vocab)
+
+
+def load_corpus(spec: str) -> Corpus:
+    """Load a corpus from a data spec (see the module docstring)."""
+    if spec == "sample":
+        return load_bytes(spec, bz2.decompress(sample_path().read_bytes()))
+    kind, sep, location = spec.partition(":")
+    if not sep or not location:
+        raise DataError(f"unknown data spec {spec!r}; use sample, enwik8:PATH or wikitext103:DIR")
+    path = Path(location).expanduser()
+    if kind == "enwik8":
+        return load_enwik8(path, spec)
+    if kind == "wikitext103":
+        return load_wikitext(path, spec)
+    raise DataError(f"unknown data format {kind!r} in {spec!r}; use sample, enwik8:PATH or wikitext103:DIR")

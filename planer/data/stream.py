@@ -1,0 +1,43 @@
+"""Transformer-XL's ordered segment iterator.
+
+The token sequence is cut into `batch` parallel streams (row b is the b-th
+contiguous slice of the text); segment i of every stream is read at the same
+step, so the memory a stream carries from segment i-1 really is its own past.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class Segments:
+    def __init__(self, data: np.ndarray, batch: int, tgt_len: int):
+        length = len(data) // batch
+        if length < 2:
+            raise ValueError(f"{len(data)} tokens are too few for {batch} streams")
+        self.streams = torch.from_numpy(np.asarray(data[: length * batch], dtype=np.int64)).view(batch, length)
+        self.tgt_len = tgt_len
+
+    def __len__(self) -> int:
+        """Segments per pass; the last one may be shorter than tgt_len."""
+        return -(-(self.streams.shape[1] - 1) // self.tgt_len)
+
+    @property
+    def tokens(self) -> int:
+        """Predicted tokens per pass (all streams)."""
+        return self.streams.shape[0] * (self.streams.shape[1] - 1)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        """Inputs and next-token targets of segment i, each (batch, <=tgt_len)."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start = i * self.tgt_len
+        end = min(start + self.tgt_len, self.streams.shape[1] - 1)
+        return self.streams[:, start:end], self.streams[:, start + 1:end + 1]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return (self[i] for i in range(len(self)))
