@@ -1,0 +1,1 @@
+"""Baseline training, evaluation with the Transformer-XL protocol, and the presets."""

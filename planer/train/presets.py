@@ -1,0 +1,91 @@
+"""Named baselines: an architecture shape plus the training recipe that goes with it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from planer.arch import Architecture
+from planer.errors import PlanerError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch: int = 16  # parallel streams per step
+    lr: float = 2.5e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 0
+    weight_decay: float = 0.0
+    clip: float = 0.25
+    dropout: float = 0.0
+    dropatt: float = 0.0
+    aux_weight: float = 0.01  # weight of the MoE load-balancing loss
+    eval_every: int = 500
+    eval_tokens: int = 65536  # periodic validation reads this many tokens; the final one reads the whole split
+    eval_batch: int = 8
+    ckpt_every: int = 500
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    n_layer: int
+    d_model: int
+    n_head: int
+    d_head: int
+    d_inner: int
+    tgt_len: int
+    mem_len: int
+    train: TrainConfig
+
+    def architecture(self, vocab_size: int) -> Architecture:
+        return Architecture.transformer_xl(
+            n_layer=self.n_layer, d_model=self.d_model, n_head=self.n_head, d_head=self.d_head,
+            d_inner=self.d_inner, vocab_size=vocab_size, tgt_len=self.tgt_len, mem_len=self.mem_len,
+            name=self.name,
+        )
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset(
+            "tiny", "byte-level baseline that trains on 2 CPU cores in minutes",
+            n_layer=4, d_model=192, n_head=4, d_head=48, d_inner=768, tgt_len=128, mem_len=128,
+            train=TrainConfig(steps=1800, batch=16, lr=2e-3, warmup=100, clip=1.0, min_lr_ratio=0.05,
+                              eval_every=300, ckpt_every=300),
+        ),
+        Preset(
+            "txl-enwik8-base", "Transformer-XL base, enwik8 configuration (12L, 512, 8 heads, 2048)",
+            n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, tgt_len=512, mem_len=512,
+            train=TrainConfig(steps=400_000, batch=22, lr=2.5e-4, dropout=0.1, eval_every=4000, ckpt_every=4000),
+        ),
+        Preset(
+            "txl-wt103-base", "Transformer-XL base, WikiText-103 configuration (16L, 512, 8 heads, 2048)",
+            n_layer=16, d_model=512, n_head=8, d_head=64, d_inner=2048, tgt_len=192, mem_len=192,
+            train=TrainConfig(steps=200_000, batch=60, lr=2.5e-4, dropout=0.1, eval_every=4000, ckpt_every=4000),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise PlanerError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """Replace the fields given a value (None means keep the preset's)."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

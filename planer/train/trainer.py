@@ -1,0 +1,215 @@
+"""Baseline training: AdamW, warm-up then cosine decay, gradient clipping,
+ordered segments with Transformer-XL memory, periodic validation, resumable
+checkpoints, and an output directory that appears only when training is done.
+
+Run directory (OUT):
+    arch.json          the network
+    model.safetensors  its weights
+    config.json        data spec, training recipe, progress (step, tokens, time)
+    train_state.pt     optimizer, RNG and memories, to resume exactly (tensors and numbers only)
+    metrics.jsonl      one line per validation
+    eval.json          final validation and test scores
+    vocab.txt          word vocabulary (word corpora only)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from planer import __version__
+from planer.arch import Architecture
+from planer.checkpoint import (ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, save_weights,
+                               staging_dir)
+from planer.data import Corpus, Segments
+from planer.errors import PlanerError
+from planer.nn import LM
+from planer.train.evaluate import evaluate, headline
+from planer.train.presets import TrainConfig
+
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+VOCAB_FILE = "vocab.txt"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def run_source(out: Path) -> Path | None:
+    """The directory a --resume of OUT continues: an interrupted staging dir first, else OUT itself."""
+    for candidate in (staging_dir(out), out):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def saved_config(out: str | os.PathLike) -> tuple[TrainConfig, str]:
+    """The training recipe and preset name a run was started with (for --resume)."""
+    source = run_source(Path(out))
+    if source is None:
+        raise PlanerError(f"--resume: nothing to resume at {out}; drop --resume to start a new run")
+    try:
+        config = json.loads((source / CONFIG_FILE).read_text())
+        return TrainConfig.from_dict(config["train"]), config.get("preset", "")
+    except (OSError, ValueError, KeyError) as e:
+        raise PlanerError(f"{source}: no readable {CONFIG_FILE} ({e}); it cannot be resumed") from None
+
+
+def _save_checkpoint(work: Path, model: LM, opt: torch.optim.Optimizer, mems: list[torch.Tensor] | None,
+                     cfg: TrainConfig, corpus: Corpus, preset: str, progress: Progress) -> None:
+    state = {
+        "step": progress.step,
+        "optimizer": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+        "mems": mems,
+    }
+    tmp = work / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    save_weights(model, work / WEIGHTS_FILE, metadata={"step": str(progress.step)})
+    os.replace(tmp, work / STATE_FILE)
+    config = {
+        "planer_version": __version__, "preset": preset, "data": corpus.spec, "unit": corpus.unit,
+        "train": cfg.to_dict(), "step": progress.step, "tokens_seen": progress.tokens,
+        "train_seconds": round(progress.seconds, 2),
+    }
+    # config.json is written last: its step marks the checkpoint as complete.
+    atomic_write_text(work / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def _load_checkpoint(work: Path, corpus: Corpus, cfg: TrainConfig) -> tuple[LM, dict, Progress]:
+    config_path = work / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+        state = torch.load(work / STATE_FILE, weights_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PlanerError(f"{work}: cannot resume, checkpoint unreadable ({e}); delete it and train again") from None
+    if config.get("data") != corpus.spec:
+        raise PlanerError(f"{work} was trained on --data {config.get('data')}, not {corpus.spec}; "
+                          "resume with the same data")
+    if corpus.vocab is not None and (work / VOCAB_FILE).read_text().split("\n")[:-1] != corpus.vocab:
+        raise PlanerError(f"{work}: the vocabulary of {corpus.spec} changed since training; resume with the same files")
+    if config["step"] != state["step"]:
+        raise PlanerError(f"{work}: checkpoint files disagree on the step (interrupted while saving); "
+                          "delete the directory and train again")
+    model = load_model(work, dropout=cfg.dropout, dropatt=cfg.dropatt)
+    progress = Progress(config["step"], config["tokens_seen"], config["train_seconds"])
+    return model, state, progress
+
+
+def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Architecture | None = None,
+          preset: str = "", resume: bool = False, show_progress: bool = True) -> dict:
+    """Train (or resume) a baseline and return its final evaluation.
+
+    `arch` is required for a new run; on resume the run's own arch.json is used.
+    """
+    out = Path(out)
+    work = staging_dir(out)
+    torch.manual_seed(cfg.seed)
+    if resume:
+        source = run_source(out)
+        if source is None:
+            raise PlanerError(f"--resume: nothing to resume at {out}; drop --resume to start a new run")
+        model, state, progress = _load_checkpoint(source, corpus, cfg)
+        preset = preset or json.loads((source / CONFIG_FILE).read_text()).get("preset", "")
+        if source != work:
+            shutil.copytree(source, work)
+    else:
+        if work.exists():
+            raise PlanerError(f"{work} holds an interrupted run; pass --resume to continue it, or delete it")
+        if out.exists():
+            raise PlanerError(f"{out} already exists; pass --resume to train it further, or choose another --out")
+        if arch is None:
+            raise PlanerError("a new run needs an architecture (a --preset)")
+        model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
+        state, progress = None, Progress()
+        work.mkdir(parents=True)
+        arch.save(work / ARCH_FILE)
+        if corpus.vocab is not None:
+            (work / VOCAB_FILE).write_text("\n".join(corpus.vocab) + "\n")
+    arch = model.arch
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    mems = None
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        mems = state["mems"]
+
+    segments = Segments(corpus.train, cfg.batch, arch.tgt_len)
+    metrics_file = (work / METRICS_FILE).open("a")
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=progress.step, disable=not show_progress, unit="step",
+               dynamic_ncols=True, desc="train")
+    last = time.perf_counter()
+    while progress.step < cfg.steps:
+        index = progress.step % len(segments)
+        if index == 0:
+            mems = None  # a new pass starts every stream afresh
+        x, y = segments[index]
+        lr = lr_at(progress.step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        result = model(x, mems)
+        mems = result.mems
+        loss = F.cross_entropy(result.logits.reshape(-1, arch.vocab_size).float(), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        (loss + cfg.aux_weight * result.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+
+        progress.step += 1
+        progress.tokens += y.numel()
+        now = time.perf_counter()
+        progress.seconds += now - last
+        last = now
+        bar.update(1)
+        if progress.step % 10 == 0 or progress.step == cfg.steps:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{progress.tokens / max(progress.seconds, 1e-9):.0f}")
+        if progress.step % cfg.eval_every == 0 or progress.step == cfg.steps:
+            valid = evaluate(model, corpus.valid, corpus.unit, batch=cfg.eval_batch, max_tokens=cfg.eval_tokens)
+            record = {"step": progress.step, "tokens_seen": progress.tokens, "train_loss": loss.item(),
+                      "lr": lr, "seconds": round(progress.seconds, 1), "valid": valid}
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            bar.write(f"step {progress.step}: valid {headline(valid)} (first {valid['tokens']} tokens)")
+            last = time.perf_counter()  # validation time is not training time
+        if progress.step % cfg.ckpt_every == 0 or progress.step == cfg.steps:
+            _save_checkpoint(work, model, opt, mems, cfg, corpus, preset, progress)
+            last = time.perf_counter()
+    bar.close()
+    metrics_file.close()
+
+    final = {
+        "step": progress.step, "tokens_seen": progress.tokens, "train_seconds": round(progress.seconds, 1),
+        "tokens_per_second": round(progress.tokens / max(progress.seconds, 1e-9), 1),
+        "params": arch.param_counts(),
+        "valid": evaluate(model, corpus.valid, corpus.unit, batch=cfg.eval_batch),
+        "test": evaluate(model, corpus.test, corpus.unit, batch=cfg.eval_batch),
+    }
+    atomic_write_text(work / EVAL_FILE, json.dumps(final, indent=2) + "\n")
+    publish(work, out)
+    return final
