@@ -62,7 +62,7 @@ def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: in
     from planer.data import load_corpus
     from planer.train.evaluate import headline
     from planer.train.presets import get_preset, with_overrides
-    from planer.train.trainer import saved_config, train as run_training
+    from planer.train.trainer import check_new_run, saved_config, train as run_training
 
     if resume:
         cfg, saved_preset = saved_config(out)
@@ -73,6 +73,7 @@ def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: in
         if not preset:
             raise PlanerError("choose a baseline with --preset (tiny, txl-enwik8-base, txl-wt103-base)")
         chosen = get_preset(preset)
+        check_new_run(out)
         cfg, arch = chosen.train, None
     corpus = load_corpus(data_spec)
     if not resume:

@@ -67,6 +67,14 @@ def run_source(out: Path) -> Path | None:
     return None
 
 
+def check_new_run(out: Path) -> None:
+    """Refuse to start a run over an existing or interrupted one."""
+    if staging_dir(out).exists():
+        raise PlanerError(f"{staging_dir(out)} holds an interrupted run; pass --resume to continue it, or delete it")
+    if out.exists():
+        raise PlanerError(f"{out} already exists; pass --resume to train it further, or choose another --out")
+
+
 def saved_config(out: str | os.PathLike) -> tuple[TrainConfig, str]:
     """The training recipe and preset name a run was started with (for --resume)."""
     source = run_source(Path(out))
@@ -138,10 +146,7 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
         if source != work:
             shutil.copytree(source, work)
     else:
-        if work.exists():
-            raise PlanerError(f"{work} holds an interrupted run; pass --resume to continue it, or delete it")
-        if out.exists():
-            raise PlanerError(f"{out} already exists; pass --resume to train it further, or choose another --out")
+        check_new_run(out)
         if arch is None:
             raise PlanerError("a new run needs an architecture (a --preset)")
         model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
