@@ -1,0 +1,66 @@
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from planer.checkpoint import load_model
+from planer.data import load_corpus
+from planer.train.evaluate import evaluate
+from planer.train.presets import TrainConfig
+from planer.train.trainer import lr_at, train
+from tests.conftest import small_arch
+
+# Constant learning rate so that a run split by a resume follows the same schedule as a straight one.
+FAST = TrainConfig(steps=40, batch=4, lr=3e-3, warmup=0, min_lr_ratio=1.0, clip=1.0, eval_every=20,
+                   eval_tokens=2048, ckpt_every=20, eval_batch=4)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
+    assert abs(lr_at(100, cfg) - 0.1) < 1e-12
+    assert lr_at(50, cfg) < lr_at(20, cfg)
+
+
+def test_training_lowers_validation_loss(tmp_path, text_file):
+    corpus = load_corpus(f"enwik8:{text_file}")
+    arch = small_arch()
+    torch.manual_seed(FAST.seed)
+    before = evaluate(__import__("planer.nn", fromlist=["LM"]).LM(arch), corpus.valid, "byte",
+                      batch=4, max_tokens=2048)["loss"]
+    result = train(corpus, FAST, tmp_path / "run", arch=arch, show_progress=False)
+    assert result["valid"]["loss"] < before - 1.0, (before, result["valid"])
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "arch.json", "config.json", "eval.json", "metrics.jsonl", "model.safetensors", "train_state.pt"]
+    assert not (tmp_path / "run.partial").exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [20, 40]
+    reloaded = evaluate(load_model(out), corpus.valid, "byte", batch=FAST.eval_batch)
+    assert abs(reloaded["loss"] - result["valid"]["loss"]) < 1e-5
+
+
+def test_resume_continues_exactly(tmp_path, text_file):
+    corpus = load_corpus(f"enwik8:{text_file}")
+    arch = small_arch()
+    train(corpus, FAST, tmp_path / "straight", arch=arch, show_progress=False)
+    half = TrainConfig(**{**FAST.to_dict(), "steps": 20})
+    train(corpus, half, tmp_path / "split", arch=arch, show_progress=False)
+    train(corpus, FAST, tmp_path / "split", resume=True, show_progress=False)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["step"] == 40
+
+
+def test_word_level_training_reports_perplexity(tmp_path):
+    words = " ".join(f"w{i % 37}" for i in range(4000))
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"wiki.{split}.tokens").write_text(words + "\n")
+    corpus = load_corpus(f"wikitext103:{tmp_path}")
+    cfg = TrainConfig(**{**FAST.to_dict(), "steps": 10, "eval_every": 10, "ckpt_every": 10})
+    result = train(corpus, cfg, tmp_path / "run", arch=small_arch(vocab_size=corpus.vocab_size),
+                   show_progress=False)
+    assert "ppl" in result["valid"] and result["valid"]["ppl"] < corpus.vocab_size
+    assert (tmp_path / "run" / "vocab.txt").read_text().split("\n")[:-1] == corpus.vocab
