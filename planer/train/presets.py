@@ -63,7 +63,7 @@ PRESETS = {
         Preset(
             "tiny", "byte-level baseline that trains on 2 CPU cores in minutes",
             n_layer=4, d_model=192, n_head=4, d_head=48, d_inner=768, tgt_len=128, mem_len=128,
-            train=TrainConfig(steps=1800, batch=16, lr=2e-3, warmup=100, clip=1.0, min_lr_ratio=0.05,
+            train=TrainConfig(steps=2100, batch=16, lr=2e-3, warmup=100, clip=1.0, min_lr_ratio=0.05,
                               eval_every=300, ckpt_every=300),
         ),
         Preset(
