@@ -1,0 +1,29 @@
+"""The engine interface: load a model once, run it on named numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from planer.errors import PlanerError
+
+
+class EngineError(PlanerError):
+    """An engine that cannot be loaded or run as asked (the message says why and what to do)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str  # "ort", "ort-cuda", "trt", "torch"
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name for inputs by name."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """What a latency figure from this engine depends on: versions, device, threads, settings."""
+        ...

@@ -1,0 +1,88 @@
+"""ONNX Runtime as an engine: CPU by default, the CUDA or TensorRT providers when asked."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from planer.runtime.engine import EngineError
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class OrtEngine:
+    """An ONNX model in an ONNX Runtime session.
+
+    Intra-op threads do not spin by default: planer times engines side by side
+    (and next to PyTorch), where spinning threads distort each other's figures.
+    """
+
+    def __init__(self, model: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                 opt_level: str = "all", allow_spinning: bool = False):
+        import onnxruntime as ort
+
+        if device not in PROVIDERS:
+            raise EngineError(f"unknown ONNX Runtime device {device!r}; use one of {', '.join(PROVIDERS)}")
+        providers = PROVIDERS[device]
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise EngineError(f"ONNX Runtime {ort.__version__} here lacks {missing[0]}; "
+                              "install onnxruntime-gpu (`pip install planer[gpu]`) on a machine with a GPU")
+        if opt_level not in OPT_LEVELS:
+            raise EngineError(f"unknown optimisation level {opt_level!r}; use one of {', '.join(OPT_LEVELS)}")
+        path = Path(model)
+        if not path.is_file():
+            raise EngineError(f"{path}: no such ONNX model; export one first (`planer export`)")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[opt_level]
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        self.name = "ort" if device == "cpu" else f"ort-{device}"
+        self.path = path
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._settings = {"device": device, "threads": threads or 0, "opt_level": opt_level,
+                          "allow_spinning": allow_spinning}
+        self._version = ort.__version__
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise EngineError(f"{self.path.name}: missing input(s) {', '.join(missing)}")
+        outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+    def provenance(self) -> dict[str, Any]:
+        return {"engine": self.name, "onnxruntime": self._version, "providers": self.session.get_providers(),
+                "cpu": cpu_model(), **self._settings}
