@@ -1,0 +1,176 @@
+"""ONNX export of a planer LM, of one block alone, and of the fixed part (embedding, final norm, head).
+
+Memories are explicit inputs and outputs; batch, segment length and memory
+length stay dynamic; MoE layers are lowered (see `lowering`) so the engine
+dispatches tokens only to their experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+import torch
+from torch import Tensor, nn
+
+from planer.arch import Architecture, BlockSpec
+from planer.errors import PlanerError
+from planer.export.lowering import lower
+from planer.nn import LM
+from planer.nn.model import Block, make_norm
+from planer.runtime.feeds import input_names, output_names
+
+# Sample sizes avoid 0/1 and each other, so the exporter specialises on none of them.
+_B, _T, _M = 3, 5, 7
+
+
+class ExportError(PlanerError):
+    """A model the exporter cannot turn into a correct graph."""
+
+
+class _LMGraph(nn.Module):
+    """LM.forward with positional tensors in and out, as a graph needs."""
+
+    def __init__(self, model: LM, mem_len: int):
+        super().__init__()
+        self.model = model
+        self.mem_len = mem_len
+
+    def forward(self, tokens: Tensor, *mems: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(tokens, list(mems), self.mem_len)
+        return (out.logits, *out.mems)
+
+
+class _AttnGraph(nn.Module):
+    """One attention block and its memory update, as they run inside the LM."""
+
+    def __init__(self, block: Block, mem_len: int):
+        super().__init__()
+        self.block = block
+        self.mem_len = mem_len
+
+    def forward(self, x: Tensor, mem: Tensor) -> tuple[Tensor, Tensor]:
+        seen = torch.cat([mem, x], dim=1)
+        return self.block(x, mem), seen[:, seen.shape[1] - min(self.mem_len, seen.shape[1]):]
+
+
+class _FixedGraph(nn.Module):
+    """What every network pays regardless of its blocks: embedding, final norm, output head."""
+
+    def __init__(self, model: LM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        m = self.model
+        x = m.norm(m.embed(tokens) * m.emb_scale)
+        return x @ m.embed.weight.t() if m.head is None else m.head(x)
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs: list[str], outputs: list[str],
+            path: str | os.PathLike) -> Path:
+    """Export `module` to a self-contained ONNX file, checked to hold every parameter, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, input_names=inputs,
+                                        output_names=outputs, external_data=False, verbose=False)
+        program.save(str(tmp), external_data=False)
+        check_weights_present(tmp, module)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class _quiet_exporter:
+    """torch.onnx logs progress and optional-dependency notes at WARNING; planer shows its own progress."""
+
+    def __enter__(self) -> None:
+        self.loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)
+
+
+def _prepared(model: nn.Module, lowering: str) -> nn.Module:
+    copy_ = copy.deepcopy(model).eval()
+    lower(copy_, lowering)
+    return copy_
+
+
+def export_lm(model: LM, path: str | os.PathLike, *, lowering: str = "ops", mem_len: int | None = None) -> Path:
+    """Write `model` as a self-contained ONNX file (weights inside) and return its path.
+
+    The graph takes `tokens` and one memory per attention block (see
+    planer.runtime.feeds) and returns logits and the new memories, at most
+    `mem_len` (default: the architecture's) long.
+    """
+    arch = model.arch
+    if not arch.attn_positions:
+        raise ExportError("this network has no attention block; an LM export needs at least one")
+    graph = _LMGraph(_prepared(model, lowering), arch.mem_len if mem_len is None else mem_len)
+    tokens = torch.randint(0, arch.vocab_size, (_B, _T))
+    mems = tuple(torch.randn(_B, _M, arch.d_model) for _ in arch.attn_positions)
+    batch, seq, mem = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("mem")
+    dynamic = ({0: batch, 1: seq}, tuple({0: batch, 1: mem} for _ in mems))  # *mems is one varargs entry
+    return _export(graph, (tokens, *mems), dynamic, input_names(arch), output_names(arch), path)
+
+
+def export_block(arch: Architecture, spec: BlockSpec, path: str | os.PathLike, *, lowering: str = "ops",
+                 mem_len: int | None = None) -> Path:
+    """One block alone, randomly initialised, as the LM runs it: inputs `x` (and `mem` for attention),
+    outputs `y` (and `new_mem`). Used to profile a block's latency."""
+    if spec.kind == "skip":
+        raise ExportError("a skip block is the identity; there is nothing to export")
+    block = _prepared(Block(arch, spec), lowering)
+    batch, seq, mem = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("mem")
+    x = torch.randn(_B, _T, arch.d_model)
+    if spec.kind == "attn":
+        graph = _AttnGraph(block, arch.mem_len if mem_len is None else mem_len)
+        return _export(graph, (x, torch.randn(_B, _M, arch.d_model)), ({0: batch, 1: seq}, {0: batch, 1: mem}),
+                       ["x", "mem"], ["y", "new_mem"], path)
+    return _export(block, (x,), ({0: batch, 1: seq},), ["x"], ["y"], path)
+
+
+def export_fixed(arch: Architecture, path: str | os.PathLike) -> Path:
+    """Embedding, final norm and head of `arch`: input `tokens`, output `logits`."""
+    graph = _FixedGraph(LM(arch.with_blocks([BlockSpec.skip()])).eval())
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    return _export(graph, (torch.randint(0, arch.vocab_size, (_B, _T)),), ({0: batch, 1: seq},), ["tokens"],
+                   ["logits"], path)
+
+
+def check_weights_present(onnx_path: str | os.PathLike, model: nn.Module) -> None:
+    """Every Linear weight of `model` must be in the graph (as stored or transposed): an expert that the
+    sample input never reached must not have been traced away. (Element counts would not do: the
+    exporter merges identical initializers such as freshly-initialised norm weights.)"""
+    stored = set()
+    for tensor in onnx.load(str(onnx_path)).graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.ndim == 2:
+            stored.add(_digest(array))
+            stored.add(_digest(array.T))
+    missing = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and _digest(m.weight.detach().numpy()) not in stored]
+    if missing:
+        raise ExportError(f"the exported graph lacks {len(missing)} weight matrices ({', '.join(missing[:3])}); "
+                          "some layer was traced away — this is a planer bug, please report it")
+
+
+def _digest(array: np.ndarray) -> tuple:
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    return a.shape, hashlib.sha1(a.tobytes()).hexdigest()

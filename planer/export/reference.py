@@ -1,0 +1,39 @@
+"""PyTorch eager behind the engine interface: the reference every engine is compared with."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from planer.nn import LM
+from planer.runtime.feeds import input_names, output_names
+
+
+class TorchEngine:
+    """An LM run eagerly, with the same named inputs and outputs as its ONNX export."""
+
+    name = "torch"
+
+    def __init__(self, model: LM, *, threads: int | None = None, mem_len: int | None = None):
+        self.model = model.eval()
+        self.threads = threads
+        self.mem_len = mem_len
+        self.input_names = input_names(model.arch)
+        self.output_names = output_names(model.arch)
+
+    @torch.no_grad()
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        tokens = torch.from_numpy(feeds["tokens"])
+        mems = [torch.from_numpy(feeds[n]) for n in self.input_names[1:]]
+        out = self.model(tokens, mems, self.mem_len)
+        return dict(zip(self.output_names, [out.logits.numpy(), *(m.numpy() for m in out.mems)]))
+
+    def provenance(self) -> dict[str, Any]:
+        return {"engine": self.name, "torch": torch.__version__, "threads": self.threads or torch.get_num_threads(),
+                "machine": platform.machine()}
