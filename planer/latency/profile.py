@@ -1,0 +1,97 @@
+"""Profiling: every candidate block exported alone and timed in the target engine at the deployment shape."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from planer import __version__
+from planer.arch import Architecture, BlockSpec
+from planer.latency.table import FIXED, LatencyTable
+from planer.runtime import LatencyStats, load_engine, time_engine, time_engines
+from planer.runtime.feeds import example_feeds
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The shape and engine settings a latency figure is valid for."""
+
+    engine: str = "ort"
+    batch: int = 1
+    tgt_len: int = 128
+    mem_len: int = 128
+    threads: int = 2
+    lowering: str = "ops"
+    warmup: int = 5
+    min_iters: int = 30
+    min_seconds: float = 0.5
+
+    def timing(self) -> dict[str, Any]:
+        return {"warmup": self.warmup, "min_iters": self.min_iters, "min_seconds": self.min_seconds}
+
+
+def provenance(arch: Architecture, dep: Deployment, engine_info: dict[str, Any]) -> dict[str, Any]:
+    """Everything a block's latency depends on besides the block itself."""
+    return {
+        **{k: engine_info.get(k) for k in ("engine", "onnxruntime", "providers", "cpu", "opt_level", "allow_spinning")},
+        "threads": dep.threads, "batch": dep.batch, "tgt_len": dep.tgt_len, "mem_len": dep.mem_len,
+        "lowering": dep.lowering, "dtype": "float32", "machine": platform.machine(), "planer": __version__,
+        **{k: getattr(arch, k) for k in ("d_model", "vocab_size", "norm", "pos", "activation", "bias",
+                                         "tie_embeddings")},
+    }
+
+
+def _block_feeds(arch: Architecture, spec: BlockSpec, dep: Deployment, rng: np.random.Generator) -> dict:
+    feeds = {"x": rng.standard_normal((dep.batch, dep.tgt_len, arch.d_model), dtype=np.float32)}
+    if spec.kind == "attn":
+        feeds["mem"] = rng.standard_normal((dep.batch, dep.mem_len, arch.d_model), dtype=np.float32)
+    return feeds
+
+
+def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment, *,
+            table: LatencyTable | None = None, show_progress: bool = True) -> LatencyTable:
+    """Time each candidate block (and the fixed cost) of networks shaped like `arch`.
+
+    Entries already in `table` are reused; the table's provenance must match.
+    """
+    from planer.export import export_block, export_fixed
+
+    todo: list[BlockSpec | None] = [None]  # None stands for the fixed part
+    todo += list(dict.fromkeys(c for c in candidates if c.kind != "skip"))
+    entries: dict[str, dict[str, float]] = dict(table.entries) if table else {}
+    todo = [s for s in todo if (FIXED if s is None else s.label()) not in entries]
+    rng = np.random.default_rng(0)
+    prov: dict[str, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="planer-profile-") as tmp:
+        for spec in tqdm(todo, desc="profile", unit="block", disable=not show_progress):
+            path = Path(tmp) / "block.onnx"
+            if spec is None:
+                export_fixed(arch, path)
+                feeds = {"tokens": rng.integers(0, arch.vocab_size, (dep.batch, dep.tgt_len), dtype=np.int64)}
+            else:
+                export_block(arch, spec, path, lowering=dep.lowering, mem_len=dep.mem_len)
+                feeds = _block_feeds(arch, spec, dep, rng)
+            engine = load_engine(dep.engine, str(path), threads=dep.threads)
+            if prov is None:
+                prov = provenance(arch, dep, engine.provenance())
+                if table is not None:
+                    table.check(prov)
+            entries[FIXED if spec is None else spec.label()] = time_engine(engine, feeds, **dep.timing()).to_dict()
+    if prov is None:  # everything was cached
+        return table if table is not None else LatencyTable({}, entries)
+    return LatencyTable(prov, entries, table.scale if table else 1.0)
+
+
+def measure(models: list[tuple[str, Architecture]], dep: Deployment) -> list[LatencyStats]:
+    """End-to-end latency of exported LMs (ONNX path, its architecture), timed side by side (interleaved)."""
+    runs = [(load_engine(dep.engine, path, threads=dep.threads), example_feeds(arch, dep.batch, dep.tgt_len,
+                                                                                dep.mem_len))
+            for path, arch in models]
+    return time_engines(runs, **dep.timing())

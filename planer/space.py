@@ -1,0 +1,83 @@
+"""The search space: which block each position of the supernet may become.
+
+PLANER's space (arXiv 2208.14580) over a baseline with H heads and FFN width W:
+`skip`; attention with h in {1, 2, 4, ..., H} heads of the baseline's head size;
+FFN of width {1/4, 1/2, 1} x W; MoE with E in {2, 4, 8, 16} experts, top-k
+k in {1, 2}, expert width {1/4, 1/2, 1} x W. Positions default to twice the
+baseline's sublayers so the order and the attention:FFN ratio can change.
+The space is plain data with a JSON form users can narrow or widen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planer.arch import ArchError, Architecture, BlockSpec
+
+FORMAT = "planer.space/1"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    positions: int
+    candidates: tuple[BlockSpec, ...]  # every position chooses among the same candidates
+
+    @staticmethod
+    def default(baseline: Architecture, *, experts: tuple[int, ...] = (2, 4, 8, 16), top_k: tuple[int, ...] = (1, 2),
+                widths: tuple[float, ...] = (0.25, 0.5, 1.0)) -> SearchSpace:
+        attn = next((b for b in baseline.blocks if b.kind == "attn"), None)
+        ffn = next((b for b in baseline.blocks if b.kind in ("ffn", "moe")), None)
+        if attn is None or ffn is None:
+            raise ArchError("the baseline needs an attention and an FFN block to define a search space")
+        heads = sorted({h for h in (2 ** i for i in range(attn.heads.bit_length())) if h <= attn.heads} | {attn.heads})
+        sizes = sorted({max(1, int(ffn.d_inner * w)) for w in widths})
+        candidates = [BlockSpec.skip()]
+        candidates += [BlockSpec.attn(h, attn.head_dim, math.gcd(attn.kv_heads, h) if attn.kv_heads else 0)
+                       for h in heads]
+        candidates += [BlockSpec.ffn(w) for w in sizes]
+        candidates += [BlockSpec.moe(e, k, w) for e in experts for k in top_k if k <= e for w in sizes]
+        return SearchSpace(2 * sum(b.kind != "skip" for b in baseline.blocks), tuple(candidates)).validate()
+
+    def validate(self) -> SearchSpace:
+        if self.positions < 1:
+            raise ArchError(f"a search space needs at least one position, got {self.positions}")
+        if not self.candidates:
+            raise ArchError("a search space needs at least one candidate block")
+        for i, c in enumerate(self.candidates):
+            c.validate(f"candidate {i} ({c.kind})")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ArchError("the candidate list repeats a block")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "positions": self.positions, "candidates": [c.to_dict() for c in self.candidates]}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> SearchSpace:
+        if not isinstance(d, dict) or d.get("format", FORMAT) != FORMAT:
+            raise ArchError(f"a search space is a JSON object with format {FORMAT!r}")
+        unknown = set(d) - {"format", "positions", "candidates"}
+        if unknown:
+            raise ArchError(f"unknown field(s) {sorted(unknown)}; allowed: format, positions, candidates")
+        if not isinstance(d.get("positions"), int) or not isinstance(d.get("candidates"), list):
+            raise ArchError("a search space needs 'positions' (an integer) and 'candidates' (a list of blocks)")
+        return SearchSpace(d["positions"], tuple(BlockSpec.from_dict(c, f"candidate {i}")
+                                                 for i, c in enumerate(d["candidates"]))).validate()
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> SearchSpace:
+        p = Path(path)
+        try:
+            return SearchSpace.from_dict(json.loads(p.read_text()))
+        except OSError as e:
+            raise ArchError(f"{p}: cannot read the search space ({e.strerror})") from None
+        except (ValueError, ArchError) as e:
+            raise ArchError(f"{p}: {e}; fix the file or omit --space for the default") from None
