@@ -124,5 +124,76 @@ def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int
                    f"{result['tokens']} tokens)")
 
 
+
+def _load_arch(source: Path):
+    """An architecture from a run/build directory or an arch.json file."""
+    from planer.arch import Architecture
+    from planer.checkpoint import ARCH_FILE
+
+    return Architecture.load(source / ARCH_FILE if source.is_dir() else source)
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="ONNX file to write (default: RUN/model.onnx)")
+@click.option("--lowering", type=click.Choice(["ops"]), default="ops", show_default=True,
+              help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, "
+                   "each expert runs only on its routed tokens)")
+@click.option("--mem-len", type=int, help="memory length the graph keeps (default: the architecture's)")
+def export(run: Path, out: Path | None, lowering: str, mem_len: int | None) -> None:
+    """Export a trained model to ONNX (memories as inputs/outputs, dynamic batch and lengths) and check
+    it against PyTorch."""
+    import numpy as np
+
+    from planer.checkpoint import load_model
+    from planer.export import export_lm
+    from planer.export.reference import TorchEngine
+    from planer.runtime import OrtEngine
+    from planer.runtime.feeds import example_feeds
+
+    model = load_model(run)
+    out = out or run / "model.onnx"
+    path = export_lm(model, out, lowering=lowering, mem_len=mem_len)
+    arch = model.arch
+    feeds = example_feeds(arch, 2, arch.tgt_len, arch.mem_len if mem_len is None else mem_len)
+    got, want = OrtEngine(path).run(feeds), TorchEngine(model, mem_len=mem_len).run(feeds)
+    diff = max(float(np.abs(got[n] - want[n]).max()) for n in want)
+    click.echo(f"{path}: {path.stat().st_size / 1e6:.1f} MB; max |ONNX Runtime - PyTorch| = {diff:.2e} "
+               f"(batch 2, {arch.tgt_len} tokens)")
+    if diff > 1e-3:
+        raise PlanerError(f"{path}: the exported graph disagrees with PyTorch by {diff:.2e}; please report this")
+
+
+@main.command()
+@click.option("--model", "source", required=True, type=click.Path(path_type=Path),
+              help="run directory or arch.json of the baseline whose blocks define the default space")
+@click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
+              "around the baseline: skip, attention heads, FFN widths, MoE experts/top-k/widths)")
+@click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="intra-op threads of the engine")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--tgt-len", type=int, help="segment length (default: the architecture's)")
+@click.option("--mem-len", type=int, help="memory length (default: the architecture's)")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="latency table JSON; if it exists, its entries are reused (same engine and shape only)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def profile(source: Path, space: Path | None, engine: str, threads: int, batch: int, tgt_len: int | None,
+            mem_len: int | None, out: Path, quiet: bool) -> None:
+    """Time every candidate block alone in the engine at the deployment shape: the latency table."""
+    from planer.latency import LatencyTable
+    from planer.latency.profile import Deployment, profile as run_profile
+    from planer.space import SearchSpace
+
+    arch = _load_arch(source)
+    chosen = SearchSpace.load(space) if space else SearchSpace.default(arch)
+    dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
+                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads)
+    cached = LatencyTable.load(out) if out.exists() else None
+    table = run_profile(arch, chosen.candidates, dep, table=cached, show_progress=not quiet)
+    table.save(out)
+    worst = max(table.entries.items(), key=lambda kv: kv[1]["spread"])
+    click.echo(f"{out}: {len(table.entries)} entries (fixed cost {table.entries['fixed']['p50']:.3f} ms); "
+               f"noisiest {worst[0]} p90/p50 {worst[1]['spread']:.2f}")
+
 if __name__ == "__main__":
     sys.exit(main())
