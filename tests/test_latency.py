@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from planer.arch import BlockSpec
+from planer.latency import LatencyTable, TableError
+from planer.latency.profile import Deployment, profile
+from planer.space import SearchSpace
+from planer.runtime import LatencyStats, time_engine, time_engines
+from tests.conftest import small_arch
+
+DEP = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05)
+
+
+def _stats(ms):
+    return LatencyStats.of([ms]).to_dict()
+
+
+def test_predict_and_calibrate():
+    table = LatencyTable({"engine": "ort"}, {"fixed": _stats(1.0), "attn2x16": _stats(2.0), "ffn64": _stats(0.5)})
+    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.skip(), BlockSpec.ffn(64), BlockSpec.ffn(64)])
+    assert table.predict(arch) == pytest.approx(4.0)
+    calibrated = table.calibrate([(arch, 6.0)])
+    assert calibrated.scale == pytest.approx(1.5)
+    assert calibrated.predict(arch) == pytest.approx(6.0)
+    with pytest.raises(TableError, match="no entry for moe4k1x8"):
+        table.predict(arch.with_blocks([BlockSpec.moe(4, 1, 8)]))
+
+
+def test_provenance_mismatch_is_refused():
+    table = LatencyTable({"engine": "ort", "batch": 1}, {})
+    table.check({"engine": "ort", "batch": 1})
+    with pytest.raises(TableError, match="batch: table 1 vs now 8"):
+        table.check({"engine": "ort", "batch": 8})
+
+
+def test_save_load_round_trip_and_bad_file(tmp_path):
+    table = LatencyTable({"engine": "ort"}, {"fixed": _stats(1.0)}, scale=1.2)
+    table.save(tmp_path / "t.json")
+    assert LatencyTable.load(tmp_path / "t.json") == table
+    (tmp_path / "bad.json").write_text(json.dumps({"entries": {}}))
+    with pytest.raises(TableError, match="not a planer.latency/1 latency table"):
+        LatencyTable.load(tmp_path / "bad.json")
+
+
+def test_profile_measures_blocks_and_reuses_the_cache():
+    arch = small_arch()
+    candidates = [BlockSpec.skip(), BlockSpec.attn(2, 16), BlockSpec.ffn(64), BlockSpec.moe(4, 2, 32)]
+    table = profile(arch, candidates, DEP, show_progress=False)
+    assert set(table.entries) == {"fixed", "attn2x16", "ffn64", "moe4k2x32"}
+    assert all(e["p50"] > 0 and e["count"] >= 5 for e in table.entries.values())
+    assert table.provenance["batch"] == 1 and table.provenance["engine"] == "ort"
+    again = profile(arch, candidates, DEP, table=table, show_progress=False)
+    assert again.entries == table.entries  # nothing re-timed
+    wider = profile(arch, candidates + [BlockSpec.ffn(32)], DEP, table=table, show_progress=False)
+    assert set(wider.entries) - set(table.entries) == {"ffn32"}
+    with pytest.raises(TableError, match="batch"):
+        profile(arch, [BlockSpec.ffn(16)], Deployment(batch=2, tgt_len=16, mem_len=16, threads=1, min_iters=5,
+                                                        min_seconds=0.05), table=table, show_progress=False)
+
+
+def test_default_space_follows_the_paper():
+    arch = small_arch([BlockSpec.attn(4, 8), BlockSpec.ffn(64)] * 2)
+    space = SearchSpace.default(arch)
+    labels = [c.label() for c in space.candidates]
+    assert space.positions == 8
+    assert labels[:7] == ["skip", "attn1x8", "attn2x8", "attn4x8", "ffn16", "ffn32", "ffn64"]
+    assert "moe16k2x64" in labels and len(labels) == 7 + 4 * 2 * 3
+
+
+def test_timing_interleaves_and_reports_spread():
+    calls = []
+
+    class Fake:
+        name, input_names, output_names = "fake", [], []
+
+        def __init__(self, tag):
+            self.tag = tag
+
+        def run(self, feeds):
+            calls.append(self.tag)
+            return {}
+
+        def provenance(self):
+            return {}
+
+    a, b = time_engines([(Fake("a"), {}), (Fake("b"), {})], warmup=1, min_iters=4, min_seconds=0)
+    assert calls[2:] == ["a", "b"] * 4 and a.count == b.count == 4
+    assert time_engine(Fake("c"), {}, warmup=0, min_iters=3, min_seconds=0).count == 3
+    assert LatencyStats.of([1, 1, 1, 2]).spread >= 1.0
