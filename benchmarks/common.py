@@ -1,0 +1,43 @@
+"""What every benchmark shares: the machine description and how results are recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+
+
+def machine() -> str:
+    from planer.runtime.ort import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=HERE, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def record(name: str, data: dict, markdown: str) -> None:
+    """Write benchmarks/results/NAME.json and append a dated section to RESULTS.md."""
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = {"benchmark": name, "date": stamp, "commit": commit(), "machine": machine(),
+            "command": " ".join(["python"] + sys.argv)}
+    (out / f"{name}.json").write_text(json.dumps({**meta, **data}, indent=2) + "\n")
+    section = (f"\n## {name} — {stamp}\n\nCommand: `{meta['command']}` (commit {meta['commit']}; "
+               f"{meta['machine']})\n\n{markdown.strip()}\n")
+    with RESULTS.open("a") as f:
+        f.write(section)
+    print(section)

@@ -1,0 +1,92 @@
+"""How well the latency table predicts end-to-end latency, and ONNX Runtime vs PyTorch eager.
+
+Profiles PLANER's default search space around the `tiny` baseline, draws random
+architectures from it, exports each and times it end to end in ONNX Runtime
+and in PyTorch eager (interleaved, same run). The first --calibrate networks
+fit the table's global calibration; the error is reported on the others.
+
+    python benchmarks/latency_prediction.py [--archs 20 --calibrate 5 --threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import record
+from planer.arch import Architecture
+from planer.export import export_lm
+from planer.export.reference import TorchEngine
+from planer.latency.profile import Deployment, profile
+from planer.nn import LM
+from planer.runtime import load_engine, time_engines
+from planer.runtime.feeds import example_feeds
+from planer.space import SearchSpace
+from planer.train.presets import get_preset
+
+
+def random_arch(base: Architecture, space: SearchSpace, rng: np.random.Generator) -> Architecture:
+    while True:
+        blocks = [space.candidates[i] for i in rng.integers(0, len(space.candidates), space.positions)]
+        if any(b.kind == "attn" for b in blocks):
+            return base.with_blocks(blocks)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", type=int, default=20, help="networks the error is measured on")
+    p.add_argument("--calibrate", type=int, default=5, help="further networks used only to calibrate")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    base = get_preset("tiny").architecture(256)
+    space = SearchSpace.default(base)
+    dep = Deployment(batch=a.batch, tgt_len=base.tgt_len, mem_len=base.mem_len, threads=a.threads, min_seconds=1.0)
+    table = profile(base, space.candidates, dep)
+    rng = np.random.default_rng(a.seed)
+    archs = [base] + [random_arch(base, space, rng) for _ in range(a.archs + a.calibrate)]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, arch in enumerate(archs):
+            model = LM(arch).eval()
+            path = export_lm(model, Path(tmp) / "m.onnx")
+            feeds = example_feeds(arch, dep.batch, dep.tgt_len, dep.mem_len)
+            ort, eager = time_engines([(load_engine("ort", str(path), threads=a.threads), feeds),
+                                       (TorchEngine(model, threads=a.threads), feeds)], min_seconds=1.0)
+            results.append({"arch": " ".join(b.label() for b in arch.blocks), "predicted_raw": table.predict(arch),
+                            "ort": ort.to_dict(), "torch": eager.to_dict(), "ort_vs_torch": ort.p50 / eager.p50})
+            print(f"{i + 1}/{len(archs)} predicted {table.predict(arch):.2f} ms, ORT {ort}, torch {eager.p50:.2f} ms")
+    fit = archs[1:1 + a.calibrate]
+    table = table.calibrate([(arch, r["ort"]["p50"]) for arch, r in zip(fit, results[1:1 + a.calibrate])])
+    held = list(zip(archs[1 + a.calibrate:], results[1 + a.calibrate:]))
+    raw = np.array([abs(r["predicted_raw"] / r["ort"]["p50"] - 1) for _, r in held])
+    cal = np.array([abs(table.predict(arch) / r["ort"]["p50"] - 1) for arch, r in held])
+    ratios = np.array([r["ort_vs_torch"] for r in results])
+    spreads = np.array([r["ort"]["spread"] for r in results])
+    rows = "\n".join(f"| {r['arch'] if i else 'baseline (tiny)'} | {r['predicted_raw'] * table.scale:.2f} | "
+                     f"{r['ort']['p50']:.2f} ({r['ort']['spread']:.2f}) | {r['torch']['p50']:.2f} | "
+                     f"{r['ort_vs_torch']:.2f} |" for i, r in enumerate(results))
+    md = (f"ONNX Runtime CPU ({a.threads} threads, no spinning), B{dep.batch} T{dep.tgt_len} mem {dep.mem_len}; "
+          f"default PLANER space around `tiny` ({len(space.candidates)} candidates, {space.positions} positions); "
+          f"{a.archs} random networks held out from the {a.calibrate} that fit the calibration "
+          f"(scale {table.scale:.3f}).\n\n"
+          f"- prediction error, calibrated: median **{np.median(cal) * 100:.1f} %**, p90 **{np.percentile(cal, 90) * 100:.1f} %** "
+          f"(uncalibrated sum of blocks: median {np.median(raw) * 100:.1f} %, p90 {np.percentile(raw, 90) * 100:.1f} %)\n"
+          f"- ONNX Runtime / PyTorch eager latency: median {np.median(ratios):.2f} "
+          f"(range {ratios.min():.2f}–{ratios.max():.2f}) over {len(results)} networks\n"
+          f"- noise: end-to-end p90/p50 median {np.median(spreads):.2f}, max {spreads.max():.2f}; block entries "
+          f"p90/p50 median {np.median([e['spread'] for e in table.entries.values()]):.2f}\n\n"
+          "| network | predicted ms | ORT p50 ms (p90/p50) | eager p50 ms | ORT / eager |\n|---|---|---|---|---|\n"
+          + rows)
+    record("latency_prediction", {"table": table.to_dict(), "results": results,
+                                  "calibrated_error": cal.tolist(), "raw_error": raw.tolist()}, md)
+
+
+if __name__ == "__main__":
+    main()
