@@ -29,7 +29,7 @@ FORMAT = "planer.arch/1"
 BLOCK_KINDS = ("attn", "ffn", "moe", "skip")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("relative", "rotary")
-ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
 
 # Which BlockSpec fields each kind uses; the others must stay 0.
 _KIND_FIELDS = {

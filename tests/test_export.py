@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from planer.arch import BlockSpec
+from planer.errors import PlanerError
 from planer.export import ExportError, check_weights_present, export_lm
 from planer.nn import LM
 from planer.runtime import OrtEngine
@@ -19,9 +20,10 @@ from tests.conftest import small_arch
 SHAPES = [(b, t) for b in (1, 3, 8) for t in (1, 37, 128)]
 
 
-def _skewed_model() -> LM:
+def _skewed_model(activation: str = "gelu") -> LM:
     """MoE routing forced by the weights: block 1 sends every token to expert 2; block 3 never uses 4 and 5."""
-    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.moe(4, 1, 32), BlockSpec.attn(2, 16), BlockSpec.moe(6, 2, 24)])
+    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.moe(4, 1, 32), BlockSpec.attn(2, 16), BlockSpec.moe(6, 2, 24)],
+                      activation=activation)
     model = LM(arch).eval()
     with torch.no_grad():
         for block, experts in ((model.blocks[1], [2]), (model.blocks[3], [0, 1, 2, 3])):
@@ -38,11 +40,20 @@ def _variant_model() -> LM:
     return LM(arch).eval()
 
 
-@pytest.fixture(scope="module", params=["skewed", "variant"])
+MODELS = {
+    "skewed/ops": (_skewed_model, "ops"),
+    "variant/ops": (_variant_model, "ops"),
+    "skewed-gelu_tanh/ort-moe": (lambda: _skewed_model("gelu_tanh"), "ort-moe"),
+    "skewed-silu/ort-moe": (lambda: _skewed_model("silu"), "ort-moe"),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
 def exported(request, tmp_path_factory):
     torch.manual_seed(1)
-    model = _skewed_model() if request.param == "skewed" else _variant_model()
-    path = export_lm(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
+    make, lowering = MODELS[request.param]
+    model = make()
+    path = export_lm(model, tmp_path_factory.mktemp("onnx") / "model.onnx", lowering=lowering)
     return model, OrtEngine(path, threads=2), path
 
 
@@ -97,7 +108,8 @@ def test_graph_holds_every_expert(exported):
     model, _, path = exported
     check_weights_present(path, model)  # every weight matrix, including experts no token reached
     graph = onnx.load(str(path)).graph
-    assert {n.op_type for n in graph.node} >= {"TopK", "NonZero", "MatMul"}
+    ops = {n.op_type for n in graph.node}
+    assert ops >= {"TopK", "NonZero", "MatMul"} or ("MoE" in ops and "NonZero" not in ops)
     pruned = copy.deepcopy(model)
     with torch.no_grad():
         pruned.blocks[3].f.experts[-1].up.weight.add_(1.0)  # a matrix the graph does not hold
@@ -117,3 +129,9 @@ def test_runtime_imports_without_torch():
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", blocker], check=True)
+
+
+def test_ort_moe_refuses_exact_gelu(tmp_path):
+    with pytest.raises(PlanerError, match="cannot run activation 'gelu' exactly"):
+        export_lm(_skewed_model("gelu"), tmp_path / "m.onnx", lowering="ort-moe")
+    assert list(tmp_path.iterdir()) == []

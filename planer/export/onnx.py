@@ -75,8 +75,9 @@ class _FixedGraph(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs: list[str], outputs: list[str],
-            path: str | os.PathLike) -> Path:
-    """Export `module` to a self-contained ONNX file, checked to hold every parameter, written atomically."""
+            path: str | os.PathLike, original: nn.Module) -> Path:
+    """Export `module` to a self-contained ONNX file, written atomically and checked to hold every
+    weight of `original` (the module before MoE lowering)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -85,7 +86,7 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs:
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, input_names=inputs,
                                         output_names=outputs, external_data=False, verbose=False)
         program.save(str(tmp), external_data=False)
-        check_weights_present(tmp, module)
+        check_weights_present(tmp, original)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -106,7 +107,8 @@ class _quiet_exporter:
             lg.setLevel(level)
 
 
-def _prepared(model: nn.Module, lowering: str) -> nn.Module:
+def _lowered(model: nn.Module, lowering: str) -> nn.Module:
+    """An eval-mode copy of `model` with its MoE layers in `lowering` form."""
     copy_ = copy.deepcopy(model).eval()
     lower(copy_, lowering)
     return copy_
@@ -122,12 +124,12 @@ def export_lm(model: LM, path: str | os.PathLike, *, lowering: str = "ops", mem_
     arch = model.arch
     if not arch.attn_positions:
         raise ExportError("this network has no attention block; an LM export needs at least one")
-    graph = _LMGraph(_prepared(model, lowering), arch.mem_len if mem_len is None else mem_len)
+    graph = _LMGraph(_lowered(model, lowering), arch.mem_len if mem_len is None else mem_len)
     tokens = torch.randint(0, arch.vocab_size, (_B, _T))
     mems = tuple(torch.randn(_B, _M, arch.d_model) for _ in arch.attn_positions)
     batch, seq, mem = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("mem")
     dynamic = ({0: batch, 1: seq}, tuple({0: batch, 1: mem} for _ in mems))  # *mems is one varargs entry
-    return _export(graph, (tokens, *mems), dynamic, input_names(arch), output_names(arch), path)
+    return _export(graph, (tokens, *mems), dynamic, input_names(arch), output_names(arch), path, model)
 
 
 def export_block(arch: Architecture, spec: BlockSpec, path: str | os.PathLike, *, lowering: str = "ops",
@@ -136,14 +138,15 @@ def export_block(arch: Architecture, spec: BlockSpec, path: str | os.PathLike, *
     outputs `y` (and `new_mem`). Used to profile a block's latency."""
     if spec.kind == "skip":
         raise ExportError("a skip block is the identity; there is nothing to export")
-    block = _prepared(Block(arch, spec), lowering)
+    original = Block(arch, spec).eval()
+    block = _lowered(original, lowering)
     batch, seq, mem = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("mem")
     x = torch.randn(_B, _T, arch.d_model)
     if spec.kind == "attn":
         graph = _AttnGraph(block, arch.mem_len if mem_len is None else mem_len)
         return _export(graph, (x, torch.randn(_B, _M, arch.d_model)), ({0: batch, 1: seq}, {0: batch, 1: mem}),
-                       ["x", "mem"], ["y", "new_mem"], path)
-    return _export(block, (x,), ({0: batch, 1: seq},), ["x"], ["y"], path)
+                       ["x", "mem"], ["y", "new_mem"], path, original)
+    return _export(block, (x,), ({0: batch, 1: seq},), ["x"], ["y"], path, original)
 
 
 def export_fixed(arch: Architecture, path: str | os.PathLike) -> Path:
@@ -151,7 +154,7 @@ def export_fixed(arch: Architecture, path: str | os.PathLike) -> Path:
     graph = _FixedGraph(LM(arch.with_blocks([BlockSpec.skip()])).eval())
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     return _export(graph, (torch.randint(0, arch.vocab_size, (_B, _T)),), ({0: batch, 1: seq},), ["tokens"],
-                   ["logits"], path)
+                   ["logits"], path, graph)
 
 
 def check_weights_present(onnx_path: str | os.PathLike, model: nn.Module) -> None:
@@ -161,9 +164,9 @@ def check_weights_present(onnx_path: str | os.PathLike, model: nn.Module) -> Non
     stored = set()
     for tensor in onnx.load(str(onnx_path)).graph.initializer:
         array = numpy_helper.to_array(tensor)
-        if array.ndim == 2:
-            stored.add(_digest(array))
-            stored.add(_digest(array.T))
+        for matrix in (array,) if array.ndim == 2 else array if array.ndim == 3 else ():  # 3-D: stacked experts
+            stored.add(_digest(matrix))
+            stored.add(_digest(matrix.T))
     missing = [name for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and _digest(m.weight.detach().numpy()) not in stored]
     if missing:

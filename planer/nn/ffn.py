@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's GELU, and the one fused MoE kernels implement
+    "relu": F.relu,
+    "silu": F.silu,
+}
 
 
 class FFN(nn.Module):
@@ -19,7 +26,17 @@ class FFN(nn.Module):
             self.gate = nn.Linear(d_model, d_inner, bias=bias)
         self.down = nn.Linear(d_inner, d_model, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.activation == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(_ACTIVATIONS[self.activation](self.up(x)))
+    def forward(self, x: Tensor, width: int | None = None) -> Tensor:
+        """`width` runs only the first `width` hidden units (the search's narrower candidates share one FFN)."""
+        up = _linear(self.up, x, width)
+        hidden = F.silu(_linear(self.gate, x, width)) * up if self.activation == "swiglu" else \
+            _ACTIVATIONS[self.activation](up)
+        if width is None:
+            return self.down(hidden)
+        return F.linear(hidden, self.down.weight[:, :width], self.down.bias)
+
+
+def _linear(layer: nn.Linear, x: Tensor, rows: int | None) -> Tensor:
+    if rows is None:
+        return layer(x)
+    return F.linear(x, layer.weight[:rows], None if layer.bias is None else layer.bias[:rows])
