@@ -89,3 +89,52 @@ def test_eval_weights_from_another_run(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(other, str(path))
     _one_line_error(run("eval", _fake_run(tmp_path, weights=path.read_bytes())), "does not match")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("runs") / "micro"
+    from planer.data import load_corpus
+    from planer.train.presets import TrainConfig
+    from planer.train.trainer import train
+    cfg = TrainConfig(steps=2, batch=2, eval_every=2, ckpt_every=2, eval_tokens=256)
+    train(load_corpus(f"enwik8:{text_file}"), cfg, out, arch=small_arch(), show_progress=False)
+    return out
+
+
+def test_export_checks_parity(tiny_run, tmp_path):
+    result = run("export", tiny_run, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert "max |ONNX Runtime - PyTorch|" in result.output and (tmp_path / "m.onnx").is_file()
+
+
+def test_export_refuses_a_lowering_it_cannot_do_exactly(tiny_run, tmp_path):
+    _one_line_error(run("export", tiny_run, "--out", tmp_path / "m.onnx", "--lowering", "ort-moe"),
+                    "cannot run activation 'gelu' exactly")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("engine, fragment", [("trt", "TensorRT engine is not available"),
+                                              ("ort-cuda", "lacks CUDAExecutionProvider")])
+def test_profile_engine_not_installed(tiny_run, tmp_path, engine, fragment):
+    _one_line_error(run("profile", "--model", tiny_run, "--engine", engine, "--out", tmp_path / "t.json"), fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_refuses_a_table_from_another_shape(tiny_run, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"positions": 2, "candidates": [{"kind": "ffn", "d_inner": 16}]}))
+    table = tmp_path / "t.json"
+    assert run("profile", "--model", tiny_run, "--space", space, "--out", table, "--tgt-len", 8, "--quiet").exit_code == 0
+    before = table.read_text()
+    _one_line_error(run("profile", "--model", tiny_run, "--space", space, "--out", table, "--tgt-len", 16),
+                    "tgt_len: table 8 vs now 16")
+    assert table.read_text() == before
+
+
+def test_profile_bad_space(tiny_run, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"positions": 2, "candidates": [{"kind": "moe", "experts": 2, "top_k": 4,
+                                                                 "d_inner": 8}]}))
+    _one_line_error(run("profile", "--model", tiny_run, "--space", space, "--out", tmp_path / "t.json"),
+                    "candidate 0 (moe): moe top_k must be between")

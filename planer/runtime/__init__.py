@@ -3,23 +3,30 @@
 This package imports no torch: it is what a serving process needs.
 """
 
+from typing import Any
+
 from planer.runtime.engine import Engine, EngineError
-from planer.runtime.ort import OrtEngine
+from planer.runtime.ort import OrtEngine, describe as describe_ort
 from planer.runtime.timing import LatencyStats, time_engine, time_engines
 
 ENGINES = ("ort", "ort-cuda", "trt")
+_ORT_DEVICES = {"ort": "cpu", "ort-cuda": "cuda"}
 
 
-def load_engine(name: str, model: str, *, threads: int | None = None) -> Engine:
-    """The engine called `name` on an exported model file."""
-    if name == "ort":
-        return OrtEngine(model, threads=threads)
-    if name == "ort-cuda":
-        return OrtEngine(model, device="cuda", threads=threads)
+def describe_engine(name: str, *, threads: int | None = None) -> dict[str, Any]:
+    """The provenance of engine `name` on this machine, without a model; raises if it cannot run here."""
+    if name in _ORT_DEVICES:
+        return describe_ort(_ORT_DEVICES[name], threads)
     if name == "trt":
         raise EngineError("the TensorRT engine is not available in this planer yet; use --engine ort")
     raise EngineError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "Engine", "EngineError", "LatencyStats", "OrtEngine", "load_engine", "time_engine",
-           "time_engines"]
+def load_engine(name: str, model: str, *, threads: int | None = None) -> Engine:
+    """The engine called `name` on an exported model file."""
+    describe_engine(name, threads=threads)
+    return OrtEngine(model, device=_ORT_DEVICES[name], threads=threads)
+
+
+__all__ = ["ENGINES", "Engine", "EngineError", "LatencyStats", "OrtEngine", "describe_engine", "load_engine",
+           "time_engine", "time_engines"]

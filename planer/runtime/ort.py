@@ -30,6 +30,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def describe(device: str = "cpu", threads: int | None = None, opt_level: str = "all",
+             allow_spinning: bool = False) -> dict[str, Any]:
+    """What a latency figure from ONNX Runtime on `device` depends on; raises if it cannot run here."""
+    import onnxruntime as ort
+
+    if device not in PROVIDERS:
+        raise EngineError(f"unknown ONNX Runtime device {device!r}; use one of {', '.join(PROVIDERS)}")
+    missing = [p for p in PROVIDERS[device] if p not in ort.get_available_providers()]
+    if missing:
+        raise EngineError(f"ONNX Runtime {ort.__version__} here lacks {missing[0]}; "
+                          "install onnxruntime-gpu (`pip install planer[gpu]`) on a machine with a GPU")
+    if opt_level not in OPT_LEVELS:
+        raise EngineError(f"unknown optimisation level {opt_level!r}; use one of {', '.join(OPT_LEVELS)}")
+    return {"engine": "ort" if device == "cpu" else f"ort-{device}", "onnxruntime": ort.__version__,
+            "providers": PROVIDERS[device], "cpu": cpu_model(), "device": device, "threads": threads or 0,
+            "opt_level": opt_level, "allow_spinning": allow_spinning}
+
+
 class OrtEngine:
     """An ONNX model in an ONNX Runtime session.
 
@@ -41,15 +59,7 @@ class OrtEngine:
                  opt_level: str = "all", allow_spinning: bool = False):
         import onnxruntime as ort
 
-        if device not in PROVIDERS:
-            raise EngineError(f"unknown ONNX Runtime device {device!r}; use one of {', '.join(PROVIDERS)}")
-        providers = PROVIDERS[device]
-        missing = [p for p in providers if p not in ort.get_available_providers()]
-        if missing:
-            raise EngineError(f"ONNX Runtime {ort.__version__} here lacks {missing[0]}; "
-                              "install onnxruntime-gpu (`pip install planer[gpu]`) on a machine with a GPU")
-        if opt_level not in OPT_LEVELS:
-            raise EngineError(f"unknown optimisation level {opt_level!r}; use one of {', '.join(OPT_LEVELS)}")
+        self._provenance = describe(device, threads, opt_level, allow_spinning)
         path = Path(model)
         if not path.is_file():
             raise EngineError(f"{path}: no such ONNX model; export one first (`planer export`)")
@@ -65,16 +75,13 @@ class OrtEngine:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=PROVIDERS[device])
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise EngineError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
-        self.name = "ort" if device == "cpu" else f"ort-{device}"
+        self.name = self._provenance["engine"]
         self.path = path
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._settings = {"device": device, "threads": threads or 0, "opt_level": opt_level,
-                          "allow_spinning": allow_spinning}
-        self._version = ort.__version__
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
@@ -84,5 +91,4 @@ class OrtEngine:
         return dict(zip(self.output_names, outputs))
 
     def provenance(self) -> dict[str, Any]:
-        return {"engine": self.name, "onnxruntime": self._version, "providers": self.session.get_providers(),
-                "cpu": cpu_model(), **self._settings}
+        return dict(self._provenance)
