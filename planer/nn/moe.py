@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -21,14 +23,36 @@ def balance_loss(probs: Tensor, expert_ids: Tensor, experts: int) -> Tensor:
     return experts * (fraction * probs.mean(dim=0)).sum()
 
 
-class MoE(nn.Module):
-    """Top-k routed experts with dropless sparse dispatch.
+def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Router logits (N, E) -> probabilities (N, E) in fp32, gates (N, k), expert ids (N, k).
 
-    Tokens are sorted by expert, each expert runs on exactly the tokens routed
-    to it (experts that receive none are not called), and the outputs are put
-    back in token order by the inverse permutation before the gate-weighted
-    sum over the k slots. The load-balancing loss of the last call is kept in
-    `aux_loss` for the trainer.
+    With k > 1 the k gates are renormalised to sum to one; with k = 1 the gate
+    is the router probability itself, which keeps the router trainable.
+    """
+    probs = logits.float().softmax(dim=-1)
+    gates, ids = probs.topk(top_k, dim=-1)
+    if top_k > 1:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return probs, gates.to(logits.dtype), ids
+
+
+def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[Callable[[Tensor], Tensor]]) -> Tensor:
+    """Dropless sparse dispatch: sort the (token, slot) pairs by expert, run each expert once on exactly
+    its rows (not at all when it has none), un-permute and sum the k slots with their gates."""
+    n, k = ids.shape
+    flat_ids = ids.reshape(-1)  # slot order: token-major
+    order = flat_ids.argsort(stable=True)
+    routed = x[order // k]
+    counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
+    outputs = [expert(chunk) if chunk.shape[0] else chunk for expert, chunk in zip(experts, routed.split(counts))]
+    by_slot = torch.cat(outputs)[order.argsort()]
+    return (by_slot.view(n, k, -1) * gates[:, :, None]).sum(dim=1)
+
+
+class MoE(nn.Module):
+    """Top-k routed FFN experts with dropless sparse dispatch (see `dispatch`).
+
+    The load-balancing loss of the last call is kept in `aux_loss` for the trainer.
     """
 
     def __init__(self, d_model: int, experts: int, top_k: int, d_inner: int,
@@ -40,33 +64,12 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (N, d) -> router probabilities (N, E), gates (N, k), expert ids (N, k).
-
-        With k > 1 the k gates are renormalised to sum to one; with k = 1 the
-        gate is the router probability itself, which keeps the router trainable.
-        """
-        probs = self.router(x).float().softmax(dim=-1)
-        gates, ids = probs.topk(self.top_k, dim=-1)
-        if self.top_k > 1:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        return probs, gates.to(x.dtype), ids
+        """x (N, d) -> router probabilities (N, E), gates (N, k), expert ids (N, k)."""
+        return route(self.router(x), self.top_k)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs, gates, ids = self.route(x)
         self.aux_loss = balance_loss(probs, ids, len(self.experts))
-        return self.dispatch(x, gates, ids).reshape(shape)
-
-    def dispatch(self, x: Tensor, gates: Tensor, ids: Tensor) -> Tensor:
-        n, k = ids.shape
-        flat_ids = ids.reshape(-1)  # slot order: token-major
-        order = flat_ids.argsort(stable=True)
-        routed = x[order // k]
-        counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
-        outputs = [
-            expert(chunk) if chunk.shape[0] else chunk
-            for expert, chunk in zip(self.experts, routed.split(counts))
-        ]
-        by_slot = torch.cat(outputs)[order.argsort()]
-        return (by_slot.view(n, k, -1) * gates[:, :, None]).sum(dim=1)
+        return dispatch(x, gates, ids, self.experts).reshape(shape)
