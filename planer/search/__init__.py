@@ -1,0 +1,1 @@
+"""Latency-aware architecture search (PLANER) with the engine in the loop."""

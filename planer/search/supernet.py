@@ -1,0 +1,244 @@
+"""The supernet: P positions, each able to become any candidate block of the search space.
+
+Weights come from the baseline (PLANER): attention candidates take the
+baseline's first h heads, FFN candidates its hidden units sorted by
+importance (so a narrower FFN keeps the units that matter most), and MoE
+experts are upcycled copies of that FFN with a small perturbation so that the
+router can specialise them. Candidates of one kind share weights at a
+position: all FFN widths slice one FFN; every MoE candidate (E, k, width)
+uses the first E experts of one pool of upcycled experts, sliced to its
+width, with one router per E.
+
+Training is single-path: each step samples one candidate per position
+(hard Gumbel-softmax with the straight-through estimator), so only sampled
+blocks run and the architecture logits still receive gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from planer.arch import Architecture, BlockSpec
+from planer.nn import LM, LMOutput
+from planer.nn.attention import Attention
+from planer.nn.ffn import FFN
+from planer.nn.model import Block, make_norm
+from planer.nn.moe import balance_loss, dispatch, route
+from planer.space import SearchSpace
+
+
+def _importance_order(ffn: FFN) -> Tensor:
+    """Hidden units of `ffn`, most important first (norm of the unit's input row x output column)."""
+    return (ffn.up.weight.norm(dim=1) * ffn.down.weight.norm(dim=0)).argsort(descending=True)
+
+
+@torch.no_grad()
+def _copy_ffn(dst: FFN, src: FFN, order: Tensor) -> None:
+    """dst takes src's hidden units in `order` (as many as both have); extra units keep their init."""
+    n = min(dst.up.out_features, src.up.out_features)
+    units = order[:n]
+    pairs = [(dst.up, src.up)] + ([(dst.gate, src.gate)] if hasattr(dst, "gate") and hasattr(src, "gate") else [])
+    for d, s in pairs:
+        d.weight[:n] = s.weight[units]
+        if d.bias is not None and s.bias is not None:
+            d.bias[:n] = s.bias[units]
+    dst.down.weight[:, :n] = src.down.weight[:, units]
+    if dst.down.bias is not None and src.down.bias is not None:
+        dst.down.bias.copy_(src.down.bias)
+
+
+@torch.no_grad()
+def _copy_attention(dst: Attention, src: Attention) -> None:
+    """dst takes src's first heads (and kv heads); heads of another size keep their init."""
+    hd = dst.head_dim
+    if src.head_dim != hd or src.pos != dst.pos:
+        return
+    h, kv = min(dst.heads, src.heads), min(dst.kv_heads, src.kv_heads)
+    dst.q.weight[: h * hd] = src.q.weight[: h * hd]
+    dst.kv.weight.view(2, dst.kv_heads, hd, -1)[:, :kv] = src.kv.weight.view(2, src.kv_heads, hd, -1)[:, :kv]
+    dst.o.weight[:, : h * hd] = src.o.weight[:, : h * hd]
+    if dst.pos == "relative":
+        dst.r.weight[: h * hd] = src.r.weight[: h * hd]
+        dst.r_w_bias[:h] = src.r_w_bias[:h]
+        dst.r_r_bias[:h] = src.r_r_bias[:h]
+
+
+def _nearest(blocks: Sequence[Block], index: int, kinds: tuple[str, ...]) -> Block | None:
+    found = [i for i, b in enumerate(blocks) if b.kind in kinds]
+    return blocks[min(found, key=lambda i: (abs(i - index), i))] if found else None
+
+
+class Position(nn.Module):
+    """One position of the supernet: every candidate, weights shared within a kind."""
+
+    def __init__(self, arch: Architecture, candidates: Sequence[BlockSpec], attn_src: Block | None,
+                 ffn_src: Block | None, perturb: float):
+        super().__init__()
+        self.candidates = tuple(candidates)
+        d = arch.d_model
+        attns = [c for c in candidates if c.kind == "attn"]
+        ffn_widths = [c.d_inner for c in candidates if c.kind == "ffn"]
+        moes = [c for c in candidates if c.kind == "moe"]
+        order = _importance_order(ffn_src.f) if ffn_src is not None else None
+        if attns:
+            self.attn_norm = copy.deepcopy(attn_src.norm) if attn_src is not None else make_norm(arch)
+            self.attn = nn.ModuleDict({c.label(): Attention(arch, c) for c in attns})
+            for module in self.attn.values():
+                module.apply(_normal_init)
+                if attn_src is not None:
+                    _copy_attention(module, attn_src.f)
+        if ffn_widths or moes:
+            self.ffn_norm = copy.deepcopy(ffn_src.norm) if ffn_src is not None else make_norm(arch)
+        if ffn_widths:
+            self.ffn = FFN(d, max(ffn_widths), arch.activation, arch.bias)
+            self.ffn.apply(_normal_init)
+            if ffn_src is not None:
+                _copy_ffn(self.ffn, ffn_src.f, order)
+        if moes:
+            width = max(c.d_inner for c in moes)
+            self.experts = nn.ModuleList(FFN(d, width, arch.activation, arch.bias)
+                                         for _ in range(max(c.experts for c in moes)))
+            for expert in self.experts:
+                expert.apply(_normal_init)
+                if ffn_src is not None:
+                    _copy_ffn(expert, ffn_src.f, order)
+                    with torch.no_grad():
+                        for p in expert.parameters():
+                            p.add_(torch.randn_like(p) * perturb * (p.std() if p.numel() > 1 else 0.0))
+            self.routers = nn.ModuleDict({str(e): nn.Linear(d, e, bias=False)
+                                          for e in sorted({c.experts for c in moes})})
+            self.routers.apply(_normal_init)
+
+    def forward(self, choice: int, x: Tensor, mem: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Output of candidate `choice` (residual included) and its balance loss (0 unless MoE)."""
+        spec = self.candidates[choice]
+        zero = x.new_zeros(())
+        if spec.kind == "skip":
+            return x, zero
+        if spec.kind == "attn":
+            context = x if mem is None else torch.cat([mem, x], dim=1)
+            return x + self.attn[spec.label()](self.attn_norm(context), x.shape[1]), zero
+        h = self.ffn_norm(x)
+        if spec.kind == "ffn":
+            return x + self.ffn(h, spec.d_inner), zero
+        flat = h.reshape(-1, h.shape[-1])
+        probs, gates, ids = route(self.routers[str(spec.experts)](flat), spec.top_k)
+        experts = [partial(e, width=spec.d_inner) for e in self.experts[: spec.experts]]
+        out = dispatch(flat, gates, ids, experts).reshape(h.shape)
+        return x + out, balance_loss(probs, ids, spec.experts)
+
+    @torch.no_grad()
+    def extract(self, choice: int, arch: Architecture) -> Block:
+        """The chosen candidate as a standalone Block with the supernet's weights."""
+        spec = self.candidates[choice]
+        block = Block(arch, spec)
+        if spec.kind == "attn":
+            block.norm.load_state_dict(self.attn_norm.state_dict())
+            block.f.load_state_dict(self.attn[spec.label()].state_dict())
+        elif spec.kind == "ffn":
+            block.norm.load_state_dict(self.ffn_norm.state_dict())
+            _copy_ffn(block.f, self.ffn, torch.arange(spec.d_inner))
+        elif spec.kind == "moe":
+            block.norm.load_state_dict(self.ffn_norm.state_dict())
+            block.f.router.weight.copy_(self.routers[str(spec.experts)].weight)
+            for dst, src in zip(block.f.experts, self.experts):
+                _copy_ffn(dst, src, torch.arange(spec.d_inner))
+        return block
+
+
+def _normal_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class SuperNet(nn.Module):
+    def __init__(self, baseline: LM, space: SearchSpace, *, perturb: float = 0.01):
+        super().__init__()
+        arch = baseline.arch
+        self.arch = arch
+        self.space = space
+        self.embed = copy.deepcopy(baseline.embed)
+        self.emb_scale = baseline.emb_scale
+        self.norm = copy.deepcopy(baseline.norm)
+        self.head = copy.deepcopy(baseline.head)
+        blocks = list(baseline.blocks)
+        n = len(blocks)
+        self.positions = nn.ModuleList()
+        for p in range(space.positions):
+            source = min(n - 1, p * n // space.positions)
+            self.positions.append(Position(arch, space.candidates, _nearest(blocks, source, ("attn",)),
+                                           _nearest(blocks, source, ("ffn",)), perturb))
+        self.alpha = nn.Parameter(torch.zeros(space.positions, len(space.candidates)))
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name != "alpha"]
+
+    def sample(self, tau: float) -> tuple[list[int], Tensor]:
+        """One candidate per position from Gumbel-softmax(alpha / tau), and straight-through weights
+        (each 1 in value) through which the architecture logits receive gradients."""
+        hard = F.gumbel_softmax(self.alpha, tau=tau, hard=True)
+        choice = hard.argmax(dim=-1)
+        return choice.tolist(), hard.gather(1, choice[:, None])[:, 0]
+
+    def forward(self, idx: Tensor, choice: Sequence[int], weights: Tensor | None = None,
+                mems: list[Tensor] | None = None) -> LMOutput:
+        """Run the sampled network; memories are kept for every position (a later sample may differ)."""
+        mem_len = self.arch.mem_len
+        x = self.embed(idx) * self.emb_scale
+        aux = x.new_zeros(())
+        new_mems = []
+        for p, (position, c) in enumerate(zip(self.positions, choice)):
+            mem = None if mems is None else mems[p]
+            seen = x if mem is None else torch.cat([mem, x], dim=1)
+            new_mems.append(seen[:, seen.shape[1] - min(mem_len, seen.shape[1]):].detach())
+            y, block_aux = position(c, x, mem)
+            x = y if weights is None else x + weights[p] * (y - x)
+            aux = aux + block_aux
+        x = self.norm(x)
+        logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
+        return LMOutput(logits, new_mems, aux)
+
+    def probabilities(self) -> Tensor:
+        return self.alpha.softmax(dim=-1)
+
+    def expected_latency(self, block_ms: Tensor, fixed_ms: float) -> Tensor:
+        """E[latency] under the current architecture distribution (differentiable in alpha)."""
+        return fixed_ms + (self.probabilities() * block_ms).sum()
+
+    def argmax(self) -> list[int]:
+        """The most probable candidate per position; if that leaves no attention, the position most
+        inclined to attention keeps its most probable attention candidate (the memory needs one)."""
+        probs = self.probabilities().detach()
+        choice = probs.argmax(dim=-1).tolist()
+        attn = [i for i, c in enumerate(self.space.candidates) if c.kind == "attn"]
+        if attn and not any(self.space.candidates[c].kind == "attn" for c in choice):
+            attn_probs = probs[:, attn]
+            p = int(attn_probs.max(dim=1).values.argmax())
+            choice[p] = attn[int(attn_probs[p].argmax())]
+        return choice
+
+    def derive(self, choice: Sequence[int]) -> Architecture:
+        return self.arch.with_blocks([self.space.candidates[c] for c in choice
+                                      if self.space.candidates[c].kind != "skip"])
+
+    @torch.no_grad()
+    def extract(self, choice: Sequence[int]) -> LM:
+        """The chosen network as a standalone LM carrying the supernet's weights (skips dropped)."""
+        arch = self.derive(choice)
+        model = LM(arch)
+        model.embed.load_state_dict(self.embed.state_dict())
+        model.norm.load_state_dict(self.norm.state_dict())
+        if self.head is not None:
+            model.head.load_state_dict(self.head.state_dict())
+        kept = [(p, c) for p, c in enumerate(choice) if self.space.candidates[c].kind != "skip"]
+        for block, (p, c) in zip(model.blocks, kept):
+            block.load_state_dict(self.positions[p].extract(c, arch).state_dict())
+        return model

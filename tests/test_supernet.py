@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from planer.arch import BlockSpec
+from planer.nn import LM
+from planer.search.supernet import SuperNet
+from planer.space import SearchSpace
+from tests.conftest import small_arch
+
+BASE = [BlockSpec.attn(4, 8), BlockSpec.ffn(64), BlockSpec.attn(4, 8), BlockSpec.ffn(64)]
+
+
+def _baseline(**kw) -> LM:
+    torch.manual_seed(0)
+    model = LM(small_arch(BASE, **kw)).eval()
+    with torch.no_grad():  # a trained-looking baseline: no parameter left at its init constant
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _baseline_choice(space: SearchSpace, extra=BlockSpec.skip()) -> list[int]:
+    """Position 2i holds baseline block i, position 2i+1 holds `extra` (positions map to blocks p // 2)."""
+    index = {c: i for i, c in enumerate(space.candidates)}
+    return [index[b] for spec in BASE for b in (spec, extra)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"norm": "rmsnorm", "pos": "rotary", "activation": "swiglu", "bias": False}])
+def test_inherited_weights_reproduce_the_baseline(kw):
+    baseline = _baseline(**kw)
+    space = SearchSpace.default(baseline.arch)
+    net = SuperNet(baseline, space).eval()
+    choice = _baseline_choice(space)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        want = baseline(idx).logits
+        torch.testing.assert_close(net(idx, choice).logits, want, atol=1e-5, rtol=0)
+        extracted = net.extract(choice)
+        assert extracted.arch.blocks == tuple(BASE)
+        torch.testing.assert_close(extracted.eval()(idx).logits, want, atol=1e-5, rtol=0)
+
+
+def test_upcycled_experts_start_as_the_baseline_ffn():
+    """Unperturbed copies with k = 2 renormalised gates sum to the FFN itself."""
+    baseline = _baseline()
+    space = SearchSpace.default(baseline.arch)
+    net = SuperNet(baseline, space, perturb=0.0).eval()
+    index = {c: i for i, c in enumerate(space.candidates)}
+    choice = _baseline_choice(space)
+    for p in (2, 6):  # the FFN positions become MoE with 4 experts of full width
+        choice[p] = index[BlockSpec.moe(4, 2, 64)]
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(net(idx, choice).logits, baseline(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_extracted_network_matches_the_supernet_path():
+    baseline = _baseline()
+    space = SearchSpace.default(baseline.arch)
+    net = SuperNet(baseline, space).eval()
+    torch.manual_seed(3)
+    for _ in range(5):
+        choice = torch.randint(0, len(space.candidates), (space.positions,)).tolist()
+        choice[0] = 1  # at least one attention block
+        idx = torch.randint(0, 256, (3, 16))
+        with torch.no_grad():
+            first = net(idx, choice)
+            second = net(idx, choice, mems=first.mems)
+            model = net.extract(choice).eval()
+            kept = [p for p, c in enumerate(choice) if space.candidates[c].kind == "attn"]
+            ref_first = model(idx)
+            ref_second = model(idx, [first.mems[p] for p in kept])
+        torch.testing.assert_close(ref_first.logits, first.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ref_second.logits, second.logits, atol=1e-5, rtol=0)
+
+
+def test_sampling_trains_the_architecture_logits():
+    baseline = _baseline()
+    net = SuperNet(baseline, SearchSpace.default(baseline.arch))
+    choice, weights = net.sample(tau=1.0)
+    assert len(choice) == net.space.positions and torch.all(weights == 1)
+    out = net(torch.randint(0, 256, (2, 16)), choice, weights)
+    (out.logits.pow(2).mean() + out.aux_loss).backward()
+    assert net.alpha.grad is not None and net.alpha.grad.abs().sum() > 0
+
+
+def test_expected_latency_and_argmax():
+    baseline = _baseline()
+    space = SearchSpace.default(baseline.arch)
+    net = SuperNet(baseline, space)
+    block_ms = torch.arange(len(space.candidates), dtype=torch.float32)
+    uniform = block_ms.mean() * space.positions
+    assert net.expected_latency(block_ms, 1.0).item() == pytest.approx(1.0 + uniform.item(), rel=1e-5)
+    with torch.no_grad():
+        net.alpha.zero_()
+        net.alpha[:, 0] = 5.0  # every position prefers skip ...
+        net.alpha[3, 2] = 1.0  # ... position 3 leans most towards attention candidate 2
+    choice = net.argmax()
+    assert choice[3] == 2 and sum(c != 0 for c in choice) == 1
+    assert net.derive(choice).blocks == (space.candidates[2],)
