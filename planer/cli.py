@@ -136,9 +136,10 @@ def _load_arch(source: Path):
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="ONNX file to write (default: RUN/model.onnx)")
-@click.option("--lowering", type=click.Choice(["ops"]), default="ops", show_default=True,
-              help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, "
-                   "each expert runs only on its routed tokens)")
+@click.option("--lowering", type=click.Choice(["ops", "ort-moe"]), default="ops", show_default=True,
+              help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, each "
+                   "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
+                   "(activations gelu_tanh, relu, silu)")
 @click.option("--mem-len", type=int, help="memory length the graph keeps (default: the architecture's)")
 def export(run: Path, out: Path | None, lowering: str, mem_len: int | None) -> None:
     """Export a trained model to ONNX (memories as inputs/outputs, dynamic batch and lengths) and check
