@@ -34,7 +34,7 @@ def record(name: str, data: dict, markdown: str) -> None:
     out.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {"benchmark": name, "date": stamp, "commit": commit(), "machine": machine(),
-            "command": " ".join(["python"] + sys.argv)}
+            "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
     (out / f"{name}.json").write_text(json.dumps({**meta, **data}, indent=2) + "\n")
     section = (f"\n## {name} — {stamp}\n\nCommand: `{meta['command']}` (commit {meta['commit']}; "
                f"{meta['machine']})\n\n{markdown.strip()}\n")
