@@ -70,7 +70,7 @@ def _steady(engine: Engine, feeds: dict, dep: Deployment) -> LatencyStats:
 
 def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment, *,
             table: LatencyTable | None = None, show_progress: bool = True) -> LatencyTable:
-    """Time each candidate block (and the fixed cost) of networks shaped like `arch`.
+    """Time each candidate block, the blocks of `arch` itself and the fixed cost of networks shaped like `arch`.
 
     Entries already in `table` are reused; the table's provenance must match.
     """
@@ -80,7 +80,7 @@ def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment
     if table is not None:
         table.check(prov)
     todo: list[BlockSpec | None] = [None]  # None stands for the fixed part
-    todo += list(dict.fromkeys(c for c in candidates if c.kind != "skip"))
+    todo += list(dict.fromkeys(c for c in (*arch.blocks, *candidates) if c.kind != "skip"))  # + the baseline's
     entries: dict[str, dict[str, float]] = dict(table.entries) if table else {}
     todo = [s for s in todo if (FIXED if s is None else s.label()) not in entries]
     rng = np.random.default_rng(0)

@@ -1,0 +1,219 @@
+"""PLANER's latency-aware search with the engine in the loop.
+
+Each round trains the supernet single-path: weights on the training stream
+(cross-entropy blended with distillation from the baseline, plus the MoE
+balance loss), architecture logits on a separate stream (cross-entropy plus
+lambda * max(0, E[latency] / target - 1), E[latency] from the engine-measured
+latency table). After the round the most probable network is extracted,
+exported and timed in the engine beside the baseline; the table is calibrated
+with that measurement and lambda is adapted: doubled while the measured
+latency misses the target, halved when it undershoots by more than 10 %.
+Every round is one line of the search log.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from planer.arch import Architecture
+from planer.data import Corpus, Segments
+from planer.errors import PlanerError
+from planer.latency import LatencyTable
+from planer.latency.profile import Deployment, measure
+from planer.latency.table import FIXED
+from planer.nn import LM
+from planer.search.supernet import SuperNet
+from planer.space import SearchSpace
+from planer.train.evaluate import evaluate
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    rounds: int = 4
+    steps: int = 200  # supernet steps per round (each a weight step and an architecture step)
+    batch: int = 8
+    lr: float = 1e-3
+    arch_lr: float = 5e-3
+    tau_start: float = 5.0  # Gumbel-softmax temperature, annealed geometrically over all steps
+    tau_end: float = 0.5
+    lam: float = 1.0  # initial weight of the latency penalty
+    distill: float = 0.5  # share of the distillation loss in the weight loss
+    aux_weight: float = 0.01
+    arch_split: float = 0.1  # the last part of the training split trains the architecture logits
+    valid_tokens: int = 16384
+    seed: int = 0
+
+
+@dataclass
+class Candidate:
+    round: int
+    arch: Architecture
+    predicted_ms: float
+    measured_ms: float
+    baseline_ms: float
+    valid_loss: float
+    model: LM = field(repr=False)
+
+
+class InfeasibleTarget(PlanerError):
+    """No network in the search space can meet the latency target."""
+
+
+def candidate_latencies(table: LatencyTable, space: SearchSpace) -> torch.Tensor:
+    return torch.tensor([table.block_ms(c) for c in space.candidates], dtype=torch.float32)
+
+
+def fastest_predicted(table: LatencyTable, space: SearchSpace) -> float:
+    """The lowest predicted latency in the space: one cheapest attention block (the memory needs one),
+    every other position skipped or its cheapest block."""
+    ms = candidate_latencies(table, space)
+    attn = [i for i, c in enumerate(space.candidates) if c.kind == "attn"]
+    cheapest_attn = min(ms[i].item() for i in attn) if attn else 0.0
+    rest = (space.positions - 1) * ms.min().item()
+    return table.scale * (table.entries[FIXED]["p50"] + cheapest_attn + rest)
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1), log_target=True,
+                    reduction="batchmean") / student.shape[1]
+
+
+def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, *,
+           target_ms: float | None = None, target_speedup: float | None = None, cfg: SearchConfig = SearchConfig(),
+           log_path: Path | None = None, show_progress: bool = True,
+           on_round: Callable[[dict[str, Any]], None] | None = None) -> tuple[Candidate, list[Candidate]]:
+    """Search for a network that meets the target; returns (chosen, all derived candidates).
+
+    The chosen candidate is the lowest-validation-loss one whose measured latency meets the
+    target, or, when none does, the fastest measured (its `measured_ms` tells by how much it misses).
+    """
+    torch.manual_seed(cfg.seed)
+    baseline = baseline.eval()
+    arch = baseline.arch
+    with tempfile.TemporaryDirectory(prefix="planer-search-") as tmp:
+        from planer.export import export_lm
+
+        base_path = str(export_lm(baseline, Path(tmp) / "baseline.onnx", lowering=dep.lowering))
+        baseline_ms = measure([(base_path, arch)], dep)[0].p50
+        if target_ms is None:
+            if not target_speedup or target_speedup <= 0:
+                raise PlanerError("give a latency target: --target-latency-ms X or --target-speedup S (S > 0)")
+            target_ms = baseline_ms / target_speedup
+        measured_history: list[tuple[Architecture, float]] = [(arch, baseline_ms)]
+        table = table.calibrate(measured_history)  # the baseline's own measurement calibrates from the start
+        floor = fastest_predicted(table, space)
+        if target_ms < floor:
+            raise InfeasibleTarget(f"target {target_ms:.2f} ms is below the fastest network in the space "
+                                   f"(predicted {floor:.2f} ms; the baseline measures {baseline_ms:.2f} ms); "
+                                   "raise the target or widen the space")
+
+        net = SuperNet(baseline, space)
+        weight_opt = torch.optim.AdamW(net.weight_parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+        arch_opt = torch.optim.Adam([net.alpha], lr=cfg.arch_lr, betas=(0.5, 0.999))
+        cut = int(len(corpus.train) * (1 - cfg.arch_split))
+        weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len)
+        arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len)
+        block_ms = candidate_latencies(table, space)
+        lam = cfg.lam
+        total = cfg.rounds * cfg.steps
+        state = {"w_mems": None, "t_mems": None, "a_mems": None}
+        candidates: list[Candidate] = []
+        bar = tqdm(total=total, desc="search", unit="step", disable=not show_progress, dynamic_ncols=True)
+        for rnd in range(cfg.rounds):
+            for i in range(cfg.steps):
+                step = rnd * cfg.steps + i
+                tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, total - 1))
+                _weight_step(net, baseline, weight_data, step, weight_opt, cfg, tau, state)
+                e_lat = _arch_step(net, arch_data, step, arch_opt, block_ms, table, target_ms, lam, tau, state)
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms", lam=f"{lam:.2g}")
+            choice = net.argmax()
+            model = net.extract(choice).eval()
+            path = export_lm(model, Path(tmp) / "candidate.onnx", lowering=dep.lowering)
+            base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
+            predicted = table.predict(model.arch)
+            measured_history.append((model.arch, cand_stats.p50))
+            table = table.calibrate(measured_history)
+            valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
+            cand = Candidate(rnd, model.arch, predicted, cand_stats.p50, base_stats.p50, valid["loss"], model)
+            candidates.append(cand)
+            record = {
+                "round": rnd, "target_ms": target_ms, "baseline_ms": base_stats.p50, "measured_ms": cand_stats.p50,
+                "measured_spread": cand_stats.spread, "predicted_ms": predicted, "calibration": table.scale,
+                "valid_loss": valid["loss"], "lambda": lam, "tau": tau,
+                "arch": [b.label() for b in model.arch.blocks],
+                "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
+            }
+            if log_path is not None:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if on_round:
+                on_round(record)
+            bar.write(f"round {rnd}: {' '.join(record['arch'])}\n  measured {cand_stats.p50:.2f} ms "
+                      f"(predicted {predicted:.2f}, baseline {base_stats.p50:.2f}, target {target_ms:.2f}); "
+                      f"valid loss {valid['loss']:.4f}")
+            # Compare against the target scaled by this run's baseline, so machine drift cancels.
+            ratio_target = target_ms / baseline_ms
+            if cand_stats.p50 / base_stats.p50 > ratio_target:
+                lam *= 2.0
+            elif cand_stats.p50 / base_stats.p50 < 0.9 * ratio_target:
+                lam /= 2.0
+        bar.close()
+    ratio_target = target_ms / baseline_ms
+    feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
+    if feasible:
+        return min(feasible, key=lambda c: c.valid_loss), candidates
+    return min(candidates, key=lambda c: c.measured_ms / c.baseline_ms), candidates
+
+
+def _stream(data: Segments, step: int):
+    index = step % len(data)
+    return data[index], index == 0
+
+
+def _weight_step(net: SuperNet, teacher: LM, data: Segments, step: int, opt: torch.optim.Optimizer,
+                 cfg: SearchConfig, tau: float, state: dict) -> None:
+    (x, y), fresh = _stream(data, step)
+    if fresh:
+        state["w_mems"] = state["t_mems"] = None
+    with torch.no_grad():
+        choice, _ = net.sample(tau)
+        t_out = teacher(x, state["t_mems"])
+    state["t_mems"] = t_out.mems
+    out = net(x, choice, mems=state["w_mems"])
+    state["w_mems"] = out.mems
+    ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
+    loss = (1 - cfg.distill) * ce + cfg.distill * _kd_loss(out.logits, t_out.logits) + cfg.aux_weight * out.aux_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.weight_parameters(), 1.0)
+    opt.step()
+
+
+def _arch_step(net: SuperNet, data: Segments, step: int, opt: torch.optim.Optimizer, block_ms: torch.Tensor,
+               table: LatencyTable, target_ms: float, lam: float, tau: float, state: dict) -> float:
+    (x, y), fresh = _stream(data, step)
+    if fresh:
+        state["a_mems"] = None
+    choice, weights = net.sample(tau)
+    out = net(x, choice, weights, mems=state["a_mems"])
+    state["a_mems"] = out.mems
+    ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
+    e_lat = table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"])
+    loss = ce + lam * torch.relu(e_lat / target_ms - 1)
+    opt.zero_grad(set_to_none=True)
+    net.zero_grad(set_to_none=True)  # the weights are not updated by the architecture step
+    loss.backward()
+    opt.step()
+    return float(e_lat.detach())
+

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+from planer.arch import BlockSpec
+from planer.data import load_corpus
+from planer.latency.profile import Deployment, profile
+from planer.nn import LM
+from planer.search.search import InfeasibleTarget, SearchConfig, search
+from planer.space import SearchSpace
+from tests.conftest import small_arch
+
+DEP = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05)
+SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.attn(2, 16), BlockSpec.ffn(16),
+                        BlockSpec.ffn(64), BlockSpec.moe(4, 1, 16)))
+
+
+@pytest.fixture(scope="module")
+def setup(text_file):
+    torch.manual_seed(0)
+    baseline = LM(small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64)])).eval()
+    table = profile(baseline.arch, SPACE.candidates, DEP, show_progress=False)
+    return baseline, load_corpus(f"enwik8:{text_file}"), table
+
+
+def test_search_rounds_are_measured_and_logged(setup, tmp_path):
+    baseline, corpus, table = setup
+    log = tmp_path / "search_log.jsonl"
+    cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256)
+    chosen, candidates = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, log_path=log,
+                                show_progress=False)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1] and len(candidates) == 2
+    for r, c in zip(records, candidates):
+        assert r["measured_ms"] == c.measured_ms > 0 and r["predicted_ms"] > 0
+        assert r["arch"] == [b.label() for b in c.arch.blocks]
+        assert len(r["probabilities"]) == SPACE.positions
+        assert any(b.kind == "attn" for b in c.arch.blocks)
+    assert chosen in candidates
+    out = chosen.model(torch.randint(0, 256, (1, 16)))
+    assert out.logits.shape == (1, 16, 256)
+
+
+def test_infeasible_target_stops_before_training(setup, tmp_path):
+    baseline, corpus, table = setup
+    with pytest.raises(InfeasibleTarget, match="below the fastest network in the space"):
+        search(baseline, corpus, SPACE, table, DEP, target_ms=1e-4, cfg=SearchConfig(rounds=1, steps=1),
+               show_progress=False)
