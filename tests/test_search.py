@@ -28,8 +28,10 @@ def test_search_rounds_are_measured_and_logged(setup, tmp_path):
     baseline, corpus, table = setup
     log = tmp_path / "search_log.jsonl"
     cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256)
-    chosen, candidates = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, log_path=log,
-                                show_progress=False)
+    outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, log_path=log,
+                     show_progress=False)
+    chosen, candidates = outcome.chosen, outcome.candidates
+    assert outcome.table.scale != 1.0  # calibrated by the measurements
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1] and len(candidates) == 2
     for r, c in zip(records, candidates):

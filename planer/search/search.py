@@ -34,6 +34,7 @@ from planer.nn import LM
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
+from planer.train.trainer import distillation_loss
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ class Candidate:
     model: LM = field(repr=False)
 
 
+@dataclass
+class SearchOutcome:
+    chosen: Candidate  # meets the target with the lowest validation loss, else the fastest measured
+    candidates: list[Candidate]  # one per round
+    table: LatencyTable  # calibrated by the rounds' measurements
+
+
 class InfeasibleTarget(PlanerError):
     """No network in the search space can meet the latency target."""
 
@@ -82,20 +90,11 @@ def fastest_predicted(table: LatencyTable, space: SearchSpace) -> float:
     return table.scale * (table.entries[FIXED]["p50"] + cheapest_attn + rest)
 
 
-def _kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1), log_target=True,
-                    reduction="batchmean") / student.shape[1]
-
-
 def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, *,
            target_ms: float | None = None, target_speedup: float | None = None, cfg: SearchConfig = SearchConfig(),
            log_path: Path | None = None, show_progress: bool = True,
-           on_round: Callable[[dict[str, Any]], None] | None = None) -> tuple[Candidate, list[Candidate]]:
-    """Search for a network that meets the target; returns (chosen, all derived candidates).
-
-    The chosen candidate is the lowest-validation-loss one whose measured latency meets the
-    target, or, when none does, the fastest measured (its `measured_ms` tells by how much it misses).
-    """
+           on_round: Callable[[dict[str, Any]], None] | None = None) -> SearchOutcome:
+    """Search for a network that meets the target (see SearchOutcome for what is chosen)."""
     torch.manual_seed(cfg.seed)
     baseline = baseline.eval()
     arch = baseline.arch
@@ -172,8 +171,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
     ratio_target = target_ms / baseline_ms
     feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
     if feasible:
-        return min(feasible, key=lambda c: c.valid_loss), candidates
-    return min(candidates, key=lambda c: c.measured_ms / c.baseline_ms), candidates
+        return SearchOutcome(min(feasible, key=lambda c: c.valid_loss), candidates, table)
+    return SearchOutcome(min(candidates, key=lambda c: c.measured_ms / c.baseline_ms), candidates, table)
 
 
 def _stream(data: Segments, step: int):
@@ -193,7 +192,7 @@ def _weight_step(net: SuperNet, teacher: LM, data: Segments, step: int, opt: tor
     out = net(x, choice, mems=state["w_mems"])
     state["w_mems"] = out.mems
     ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
-    loss = (1 - cfg.distill) * ce + cfg.distill * _kd_loss(out.logits, t_out.logits) + cfg.aux_weight * out.aux_loss
+    loss = (1 - cfg.distill) * ce + cfg.distill * distillation_loss(out.logits, t_out.logits) + cfg.aux_weight * out.aux_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.weight_parameters(), 1.0)

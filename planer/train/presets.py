@@ -21,6 +21,7 @@ class TrainConfig:
     dropout: float = 0.0
     dropatt: float = 0.0
     aux_weight: float = 0.01  # weight of the MoE load-balancing loss
+    distill: float = 0.0  # share of the distillation loss when a teacher is given
     eval_every: int = 500
     eval_tokens: int = 65536  # periodic validation reads this many tokens; the final one reads the whole split
     eval_batch: int = 8

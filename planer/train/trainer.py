@@ -128,11 +128,21 @@ def _load_checkpoint(work: Path, corpus: Corpus, cfg: TrainConfig) -> tuple[LM, 
     return model, state, progress
 
 
-def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Architecture | None = None,
-          preset: str = "", resume: bool = False, show_progress: bool = True) -> dict:
-    """Train (or resume) a baseline and return its final evaluation.
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged (temperature 1)."""
+    s = student.reshape(-1, student.shape[-1]).float().log_softmax(-1)
+    t = teacher.reshape(-1, teacher.shape[-1]).float().log_softmax(-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
-    `arch` is required for a new run; on resume the run's own arch.json is used.
+
+def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Architecture | None = None,
+          init: LM | None = None, teacher: LM | None = None, preset: str = "", resume: bool = False,
+          show_progress: bool = True) -> dict:
+    """Train (or resume) a model and return its final evaluation.
+
+    A new run needs `arch`, or `init`, a model whose weights it starts from. With a
+    `teacher`, the loss blends cross-entropy with distillation from the teacher's
+    logits (cfg.distill is the distillation share); resume passes the teacher again.
     """
     out = Path(out)
     work = staging_dir(out)
@@ -147,9 +157,14 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
             shutil.copytree(source, work)
     else:
         check_new_run(out)
-        if arch is None:
+        if init is not None:
+            arch = init.arch
+            model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
+            model.load_state_dict(init.state_dict())
+        elif arch is not None:
+            model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
+        else:
             raise PlanerError("a new run needs an architecture (a --preset)")
-        model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
         state, progress = None, Progress()
         work.mkdir(parents=True)
         arch.save(work / ARCH_FILE)
@@ -164,6 +179,9 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
         mems = state["mems"]
 
     segments = Segments(corpus.train, cfg.batch, arch.tgt_len)
+    if teacher is not None:
+        teacher.eval()
+    teacher_mems = None
     metrics_file = (work / METRICS_FILE).open("a")
     model.train()
     bar = tqdm(total=cfg.steps, initial=progress.step, disable=not show_progress, unit="step",
@@ -172,7 +190,7 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
     while progress.step < cfg.steps:
         index = progress.step % len(segments)
         if index == 0:
-            mems = None  # a new pass starts every stream afresh
+            mems = teacher_mems = None  # a new pass starts every stream afresh
         x, y = segments[index]
         lr = lr_at(progress.step, cfg)
         for group in opt.param_groups:
@@ -180,8 +198,14 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
         result = model(x, mems)
         mems = result.mems
         loss = F.cross_entropy(result.logits.reshape(-1, arch.vocab_size).float(), y.reshape(-1))
+        objective = loss
+        if teacher is not None and cfg.distill > 0:
+            with torch.no_grad():
+                taught = teacher(x, teacher_mems)
+            teacher_mems = taught.mems
+            objective = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(result.logits, taught.logits)
         opt.zero_grad(set_to_none=True)
-        (loss + cfg.aux_weight * result.aux_loss).backward()
+        (objective + cfg.aux_weight * result.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
 
