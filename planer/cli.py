@@ -196,5 +196,53 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
     click.echo(f"{out}: {len(table.entries)} entries (fixed cost {table.entries['fixed']['p50']:.3f} ms); "
                f"noisiest {worst[0]} p90/p50 {worst[1]['spread']:.2f}")
 
+
+@main.command()
+@click.option("--model", "run", required=True, type=click.Path(path_type=Path),
+              help="baseline run directory (from `planer train`)")
+@click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
+              help="engine the result is measured in and built for")
+@click.option("--target-speedup", type=float, help="latency target as baseline / result, measured side by side")
+@click.option("--target-latency-ms", type=float, help="latency target in milliseconds (p50 in the engine)")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="build directory to create (default: builds/<model>-x<speedup> or -<ms>ms)")
+@click.option("--batch", type=int, default=1, show_default=True, help="deployment batch size")
+@click.option("--tgt-len", type=int, help="deployment segment length (default: the baseline's)")
+@click.option("--mem-len", type=int, help="deployment memory length (default: the baseline's)")
+@click.option("--threads", type=int, default=2, show_default=True, help="engine intra-op threads")
+@click.option("--lowering", type=click.Choice(["ops", "ort-moe"]), default="ops", show_default=True,
+              help="MoE lowering (see `planer export --help`)")
+@click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
+              help="search rounds x steps and distillation steps: small 2x100+300, medium 4x250+1200, "
+                   "large 6x500+3000")
+@click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
+              "around the baseline)")
+@click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on). " + _DATA_HELP)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def build(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path | None,
+          batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str, budget: str,
+          space: Path | None, data_spec: str | None, quiet: bool) -> None:
+    """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
+    profile, search, distill, export, verify."""
+    from planer.build import BUDGETS, build as run_build
+    from planer.latency.profile import Deployment
+    from planer.space import SearchSpace
+
+    if (target_speedup is None) == (target_latency_ms is None):
+        raise PlanerError("give exactly one target: --target-speedup S or --target-latency-ms X")
+    arch = _load_arch(run)
+    if out is None:
+        suffix = f"x{target_speedup:g}" if target_speedup else f"{target_latency_ms:g}ms"
+        out = Path("builds") / f"{run.name}-{suffix}"
+    dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
+                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering)
+    summary = run_build(run, out, dep=dep, target_ms=target_latency_ms, target_speedup=target_speedup,
+                        budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
+                        show_progress=not quiet)
+    click.echo((out / "report.md").read_text())
+    if not summary["met"]:
+        raise PlanerError(f"{out}: built, but the target was missed (speedup {summary['speedup']:.2f}); "
+                          "raise --budget or relax the target")
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,71 @@
+"""A fast end-to-end build: micro baseline, a few steps per stage, a real engine measurement."""
+
+import json
+
+import pytest
+
+from planer.arch import BlockSpec
+from planer.build import Budget, build
+from planer.data import load_corpus
+from planer.latency.profile import Deployment
+from planer.search.search import SearchConfig
+from planer.space import SearchSpace
+from planer.train.presets import TrainConfig
+from planer.train.trainer import train
+from tests.conftest import small_arch
+from tests.test_cli import _one_line_error, run
+
+DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_seconds=0.1)
+SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.ffn(64), BlockSpec.moe(2, 1, 64)))
+BUDGET = Budget(SearchConfig(rounds=2, steps=3, batch=2, valid_tokens=512), distill_steps=3)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("runs") / "base"
+    arch = small_arch([BlockSpec.attn(4, 16), BlockSpec.ffn(1024), BlockSpec.attn(4, 16), BlockSpec.ffn(1024)],
+                      d_model=64, tgt_len=64, mem_len=64)
+    cfg = TrainConfig(steps=2, batch=2, eval_every=2, ckpt_every=2, eval_tokens=256)
+    train(load_corpus(f"enwik8:{text_file}"), cfg, out, arch=arch, show_progress=False)
+    return out
+
+
+def test_build_directory_is_complete_and_meets_its_target(baseline_run, tmp_path):
+    out = tmp_path / "build"
+    summary = build(baseline_run, out, dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+                    show_progress=False)
+    names = {p.name for p in out.iterdir()}
+    assert names >= {"arch.json", "model.safetensors", "model.onnx", "latency.json", "accuracy.json",
+                     "latency_table.json", "search_log.jsonl", "report.md", "distill"}
+    assert not (tmp_path / "build.partial").exists()
+    latency = json.loads((out / "latency.json").read_text())
+    assert latency["met"] and latency["speedup"] >= 1.5 and summary["speedup"] == latency["speedup"]
+    assert latency["result"]["p50"] * 1.5 <= latency["baseline"]["p50"]
+    assert latency["parity_max_abs_diff"] < 1e-4
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert accuracy["baseline"]["tokens"] == accuracy["result"]["tokens"] > 0  # the same split, whole
+    assert len((out / "search_log.jsonl").read_text().splitlines()) == 2
+    assert "met" in (out / "report.md").read_text()
+
+
+def test_build_infeasible_target_leaves_nothing(baseline_run, tmp_path):
+    space = tmp_path / "space.json"
+    SPACE.save(space)
+    out = tmp_path / "build"
+    _one_line_error(run("build", "--model", baseline_run, "--target-speedup", 1000, "--out", out, "--space", space,
+                        "--tgt-len", 64, "--threads", 1, "--quiet"), "below the fastest network in the space")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.json"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--target-speedup", 2, "--target-latency-ms", 3], "exactly one target"),
+    ([], "exactly one target"),
+])
+def test_build_bad_targets(baseline_run, tmp_path, args, fragment):
+    _one_line_error(run("build", "--model", baseline_run, "--out", tmp_path / "b", *args), fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_missing_baseline(tmp_path):
+    _one_line_error(run("build", "--model", tmp_path / "nope", "--target-speedup", 2, "--out", tmp_path / "b"),
+                    "no such architecture file")
