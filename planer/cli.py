@@ -32,9 +32,12 @@ def main() -> None:
     """planer: compile a trained Transformer into a faster sparsely-activated (MoE) network.
 
     \b
-    Start with a baseline:
+    Start with a baseline, then build:
       planer train --preset tiny --data sample --out runs/tiny
       planer eval runs/tiny
+      planer build --model runs/tiny --engine ort --target-speedup 2
+    \b
+    Stages alone: planer profile (latency table), planer export (ONNX).
     """
 
 
