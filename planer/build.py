@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, staging_dir
-from planer.data import load_corpus
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.export.reference import TorchEngine
@@ -36,7 +35,7 @@ from planer.search.search import SearchConfig, search
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate, headline
 from planer.train.presets import TrainConfig
-from planer.train.trainer import CONFIG_FILE, train
+from planer.train.trainer import run_corpus, train
 
 
 @dataclass(frozen=True)
@@ -62,21 +61,14 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     if (target_ms is None) == (target_speedup is None):
         raise PlanerError("give exactly one target: --target-latency-ms X or --target-speedup S")
     baseline = load_model(run).eval()
-    if data is None:
-        try:
-            data = json.loads((run / CONFIG_FILE).read_text())["data"]
-        except (OSError, ValueError, KeyError):
-            raise PlanerError(f"{run}: no {CONFIG_FILE} says which data it was trained on; pass --data") from None
-    corpus = load_corpus(data)
-    if corpus.vocab_size != baseline.arch.vocab_size:
-        raise PlanerError(f"{data} has {corpus.vocab_size} symbols but the baseline {baseline.arch.vocab_size}")
+    corpus = run_corpus(run, data, baseline.arch.vocab_size)
     space = space or SearchSpace.default(baseline.arch)
     work = staging_dir(out)
     if work.exists():
         shutil.rmtree(work)  # stage-level resume is not implemented: an interrupted build starts over
     work.mkdir(parents=True)
     try:
-        latency, accuracy = _stages(baseline, corpus, data, space, work, run, dep, target_ms, target_speedup, budget,
+        latency, accuracy = _stages(baseline, corpus, space, work, run, dep, target_ms, target_speedup, budget,
                                     show_progress)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # nothing half-written is left behind
@@ -85,7 +77,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     return latency | {"accuracy": accuracy}
 
 
-def _stages(baseline, corpus, data: str, space: SearchSpace, work: Path, run: Path, dep: Deployment,
+def _stages(baseline, corpus, space: SearchSpace, work: Path, run: Path, dep: Deployment,
             target_ms: float | None, target_speedup: float | None, budget: Budget,
             show_progress: bool) -> tuple[dict, dict]:
     table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress)
@@ -119,7 +111,7 @@ def _stages(baseline, corpus, data: str, space: SearchSpace, work: Path, run: Pa
         "target_ms": target, "target_speedup": target_speedup, "met": met, "parity_max_abs_diff": parity,
     }
     atomic_write_text(work / "latency.json", json.dumps(latency, indent=2) + "\n")
-    accuracy = {"data": data, "split": "valid",
+    accuracy = {"data": corpus.spec, "split": "valid",
                 "baseline": evaluate(baseline, corpus.valid, corpus.unit),
                 "result": evaluate(result, corpus.valid, corpus.unit)}
     atomic_write_text(work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")

@@ -104,26 +104,17 @@ def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int
           max_tokens: int | None, as_json: bool) -> None:
     """Score a run on a split with the Transformer-XL protocol (memory carried through the split)."""
     from planer.checkpoint import load_model
-    from planer.data import load_corpus
     from planer.train.evaluate import evaluate, headline
-    from planer.train.trainer import CONFIG_FILE
+    from planer.train.trainer import run_corpus
 
     model = load_model(run)
-    if data_spec is None:
-        try:
-            data_spec = json.loads((run / CONFIG_FILE).read_text())["data"]
-        except (OSError, ValueError, KeyError):
-            raise PlanerError(f"{run}: no {CONFIG_FILE} says which data it was trained on; pass --data") from None
-    corpus = load_corpus(data_spec)
-    if corpus.vocab_size != model.arch.vocab_size:
-        raise PlanerError(f"{data_spec} has {corpus.vocab_size} symbols but the model {model.arch.vocab_size}; "
-                          "score it on the data it was trained on")
+    corpus = run_corpus(run, data_spec, model.arch.vocab_size)
     result = evaluate(model, corpus.split(split), corpus.unit, batch=batch, tgt_len=tgt_len, mem_len=mem_len,
                       max_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{run} on {data_spec} {split}: {headline(result)} (loss {result['loss']:.4f} nats, "
+        click.echo(f"{run} on {corpus.spec} {split}: {headline(result)} (loss {result['loss']:.4f} nats, "
                    f"{result['tokens']} tokens)")
 
 

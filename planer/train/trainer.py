@@ -30,7 +30,7 @@ from planer import __version__
 from planer.arch import Architecture
 from planer.checkpoint import (ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, save_weights,
                                staging_dir)
-from planer.data import Corpus, Segments
+from planer.data import Corpus, Segments, load_corpus
 from planer.errors import PlanerError
 from planer.nn import LM
 from planer.train.evaluate import evaluate, headline
@@ -65,6 +65,20 @@ def run_source(out: Path) -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def run_corpus(run: Path, data: str | None, vocab_size: int) -> Corpus:
+    """The corpus `data`, by default the one run `run` was trained on, checked against the model's vocabulary."""
+    if data is None:
+        try:
+            data = json.loads((run / CONFIG_FILE).read_text())["data"]
+        except (OSError, ValueError, KeyError):
+            raise PlanerError(f"{run}: no {CONFIG_FILE} says which data it was trained on; pass --data") from None
+    corpus = load_corpus(data)
+    if corpus.vocab_size != vocab_size:
+        raise PlanerError(f"{data} has {corpus.vocab_size} symbols but the model {vocab_size}; "
+                          "use the data it was trained on")
+    return corpus
 
 
 def check_new_run(out: Path) -> None:
