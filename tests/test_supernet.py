@@ -98,3 +98,11 @@ def test_expected_latency_and_argmax():
     choice = net.argmax()
     assert choice[3] == 2 and sum(c != 0 for c in choice) == 1
     assert net.derive(choice).blocks == (space.candidates[2],)
+
+
+def test_search_can_start_at_the_baseline():
+    baseline = _baseline()
+    space = SearchSpace.default(baseline.arch)
+    net = SuperNet(baseline, space, baseline_bias=2.0)
+    assert net.baseline_choice(baseline.arch) == _baseline_choice(space)
+    assert net.derive(net.argmax()) == baseline.arch

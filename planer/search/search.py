@@ -4,7 +4,10 @@ Each round trains the supernet single-path: weights on the training stream
 (cross-entropy blended with distillation from the baseline, plus the MoE
 balance loss), architecture logits on a separate stream (cross-entropy plus
 lambda * max(0, E[latency] / target - 1), E[latency] from the engine-measured
-latency table). After the round the most probable network is extracted,
+latency table). The logits start with an advantage for the baseline's own
+blocks and the first steps train only the weights, so every path is trained
+before choices are made and the search leaves the baseline only as far as
+the latency penalty pushes it. After the round the most probable network is extracted,
 exported and timed in the engine beside the baseline; the table is calibrated
 with that measurement and lambda is adapted: doubled while the measured
 latency misses the target, halved when it undershoots by more than 10 %.
@@ -50,6 +53,8 @@ class SearchConfig:
     distill: float = 0.5  # share of the distillation loss in the weight loss
     aux_weight: float = 0.01
     arch_split: float = 0.1  # the last part of the training split trains the architecture logits
+    warmup: float = 0.2  # share of all steps that train only the weights (every path learns before choices)
+    baseline_bias: float = 2.0  # initial architecture-logit advantage of the baseline's own blocks
     valid_tokens: int = 16384
     seed: int = 0
 
@@ -115,7 +120,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                                    f"(predicted {floor:.2f} ms; the baseline measures {baseline_ms:.2f} ms); "
                                    "raise the target or widen the space")
 
-        net = SuperNet(baseline, space)
+        net = SuperNet(baseline, space, baseline_bias=cfg.baseline_bias)
         weight_opt = torch.optim.AdamW(net.weight_parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         arch_opt = torch.optim.Adam([net.alpha], lr=cfg.arch_lr, betas=(0.5, 0.999))
         cut = int(len(corpus.train) * (1 - cfg.arch_split))
@@ -132,7 +137,10 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 step = rnd * cfg.steps + i
                 tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, total - 1))
                 _weight_step(net, baseline, weight_data, step, weight_opt, cfg, tau, state)
-                e_lat = _arch_step(net, arch_data, step, arch_opt, block_ms, table, target_ms, lam, tau, state)
+                if step >= cfg.warmup * total:
+                    e_lat = _arch_step(net, arch_data, step, arch_opt, block_ms, table, target_ms, lam, tau, state)
+                else:
+                    e_lat = float(table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"]).detach())
                 bar.update(1)
                 if i % 10 == 0:
                     bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms", lam=f"{lam:.2g}")

@@ -160,7 +160,7 @@ def _normal_init(module: nn.Module) -> None:
 
 
 class SuperNet(nn.Module):
-    def __init__(self, baseline: LM, space: SearchSpace, *, perturb: float = 0.01):
+    def __init__(self, baseline: LM, space: SearchSpace, *, perturb: float = 0.01, baseline_bias: float = 0.0):
         super().__init__()
         arch = baseline.arch
         self.arch = arch
@@ -177,6 +177,23 @@ class SuperNet(nn.Module):
             self.positions.append(Position(arch, space.candidates, _nearest(blocks, source, ("attn",)),
                                            _nearest(blocks, source, ("ffn",)), perturb))
         self.alpha = nn.Parameter(torch.zeros(space.positions, len(space.candidates)))
+        with torch.no_grad():  # optionally start the search at the baseline instead of at uniform
+            for p, c in enumerate(self.baseline_choice(baseline.arch)):
+                self.alpha[p, c] += baseline_bias
+
+    def baseline_choice(self, arch: Architecture) -> list[int]:
+        """Per position, the baseline block it inherits from when that block is a candidate (each baseline
+        block is claimed by the first position mapped to it), otherwise skip (or the first candidate)."""
+        index = {c: i for i, c in enumerate(self.space.candidates)}
+        fallback = index.get(BlockSpec.skip(), 0)
+        n, positions = len(arch.blocks), self.space.positions
+        choice, claimed = [], set()
+        for p in range(positions):
+            b = min(n - 1, p * n // positions)
+            spec = arch.blocks[b]
+            choice.append(index[spec] if b not in claimed and spec in index else fallback)
+            claimed.add(b)
+        return choice
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name != "alpha"]
