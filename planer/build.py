@@ -24,11 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from planer.arch import Architecture
 from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, staging_dir
+from planer.data import Corpus
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.export.reference import TorchEngine
 from planer.latency.profile import Deployment, measure, profile
+from planer.nn import LM
 from planer.runtime import load_engine
 from planer.runtime.feeds import example_feeds
 from planer.search.search import SearchConfig, search
@@ -77,7 +80,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     return latency | {"accuracy": accuracy}
 
 
-def _stages(baseline, corpus, space: SearchSpace, work: Path, run: Path, dep: Deployment,
+def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, work: Path, run: Path, dep: Deployment,
             target_ms: float | None, target_speedup: float | None, budget: Budget,
             show_progress: bool) -> tuple[dict, dict]:
     table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress)
@@ -119,7 +122,7 @@ def _stages(baseline, corpus, space: SearchSpace, work: Path, run: Path, dep: De
     return latency, accuracy
 
 
-def _parity(model, path: Path, dep: Deployment) -> float:
+def _parity(model: LM, path: Path, dep: Deployment) -> float:
     feeds = example_feeds(model.arch, dep.batch, dep.tgt_len, dep.mem_len)
     got = load_engine(dep.engine, str(path), threads=dep.threads).run(feeds)
     want = TorchEngine(model).run(feeds)
@@ -129,7 +132,8 @@ def _parity(model, path: Path, dep: Deployment) -> float:
     return diff
 
 
-def _report(run: Path, base_arch, result_arch, latency: dict, accuracy: dict, budget: Budget) -> str:
+def _report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,
+            budget: Budget) -> str:
     b, r = latency["baseline"], latency["result"]
     pb, pr = base_arch.param_counts(), result_arch.param_counts()
     verdict = "met" if latency["met"] else "**missed**"

@@ -24,7 +24,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.errors import PlanerError
 from planer.export.lowering import lower
 from planer.nn import LM
-from planer.nn.model import Block, make_norm
+from planer.nn.model import Block
 from planer.runtime.feeds import input_names, output_names
 
 # Sample sizes avoid 0/1 and each other, so the exporter specialises on none of them.
