@@ -30,6 +30,7 @@ from planer.data import Corpus
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.export.reference import TorchEngine
+from planer.latency import LatencyTable
 from planer.latency.profile import Deployment, measure, profile
 from planer.nn import LM
 from planer.runtime import load_engine
@@ -56,8 +57,13 @@ BUDGETS = {
 
 def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float | None = None,
           target_speedup: float | None = None, budget: Budget = BUDGETS["medium"], data: str | None = None,
-          space: SearchSpace | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Build a faster sparse network from the baseline run `run`; returns the summary in latency.json."""
+          space: SearchSpace | None = None, table_cache: Path | None = None,
+          show_progress: bool = True) -> dict[str, Any]:
+    """Build a faster sparse network from the baseline run `run`; returns the summary in latency.json.
+
+    `table_cache` is a latency table file reused for the blocks it already holds (same engine and
+    shape only) and updated with the ones profiled now.
+    """
     run, out = Path(run), Path(out)
     if out.exists():
         raise PlanerError(f"{out} already exists; choose another --out or delete it")
@@ -71,8 +77,12 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
         shutil.rmtree(work)  # stage-level resume is not implemented: an interrupted build starts over
     work.mkdir(parents=True)
     try:
-        latency, accuracy = _stages(baseline, corpus, space, work, run, dep, target_ms, target_speedup, budget,
-                                    show_progress)
+        cached = LatencyTable.load(table_cache) if table_cache and Path(table_cache).exists() else None
+        table = profile(baseline.arch, space.candidates, dep, table=cached, show_progress=show_progress)
+        if table_cache:
+            table.save(table_cache)
+        latency, accuracy = _stages(baseline, corpus, space, table, work, run, dep, target_ms, target_speedup,
+                                    budget, show_progress)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # nothing half-written is left behind
         raise
@@ -80,10 +90,9 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     return latency | {"accuracy": accuracy}
 
 
-def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, work: Path, run: Path, dep: Deployment,
-            target_ms: float | None, target_speedup: float | None, budget: Budget,
+def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, work: Path, run: Path,
+            dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
             show_progress: bool) -> tuple[dict, dict]:
-    table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress)
     outcome = search(baseline, corpus, space, table, dep, target_ms=target_ms, target_speedup=target_speedup,
                      cfg=budget.search, log_path=work / "search_log.jsonl", show_progress=show_progress)
     chosen, table = outcome.chosen, outcome.table

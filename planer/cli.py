@@ -212,10 +212,13 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
 @click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
               "around the baseline)")
 @click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on). " + _DATA_HELP)
+@click.option("--table", "table_cache", type=click.Path(path_type=Path),
+              help="latency table file to reuse (same engine and shape only) and update; by default every "
+                   "build profiles afresh")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def build(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path | None,
           batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str, budget: str,
-          space: Path | None, data_spec: str | None, quiet: bool) -> None:
+          space: Path | None, data_spec: str | None, table_cache: Path | None, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
     from planer.build import BUDGETS, build as run_build
@@ -232,7 +235,7 @@ def build(run: Path, engine: str, target_speedup: float | None, target_latency_m
                      mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering)
     summary = run_build(run, out, dep=dep, target_ms=target_latency_ms, target_speedup=target_speedup,
                         budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
-                        show_progress=not quiet)
+                        table_cache=table_cache, show_progress=not quiet)
     click.echo((out / "report.md").read_text())
     if not summary["met"]:
         raise PlanerError(f"{out}: built, but the target was missed (speedup {summary['speedup']:.2f}); "

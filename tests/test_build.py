@@ -21,6 +21,11 @@ BUDGET = Budget(SearchConfig(rounds=2, steps=3, batch=2, valid_tokens=512), dist
 
 
 @pytest.fixture(scope="module")
+def table_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("tables") / "latency_table.json"
+
+
+@pytest.fixture(scope="module")
 def baseline_run(tmp_path_factory, text_file):
     out = tmp_path_factory.mktemp("runs") / "base"
     arch = small_arch([BlockSpec.attn(4, 16), BlockSpec.ffn(1024), BlockSpec.attn(4, 16), BlockSpec.ffn(1024)],
@@ -30,10 +35,11 @@ def baseline_run(tmp_path_factory, text_file):
     return out
 
 
-def test_build_directory_is_complete_and_meets_its_target(baseline_run, tmp_path):
+def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_file, tmp_path):
     out = tmp_path / "build"
     summary = build(baseline_run, out, dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
-                    show_progress=False)
+                    table_cache=table_file, show_progress=False)
+    assert table_file.is_file()
     names = {p.name for p in out.iterdir()}
     assert names >= {"arch.json", "model.safetensors", "model.onnx", "latency.json", "accuracy.json",
                      "latency_table.json", "search_log.jsonl", "report.md", "distill"}
@@ -48,12 +54,13 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, tmp_path
     assert "met" in (out / "report.md").read_text()
 
 
-def test_build_infeasible_target_leaves_nothing(baseline_run, tmp_path):
+def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_path):
     space = tmp_path / "space.json"
     SPACE.save(space)
     out = tmp_path / "build"
     _one_line_error(run("build", "--model", baseline_run, "--target-speedup", 1000, "--out", out, "--space", space,
-                        "--tgt-len", 64, "--threads", 1, "--quiet"), "below the fastest network in the space")
+                        "--tgt-len", 64, "--threads", 1, "--table", table_file, "--quiet"),
+                    "below the fastest network in the space")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.json"]
 
 
