@@ -10,7 +10,9 @@ before choices are made and the search leaves the baseline only as far as
 the latency penalty pushes it. After the round the most probable network is extracted,
 exported and timed in the engine beside the baseline; the table is calibrated
 with that measurement and lambda is adapted: doubled while the measured
-latency misses the target, halved when it undershoots by more than 10 %.
+latency misses the target, halved when it undershoots by more than 10 %; the
+latency the penalty aims E[latency] at is moved so that the argmax network,
+not the expectation, lands on the target.
 Every round is one line of the search log.
 """
 
@@ -18,10 +20,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +97,7 @@ def fastest_predicted(table: LatencyTable, space: SearchSpace) -> float:
 
 def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, *,
            target_ms: float | None = None, target_speedup: float | None = None, cfg: SearchConfig = SearchConfig(),
-           log_path: Path | None = None, show_progress: bool = True,
-           on_round: Callable[[dict[str, Any]], None] | None = None) -> SearchOutcome:
+           log_path: Path | None = None, show_progress: bool = True) -> SearchOutcome:
     """Search for a network that meets the target (see SearchOutcome for what is chosen)."""
     torch.manual_seed(cfg.seed)
     baseline = baseline.eval()
@@ -128,6 +127,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len)
         block_ms = candidate_latencies(table, space)
         lam = cfg.lam
+        penalty_target = target_ms  # what E[latency] aims at; feedback moves it (see below)
         total = cfg.rounds * cfg.steps
         state = {"w_mems": None, "t_mems": None, "a_mems": None}
         candidates: list[Candidate] = []
@@ -138,7 +138,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, total - 1))
                 _weight_step(net, baseline, weight_data, step, weight_opt, cfg, tau, state)
                 if step >= cfg.warmup * total:
-                    e_lat = _arch_step(net, arch_data, step, arch_opt, block_ms, table, target_ms, lam, tau, state)
+                    e_lat = _arch_step(net, arch_data, step, arch_opt, block_ms, table, penalty_target, lam, tau,
+                                       state)
                 else:
                     e_lat = float(table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"]).detach())
                 bar.update(1)
@@ -157,15 +158,13 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             record = {
                 "round": rnd, "target_ms": target_ms, "baseline_ms": base_stats.p50, "measured_ms": cand_stats.p50,
                 "measured_spread": cand_stats.spread, "predicted_ms": predicted, "calibration": table.scale,
-                "valid_loss": valid["loss"], "lambda": lam, "tau": tau,
+                "valid_loss": valid["loss"], "lambda": lam, "tau": tau, "penalty_target_ms": penalty_target,
                 "arch": [b.label() for b in model.arch.blocks],
                 "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
             }
             if log_path is not None:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if on_round:
-                on_round(record)
             bar.write(f"round {rnd}: {' '.join(record['arch'])}\n  measured {cand_stats.p50:.2f} ms "
                       f"(predicted {predicted:.2f}, baseline {base_stats.p50:.2f}, target {target_ms:.2f}); "
                       f"valid loss {valid['loss']:.4f}")
@@ -175,6 +174,12 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 lam *= 2.0
             elif cand_stats.p50 / base_stats.p50 < 0.9 * ratio_target:
                 lam /= 2.0
+            # The penalty sees the expectation over the distribution, the engine runs its argmax. Aim
+            # the expectation where the argmax lands on the target: without this, once the argmax is
+            # fast enough the expectation still exceeds the target and the penalty keeps removing blocks.
+            with torch.no_grad():
+                expected_now = float(table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"]))
+            penalty_target = target_ms * expected_now / table.predict(model.arch)
         bar.close()
     ratio_target = target_ms / baseline_ms
     feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
