@@ -30,6 +30,7 @@ from tqdm import tqdm
 from planer.arch import Architecture
 from planer.data import Corpus, Segments
 from planer.errors import PlanerError
+from planer.export import export_lm
 from planer.latency import LatencyTable
 from planer.latency.profile import Deployment, measure
 from planer.latency.table import FIXED
@@ -103,8 +104,6 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
     baseline = baseline.eval()
     arch = baseline.arch
     with tempfile.TemporaryDirectory(prefix="planer-search-") as tmp:
-        from planer.export import export_lm
-
         base_path = str(export_lm(baseline, Path(tmp) / "baseline.onnx", lowering=dep.lowering))
         baseline_ms = measure([(base_path, arch)], dep)[0].p50
         if target_ms is None:
