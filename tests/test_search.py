@@ -19,7 +19,8 @@ SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.attn(
 @pytest.fixture(scope="module")
 def setup(text_file):
     torch.manual_seed(0)
-    baseline = LM(small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64)])).eval()
+    # An FFN wide enough that the baseline costs clearly more than the fastest network of the space.
+    baseline = LM(small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(2048)])).eval()
     table = profile(baseline.arch, SPACE.candidates, DEP, show_progress=False)
     return baseline, load_corpus(f"enwik8:{text_file}"), table
 
