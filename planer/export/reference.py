@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from planer.errors import PlanerError
 from planer.nn import LM
-from planer.runtime.feeds import input_names, output_names
+from planer.runtime import Engine
+from planer.runtime.feeds import example_feeds, input_names, output_names
 
 
 class TorchEngine:
@@ -37,3 +39,14 @@ class TorchEngine:
     def provenance(self) -> dict[str, Any]:
         return {"engine": self.name, "torch": torch.__version__, "threads": self.threads or torch.get_num_threads(),
                 "machine": platform.machine()}
+
+
+def parity(model: LM, engine: Engine, *, batch: int, tgt_len: int, mem_len: int, keep_len: int | None = None) -> float:
+    """Max |engine - PyTorch| over every output on random inputs of memory length `mem_len`, for a graph
+    that keeps `keep_len` (default: the architecture's) of memory; refuses a graph that disagrees."""
+    feeds = example_feeds(model.arch, batch, tgt_len, mem_len)
+    got, want = engine.run(feeds), TorchEngine(model, mem_len=keep_len).run(feeds)
+    diff = max(float(np.abs(got[n] - want[n]).max()) for n in want)
+    if diff > 1e-3:
+        raise PlanerError(f"the exported graph disagrees with PyTorch by {diff:.2e}; please report this")
+    return diff
