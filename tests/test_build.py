@@ -42,7 +42,8 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert table_file.is_file()
     names = {p.name for p in out.iterdir()}
     assert names >= {"arch.json", "model.safetensors", "model.onnx", "latency.json", "accuracy.json",
-                     "latency_table.json", "search_log.jsonl", "report.md", "distill"}
+                     "latency_table.json", "search_log.jsonl", "report.md", "distill", "baseline-continued",
+                     "pareto.png", "arch.png"}
     assert not (tmp_path / "build.partial").exists()
     latency = json.loads((out / "latency.json").read_text())
     assert latency["met"] and latency["speedup"] >= 1.5 and summary["speedup"] == latency["speedup"]
@@ -50,6 +51,10 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert latency["parity_max_abs_diff"] < 1e-4
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert accuracy["baseline"]["tokens"] == accuracy["result"]["tokens"] > 0  # the same split, whole
+    # fairness: the baseline it is judged against trained on as many tokens as the result
+    search_and_distill = (BUDGET.search.rounds * BUDGET.search.steps + BUDGET.distill_steps) * BUDGET.search.batch * 64
+    assert accuracy["baseline_continued"]["tokens_trained"] == accuracy["result"]["tokens_trained"] \
+        == accuracy["baseline"]["tokens_trained"] + search_and_distill
     assert len((out / "search_log.jsonl").read_text().splitlines()) == 2
     assert "met" in (out / "report.md").read_text()
 

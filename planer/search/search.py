@@ -6,14 +6,15 @@ balance loss), architecture logits on a separate stream (cross-entropy plus
 lambda * max(0, E[latency] / target - 1), E[latency] from the engine-measured
 latency table). The logits start with an advantage for the baseline's own
 blocks and the first steps train only the weights, so every path is trained
-before choices are made and the search leaves the baseline only as far as
-the latency penalty pushes it. After the round the most probable network is extracted,
-exported and timed in the engine beside the baseline; the table is calibrated
-with that measurement and lambda is adapted: doubled while the measured
-latency misses the target, halved when it undershoots by more than 10 %; the
-latency the penalty aims E[latency] at is moved so that the argmax network,
-not the expectation, lands on the target.
-Every round is one line of the search log.
+before choices are made.
+
+After each round one network is derived under a latency budget (see
+planer.search.derive: the distribution says where to cut, the budget how
+much), exported and timed in the engine beside the baseline. That
+measurement calibrates the table and corrects the budget of the next round
+by the ratio between the target and what the engine measured, so the rounds
+close in on the target as the engine sees it. Every round is one line of the
+search log.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from planer.latency import LatencyTable
 from planer.latency.profile import Deployment, measure
 from planer.latency.table import FIXED
 from planer.nn import LM
+from planer.search.derive import constrained_choice
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
@@ -50,7 +52,7 @@ class SearchConfig:
     arch_lr: float = 5e-3
     tau_start: float = 5.0  # Gumbel-softmax temperature, annealed geometrically over all steps
     tau_end: float = 0.5
-    lam: float = 1.0  # initial weight of the latency penalty
+    lam: float = 1.0  # weight of the latency penalty
     distill: float = 0.5  # share of the distillation loss in the weight loss
     aux_weight: float = 0.01
     arch_split: float = 0.1  # the last part of the training split trains the architecture logits
@@ -125,8 +127,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len)
         arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len)
         block_ms = candidate_latencies(table, space)
-        lam = cfg.lam
-        penalty_target = target_ms  # what E[latency] aims at; feedback moves it (see below)
+        is_attn = [c.kind == "attn" for c in space.candidates]
+        correction = 1.0  # budget / target; the engine's measurements move it
         total = cfg.rounds * cfg.steps
         state = {"w_mems": None, "t_mems": None, "a_mems": None}
         candidates: list[Candidate] = []
@@ -137,14 +139,19 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, total - 1))
                 _weight_step(net, baseline, weight_data, step, weight_opt, cfg, tau, state)
                 if step >= cfg.warmup * total:
-                    e_lat = _arch_step(net, arch_data, step, arch_opt, block_ms, table, penalty_target, lam, tau,
+                    e_lat = _arch_step(net, arch_data, step, arch_opt, block_ms, table, target_ms, cfg.lam, tau,
                                        state)
                 else:
                     e_lat = float(table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"]).detach())
                 bar.update(1)
                 if i % 10 == 0:
-                    bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms", lam=f"{lam:.2g}")
-            choice = net.argmax()
+                    bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms")
+            budget_ms = target_ms * correction
+            choice = constrained_choice(net.alpha.detach().log_softmax(-1), block_ms,
+                                        budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn)
+            if choice is None:
+                bar.write(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
+                break
             model = net.extract(choice).eval()
             path = export_lm(model, Path(tmp) / "candidate.onnx", lowering=dep.lowering)
             base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
@@ -155,9 +162,9 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             cand = Candidate(rnd, model.arch, predicted, cand_stats.p50, base_stats.p50, valid["loss"], model)
             candidates.append(cand)
             record = {
-                "round": rnd, "target_ms": target_ms, "baseline_ms": base_stats.p50, "measured_ms": cand_stats.p50,
-                "measured_spread": cand_stats.spread, "predicted_ms": predicted, "calibration": table.scale,
-                "valid_loss": valid["loss"], "lambda": lam, "tau": tau, "penalty_target_ms": penalty_target,
+                "round": rnd, "target_ms": target_ms, "budget_ms": budget_ms, "baseline_ms": base_stats.p50,
+                "measured_ms": cand_stats.p50, "measured_spread": cand_stats.spread, "predicted_ms": predicted,
+                "calibration": table.scale, "valid_loss": valid["loss"], "lambda": cfg.lam, "tau": tau,
                 "arch": [b.label() for b in model.arch.blocks],
                 "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
             }
@@ -167,19 +174,16 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             bar.write(f"round {rnd}: {' '.join(record['arch'])}\n  measured {cand_stats.p50:.2f} ms "
                       f"(predicted {predicted:.2f}, baseline {base_stats.p50:.2f}, target {target_ms:.2f}); "
                       f"valid loss {valid['loss']:.4f}")
-            # Compare against the target scaled by this run's baseline, so machine drift cancels.
+            # Judge by the ratio to the baseline timed in the same run, so machine drift cancels; move the
+            # budget by what the engine says rather than trusting the table a second time.
+            measured_ratio = cand_stats.p50 / base_stats.p50
             ratio_target = target_ms / baseline_ms
-            if cand_stats.p50 / base_stats.p50 > ratio_target:
-                lam *= 2.0
-            elif cand_stats.p50 / base_stats.p50 < 0.9 * ratio_target:
-                lam /= 2.0
-            # The penalty sees the expectation over the distribution, the engine runs its argmax. Aim
-            # the expectation where the argmax lands on the target: without this, once the argmax is
-            # fast enough the expectation still exceeds the target and the penalty keeps removing blocks.
-            with torch.no_grad():
-                expected_now = float(table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"]))
-            penalty_target = target_ms * expected_now / table.predict(model.arch)
+            if measured_ratio > ratio_target or measured_ratio < 0.9 * ratio_target:
+                correction *= min(1.1, max(0.8, ratio_target / measured_ratio))
         bar.close()
+    if not candidates:
+        raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms once the table is calibrated by the "
+                               "engine's measurements; raise the target or widen the space")
     ratio_target = target_ms / baseline_ms
     feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
     if feasible:

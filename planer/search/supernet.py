@@ -230,18 +230,6 @@ class SuperNet(nn.Module):
         """E[latency] under the current architecture distribution (differentiable in alpha)."""
         return fixed_ms + (self.probabilities() * block_ms).sum()
 
-    def argmax(self) -> list[int]:
-        """The most probable candidate per position; if that leaves no attention, the position most
-        inclined to attention keeps its most probable attention candidate (the memory needs one)."""
-        probs = self.probabilities().detach()
-        choice = probs.argmax(dim=-1).tolist()
-        attn = [i for i, c in enumerate(self.space.candidates) if c.kind == "attn"]
-        if attn and not any(self.space.candidates[c].kind == "attn" for c in choice):
-            attn_probs = probs[:, attn]
-            p = int(attn_probs.max(dim=1).values.argmax())
-            choice[p] = attn[int(attn_probs[p].argmax())]
-        return choice
-
     def derive(self, choice: Sequence[int]) -> Architecture:
         return self.arch.with_blocks([self.space.candidates[c] for c in choice
                                       if self.space.candidates[c].kind != "skip"])

@@ -1,0 +1,124 @@
+"""What a build tells a person: report.md, the latency/accuracy plot and the block diagram."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planer.arch import Architecture
+from planer.latency import LatencyTable
+from planer.latency.table import FIXED
+from planer.train.evaluate import headline
+
+COLOURS = {"attn": "#4c72b0", "ffn": "#55a868", "moe": "#dd8452"}
+MARKERS = {"baseline": ("s", "#333333"), "candidate": ("o", "#aaaaaa"), "result": ("*", "#c44e52"),
+           "comparison": ("D", "#8172b3")}
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    latency_ms: float
+    metrics: dict[str, float]  # from planer.train.evaluate.scores / evaluate
+    kind: str = "baseline"  # a key of MARKERS
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def pareto_plot(points: list[Point], path: Path, *, title: str) -> None:
+    """Latency (x) against the corpus metric (y, bpc or perplexity: lower is better on both)."""
+    plt = _pyplot()
+    metric = "bpc" if "bpc" in points[0].metrics else "ppl"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, (marker, colour) in MARKERS.items():
+        chosen = [p for p in points if p.kind == kind]
+        if chosen:
+            ax.scatter([p.latency_ms for p in chosen], [p.metrics[metric] for p in chosen], marker=marker,
+                       color=colour, s=120 if kind == "result" else 40, zorder=3)
+        for p in chosen:
+            ax.annotate(p.label, (p.latency_ms, p.metrics[metric]), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8)
+    ax.set_xlabel("latency p50 (ms, measured in the engine)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def arch_plot(rows: list[tuple[str, Architecture]], table: LatencyTable, path: Path) -> None:
+    """Each network as its block sequence; a block's width is its latency in the table."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 0.9 + 0.7 * len(rows)))
+    for y, (name, arch) in enumerate(reversed(rows)):
+        x = table.scale * table.entries[FIXED]["p50"]
+        ax.barh(y, x, height=0.6, color="#bbbbbb", edgecolor="white")  # embedding, head, memory handling
+        for block in arch.blocks:
+            width = table.scale * table.block_ms(block)
+            ax.barh(y, width, left=x, height=0.6, color=COLOURS.get(block.kind, "#999999"), edgecolor="white")
+            ax.text(x + width / 2, y, block.label(), ha="center", va="center", fontsize=6, rotation=90,
+                    color="white")
+            x += width
+        ax.text(x, y, f"  {table.predict(arch):.2f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [name for name, _ in reversed(rows)])
+    ax.set_xlabel("predicted latency (ms, calibrated latency table)")
+    colours = COLOURS | {"fixed": "#bbbbbb"}
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()], labels=list(colours),
+              loc="lower right", fontsize=8)
+    ax.margins(x=0.12)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,
+           steps: str) -> str:
+    b, r = latency["baseline"], latency["result"]
+    pb, pr = base_arch.param_counts(), result_arch.param_counts()
+    verdict = "met" if latency["met"] else "**missed**"
+    kind = f"speedup {latency['target_speedup']:g}" if latency["target_speedup"] else "absolute"
+    base, cont, res = accuracy["baseline"], accuracy["baseline_continued"], accuracy["result"]
+    return f"""# planer build of `{run}`
+
+Target {latency['target_ms']:.3f} ms ({kind}): {verdict}.
+Measured in {latency['engine'].get('engine')} ({latency['engine'].get('cpu')}, {latency['deployment']['threads']} threads),
+batch {latency['deployment']['batch']}, segment {latency['deployment']['tgt_len']}, memory {latency['deployment']['mem_len']};
+baseline and result timed interleaved in one run.
+
+| | baseline | result |
+|---|---|---|
+| latency p50 / p90 / p99 ms | {b['p50']:.3f} / {b['p90']:.3f} / {b['p99']:.3f} | {r['p50']:.3f} / {r['p90']:.3f} / {r['p99']:.3f} |
+| speedup | 1.00 | {latency['speedup']:.2f} |
+| parameters total / active | {pb['total'] / 1e6:.2f}M / {pb['active'] / 1e6:.2f}M | {pr['total'] / 1e6:.2f}M / {pr['active'] / 1e6:.2f}M |
+| blocks | {' '.join(x.label() for x in base_arch.blocks)} | {' '.join(x.label() for x in result_arch.blocks)} |
+
+Accuracy on the whole validation split of {accuracy['data']}. The result has trained on more tokens than the
+baseline (search and distillation); for a fair comparison the baseline was trained further on as many tokens
+with the same recipe (`baseline-continued/`).
+
+| | tokens trained | validation |
+|---|---|---|
+| baseline | {base['tokens_trained']:,} | {headline(base)} |
+| baseline, continued | {cont['tokens_trained']:,} | {headline(cont)} |
+| result | {res['tokens_trained']:,} | {headline(res)} |
+
+Result / continued baseline, validation loss: {accuracy['result_vs_baseline_continued']:.4f}.
+
+Budget: {steps}.
+ONNX Runtime vs PyTorch on the result: max |difference| {latency['parity_max_abs_diff']:.2e}.
+Search rounds: `search_log.jsonl`; plots: `pareto.png`, `arch.png`.
+"""
