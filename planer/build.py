@@ -1,16 +1,19 @@
 """`planer build`: baseline -> profile -> search -> distill -> export -> verify -> build directory.
 
 The build directory is assembled as OUT.partial and renamed when every stage
-has finished. It holds:
+has finished; an interrupted build resumes there when run again. It holds:
 
+    build.json                     what was asked for (model, target, deployment, budget, space)
     arch.json, model.safetensors   the result network and its weights
     model.onnx                     the result, exported for the engine (MoE lowered sparsely)
     latency.json                   baseline and result timed side by side in the engine (p50/p90/p99)
     accuracy.json                  baseline and result on the same validation split
     latency_table.json             the engine-measured block latencies (calibrated)
     search_log.jsonl               one line per search round
+    search/                        the search's outcome: the chosen network before distillation, the rounds
     distill/                       the distillation run (resumable training directory)
     baseline-continued/            the baseline trained on as many more tokens as the result saw
+    compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
     pareto.png, arch.png           latency vs accuracy; the block sequences of baseline and result
     report.md                      the summary a person reads
 """
@@ -20,11 +23,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from planer import __version__, distributed
 from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, staging_dir
+from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus
 from planer.errors import PlanerError
 from planer.export import export_lm
@@ -34,11 +39,11 @@ from planer.latency.profile import Deployment, measure, profile
 from planer.nn import LM
 from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import load_engine
-from planer.search.search import SearchConfig, search
+from planer.search.search import OUTCOME_FILE, SearchConfig, SearchOutcome, search
 from planer.space import SearchSpace
-from planer.train.evaluate import evaluate, scores
+from planer.train.evaluate import evaluate, headline, scores
 from planer.train.presets import TrainConfig
-from planer.train.trainer import CONFIG_FILE, run_corpus, train
+from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source, train
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Budget:
 
 
 CONTINUED = "baseline-continued"
+REQUEST_FILE = "build.json"
 BUDGETS = {
     "small": Budget(SearchConfig(rounds=2, steps=100), 300),
     "medium": Budget(SearchConfig(rounds=4, steps=250), 1200),
@@ -62,12 +68,17 @@ BUDGETS = {
 def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float | None = None,
           target_speedup: float | None = None, budget: Budget = BUDGETS["medium"], data: str | None = None,
           space: SearchSpace | None = None, table_cache: Path | None = None, continued: Path | None = None,
-          show_progress: bool = True) -> dict[str, Any]:
+          compare: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Build a faster sparse network from the baseline run `run`; returns the summary in latency.json.
 
     `table_cache` is a latency table file reused for the blocks it already holds (same engine and
     shape only) and updated with the ones profiled now. `continued` is the baseline-continued/ directory
     of an earlier build from the same baseline with the same budget, reused instead of training it again.
+    `compare` also trains and measures the simpler alternatives of planer.compare at the result's latency.
+
+    The build is assembled in OUT.partial. A bad request or an infeasible target removes it; any other
+    interruption keeps it, and calling build again with the same request continues from the last
+    completed stage (the search, each training run from its last checkpoint).
     """
     run, out = Path(run), Path(out)
     if out.exists():
@@ -77,22 +88,102 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     baseline = load_model(run).eval()
     corpus = run_corpus(run, data, baseline.arch.vocab_size)
     space = space or SearchSpace.default(baseline.arch)
+    request = {"model": str(run.resolve()), "data": corpus.spec, "target_ms": target_ms,
+               "target_speedup": target_speedup, "deployment": asdict(dep), "budget": asdict(budget),
+               "space": space.to_dict(), "compare": compare, "planer": __version__}
     work = staging_dir(out)
-    if work.exists():
-        shutil.rmtree(work)  # stage-level resume is not implemented: an interrupted build starts over
-    work.mkdir(parents=True)
+    _start_or_resume(work, request)
+    main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
     try:
-        cached = LatencyTable.load(table_cache) if table_cache and Path(table_cache).exists() else None
-        table = profile(baseline.arch, space.candidates, dep, table=cached, show_progress=show_progress)
-        if table_cache:
-            table.save(table_cache)
+        cached = table_cache if table_cache and Path(table_cache).exists() else work / "latency_table.json"
+        table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress,
+                        table=LatencyTable.load(cached) if cached.exists() else None)
+        if main:
+            table.save(work / "latency_table.json")
+            if table_cache:
+                table.save(table_cache)
         latency, accuracy = _stages(baseline, corpus, space, table, work, run, dep, target_ms, target_speedup,
-                                    budget, continued, show_progress)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # nothing half-written is left behind
+                                    budget, continued, compare, show_progress)
+    except PlanerError:
+        if main:
+            shutil.rmtree(work, ignore_errors=True)  # a bad request: nothing to resume, nothing left behind
         raise
-    publish(work, out)
+    if main:
+        publish(work, out)
+    distributed.barrier()
     return latency | {"accuracy": accuracy}
+
+
+def _start_or_resume(work: Path, request: dict[str, Any]) -> None:
+    """Create the staging directory, or check that the interrupted build in it asked for the same thing."""
+    if work.exists():
+        try:
+            before = json.loads((work / REQUEST_FILE).read_text())
+        except (OSError, ValueError):
+            before = {}
+        changed = [k for k in request if before.get(k) != json.loads(json.dumps(request[k]))]
+        if changed:
+            raise PlanerError(f"{work} holds an interrupted build of something else (differs in: "
+                              f"{', '.join(changed)}); repeat its arguments to resume it, or delete it")
+        return
+    distributed.barrier()  # every rank saw no staging directory before rank 0 makes one
+    if distributed.is_main():
+        work.mkdir(parents=True)
+        atomic_write_text(work / REQUEST_FILE, json.dumps(request, indent=2) + "\n")
+    distributed.barrier()
+
+
+def _summary(build_dir: Path) -> dict[str, Any]:
+    return (json.loads((build_dir / "latency.json").read_text())
+            | {"accuracy": json.loads((build_dir / "accuracy.json").read_text())})
+
+
+def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: Any) -> list[dict[str, Any]]:
+    """One build per target speedup, as OUT/x<S>, sharing the latency table and the continued baseline, plus
+    OUT/pareto.png and OUT/sweep.md across them. Options are build()'s. An interrupted sweep continues
+    where it stopped when called again: finished builds are kept, the interrupted one resumes."""
+    run, out = Path(run), Path(out)
+    if out.exists():
+        raise PlanerError(f"{out} already exists; choose another --out or delete it")
+    work = staging_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    options.setdefault("table_cache", None)
+    options["table_cache"] = options["table_cache"] or work / "latency_table.json"
+    summaries = []
+    for s in speedups:
+        done = work / f"x{s:g}"
+        continued = work / f"x{speedups[0]:g}" / CONTINUED if summaries else None
+        summaries.append(_summary(done) if done.is_dir() else
+                         build(run, done, target_speedup=s, continued=continued, **options))
+    if distributed.is_main():
+        _sweep_summary(run, work, summaries)
+        publish(work, out)
+    distributed.barrier()
+    return summaries
+
+
+def _sweep_summary(run: Path, work: Path, summaries: list[dict[str, Any]]) -> None:
+    first = summaries[0]["accuracy"]
+    points = [Point("baseline", summaries[0]["baseline"]["p50"], first["baseline"]),
+              Point("baseline, continued", summaries[0]["baseline"]["p50"], first["baseline_continued"])]
+    # Each build timed its own baseline beside its result: place results by their speedup on the first baseline.
+    points += [Point(f"x{s['target_speedup']:g}", summaries[0]["baseline"]["p50"] / s["speedup"],
+                     s["accuracy"]["result"], kind="result") for s in summaries]
+    pareto_plot(points, work / "pareto.png", title=f"{run.name}: sweep of latency targets")
+    rows = "\n".join(f"| x{s['target_speedup']:g} | {s['speedup']:.2f} | {'met' if s['met'] else '**missed**'} | "
+                     f"{headline(s['accuracy']['result'])} | {s['accuracy']['result_vs_baseline_continued']:.4f} |"
+                     for s in summaries)
+    atomic_write_text(work / "sweep.md", f"""# planer sweep of `{run}`
+
+Baseline {headline(first['baseline'])}; continued on as many tokens as each result: {headline(first['baseline_continued'])}.
+Each build's latencies were measured beside its own baseline in one interleaved run (see x<S>/latency.json).
+
+| target | measured speedup | target | validation | loss / continued baseline |
+|---|---|---|---|---|
+{rows}
+
+Plot: `pareto.png`; one build directory per target.
+""")
 
 
 def _finetune_config(budget: Budget, steps: int, distill: float) -> TrainConfig:
@@ -112,36 +203,43 @@ def _tokens_seen(run: Path) -> int:
 
 def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, work: Path, run: Path,
             dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
-            continued: Path | None, show_progress: bool) -> tuple[dict, dict]:
+            continued: Path | None, compare: bool, show_progress: bool) -> tuple[dict, dict]:
     base_tokens = _tokens_seen(run)
-    outcome = search(baseline, corpus, space, table, dep, target_ms=target_ms, target_speedup=target_speedup,
-                     cfg=budget.search, log_path=work / "search_log.jsonl", show_progress=show_progress)
-    chosen, table = outcome.chosen, outcome.table
-    table.save(work / "latency_table.json")
-
-    train(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5), work / "distill", init=chosen.model,
-          teacher=baseline, show_progress=show_progress)
-    result = load_model(work / "distill").eval()
-    shutil.copy(work / "distill" / ARCH_FILE, work / ARCH_FILE)
-    shutil.copy(work / "distill" / WEIGHTS_FILE, work / WEIGHTS_FILE)
+    outcome = _search_stage(work / "search", work / "search_log.jsonl", baseline, corpus, space, table, dep,
+                            target_ms, target_speedup, budget, show_progress)
+    table = outcome.table
+    result = _train_stage(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5), work / "distill",
+                          outcome.chosen.model, baseline, show_progress)
+    main = distributed.is_main()
+    if main:
+        shutil.copy(work / "distill" / ARCH_FILE, work / ARCH_FILE)
+        shutil.copy(work / "distill" / WEIGHTS_FILE, work / WEIGHTS_FILE)
     # Fairness: the result has seen the baseline's tokens plus the search's and distillation's, so the
     # baseline it is judged against trains on as many more tokens, with the same recipe.
     extra_steps = budget.search.rounds * budget.search.steps + budget.distill_steps
-    if continued is None:
-        train(corpus, _finetune_config(budget, extra_steps, distill=0.0), work / CONTINUED, init=baseline,
-              show_progress=show_progress)
-    else:
+    if continued is not None and not (work / CONTINUED).exists() and main:
         shutil.copytree(continued, work / CONTINUED)
-    baseline_continued = load_model(work / CONTINUED).eval()
-    extra_tokens = extra_steps * budget.search.batch * baseline.arch.tgt_len
+    distributed.barrier()
+    baseline_continued = _train_stage(corpus, _finetune_config(budget, extra_steps, distill=0.0), work / CONTINUED,
+                                      baseline, None, show_progress)
+    comparisons: list[tuple[str, LM]] = []
+    if compare:
+        comparisons, table = _compare(baseline, corpus, space, table, work / "compare", dep, outcome.target_ms,
+                                      table.predict(result.arch), budget, show_progress)
+    if not main:
+        return distributed.broadcast(None)
+    table.save(work / "latency_table.json")
 
     path = export_lm(result, work / "model.onnx", lowering=dep.lowering)
     diff = parity(result, load_engine(dep.engine, str(path), threads=dep.threads), batch=dep.batch,
                   tgt_len=dep.tgt_len, mem_len=dep.mem_len)
     with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
-        base_path = export_lm(baseline, Path(tmp) / "baseline.onnx", lowering=dep.lowering)
+        models = [(str(export_lm(baseline, Path(tmp) / "baseline.onnx", lowering=dep.lowering)), baseline.arch),
+                  (str(path), result.arch)]
+        models += [(str(export_lm(m, Path(tmp) / f"{name}.onnx", lowering=dep.lowering)), m.arch)
+                   for name, m in comparisons]
         timing = replace(dep, min_seconds=max(dep.min_seconds, 2.0), min_iters=max(dep.min_iters, 50))
-        base_stats, result_stats = measure([(str(base_path), baseline.arch), (str(path), result.arch)], timing)
+        base_stats, result_stats, *compared_stats = measure(models, timing)
     target = target_ms if target_ms is not None else base_stats.p50 / target_speedup
     speedup = base_stats.p50 / result_stats.p50
     met = (speedup >= target_speedup) if target_speedup is not None else result_stats.p50 <= target_ms
@@ -150,21 +248,77 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
                                                    "mem_len": dep.mem_len, "threads": dep.threads},
         "baseline": base_stats.to_dict(), "result": result_stats.to_dict(), "speedup": speedup,
         "target_ms": target, "target_speedup": target_speedup, "met": met, "parity_max_abs_diff": diff,
+        "comparisons": {name: s.to_dict() for (name, _), s in zip(comparisons, compared_stats)},
     }
     atomic_write_text(work / "latency.json", json.dumps(latency, indent=2) + "\n")
-    accuracy = {"data": corpus.spec, "split": "valid",
-                "baseline": evaluate(baseline, corpus.valid, corpus.unit) | {"tokens_trained": base_tokens},
-                "baseline_continued": evaluate(baseline_continued, corpus.valid, corpus.unit)
-                | {"tokens_trained": base_tokens + extra_tokens},
-                "result": evaluate(result, corpus.valid, corpus.unit) | {"tokens_trained": base_tokens + extra_tokens}}
+
+    total = base_tokens + extra_steps * budget.search.batch * baseline.arch.tgt_len
+
+    def accuracy_of(model: LM, tokens: int) -> dict:
+        return evaluate(model, corpus.valid, corpus.unit) | {"tokens_trained": tokens}
+
+    accuracy = {"data": corpus.spec, "split": "valid", "baseline": accuracy_of(baseline, base_tokens),
+                "baseline_continued": accuracy_of(baseline_continued, total), "result": accuracy_of(result, total),
+                "comparisons": {name: accuracy_of(m, total) for name, m in comparisons}}
     accuracy["result_vs_baseline_continued"] = accuracy["result"]["loss"] / accuracy["baseline_continued"]["loss"]
     atomic_write_text(work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
+
     points = [Point("baseline", base_stats.p50, accuracy["baseline"]),
               Point("baseline, continued", base_stats.p50, accuracy["baseline_continued"])]
     points += [Point(f"search round {c.round}", base_stats.p50 * c.measured_ms / c.baseline_ms,
                      scores(c.valid_loss, corpus.unit), kind="candidate") for c in outcome.candidates]
+    points += [Point(name, s.p50, accuracy["comparisons"][name], kind="comparison")
+               for (name, _), s in zip(comparisons, compared_stats)]
     points.append(Point("result", result_stats.p50, accuracy["result"], kind="result"))
     pareto_plot(points, work / "pareto.png", title=f"{run.name}: latency vs accuracy ({dep.engine})")
-    arch_plot([("baseline", baseline.arch), ("result", result.arch)], table, work / "arch.png")
-    atomic_write_text(work / "report.md", report(run, baseline.arch, result.arch, latency, accuracy, budget.describe()))
-    return latency, accuracy
+    arch_plot([("baseline", baseline.arch), ("result", result.arch)] + [(n, m.arch) for n, m in comparisons],
+              table, work / "arch.png")
+    atomic_write_text(work / "report.md", report(run, baseline.arch, result.arch, latency, accuracy,
+                                                 {n: m.arch for n, m in comparisons}, budget.describe()))
+    return distributed.broadcast((latency, accuracy))
+
+
+def _search_stage(out: Path, log: Path, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable,
+                  dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
+                  show_progress: bool) -> SearchOutcome:
+    """The search, or its saved outcome when an earlier, interrupted build completed it."""
+    if (out / OUTCOME_FILE).exists():
+        return SearchOutcome.load(out)
+    distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
+    if distributed.is_main():
+        log.unlink(missing_ok=True)  # an interrupted search starts over
+    outcome = search(baseline, corpus, space, table, dep, target_ms=target_ms, target_speedup=target_speedup,
+                     cfg=budget.search, log_path=log, show_progress=show_progress)
+    if distributed.is_main():
+        staging = staging_dir(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        outcome.save(staging)
+        publish(staging, out)
+    distributed.barrier()
+    return outcome
+
+
+def _train_stage(corpus: Corpus, cfg: TrainConfig, out: Path, init: LM, teacher: LM | None,
+                 show_progress: bool) -> LM:
+    """Train from `init` (distilling from `teacher`, if given), continue an interrupted run, or load a finished one."""
+    if not (out / EVAL_FILE).exists():
+        train(corpus, cfg, out, init=init, teacher=teacher, resume=run_source(out) is not None,
+              show_progress=show_progress)
+    return load_model(out).eval()
+
+
+def _compare(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, root: Path, dep: Deployment,
+             target_ms: float, budget_ms: float, budget: Budget,
+             show_progress: bool) -> tuple[list[tuple[str, LM]], LatencyTable]:
+    """The --compare networks, trained with the result's budget (see planer.compare)."""
+    if distributed.is_main():
+        root.mkdir(exist_ok=True)
+    fixed, table = fixed_comparisons(baseline, table, budget_ms, dep, show_progress)
+    steps = budget.search.rounds * budget.search.steps + budget.distill_steps  # search + distillation
+    trained = [(c.name, _train_stage(corpus, _finetune_config(budget, steps, distill=0.5), root / c.name, c.model,
+                                     baseline, show_progress)) for c in fixed]
+    dense = _search_stage(root / "dense-only-search", root / "dense-only-search_log.jsonl", baseline, corpus,
+                          dense_space(space), table, dep, target_ms, None, budget, show_progress)
+    trained.append(("dense-only", _train_stage(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5),
+                                               root / "dense-only", dense.chosen.model, baseline, show_progress)))
+    return trained, table

@@ -7,6 +7,7 @@ imports happen inside the command so `planer --help` stays instant.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,19 @@ def main() -> None:
       planer build --model runs/tiny --engine ort --target-speedup 2
     \b
     Stages alone: planer profile (latency table), planer export (ONNX).
+    \b
+    Data-parallel training and search (rank 0 measures and writes):
+      torchrun --nproc-per-node 2 -m planer build --model runs/tiny --target-speedup 2
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        from planer import distributed
+
+        distributed.setup()
+
+
+def _main_process() -> bool:
+    """False in the processes torchrun starts besides rank 0: they train but do not report."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim), 'enwik8:PATH' (raw bytes, "
@@ -83,12 +96,14 @@ def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: in
         arch = chosen.architecture(corpus.vocab_size)
     cfg = with_overrides(cfg, steps=steps, batch=batch, lr=lr, eval_every=eval_every, ckpt_every=ckpt_every,
                          seed=seed)
-    if arch is not None:
+    if arch is not None and _main_process():
         click.echo(arch.summary())
     result = run_training(corpus, cfg, out, arch=arch, preset=preset or "", resume=resume,
                           show_progress=not quiet)
-    click.echo(f"{out}: step {result['step']}, {result['tokens_per_second']:.0f} tokens/s over "
-               f"{result['train_seconds']:.0f} s; valid {headline(result['valid'])}, test {headline(result['test'])}")
+    if _main_process():
+        click.echo(f"{out}: step {result['step']}, {result['tokens_per_second']:.0f} tokens/s over "
+                   f"{result['train_seconds']:.0f} s; valid {headline(result['valid'])}, "
+                   f"test {headline(result['test'])}")
 
 
 @main.command("eval")
@@ -190,10 +205,11 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
               help="baseline run directory (from `planer train`)")
 @click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
               help="engine the result is measured in and built for")
-@click.option("--target-speedup", type=float, help="latency target as baseline / result, measured side by side")
+@click.option("--target-speedup", metavar="S[,S...]", help="latency target as baseline / result, measured side by side; a list "
+              "(1.5,2,3) sweeps: one build per target under --out and one pareto.png across them")
 @click.option("--target-latency-ms", type=float, help="latency target in milliseconds (p50 in the engine)")
 @click.option("--out", type=click.Path(path_type=Path),
-              help="build directory to create (default: builds/<model>-x<speedup> or -<ms>ms)")
+              help="build directory to create (default: builds/<model>-x<speedup>, -<ms>ms or -sweep)")
 @click.option("--batch", type=int, default=1, show_default=True, help="deployment batch size")
 @click.option("--tgt-len", type=int, help="deployment segment length (default: the baseline's)")
 @click.option("--mem-len", type=int, help="deployment memory length (default: the baseline's)")
@@ -209,31 +225,60 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
 @click.option("--table", "table_cache", type=click.Path(path_type=Path),
               help="latency table file to reuse (same engine and shape only) and update; by default every "
                    "build profiles afresh")
+@click.option("--compare", is_flag=True, help="also train and time, at the result's latency, the baseline with "
+              "attention dropped, the baseline narrowed, and the search without MoE (about 3x the build time)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def build(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path | None,
+def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
           batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str, budget: str,
-          space: Path | None, data_spec: str | None, table_cache: Path | None, quiet: bool) -> None:
+          space: Path | None, data_spec: str | None, table_cache: Path | None, compare: bool, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
-    from planer.build import BUDGETS, build as run_build
+    from planer.build import BUDGETS, build as run_build, sweep
     from planer.latency.profile import Deployment
     from planer.space import SearchSpace
 
     if (target_speedup is None) == (target_latency_ms is None):
         raise PlanerError("give exactly one target: --target-speedup S or --target-latency-ms X")
+    speedups = _speedups(target_speedup) if target_speedup is not None else []
     arch = _load_arch(run)
     if out is None:
-        suffix = f"x{target_speedup:g}" if target_speedup else f"{target_latency_ms:g}ms"
+        suffix = f"x{speedups[0]:g}" if len(speedups) == 1 else "sweep" if speedups else f"{target_latency_ms:g}ms"
         out = Path("builds") / f"{run.name}-{suffix}"
     dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
                      mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering)
-    summary = run_build(run, out, dep=dep, target_ms=target_latency_ms, target_speedup=target_speedup,
-                        budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
-                        table_cache=table_cache, show_progress=not quiet)
-    click.echo((out / "report.md").read_text())
-    if not summary["met"]:
-        raise PlanerError(f"{out}: built, but the target was missed (speedup {summary['speedup']:.2f}); "
+    options = dict(dep=dep, budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
+                   table_cache=table_cache, compare=compare, show_progress=not quiet)
+    try:
+        if len(speedups) > 1:
+            summaries = sweep(run, out, speedups, **options)
+        else:
+            summary = run_build(run, out, target_ms=target_latency_ms,
+                                target_speedup=speedups[0] if speedups else None, **options)
+    except KeyboardInterrupt:
+        raise PlanerError(f"interrupted; {out}.partial keeps the finished stages: run the same command again "
+                          "to continue") from None
+    if not _main_process():
+        return
+    if len(speedups) > 1:
+        click.echo((out / "sweep.md").read_text())
+        missed = [f"x{s['target_speedup']:g}" for s in summaries if not s["met"]]
+    else:
+        click.echo((out / "report.md").read_text())
+        missed = [] if summary["met"] else [f"speedup {summary['speedup']:.2f}"]
+    if missed:
+        raise PlanerError(f"{out}: built, but the target was missed ({', '.join(missed)}); "
                           "raise --budget or relax the target")
+
+
+def _speedups(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise PlanerError(f"--target-speedup {text!r}: give a number or a comma-separated list (1.5,2,3)") from None
+    if any(v <= 0 for v in values) or len(set(values)) != len(values):
+        raise PlanerError(f"--target-speedup {text!r}: each speedup must be positive, each given once")
+    return values
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -85,8 +85,34 @@ def arch_plot(rows: list[tuple[str, Architecture]], table: LatencyTable, path: P
     plt.close(fig)
 
 
+def _comparisons(latency: dict, accuracy: dict, archs: dict[str, Architecture]) -> str:
+    if not archs:
+        return ""
+    base_ms = latency["baseline"]["p50"]
+    rows = [("result (MoE search)", latency["result"], accuracy["result"], None)]
+    rows += [(name, latency["comparisons"][name], accuracy["comparisons"][name], archs[name]) for name in archs]
+    table = "\n".join(f"| {name} | {s['p50']:.3f} | {base_ms / s['p50']:.2f} | {headline(a)} | "
+                      f"{' '.join(b.label() for b in arch.blocks) if arch else 'above'} |" for name, s, a, arch in rows)
+    res, dense = accuracy["result"], accuracy["comparisons"].get("dense-only")
+    verdict = ""
+    if dense is not None:
+        res_ms, dense_ms = latency["result"]["p50"], latency["comparisons"]["dense-only"]["p50"]
+        better = "beats" if res["loss"] < dense["loss"] else "does **not** beat"
+        verdict = (f"\nThe MoE search {better} the dense-only search: {headline(res)} at {res_ms:.3f} ms against "
+                   f"{headline(dense)} at {dense_ms:.3f} ms.\n")
+    return f"""
+## Comparisons at the result's latency (`--compare`)
+
+Each trained on as many tokens as the result (search + distillation steps), timed in the same interleaved run.
+
+| network | latency p50 ms | speedup | validation | blocks |
+|---|---|---|---|---|
+{table}
+{verdict}"""
+
+
 def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,
-           steps: str) -> str:
+           comparisons: dict[str, Architecture], steps: str) -> str:
     b, r = latency["baseline"], latency["result"]
     pb, pr = base_arch.param_counts(), result_arch.param_counts()
     verdict = "met" if latency["met"] else "**missed**"
@@ -117,7 +143,7 @@ with the same recipe (`baseline-continued/`).
 | result | {res['tokens_trained']:,} | {headline(res)} |
 
 Result / continued baseline, validation loss: {accuracy['result_vs_baseline_continued']:.4f}.
-
+{_comparisons(latency, accuracy, comparisons)}
 Budget: {steps}.
 ONNX Runtime vs PyTorch on the result: max |difference| {latency['parity_max_abs_diff']:.2e}.
 Search rounds: `search_log.jsonl`; plots: `pareto.png`, `arch.png`.

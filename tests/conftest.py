@@ -31,3 +31,18 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "enwik8_head"
     path.write_bytes(bz2.decompress(sample_path().read_bytes())[:200_000])
     return path
+
+
+@pytest.fixture(scope="session")
+def baseline_run(tmp_path_factory, text_file) -> Path:
+    """A micro baseline run directory (two training steps), for the build tests."""
+    from planer.data import load_corpus
+    from planer.train.presets import TrainConfig
+    from planer.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "base"
+    arch = small_arch([BlockSpec.attn(4, 16), BlockSpec.ffn(1024), BlockSpec.attn(4, 16), BlockSpec.ffn(1024)],
+                      d_model=64, tgt_len=64, mem_len=64)
+    cfg = TrainConfig(steps=2, batch=2, eval_every=2, ckpt_every=2, eval_tokens=256)
+    train(load_corpus(f"enwik8:{text_file}"), cfg, out, arch=arch, show_progress=False)
+    return out

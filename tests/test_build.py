@@ -5,14 +5,11 @@ import json
 import pytest
 
 from planer.arch import BlockSpec
-from planer.build import Budget, build
-from planer.data import load_corpus
+from planer.build import Budget, build, sweep
+from planer.errors import PlanerError
 from planer.latency.profile import Deployment
 from planer.search.search import SearchConfig
 from planer.space import SearchSpace
-from planer.train.presets import TrainConfig
-from planer.train.trainer import train
-from tests.conftest import small_arch
 from tests.test_cli import _one_line_error, run
 
 DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_seconds=0.1)
@@ -25,20 +22,10 @@ def table_file(tmp_path_factory):
     return tmp_path_factory.mktemp("tables") / "latency_table.json"
 
 
-@pytest.fixture(scope="module")
-def baseline_run(tmp_path_factory, text_file):
-    out = tmp_path_factory.mktemp("runs") / "base"
-    arch = small_arch([BlockSpec.attn(4, 16), BlockSpec.ffn(1024), BlockSpec.attn(4, 16), BlockSpec.ffn(1024)],
-                      d_model=64, tgt_len=64, mem_len=64)
-    cfg = TrainConfig(steps=2, batch=2, eval_every=2, ckpt_every=2, eval_tokens=256)
-    train(load_corpus(f"enwik8:{text_file}"), cfg, out, arch=arch, show_progress=False)
-    return out
-
-
 def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_file, tmp_path):
     out = tmp_path / "build"
     summary = build(baseline_run, out, dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
-                    table_cache=table_file, show_progress=False)
+                    table_cache=table_file, compare=True, show_progress=False)
     assert table_file.is_file()
     names = {p.name for p in out.iterdir()}
     assert names >= {"arch.json", "model.safetensors", "model.onnx", "latency.json", "accuracy.json",
@@ -56,7 +43,25 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert accuracy["baseline_continued"]["tokens_trained"] == accuracy["result"]["tokens_trained"] \
         == accuracy["baseline"]["tokens_trained"] + search_and_distill
     assert len((out / "search_log.jsonl").read_text().splitlines()) == 2
-    assert "met" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "met" in report and "the dense-only search" in report
+    # --compare: three alternatives at the result's latency, trained and timed beside it
+    names = ["drop-attention", "narrow", "dense-only"]
+    assert sorted(latency["comparisons"]) == sorted(accuracy["comparisons"]) == sorted(names)
+    assert all((out / "compare" / n / "model.safetensors").is_file() for n in names)
+    assert all(a["tokens_trained"] == accuracy["result"]["tokens_trained"] for a in accuracy["comparisons"].values())
+
+
+def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp_path):
+    out = tmp_path / "sweep"
+    summaries = sweep(baseline_run, out, [1.2, 1.5], dep=DEP, budget=BUDGET, space=SPACE, table_cache=table_file,
+                      show_progress=False)
+    assert [s["target_speedup"] for s in summaries] == [1.2, 1.5]
+    assert {p.name for p in out.iterdir()} >= {"x1.2", "x1.5", "pareto.png", "sweep.md"}
+    assert all((out / x / "report.md").is_file() for x in ("x1.2", "x1.5"))
+    continued = [json.loads((out / x / "accuracy.json").read_text())["baseline_continued"] for x in ("x1.2", "x1.5")]
+    assert continued[0] == continued[1]  # trained once, reused
+    assert "x1.5" in (out / "sweep.md").read_text()
 
 
 def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_path):
@@ -81,3 +86,35 @@ def test_build_bad_targets(baseline_run, tmp_path, args, fragment):
 def test_build_missing_baseline(tmp_path):
     _one_line_error(run("build", "--model", tmp_path / "nope", "--target-speedup", 2, "--out", tmp_path / "b"),
                     "no such architecture file")
+
+
+def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tmp_path, monkeypatch):
+    import planer.build as build_module
+
+    out = tmp_path / "build"
+    args = dict(dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE, table_cache=table_file, show_progress=False)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(baseline_run, out, **args)
+    monkeypatch.undo()
+    partial = tmp_path / "build.partial"
+    assert (partial / "search" / "outcome.json").is_file() and not out.exists()
+    log = (partial / "search_log.jsonl").read_text()
+
+    with pytest.raises(PlanerError, match="differs in: target_speedup"):
+        build(baseline_run, out, **(args | {"target_speedup": 1.2}))
+
+    def no_search(*a, **k):
+        raise AssertionError("the finished search ran again")
+
+    monkeypatch.setattr(build_module, "search", no_search)
+    summary = build(baseline_run, out, **args)
+    assert summary["met"] and (out / "model.onnx").is_file() and not partial.exists()
+    assert (out / "search_log.jsonl").read_text() == log
+    chosen = json.loads((out / "search" / "outcome.json").read_text())
+    assert json.loads((out / "arch.json").read_text())["blocks"] == \
+        chosen["candidates"][chosen["chosen"]]["arch"]["blocks"]

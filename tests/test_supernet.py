@@ -5,7 +5,7 @@ import torch
 
 from planer.arch import BlockSpec
 from planer.nn import LM
-from planer.search.derive import constrained_choice
+from planer.search.derive import constrained_choice, shrink
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from tests.conftest import small_arch
@@ -124,6 +124,28 @@ def test_constrained_choice_matches_exhaustive_search():
         best = max(sum(float(logp[p, i]) for p, i in enumerate(c)) for c in fits)
         assert sum(float(cost[i]) for i in got) <= budget
         assert sum(float(logp[p, i]) for p, i in enumerate(got)) == pytest.approx(best, abs=1e-3)
+
+
+def test_shrink_makes_the_cheapest_moves_in_loss_per_millisecond():
+    # candidates: 0 skip, 1 attention, 2 big FFN, 3 small FFN; a block's worth is additive here
+    cost = torch.tensor([0.0, 2.0, 1.0, 0.4])
+    worth = [0.0, 1.0, 0.3, 0.2]  # loss each block removes
+    is_attn = [False, True, False, False]
+    calls = []
+
+    def loss_of(choice):
+        calls.append(choice)
+        return 5.0 - sum(worth[c] for c in choice)
+
+    every = lambda p: [0, 1, 2, 3]  # noqa: E731
+    # 2 attention + 2 big FFN = 6 ms. To reach 5 ms: big FFN -> small saves 0.6 for 0.1 loss (1/6 per ms), an
+    # attention -> skip saves 2 (counted as the 1 still needed) for 1.0. Then the 0.4 still needed: the other
+    # big FFN -> small (0.1 / 0.4) beats small -> skip (0.2 / 0.4).
+    assert shrink([1, 2, 1, 2], cost, 5.0, is_attn, loss_of, every) == [1, 3, 1, 3]
+    # the last attention block is never removed, and a budget below one attention is unreachable
+    assert shrink([1, 2], cost, 2.0, is_attn, loss_of, every) == [1, 0]
+    assert shrink([1, 2], cost, 1.0, is_attn, loss_of, every) is None
+    assert calls  # every move was measured
 
 
 def test_search_can_start_at_the_baseline():

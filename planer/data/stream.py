@@ -15,11 +15,12 @@ from torch import Tensor
 
 
 class Segments:
-    def __init__(self, data: np.ndarray, batch: int, tgt_len: int):
+    def __init__(self, data: np.ndarray, batch: int, tgt_len: int, streams: slice = slice(None)):
+        """`streams` keeps a share of the batch's streams (a data-parallel process reads its own)."""
         length = len(data) // batch
         if length < 2:
             raise ValueError(f"{len(data)} tokens are too few for {batch} streams")
-        self.streams = torch.from_numpy(np.asarray(data[: length * batch], dtype=np.int64)).view(batch, length)
+        self.streams = torch.from_numpy(np.asarray(data[: length * batch], dtype=np.int64)).view(batch, length)[streams]
         self.tgt_len = tgt_len
 
     def __len__(self) -> int:

@@ -72,9 +72,14 @@ def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment
             table: LatencyTable | None = None, show_progress: bool = True) -> LatencyTable:
     """Time each candidate block, the blocks of `arch` itself and the fixed cost of networks shaped like `arch`.
 
-    Entries already in `table` are reused; the table's provenance must match.
+    Entries already in `table` are reused; the table's provenance must match. Under torchrun rank 0
+    profiles and every rank receives its table.
     """
+    from planer import distributed
     from planer.export import export_block, export_fixed
+
+    if not distributed.is_main():
+        return distributed.broadcast(None)
 
     prov = provenance(arch, dep, describe_engine(dep.engine, threads=dep.threads))
     if table is not None:
@@ -95,7 +100,7 @@ def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment
                 feeds = _block_feeds(arch, spec, dep, rng)
             engine = load_engine(dep.engine, str(path), threads=dep.threads)
             entries[FIXED if spec is None else spec.label()] = _steady(engine, feeds, dep).to_dict()
-    return LatencyTable(prov, entries, table.scale if table else 1.0)
+    return distributed.broadcast(LatencyTable(prov, entries, table.scale if table else 1.0))
 
 def measure(models: list[tuple[str, Architecture]], dep: Deployment) -> list[LatencyStats]:
     """End-to-end latency of exported LMs (ONNX path, its architecture), timed side by side (interleaved)."""

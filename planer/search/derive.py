@@ -1,18 +1,27 @@
-"""Derive one network from the architecture distribution under a latency budget.
+"""Derive one network from the supernet under a latency budget.
 
 Taking the argmax per position ignores the budget: when the latency penalty
 pushes every position the same way, all positions flip together and the
-network collapses far below the target. Instead pick, per position, the
-candidate that maximises the total log-probability subject to the predicted
-latency fitting the budget (a multiple-choice knapsack, solved exactly by
-dynamic programming over latency quantised to `bins` steps). The budget
-decides how much to cut; the distribution decides where.
+network collapses far below the target. Two tools here:
+
+`constrained_choice` picks, per position, the candidate that maximises the
+total log-probability subject to the predicted latency fitting a budget (a
+multiple-choice knapsack, solved exactly by dynamic programming over latency
+quantised to `bins` steps). With an unbounded budget it is the most probable
+network that keeps an attention block.
+
+`shrink` starts from such a network and cuts it down to the budget one move
+at a time, choosing each move by the loss the supernet actually shows on
+held-out data per millisecond saved. The log-probabilities alone do not say
+what a block is worth: early in the search every baseline block is equally
+probable, and a budget-only derivation then drops the most expensive blocks
+(the attention) first.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -65,3 +74,35 @@ def constrained_choice(logp: Tensor, cost_ms: Tensor, budget_ms: float, is_attn:
         choice.append(c)
         h, b = int(prev[h, b]), b - steps[c]
     return choice[::-1]
+
+
+def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],
+           loss_of: Callable[[list[int]], float], moves: Callable[[int], Sequence[int]]) -> list[int] | None:
+    """Cheapen `choice` one position at a time until its cost fits `budget_ms`.
+
+    Each step tries every move `moves(p)` offers at every position p that saves time, measures the
+    network's loss with `loss_of`, and makes the move that loses the least per millisecond saved,
+    counting only the saving still needed (so the last step does not cut more than it must). Moves
+    that would remove the last attention block are not tried. None when no move is left and the
+    choice still does not fit.
+    """
+    choice = list(choice)
+    cost = [float(c) for c in cost_ms]
+    current = loss_of(choice)
+    while (excess := sum(cost[c] for c in choice) - budget_ms) > 0:
+        best: tuple[float, list[int], float] | None = None
+        last_attn = sum(bool(is_attn[c]) for c in choice) == 1
+        for p, now in enumerate(choice):
+            for c in moves(p):
+                saved = cost[now] - cost[c]
+                if saved <= 0 or (last_attn and is_attn[now] and not is_attn[c]):
+                    continue
+                trial = choice[:p] + [c] + choice[p + 1:]
+                loss = loss_of(trial)
+                score = (loss - current) / min(saved, excess)
+                if best is None or score < best[0]:
+                    best = (score, trial, loss)
+        if best is None:
+            return None
+        _, choice, current = best
+    return choice

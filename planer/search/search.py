@@ -8,9 +8,11 @@ latency table). The logits start with an advantage for the baseline's own
 blocks and the first steps train only the weights, so every path is trained
 before choices are made.
 
-After each round one network is derived under a latency budget (see
-planer.search.derive: the distribution says where to cut, the budget how
-much), exported and timed in the engine beside the baseline. That
+After each round one network is derived under a latency budget: the most
+probable network, cut down to the budget move by move, each move the one
+that costs the least loss on held-out data per millisecond saved (see
+planer.search.derive). It is exported and timed in the engine beside the
+baseline. That
 measurement calibrates the table and corrects the budget of the next round
 by the ratio between the target and what the engine measured, so the rounds
 close in on the target as the engine sees it. Every round is one line of the
@@ -28,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from planer import distributed
 from planer.arch import Architecture
+from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, save_weights
 from planer.data import Corpus, Segments
 from planer.errors import PlanerError
 from planer.export import export_lm
@@ -36,7 +40,7 @@ from planer.latency import LatencyTable
 from planer.latency.profile import Deployment, measure
 from planer.latency.table import FIXED
 from planer.nn import LM
-from planer.search.derive import constrained_choice
+from planer.search.derive import constrained_choice, shrink
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
@@ -50,15 +54,22 @@ class SearchConfig:
     batch: int = 8
     lr: float = 1e-3
     arch_lr: float = 5e-3
-    tau_start: float = 5.0  # Gumbel-softmax temperature, annealed geometrically over all steps
-    tau_end: float = 0.5
-    lam: float = 1.0  # weight of the latency penalty
+    # Gumbel-softmax temperature, annealed geometrically over all steps. Hard samples are the argmax of
+    # alpha + tau * noise: a hot start trains the shared weights on near-random paths far from anything the
+    # derivation will pick (tau 5 measured 0.2-0.6 bpc worse on the tiny baseline than tau 1).
+    tau_start: float = 1.0
+    tau_end: float = 0.3
+    # Weight of the latency penalty. The derivation enforces the budget; the penalty only tilts the logits
+    # towards cheaper blocks. At 1.0 it drowned the cross-entropy signal and every position moved to skip.
+    lam: float = 0.1
     distill: float = 0.5  # share of the distillation loss in the weight loss
     aux_weight: float = 0.01
     arch_split: float = 0.1  # the last part of the training split trains the architecture logits
     warmup: float = 0.2  # share of all steps that train only the weights (every path learns before choices)
-    baseline_bias: float = 2.0  # initial architecture-logit advantage of the baseline's own blocks
+    baseline_bias: float = 3.0  # initial architecture-logit advantage of the baseline's own blocks
     valid_tokens: int = 16384
+    shortlist: int = 6  # per position, the most probable candidates the derivation may move to (and skip)
+    probe_segments: int = 3  # held-out segments (x batch streams) the derivation measures losses on
     seed: int = 0
 
 
@@ -70,7 +81,11 @@ class Candidate:
     measured_ms: float
     baseline_ms: float
     valid_loss: float
-    model: LM = field(repr=False)
+    model: LM | None = field(repr=False)  # kept for the chosen candidate only once saved and loaded
+
+    def to_dict(self) -> dict:
+        return {"round": self.round, "arch": self.arch.to_dict(), "predicted_ms": self.predicted_ms,
+                "measured_ms": self.measured_ms, "baseline_ms": self.baseline_ms, "valid_loss": self.valid_loss}
 
 
 @dataclass
@@ -78,6 +93,29 @@ class SearchOutcome:
     chosen: Candidate  # meets the target with the lowest validation loss, else the fastest measured
     candidates: list[Candidate]  # one per round
     table: LatencyTable  # calibrated by the rounds' measurements
+    target_ms: float  # the target in milliseconds (a speedup target turned into one by the baseline's measurement)
+
+    def save(self, out: Path) -> None:
+        """Into directory `out` (created): the chosen network as a model directory, the rest as JSON."""
+        out.mkdir(parents=True)
+        self.chosen.arch.save(out / ARCH_FILE)
+        save_weights(self.chosen.model, out / WEIGHTS_FILE)
+        self.table.save(out / "latency_table.json")
+        record = {"target_ms": self.target_ms, "chosen": self.candidates.index(self.chosen),
+                  "candidates": [c.to_dict() for c in self.candidates]}
+        atomic_write_text(out / OUTCOME_FILE, json.dumps(record, indent=2) + "\n")
+
+    @staticmethod
+    def load(out: Path) -> SearchOutcome:
+        record = json.loads((out / OUTCOME_FILE).read_text())
+        candidates = [Candidate(c["round"], Architecture.from_dict(c["arch"]), c["predicted_ms"], c["measured_ms"],
+                                c["baseline_ms"], c["valid_loss"], None) for c in record["candidates"]]
+        chosen = candidates[record["chosen"]]
+        chosen.model = load_model(out).eval()
+        return SearchOutcome(chosen, candidates, LatencyTable.load(out / "latency_table.json"), record["target_ms"])
+
+
+OUTCOME_FILE = "outcome.json"
 
 
 class InfeasibleTarget(PlanerError):
@@ -105,9 +143,10 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
     torch.manual_seed(cfg.seed)
     baseline = baseline.eval()
     arch = baseline.arch
+    main = distributed.is_main()  # under torchrun rank 0 alone exports, times, evaluates and writes
     with tempfile.TemporaryDirectory(prefix="planer-search-") as tmp:
-        base_path = str(export_lm(baseline, Path(tmp) / "baseline.onnx", lowering=dep.lowering))
-        baseline_ms = measure([(base_path, arch)], dep)[0].p50
+        base_path = str(export_lm(baseline, Path(tmp) / "baseline.onnx", lowering=dep.lowering)) if main else ""
+        baseline_ms = distributed.broadcast(measure([(base_path, arch)], dep)[0].p50 if main else None)
         if target_ms is None:
             if not target_speedup or target_speedup <= 0:
                 raise PlanerError("give a latency target: --target-latency-ms X or --target-speedup S (S > 0)")
@@ -124,15 +163,17 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         weight_opt = torch.optim.AdamW(net.weight_parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         arch_opt = torch.optim.Adam([net.alpha], lr=cfg.arch_lr, betas=(0.5, 0.999))
         cut = int(len(corpus.train) * (1 - cfg.arch_split))
-        weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len)
-        arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len)
+        weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
+        arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
+        probe = [arch_data[len(arch_data) - 1 - i] for i in reversed(range(min(cfg.probe_segments, len(arch_data))))]
         block_ms = candidate_latencies(table, space)
         is_attn = [c.kind == "attn" for c in space.candidates]
         correction = 1.0  # budget / target; the engine's measurements move it
         total = cfg.rounds * cfg.steps
         state = {"w_mems": None, "t_mems": None, "a_mems": None}
         candidates: list[Candidate] = []
-        bar = tqdm(total=total, desc="search", unit="step", disable=not show_progress, dynamic_ncols=True)
+        bar = tqdm(total=total, desc="search", unit="step", disable=not (show_progress and main), dynamic_ncols=True)
+        say = bar.write if main else (lambda _: None)
         for rnd in range(cfg.rounds):
             for i in range(cfg.steps):
                 step = rnd * cfg.steps + i
@@ -147,36 +188,40 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 if i % 10 == 0:
                     bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms")
             budget_ms = target_ms * correction
-            choice = constrained_choice(net.alpha.detach().log_softmax(-1), block_ms,
-                                        budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn)
+            choice = _derive(net, probe, block_ms, budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn,
+                             cfg.shortlist)
             if choice is None:
-                bar.write(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
+                say(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
                 break
+            choice = distributed.broadcast(choice)  # identical everywhere already; this makes it certain
             model = net.extract(choice).eval()
-            path = export_lm(model, Path(tmp) / "candidate.onnx", lowering=dep.lowering)
-            base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
+            base_ms = cand_ms = spread = loss = 0.0
+            if main:
+                path = export_lm(model, Path(tmp) / "candidate.onnx", lowering=dep.lowering)
+                base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
+                valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
+                base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, valid["loss"]
+            base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
             predicted = table.predict(model.arch)
-            measured_history.append((model.arch, cand_stats.p50))
+            measured_history.append((model.arch, cand_ms))
             table = table.calibrate(measured_history)
-            valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
-            cand = Candidate(rnd, model.arch, predicted, cand_stats.p50, base_stats.p50, valid["loss"], model)
-            candidates.append(cand)
+            candidates.append(Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, model))
             record = {
-                "round": rnd, "target_ms": target_ms, "budget_ms": budget_ms, "baseline_ms": base_stats.p50,
-                "measured_ms": cand_stats.p50, "measured_spread": cand_stats.spread, "predicted_ms": predicted,
-                "calibration": table.scale, "valid_loss": valid["loss"], "lambda": cfg.lam, "tau": tau,
+                "round": rnd, "target_ms": target_ms, "budget_ms": budget_ms, "baseline_ms": base_ms,
+                "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
+                "calibration": table.scale, "valid_loss": loss, "lambda": cfg.lam, "tau": tau,
                 "arch": [b.label() for b in model.arch.blocks],
                 "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
             }
-            if log_path is not None:
+            if log_path is not None and main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            bar.write(f"round {rnd}: {' '.join(record['arch'])}\n  measured {cand_stats.p50:.2f} ms "
-                      f"(predicted {predicted:.2f}, baseline {base_stats.p50:.2f}, target {target_ms:.2f}); "
-                      f"valid loss {valid['loss']:.4f}")
+            say(f"round {rnd}: {' '.join(record['arch'])}\n  measured {cand_ms:.2f} ms "
+                      f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {target_ms:.2f}); "
+                      f"valid loss {loss:.4f}")
             # Judge by the ratio to the baseline timed in the same run, so machine drift cancels; move the
             # budget by what the engine says rather than trusting the table a second time.
-            measured_ratio = cand_stats.p50 / base_stats.p50
+            measured_ratio = cand_ms / base_ms
             ratio_target = target_ms / baseline_ms
             if measured_ratio > ratio_target or measured_ratio < 0.9 * ratio_target:
                 correction *= min(1.1, max(0.8, ratio_target / measured_ratio))
@@ -187,8 +232,35 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
     ratio_target = target_ms / baseline_ms
     feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
     if feasible:
-        return SearchOutcome(min(feasible, key=lambda c: c.valid_loss), candidates, table)
-    return SearchOutcome(min(candidates, key=lambda c: c.measured_ms / c.baseline_ms), candidates, table)
+        return SearchOutcome(min(feasible, key=lambda c: c.valid_loss), candidates, table, target_ms)
+    return SearchOutcome(min(candidates, key=lambda c: c.measured_ms / c.baseline_ms), candidates, table,
+                         target_ms)
+
+
+@torch.no_grad()
+def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block_ms: torch.Tensor, budget_ms: float,
+            is_attn: list[bool], shortlist: int) -> list[int] | None:
+    """Most probable network, then cut to the budget by measured loss (see planer.search.derive.shrink).
+    Moves go to a position's `shortlist` most probable candidates or to skip."""
+    logp = net.alpha.detach().log_softmax(-1)
+    start = constrained_choice(logp, torch.zeros_like(block_ms), 1.0, is_attn)
+    skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
+    top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
+    losses: dict[tuple[int, ...], float] = {}
+
+    def loss_of(choice: list[int]) -> float:
+        key = tuple(choice)
+        if key not in losses:
+            mems, total = None, 0.0
+            for i, (x, y) in enumerate(probe):
+                out = net(x, choice, mems=mems)
+                mems = out.mems
+                if i or len(probe) == 1:  # the first segment only fills the memory
+                    total += F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
+            losses[key] = distributed.mean(float(total) / max(1, len(probe) - 1))  # same decisions on every rank
+        return losses[key]
+
+    return shrink(start, block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip])
 
 
 def _stream(data: Segments, step: int):
@@ -211,6 +283,7 @@ def _weight_step(net: SuperNet, teacher: LM, data: Segments, step: int, opt: tor
     loss = (1 - cfg.distill) * ce + cfg.distill * distillation_loss(out.logits, t_out.logits) + cfg.aux_weight * out.aux_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.average_gradients(net.weight_parameters())
     torch.nn.utils.clip_grad_norm_(net.weight_parameters(), 1.0)
     opt.step()
 
@@ -229,6 +302,7 @@ def _arch_step(net: SuperNet, data: Segments, step: int, opt: torch.optim.Optimi
     opt.zero_grad(set_to_none=True)
     net.zero_grad(set_to_none=True)  # the weights are not updated by the architecture step
     loss.backward()
+    distributed.average_gradients([net.alpha])
     opt.step()
     return float(e_lat.detach())
 

@@ -247,3 +247,13 @@ class SuperNet(nn.Module):
         for block, (p, c) in zip(model.blocks, kept):
             block.load_state_dict(self.positions[p].extract(c, arch).state_dict())
         return model
+
+
+def inherit(baseline: LM, blocks: Sequence[BlockSpec]) -> LM:
+    """A network with `blocks` in place of the baseline's, block for block (skips drop one), each taking its
+    weights from the baseline block at its place the way the supernet's candidates do."""
+    if len(blocks) != len(baseline.arch.blocks):
+        raise ValueError(f"need one block per baseline block ({len(baseline.arch.blocks)}), got {len(blocks)}")
+    candidates = tuple(dict.fromkeys(blocks))
+    net = SuperNet(baseline, SearchSpace(len(blocks), candidates))
+    return net.extract([candidates.index(b) for b in blocks])

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from planer import __version__
+from planer import __version__, distributed
 from planer.arch import Architecture
 from planer.checkpoint import (ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, save_weights,
                                staging_dir)
@@ -103,6 +103,9 @@ def saved_config(out: str | os.PathLike) -> tuple[TrainConfig, str]:
 
 def _save_checkpoint(work: Path, model: LM, opt: torch.optim.Optimizer, mems: list[torch.Tensor] | None,
                      cfg: TrainConfig, corpus: Corpus, preset: str, progress: Progress) -> None:
+    mems = distributed.gather_streams(mems)  # every process's streams, so any number of processes can resume
+    if not distributed.is_main():
+        return
     state = {
         "step": progress.step,
         "optimizer": opt.state_dict(),
@@ -160,6 +163,7 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
     """
     out = Path(out)
     work = staging_dir(out)
+    main = distributed.is_main()
     torch.manual_seed(cfg.seed)
     if resume:
         source = run_source(out)
@@ -167,10 +171,12 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
             raise PlanerError(f"--resume: nothing to resume at {out}; drop --resume to start a new run")
         model, state, progress = _load_checkpoint(source, corpus, cfg)
         preset = preset or json.loads((source / CONFIG_FILE).read_text()).get("preset", "")
-        if source != work:
+        distributed.barrier()  # everyone has read the checkpoint before it moves
+        if source != work and main:
             shutil.copytree(source, work)
     else:
         check_new_run(out)
+        distributed.barrier()  # every process checked before any creates it
         if init is not None:
             arch = init.arch
             model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
@@ -180,25 +186,27 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
         else:
             raise PlanerError("a new run needs an architecture (a --preset)")
         state, progress = None, Progress()
-        work.mkdir(parents=True)
-        arch.save(work / ARCH_FILE)
-        if corpus.vocab is not None:
-            (work / VOCAB_FILE).write_text("\n".join(corpus.vocab) + "\n")
+        if main:
+            work.mkdir(parents=True)
+            arch.save(work / ARCH_FILE)
+            if corpus.vocab is not None:
+                (work / VOCAB_FILE).write_text("\n".join(corpus.vocab) + "\n")
     arch = model.arch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     mems = None
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        mems = state["mems"]
+        mems = None if state["mems"] is None else [m[distributed.share(cfg.batch)] for m in state["mems"]]
 
-    segments = Segments(corpus.train, cfg.batch, arch.tgt_len)
+    segments = Segments(corpus.train, cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
     if teacher is not None:
         teacher.eval()
     teacher_mems = None
-    metrics_file = (work / METRICS_FILE).open("a")
+    distributed.barrier()  # the staging directory exists
+    metrics_file = (work / METRICS_FILE).open("a") if main else None
     model.train()
-    bar = tqdm(total=cfg.steps, initial=progress.step, disable=not show_progress, unit="step",
+    bar = tqdm(total=cfg.steps, initial=progress.step, disable=not (show_progress and main), unit="step",
                dynamic_ncols=True, desc="train")
     last = time.perf_counter()
     while progress.step < cfg.steps:
@@ -220,11 +228,12 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
             objective = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(result.logits, taught.logits)
         opt.zero_grad(set_to_none=True)
         (objective + cfg.aux_weight * result.aux_loss).backward()
+        distributed.average_gradients(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
 
         progress.step += 1
-        progress.tokens += y.numel()
+        progress.tokens += y.numel() * distributed.world()
         now = time.perf_counter()
         progress.seconds += now - last
         last = now
@@ -232,7 +241,7 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
         if progress.step % 10 == 0 or progress.step == cfg.steps:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
                             tok_s=f"{progress.tokens / max(progress.seconds, 1e-9):.0f}")
-        if progress.step % cfg.eval_every == 0 or progress.step == cfg.steps:
+        if main and (progress.step % cfg.eval_every == 0 or progress.step == cfg.steps):
             valid = evaluate(model, corpus.valid, corpus.unit, batch=cfg.eval_batch, max_tokens=cfg.eval_tokens)
             record = {"step": progress.step, "tokens_seen": progress.tokens, "train_loss": loss.item(),
                       "lr": lr, "seconds": round(progress.seconds, 1), "valid": valid}
@@ -244,6 +253,9 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
             _save_checkpoint(work, model, opt, mems, cfg, corpus, preset, progress)
             last = time.perf_counter()
     bar.close()
+    if not main:
+        distributed.barrier()  # rank 0 evaluates and publishes
+        return distributed.broadcast(None)
     metrics_file.close()
 
     final = {
@@ -255,4 +267,5 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
     }
     atomic_write_text(work / EVAL_FILE, json.dumps(final, indent=2) + "\n")
     publish(work, out)
-    return final
+    distributed.barrier()
+    return distributed.broadcast(final)

@@ -1,0 +1,90 @@
+"""The comparisons that show whether the search is worth it (`planer build --compare`).
+
+At the latency of the build's result, three simpler ways to speed up the baseline:
+  drop-attention  the baseline with attention blocks removed, evenly spread (then FFN blocks, if that is
+                  not enough), until it is predicted to be as fast as the result;
+  narrow          every block narrowed by one factor (heads and FFN width), the widest that is as fast;
+  dense-only      the same search and distillation with the MoE candidates removed from the space.
+The first two inherit the baseline's weights and are distilled from it for as many steps as the result
+saw in search and distillation together; the third goes through exactly the result's pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from planer.arch import Architecture, BlockSpec
+from planer.latency import LatencyTable
+from planer.latency.profile import Deployment, profile
+from planer.nn import LM
+from planer.search.supernet import inherit
+from planer.space import SearchSpace
+
+
+@dataclass
+class Comparison:
+    name: str
+    model: LM  # initial weights, before its training
+
+
+def _evenly(indices: list[int], count: int) -> list[int]:
+    """`count` of `indices`, spread evenly (the middle of each of `count` equal slices)."""
+    n = len(indices)
+    return [indices[int((i + 0.5) * n / count)] for i in range(count)]
+
+
+def drop_attention(arch: Architecture, table: LatencyTable, budget_ms: float) -> list[BlockSpec]:
+    """The baseline's blocks with the fewest removals (attention first) that fit `budget_ms`; skips mark them."""
+    blocks = list(arch.blocks)
+    attn = [i for i, b in enumerate(blocks) if b.kind == "attn"]
+    rest = [i for i, b in enumerate(blocks) if b.kind not in ("attn", "skip")]
+    orders = [(len(attn) - keep, 0) for keep in range(len(attn), 0, -1)]  # (attention, other) blocks to drop
+    orders += [(len(attn) - 1, n) for n in range(1, len(rest) + 1)]
+    for drop_attn, drop_rest in orders:
+        dropped = set(attn) - set(_evenly(attn, len(attn) - drop_attn)) if drop_attn else set()
+        dropped |= set(rest) - set(_evenly(rest, len(rest) - drop_rest)) if drop_rest else set()
+        kept = [BlockSpec.skip() if i in dropped else b for i, b in enumerate(blocks)]
+        if table.predict(arch.with_blocks([b for b in kept if b.kind != "skip"])) <= budget_ms:
+            return kept
+    return kept  # one attention block alone: as far as dropping goes
+
+
+def _narrowed(spec: BlockSpec, factor: float) -> BlockSpec:
+    if spec.kind == "attn":
+        heads = max(1, round(spec.heads * factor))
+        kv = max(1, round(spec.kv_heads * factor)) if spec.kv_heads else 0
+        while kv and heads % kv:
+            kv -= 1
+        return BlockSpec.attn(heads, spec.head_dim, kv)
+    if spec.kind == "ffn":
+        return BlockSpec.ffn(max(8, round(spec.d_inner * factor / 8) * 8))
+    return spec
+
+
+def narrow(arch: Architecture, table: LatencyTable, budget_ms: float, dep: Deployment,
+           show_progress: bool = True) -> tuple[list[BlockSpec], LatencyTable]:
+    """The baseline's blocks narrowed by the largest factor in steps of 1/16 that fits `budget_ms`, and the
+    table extended by the narrowed blocks it lacked (profiled in the engine now)."""
+    blocks: list[BlockSpec] = []
+    for step in range(15, 0, -1):
+        blocks = [_narrowed(b, step / 16) for b in arch.blocks]
+        missing = [b for b in blocks if b.kind != "skip" and not table.has(b.label())]
+        if missing:
+            table = profile(arch, missing, dep, table=table, show_progress=show_progress)
+        if table.predict(arch.with_blocks(blocks)) <= budget_ms:
+            break
+    return blocks, table
+
+
+def fixed_comparisons(baseline: LM, table: LatencyTable, budget_ms: float, dep: Deployment,
+                      show_progress: bool = True) -> tuple[list[Comparison], LatencyTable]:
+    """drop-attention and narrow at `budget_ms` (predicted), with the baseline's weights."""
+    dropped = drop_attention(baseline.arch, table, budget_ms)
+    narrowed, table = narrow(baseline.arch, table, budget_ms, dep, show_progress)
+    return [Comparison("drop-attention", inherit(baseline, dropped)),
+            Comparison("narrow", inherit(baseline, narrowed))], table
+
+
+def dense_space(space: SearchSpace) -> SearchSpace:
+    """The space without its MoE candidates."""
+    return replace(space, candidates=tuple(c for c in space.candidates if c.kind != "moe")).validate()

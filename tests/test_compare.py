@@ -1,0 +1,44 @@
+import torch
+
+from planer.arch import BlockSpec
+from planer.compare import _narrowed, dense_space, drop_attention
+from planer.latency import LatencyTable
+from planer.latency.table import FIXED
+from planer.nn import LM
+from planer.search.supernet import inherit
+from planer.space import SearchSpace
+from tests.conftest import small_arch
+
+A, F = BlockSpec.attn(4, 16), BlockSpec.ffn(64)
+ARCH = small_arch([A, F, A, F, A, F, A, F])
+TABLE = LatencyTable({}, {FIXED: {"p50": 1.0}, A.label(): {"p50": 2.0}, F.label(): {"p50": 1.0}})
+
+
+def test_drop_attention_spreads_the_drops_and_stops_when_it_fits():
+    assert drop_attention(ARCH, TABLE, 13.0) == list(ARCH.blocks)  # 1 + 4 * 2 + 4 * 1 fits already
+    kept = drop_attention(ARCH, TABLE, 9.0)  # two attention blocks must go
+    assert [b.kind for b in kept] == ["skip", "ffn", "attn", "ffn", "skip", "ffn", "attn", "ffn"]
+    kept = drop_attention(ARCH, TABLE, 5.0)  # one attention is the minimum; then FFN blocks go
+    assert sum(b.kind == "attn" for b in kept) == 1 and sum(b.kind == "ffn" for b in kept) == 2
+
+
+def test_narrowing_scales_heads_and_width():
+    assert _narrowed(A, 0.5) == BlockSpec.attn(2, 16) and _narrowed(F, 0.5) == BlockSpec.ffn(32)
+    assert _narrowed(BlockSpec.attn(4, 16, 2), 0.75) == BlockSpec.attn(3, 16, 1)  # kv heads divide heads
+    assert _narrowed(A, 0.01) == BlockSpec.attn(1, 16)
+
+
+def test_inherit_keeps_the_baseline_blocks_it_keeps():
+    torch.manual_seed(0)
+    baseline = LM(small_arch([A, F, A, F])).eval()
+    same = inherit(baseline, list(baseline.arch.blocks)).eval()
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.allclose(same(x).logits, baseline(x).logits, atol=1e-6)
+    dropped = inherit(baseline, [BlockSpec.skip(), F, A, F])
+    assert [b.label() for b in dropped.arch.blocks] == [F.label(), A.label(), F.label()]
+    assert torch.equal(dropped.blocks[1].f.q.weight, baseline.blocks[2].f.q.weight)
+
+
+def test_dense_space_drops_moe_only():
+    space = SearchSpace(4, (BlockSpec.skip(), A, F, BlockSpec.moe(4, 1, 64)))
+    assert dense_space(space).candidates == (BlockSpec.skip(), A, F)
