@@ -15,6 +15,7 @@ has finished; an interrupted build resumes there when run again. It holds:
     baseline-continued/            the baseline trained on as many more tokens as the result saw
     compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
     pareto.png, arch.png           latency vs accuracy; the block sequences of baseline and result
+    timings.json                   wall seconds per stage
     report.md                      the summary a person reads
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -96,14 +98,16 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
     try:
         cached = table_cache if table_cache and Path(table_cache).exists() else work / "latency_table.json"
+        clock = _Clock()
         table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress,
                         table=LatencyTable.load(cached) if cached.exists() else None)
         if main:
             table.save(work / "latency_table.json")
             if table_cache:
                 table.save(table_cache)
+        clock.lap("profile")
         latency, accuracy = _stages(baseline, corpus, space, table, work, run, dep, target_ms, target_speedup,
-                                    budget, continued, compare, show_progress)
+                                    budget, continued, compare, show_progress, clock)
     except PlanerError:
         if main:
             shutil.rmtree(work, ignore_errors=True)  # a bad request: nothing to resume, nothing left behind
@@ -112,6 +116,19 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
         publish(work, out)
     distributed.barrier()
     return latency | {"accuracy": accuracy}
+
+
+class _Clock:
+    """Wall seconds per stage, for the report (a resumed stage that was already done counts ~0)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 1)
+        self._last = now
 
 
 def _start_or_resume(work: Path, request: dict[str, Any]) -> None:
@@ -203,11 +220,12 @@ def _tokens_seen(run: Path) -> int:
 
 def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, work: Path, run: Path,
             dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
-            continued: Path | None, compare: bool, show_progress: bool) -> tuple[dict, dict]:
+            continued: Path | None, compare: bool, show_progress: bool, clock: _Clock) -> tuple[dict, dict]:
     base_tokens = _tokens_seen(run)
     outcome = _search_stage(work / "search", work / "search_log.jsonl", baseline, corpus, space, table, dep,
                             target_ms, target_speedup, budget, show_progress)
     table = outcome.table
+    clock.lap("search")
     result = _train_stage(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5), work / "distill",
                           outcome.chosen.model, baseline, show_progress)
     main = distributed.is_main()
@@ -216,16 +234,19 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
         shutil.copy(work / "distill" / WEIGHTS_FILE, work / WEIGHTS_FILE)
     # Fairness: the result has seen the baseline's tokens plus the search's and distillation's, so the
     # baseline it is judged against trains on as many more tokens, with the same recipe.
+    clock.lap("distill")
     extra_steps = budget.search.rounds * budget.search.steps + budget.distill_steps
     if continued is not None and not (work / CONTINUED).exists() and main:
         shutil.copytree(continued, work / CONTINUED)
     distributed.barrier()
     baseline_continued = _train_stage(corpus, _finetune_config(budget, extra_steps, distill=0.0), work / CONTINUED,
                                       baseline, None, show_progress)
+    clock.lap("baseline-continued")
     comparisons: list[tuple[str, LM]] = []
     if compare:
         comparisons, table = _compare(baseline, corpus, space, table, work / "compare", dep, outcome.target_ms,
                                       table.predict(result.arch), budget, show_progress)
+        clock.lap("compare")
     if not main:
         return distributed.broadcast(None)
     table.save(work / "latency_table.json")
@@ -273,8 +294,11 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     pareto_plot(points, work / "pareto.png", title=f"{run.name}: latency vs accuracy ({dep.engine})")
     arch_plot([("baseline", baseline.arch), ("result", result.arch)] + [(n, m.arch) for n, m in comparisons],
               table, work / "arch.png")
+    clock.lap("export, verify, time, evaluate")
+    atomic_write_text(work / "timings.json", json.dumps(clock.laps, indent=2) + "\n")
     atomic_write_text(work / "report.md", report(run, baseline.arch, result.arch, latency, accuracy,
-                                                 {n: m.arch for n, m in comparisons}, budget.describe()))
+                                                 {n: m.arch for n, m in comparisons}, budget.describe(),
+                                                 clock.laps))
     return distributed.broadcast((latency, accuracy))
 
 

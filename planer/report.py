@@ -112,7 +112,7 @@ Each trained on as many tokens as the result (search + distillation steps), time
 
 
 def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,
-           comparisons: dict[str, Architecture], steps: str) -> str:
+           comparisons: dict[str, Architecture], steps: str, laps: dict[str, float]) -> str:
     b, r = latency["baseline"], latency["result"]
     pb, pr = base_arch.param_counts(), result_arch.param_counts()
     verdict = "met" if latency["met"] else "**missed**"
@@ -145,6 +145,7 @@ with the same recipe (`baseline-continued/`).
 Result / continued baseline, validation loss: {accuracy['result_vs_baseline_continued']:.4f}.
 {_comparisons(latency, accuracy, comparisons)}
 Budget: {steps}.
+Wall time: {sum(laps.values()) / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in laps.items())}).
 ONNX Runtime vs PyTorch on the result: max |difference| {latency['parity_max_abs_diff']:.2e}.
 Search rounds: `search_log.jsonl`; plots: `pareto.png`, `arch.png`.
 """
