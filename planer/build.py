@@ -286,7 +286,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
 
     points = [Point("baseline", base_stats.p50, accuracy["baseline"]),
               Point("baseline, continued", base_stats.p50, accuracy["baseline_continued"])]
-    points += [Point(f"search round {c.round}", base_stats.p50 * c.measured_ms / c.baseline_ms,
+    points += [Point(f"round {c.round} (supernet weights)", base_stats.p50 * c.measured_ms / c.baseline_ms,
                      scores(c.valid_loss, corpus.unit), kind="candidate") for c in outcome.candidates]
     points += [Point(name, s.p50, accuracy["comparisons"][name], kind="comparison")
                for (name, _), s in zip(comparisons, compared_stats)]

@@ -57,6 +57,16 @@ def broadcast(value: T) -> T:
     return box[0]
 
 
+def same_start(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers. Ranks seed alike, but rank 0 alone also exports and
+    times, which draws random numbers, so a module created afterwards would start differently elsewhere."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Average gradients over ranks. A parameter no rank used keeps grad None (as in one process, so the
     optimiser leaves it alone); one used somewhere gets the average, counting unused ranks as zero."""
@@ -109,5 +119,5 @@ def gather_streams(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | N
 
 
 __all__ = ["active", "average_gradients", "barrier", "broadcast", "gather_streams", "is_main", "mean", "rank",
-           "setup", "share", "world"]
+           "same_start", "setup", "share", "world"]
 

@@ -85,7 +85,27 @@ def arch_plot(rows: list[tuple[str, Architecture]], table: LatencyTable, path: P
     plt.close(fig)
 
 
-def _comparisons(latency: dict, accuracy: dict, archs: dict[str, Architecture]) -> str:
+def _verdict(latency: dict, accuracy: dict, result_arch: Architecture) -> str:
+    """Plain words on what the comparisons show, including when they do not favour the result."""
+    res, res_ms = accuracy["result"], latency["result"]["p50"]
+    lines = []
+    if not any(b.kind == "moe" for b in result_arch.blocks):
+        lines.append("The search chose no MoE block, so the dense-only comparison does not test MoE against dense.")
+    for name, other in accuracy["comparisons"].items():
+        ms = latency["comparisons"][name]["p50"]
+        if other["loss"] <= res["loss"] and ms <= res_ms:
+            lines.append(f"**{name} is at least as good on both counts**: {headline(other)} at {ms:.3f} ms against "
+                         f"the result's {headline(res)} at {res_ms:.3f} ms.")
+    dense = accuracy["comparisons"].get("dense-only")
+    if dense is not None:
+        ms = latency["comparisons"]["dense-only"]["p50"]
+        better = "beats" if res["loss"] < dense["loss"] else "does **not** beat"
+        lines.append(f"The MoE search {better} the dense-only search in accuracy: {headline(res)} at {res_ms:.3f} ms "
+                     f"against {headline(dense)} at {ms:.3f} ms (latencies differ by {abs(res_ms / ms - 1) * 100:.0f} %).")
+    return "".join(f"\n- {line}" for line in lines) + "\n"
+
+
+def _comparisons(latency: dict, accuracy: dict, archs: dict[str, Architecture], result_arch: Architecture) -> str:
     if not archs:
         return ""
     base_ms = latency["baseline"]["p50"]
@@ -93,17 +113,12 @@ def _comparisons(latency: dict, accuracy: dict, archs: dict[str, Architecture]) 
     rows += [(name, latency["comparisons"][name], accuracy["comparisons"][name], archs[name]) for name in archs]
     table = "\n".join(f"| {name} | {s['p50']:.3f} | {base_ms / s['p50']:.2f} | {headline(a)} | "
                       f"{' '.join(b.label() for b in arch.blocks) if arch else 'above'} |" for name, s, a, arch in rows)
-    res, dense = accuracy["result"], accuracy["comparisons"].get("dense-only")
-    verdict = ""
-    if dense is not None:
-        res_ms, dense_ms = latency["result"]["p50"], latency["comparisons"]["dense-only"]["p50"]
-        better = "beats" if res["loss"] < dense["loss"] else "does **not** beat"
-        verdict = (f"\nThe MoE search {better} the dense-only search: {headline(res)} at {res_ms:.3f} ms against "
-                   f"{headline(dense)} at {dense_ms:.3f} ms.\n")
+    verdict = _verdict(latency, accuracy, result_arch)
     return f"""
 ## Comparisons at the result's latency (`--compare`)
 
-Each trained on as many tokens as the result (search + distillation steps), timed in the same interleaved run.
+Each sized by the latency table to the result's predicted latency, trained on as many tokens as the result
+(search + distillation steps), and timed in the same interleaved run as the result.
 
 | network | latency p50 ms | speedup | validation | blocks |
 |---|---|---|---|---|
@@ -143,7 +158,7 @@ with the same recipe (`baseline-continued/`).
 | result | {res['tokens_trained']:,} | {headline(res)} |
 
 Result / continued baseline, validation loss: {accuracy['result_vs_baseline_continued']:.4f}.
-{_comparisons(latency, accuracy, comparisons)}
+{_comparisons(latency, accuracy, comparisons, result_arch)}
 Budget: {steps}.
 Wall time: {sum(laps.values()) / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in laps.items())}).
 ONNX Runtime vs PyTorch on the result: max |difference| {latency['parity_max_abs_diff']:.2e}.

@@ -160,6 +160,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                                    "raise the target or widen the space")
 
         net = SuperNet(baseline, space, baseline_bias=cfg.baseline_bias)
+        distributed.same_start(net)
         weight_opt = torch.optim.AdamW(net.weight_parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         arch_opt = torch.optim.Adam([net.alpha], lr=cfg.arch_lr, betas=(0.5, 0.999))
         cut = int(len(corpus.train) * (1 - cfg.arch_split))

@@ -192,6 +192,7 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
             if corpus.vocab is not None:
                 (work / VOCAB_FILE).write_text("\n".join(corpus.vocab) + "\n")
     arch = model.arch
+    distributed.same_start(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     mems = None
     if state is not None:
