@@ -53,6 +53,11 @@ class Budget:
     search: SearchConfig
     distill_steps: int
 
+    @property
+    def extra_steps(self) -> int:
+        """Training steps the result takes beyond the baseline's: the search's and the distillation's."""
+        return self.search.rounds * self.search.steps + self.distill_steps
+
     def describe(self) -> str:
         return (f"{self.search.rounds} search rounds x {self.search.steps} steps, {self.distill_steps} "
                 f"distillation steps, batch {self.search.batch}")
@@ -235,12 +240,11 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     # Fairness: the result has seen the baseline's tokens plus the search's and distillation's, so the
     # baseline it is judged against trains on as many more tokens, with the same recipe.
     clock.lap("distill")
-    extra_steps = budget.search.rounds * budget.search.steps + budget.distill_steps
     if continued is not None and not (work / CONTINUED).exists() and main:
         shutil.copytree(continued, work / CONTINUED)
     distributed.barrier()
-    baseline_continued = _train_stage(corpus, _finetune_config(budget, extra_steps, distill=0.0), work / CONTINUED,
-                                      baseline, None, show_progress)
+    baseline_continued = _train_stage(corpus, _finetune_config(budget, budget.extra_steps, distill=0.0),
+                                      work / CONTINUED, baseline, None, show_progress)
     clock.lap("baseline-continued")
     comparisons: list[tuple[str, LM]] = []
     if compare:
@@ -273,7 +277,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     }
     atomic_write_text(work / "latency.json", json.dumps(latency, indent=2) + "\n")
 
-    total = base_tokens + extra_steps * budget.search.batch * baseline.arch.tgt_len
+    total = base_tokens + budget.extra_steps * budget.search.batch * baseline.arch.tgt_len
 
     def accuracy_of(model: LM, tokens: int) -> dict:
         return evaluate(model, corpus.valid, corpus.unit) | {"tokens_trained": tokens}
@@ -338,9 +342,9 @@ def _compare(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTab
     if distributed.is_main():
         root.mkdir(exist_ok=True)
     fixed, table = fixed_comparisons(baseline, table, budget_ms, dep, show_progress)
-    steps = budget.search.rounds * budget.search.steps + budget.distill_steps  # search + distillation
-    trained = [(c.name, _train_stage(corpus, _finetune_config(budget, steps, distill=0.5), root / c.name, c.model,
-                                     baseline, show_progress)) for c in fixed]
+    recipe = _finetune_config(budget, budget.extra_steps, distill=0.5)  # as many steps as search + distillation
+    trained = [(c.name, _train_stage(corpus, recipe, root / c.name, c.model, baseline, show_progress))
+               for c in fixed]
     dense = _search_stage(root / "dense-only-search", root / "dense-only-search_log.jsonl", baseline, corpus,
                           dense_space(space), table, dep, target_ms, None, budget, show_progress)
     trained.append(("dense-only", _train_stage(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5),

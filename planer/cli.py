@@ -49,11 +49,6 @@ def main() -> None:
         distributed.setup()
 
 
-def _main_process() -> bool:
-    """False in the processes torchrun starts besides rank 0: they train but do not report."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim), 'enwik8:PATH' (raw bytes, "
               "split 90/5/5) or 'wikitext103:DIR' (wiki.{train,valid,test}.tokens)")
 
@@ -96,11 +91,13 @@ def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: in
         arch = chosen.architecture(corpus.vocab_size)
     cfg = with_overrides(cfg, steps=steps, batch=batch, lr=lr, eval_every=eval_every, ckpt_every=ckpt_every,
                          seed=seed)
-    if arch is not None and _main_process():
+    from planer import distributed
+
+    if arch is not None and distributed.is_main():  # under torchrun only rank 0 reports
         click.echo(arch.summary())
     result = run_training(corpus, cfg, out, arch=arch, preset=preset or "", resume=resume,
                           show_progress=not quiet)
-    if _main_process():
+    if distributed.is_main():
         click.echo(f"{out}: step {result['step']}, {result['tokens_per_second']:.0f} tokens/s over "
                    f"{result['train_seconds']:.0f} s; valid {headline(result['valid'])}, "
                    f"test {headline(result['test'])}")
@@ -233,6 +230,7 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
           space: Path | None, data_spec: str | None, table_cache: Path | None, compare: bool, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
+    from planer import distributed
     from planer.build import BUDGETS, build as run_build, sweep
     from planer.latency.profile import Deployment
     from planer.space import SearchSpace
@@ -257,7 +255,7 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
     except KeyboardInterrupt:
         raise PlanerError(f"interrupted; {out}.partial keeps the finished stages: run the same command again "
                           "to continue") from None
-    if not _main_process():
+    if not distributed.is_main():  # under torchrun only rank 0 reports
         return
     if len(speedups) > 1:
         click.echo((out / "sweep.md").read_text())

@@ -2,78 +2,21 @@
 
 Taking the argmax per position ignores the budget: when the latency penalty
 pushes every position the same way, all positions flip together and the
-network collapses far below the target. Two tools here:
+network collapses far below the target. Choosing the most probable network
+that fits the budget (a knapsack over log-probabilities) does not help
+either: early in the search every baseline block is equally probable, so it
+drops the most expensive blocks (the attention) first.
 
-`constrained_choice` picks, per position, the candidate that maximises the
-total log-probability subject to the predicted latency fitting a budget (a
-multiple-choice knapsack, solved exactly by dynamic programming over latency
-quantised to `bins` steps). With an unbounded budget it is the most probable
-network that keeps an attention block.
-
-`shrink` starts from such a network and cuts it down to the budget one move
-at a time, choosing each move by the loss the supernet actually shows on
-held-out data per millisecond saved. The log-probabilities alone do not say
-what a block is worth: early in the search every baseline block is equally
-probable, and a budget-only derivation then drops the most expensive blocks
-(the attention) first.
+`shrink` starts from the most probable network (SuperNet.argmax) and cuts it
+down to the budget one move at a time, choosing each move by the loss the
+supernet actually shows on held-out data per millisecond saved.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor
-
-
-def constrained_choice(logp: Tensor, cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool], *,
-                       bins: int = 1000) -> list[int] | None:
-    """Per position, the candidate index maximising sum(logp[p, c]) with sum(cost_ms[c]) <= budget_ms and at
-    least one attention block (the memory needs one). None when no choice fits the budget.
-
-    logp: (positions, candidates) log-probabilities; cost_ms: (candidates,) block latencies.
-    Costs are rounded up to the quantum, so a returned choice never exceeds the budget.
-    """
-    if budget_ms <= 0:
-        return None
-    positions, n = logp.shape
-    quantum = budget_ms / bins
-    steps = [math.ceil(float(c) / quantum - 1e-9) for c in cost_ms]
-    attn = [bool(a) for a in is_attn]
-    neg = float("-inf")
-    # best[h, b]: highest total log-probability of the positions so far using b quanta, h = has attention
-    best = torch.full((2, bins + 1), neg, dtype=torch.float64)
-    best[0, 0] = 0.0
-    back = []  # per position: (chosen candidate, previous flag) for every state
-    for p in range(positions):
-        new = torch.full_like(best, neg)
-        pick = torch.full((2, bins + 1), -1, dtype=torch.long)
-        prev = torch.zeros((2, bins + 1), dtype=torch.long)
-        for c in range(n):
-            s = steps[c]
-            if s > bins:
-                continue
-            for h_from in (0, 1):
-                h_to = 1 if attn[c] else h_from
-                value = torch.full((bins + 1,), neg, dtype=torch.float64)
-                value[s:] = best[h_from, : bins + 1 - s] + float(logp[p, c])
-                better = value > new[h_to]
-                new[h_to] = torch.where(better, value, new[h_to])
-                pick[h_to][better] = c
-                prev[h_to][better] = h_from
-        best = new
-        back.append((pick, prev))
-    if math.isinf(float(best[1].max())):
-        return None
-    b = int(best[1].argmax())
-    h = 1
-    choice = []
-    for pick, prev in reversed(back):
-        c = int(pick[h, b])
-        choice.append(c)
-        h, b = int(prev[h, b]), b - steps[c]
-    return choice[::-1]
 
 
 def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],

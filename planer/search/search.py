@@ -12,10 +12,9 @@ After each round one network is derived under a latency budget: the most
 probable network, cut down to the budget move by move, each move the one
 that costs the least loss on held-out data per millisecond saved (see
 planer.search.derive). It is exported and timed in the engine beside the
-baseline. That
-measurement calibrates the table and corrects the budget of the next round
-by the ratio between the target and what the engine measured, so the rounds
-close in on the target as the engine sees it. Every round is one line of the
+baseline. That measurement calibrates the table and corrects the budget of
+the next round by the ratio between the target and what the engine
+measured, so the rounds close in on the target as the engine sees it. Every round is one line of the
 search log.
 """
 
@@ -40,7 +39,7 @@ from planer.latency import LatencyTable
 from planer.latency.profile import Deployment, measure
 from planer.latency.table import FIXED
 from planer.nn import LM
-from planer.search.derive import constrained_choice, shrink
+from planer.search.derive import shrink
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
@@ -219,8 +218,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             say(f"round {rnd}: {' '.join(record['arch'])}\n  measured {cand_ms:.2f} ms "
-                      f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {target_ms:.2f}); "
-                      f"valid loss {loss:.4f}")
+                f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {target_ms:.2f}); "
+                f"valid loss {loss:.4f}")
             # Judge by the ratio to the baseline timed in the same run, so machine drift cancels; move the
             # budget by what the engine says rather than trusting the table a second time.
             measured_ratio = cand_ms / base_ms
@@ -245,7 +244,6 @@ def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block
     """Most probable network, then cut to the budget by measured loss (see planer.search.derive.shrink).
     Moves go to a position's `shortlist` most probable candidates or to skip."""
     logp = net.alpha.detach().log_softmax(-1)
-    start = constrained_choice(logp, torch.zeros_like(block_ms), 1.0, is_attn)
     skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
     losses: dict[tuple[int, ...], float] = {}
@@ -262,7 +260,7 @@ def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block
             losses[key] = distributed.mean(float(total) / max(1, len(probe) - 1))  # same decisions on every rank
         return losses[key]
 
-    return shrink(start, block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip])
+    return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip])
 
 
 def _stream(data: Segments, step: int):

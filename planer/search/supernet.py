@@ -230,6 +230,18 @@ class SuperNet(nn.Module):
         """E[latency] under the current architecture distribution (differentiable in alpha)."""
         return fixed_ms + (self.probabilities() * block_ms).sum()
 
+    def argmax(self) -> list[int]:
+        """The most probable candidate per position. If that has no attention (the memory needs one), the
+        position where an attention candidate costs the least log-probability takes its best one."""
+        logp = self.alpha.detach().log_softmax(-1)
+        choice = logp.argmax(dim=-1).tolist()
+        attn = [i for i, c in enumerate(self.space.candidates) if c.kind == "attn"]
+        if attn and not any(self.space.candidates[c].kind == "attn" for c in choice):
+            best_attn = logp[:, attn].max(dim=1)
+            p = int((logp.max(dim=1).values - best_attn.values).argmin())
+            choice[p] = attn[int(best_attn.indices[p])]
+        return choice
+
     def derive(self, choice: Sequence[int]) -> Architecture:
         return self.arch.with_blocks([self.space.candidates[c] for c in choice
                                       if self.space.candidates[c].kind != "skip"])
