@@ -200,7 +200,7 @@ def _sweep_summary(run: Path, work: Path, summaries: list[dict[str, Any]]) -> No
 Baseline {headline(first['baseline'])}; continued on as many tokens as each result: {headline(first['baseline_continued'])}.
 Each build's latencies were measured beside its own baseline in one interleaved run (see x<S>/latency.json).
 
-| target | measured speedup | target | validation | loss / continued baseline |
+| target | measured speedup | met | validation | loss / continued baseline |
 |---|---|---|---|---|
 {rows}
 
