@@ -55,8 +55,7 @@ class SearchConfig:
     arch_lr: float = 5e-3
     # Gumbel-softmax temperature, annealed geometrically over all steps. Hard samples are the argmax of
     # alpha + tau * noise: a hot start trains the shared weights on near-random paths far from anything the
-    # derivation will pick. On the tiny baseline (2 rounds x 150 steps), tau 5 -> 0.5 with lam 1 and bias 2
-    # derived networks whose supernet bpc was 0.15-0.6 worse than tau 1 -> 0.3 with lam 0.1 and bias 3.
+    # derivation will pick.
     tau_start: float = 1.0
     tau_end: float = 0.3
     # Weight of the latency penalty. The derivation enforces the budget; the penalty only tilts the logits
