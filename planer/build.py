@@ -6,6 +6,9 @@ has finished; an interrupted build resumes there when run again. It holds:
     build.json                     what was asked for (model, target, deployment, budget, space)
     arch.json, model.safetensors   the result network and its weights
     model.onnx                     the result, exported for the engine (MoE lowered sparsely)
+    baseline/                      the baseline exported the same way (arch.json, model.onnx): what
+                                   `planer bench` times the result against
+    vocab.json                     word-level data only: the words by id, for `planer serve`
     latency.json                   baseline and result timed side by side in the engine (p50/p90/p99)
     accuracy.json                  baseline and result on the same validation split
     latency_table.json             the engine-measured block latencies (calibrated)
@@ -41,6 +44,7 @@ from planer.latency.profile import Deployment, measure, profile
 from planer.nn import LM
 from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import load_engine
+from planer.serve.text import VOCAB_FILE
 from planer.search.search import OUTCOME_FILE, SearchConfig, SearchOutcome, search
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate, headline, scores
@@ -64,6 +68,7 @@ class Budget:
 
 
 CONTINUED = "baseline-continued"
+BASELINE = "baseline"
 REQUEST_FILE = "build.json"
 BUDGETS = {
     "small": Budget(SearchConfig(rounds=2, steps=100), 300),
@@ -258,9 +263,13 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     path = export_lm(result, work / "model.onnx", lowering=dep.lowering)
     diff = parity(result, load_engine(dep.engine, str(path), threads=dep.threads), batch=dep.batch,
                   tgt_len=dep.tgt_len, mem_len=dep.mem_len)
+    (work / BASELINE).mkdir(exist_ok=True)
+    baseline.arch.save(work / BASELINE / ARCH_FILE)
+    models = [(str(export_lm(baseline, work / BASELINE / "model.onnx", lowering=dep.lowering)), baseline.arch),
+              (str(path), result.arch)]
+    if corpus.vocab is not None:
+        atomic_write_text(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
     with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
-        models = [(str(export_lm(baseline, Path(tmp) / "baseline.onnx", lowering=dep.lowering)), baseline.arch),
-                  (str(path), result.arch)]
         models += [(str(export_lm(m, Path(tmp) / f"{name}.onnx", lowering=dep.lowering)), m.arch)
                    for name, m in comparisons]
         timing = replace(dep, min_seconds=max(dep.min_seconds, 2.0), min_iters=max(dep.min_iters, 50))

@@ -9,7 +9,6 @@ the end, so a failed or interrupted command never leaves a half-written one.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,16 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from planer.arch import ArchError, Architecture
 from planer.errors import PlanerError
+from planer.files import ARCH_FILE, atomic_write_text, publish, staging_dir
 from planer.nn import LM
 
-ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -65,18 +58,6 @@ def load_model(run_dir: str | os.PathLike, **model_kwargs: float) -> LM:
                           "the two files come from different runs")
     model.load_state_dict(state)
     return model
-
-
-def staging_dir(out: Path) -> Path:
-    """Where a command assembles OUT before renaming it into place."""
-    return out.with_name(f"{out.name}.partial")
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move a completed staging directory to its final name."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
 
 
 __all__ = ["ARCH_FILE", "WEIGHTS_FILE", "ArchError", "atomic_write_text", "load_model", "publish",

@@ -40,6 +40,8 @@ def main() -> None:
     \b
     Stages alone: planer profile (latency table), planer export (ONNX).
     \b
+    Then serve it:  planer serve builds/tiny-x2
+    \b
     Data-parallel training and search (rank 0 measures and writes):
       torchrun --nproc-per-node 2 -m planer build --model runs/tiny --target-speedup 2
     """
@@ -147,9 +149,39 @@ def _load_arch(source: Path):
                    "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
                    "(activations gelu_tanh, relu, silu)")
 @click.option("--mem-len", type=int, help="memory length the graph keeps (default: the architecture's)")
-def export(run: Path, out: Path | None, lowering: str, mem_len: int | None) -> None:
+@click.option("--triton", "triton_repo", type=click.Path(path_type=Path),
+              help="write RUN/model.onnx (exported first if missing) into this Triton model repository")
+@click.option("--triton-name", help="model name in the repository (default: RUN's directory name)")
+@click.option("--triton-kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Triton instance kind (ONNX Runtime backend on CPU or GPU)")
+@click.option("--triton-instances", type=int, default=1, show_default=True, help="model instances")
+@click.option("--triton-max-batch", type=int, default=8, show_default=True, help="max_batch_size")
+@click.option("--triton-max-delay-us", type=int, default=2000, show_default=True,
+              help="dynamic batching: how long Triton waits for a request to batch with")
+@click.option("--overwrite", is_flag=True, help="replace the model already in the Triton repository")
+def export(run: Path, out: Path | None, lowering: str, mem_len: int | None, triton_repo: Path | None,
+           triton_name: str | None, triton_kind: str, triton_instances: int, triton_max_batch: int,
+           triton_max_delay_us: int, overwrite: bool) -> None:
     """Export a trained model to ONNX (memories as inputs/outputs, dynamic batch and lengths) and check
-    it against PyTorch."""
+    it against PyTorch; with --triton, also as an NVIDIA Triton Inference Server model.
+
+    \b
+      planer export runs/tiny
+      planer export builds/tiny-x2 --triton triton-models     # then: tritonserver --model-repository triton-models
+    """
+    if triton_repo is None or not (run / "model.onnx").is_file():
+        _export_onnx(run, out, lowering, mem_len)
+    if triton_repo is not None:
+        from planer.triton import write_repository
+
+        model_dir = write_repository(run, triton_repo, name=triton_name, kind=triton_kind,
+                                     instances=triton_instances, max_batch=triton_max_batch,
+                                     max_queue_delay_us=triton_max_delay_us, overwrite=overwrite)
+        click.echo(f"{model_dir}: Triton model (config.pbtxt, 1/model.onnx), checked against Triton's "
+                   "model-config schema; serve with: tritonserver --model-repository " + str(triton_repo))
+
+
+def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None) -> None:
     from planer.checkpoint import load_model
     from planer.export import export_lm
     from planer.export.reference import parity
@@ -266,6 +298,93 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
     if missed:
         raise PlanerError(f"{out}: built, but the target was missed ({', '.join(missed)}); "
                           "raise --budget or relax the target")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="directory (arch.json + model.onnx) of the model timed beside the build [BUILD/baseline]")
+@click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), help="engine [the stored one, else ort]")
+@click.option("--batch", type=int, help="batch size [the stored deployment, else the build's]")
+@click.option("--tgt-len", type=int, help="tokens per call [the stored deployment, else the build's]")
+@click.option("--mem-len", type=int, help="memory length [the stored deployment, else the build's]")
+@click.option("--threads", type=int, help="engine threads [the stored deployment, else the build's]")
+@click.option("--save", "save_to", type=click.Path(path_type=Path), help="write the measurement as a reference JSON")
+@click.option("--against", type=click.Path(path_type=Path),
+              help="a reference JSON from --save: exit 1 if build/reference latency grew by more than --max-slowdown")
+@click.option("--max-slowdown", type=float, default=1.10, show_default=True,
+              help="largest allowed growth of the build/reference latency ratio")
+@click.option("--min-seconds", type=float, default=2.0, show_default=True, help="timing time per try")
+@click.option("--tries", type=int, default=2, show_default=True,
+              help="with --against, a regression must show in every try (shared machines are noisy)")
+def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: int | None, tgt_len: int | None,
+          mem_len: int | None, threads: int | None, save_to: Path | None, against: Path | None, max_slowdown: float,
+          min_seconds: float, tries: int) -> None:
+    """Time a build beside a reference model (both in the engine, interleaved) and report the ratio;
+    with --against, gate on it.
+
+    \b
+      planer bench builds/tiny-x2 --save latency-reference.json
+      planer bench builds/tiny-x2 --against latency-reference.json --max-slowdown 1.10
+    """
+    from planer import bench as api
+
+    stored = api.load_reference(against) if against is not None else None
+    dep = dict(stored["deployment"]) if stored else api.default_deployment(build_dir)
+    given = {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads}
+    dep.update({k: v for k, v in given.items() if v is not None})
+    engine = engine or (stored["engine"]["engine"] if stored else "ort")
+    if max_slowdown < 1 or tries < 1:
+        raise PlanerError("--max-slowdown must be at least 1 and --tries at least 1")
+    ok = True
+    for attempt in range(tries if stored else 1):
+        m = api.measure(build_dir, reference, engine=engine, batch=dep["batch"], tgt_len=dep["tgt_len"],
+                        mem_len=dep["mem_len"], threads=dep["threads"] or None, min_seconds=min_seconds)
+        click.echo(m.table())
+        if stored:
+            ok, diff = api.gate(m, stored, max_slowdown)
+            click.echo(diff)
+            if ok:
+                break
+            if attempt + 1 < tries:
+                click.echo(f"try {attempt + 1} of {tries} regressed; timing again")
+    if save_to is not None:
+        api.save(m, save_to)
+        click.echo(f"wrote {save_to}")
+    if not ok:
+        raise PlanerError(f"latency regression: build/reference grew {m.ratio / stored['ratio']:.3f}x "
+                          f"(allowed {max_slowdown:g}x) in all {tries} tries")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
+              help="engine to serve model.onnx with")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; 0.0.0.0 exposes the server to the network")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--threads", type=int, default=None, help="engine intra-op threads (default: the engine's choice)")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="decoding steps of the same shape stacked into one engine call")
+@click.option("--max-delay-ms", type=float, default=2.0, show_default=True,
+              help="how long a step may wait for others to batch with")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="requests in flight at once; more are answered 503 at once")
+@click.option("--max-body-kb", type=int, default=1024, show_default=True, help="largest request body (413 beyond)")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="largest max_tokens of /v1/generate")
+def serve(build_dir: Path, engine: str, host: str, port: int, threads: int | None, max_batch: int,
+          max_delay_ms: float, max_queue: int, max_body_kb: int, max_new_tokens: int) -> None:
+    """Serve a build over HTTP: POST /v1/score, POST /v1/generate, GET /healthz, GET /metrics.
+
+    \b
+      planer serve builds/tiny-x2 --port 8000
+      curl -s localhost:8000/v1/generate -d '{"prompt": "The ", "max_tokens": 40}'
+    """
+    from planer.serve import ServeConfig, serve as run_server
+
+    config = ServeConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                         max_body_bytes=max_body_kb * 1024, max_new_tokens=max_new_tokens)
+    run_server(build_dir, engine=engine, threads=threads, host=host, port=port, config=config)
 
 
 def _speedups(text: str) -> list[float]:

@@ -1,0 +1,100 @@
+"""`planer serve` under load: the server runs in its own process, this process sends a bounded number of
+requests over loopback at each concurrency and records throughput, latency percentiles and errors.
+
+    python benchmarks/serve_load.py builds/tiny-x2 [--concurrency 1,4,16] [--requests 64] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from common import record
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("build", type=Path)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    p.add_argument("--threads", type=int, default=2, help="engine threads of the server")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    a = p.parse_args()
+    port = _free_port()
+    server_cmd = [sys.executable, "-m", "planer", "serve", str(a.build), "--port", str(port), "--threads",
+                  str(a.threads), "--max-batch", str(a.max_batch), "--max-delay-ms", str(a.max_delay_ms)]
+    server = subprocess.Popen(server_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    rows = ["| concurrency | requests | errors | requests/s | tokens/s | p50 ms | p99 ms | mean batch |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    data = []
+    try:
+        with httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=256)) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client.get("/healthz").raise_for_status()
+                    break
+                except httpx.HTTPError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"server did not start: {server.stderr.read()}")
+                    time.sleep(0.2)
+            prompts = [f"In {1800 + i} the city of " for i in range(a.requests)]
+
+            def one(prompt: str) -> tuple[int, float]:
+                t0 = time.perf_counter()
+                r = client.post("/v1/generate", json={"prompt": prompt, "max_tokens": a.max_tokens})
+                return r.status_code, (time.perf_counter() - t0) * 1e3
+
+            one(prompts[0])  # warm-up
+            for c in map(int, a.concurrency.split(",")):
+                before = client.get("/metrics").text
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(c) as pool:
+                    results = list(pool.map(one, prompts))
+                wall = time.perf_counter() - t0
+                after = client.get("/metrics").text
+                ok = [ms for code, ms in results if code == 200]
+                errors = len(results) - len(ok)
+                calls = _metric(after, "planer_batch_size_count") - _metric(before, "planer_batch_size_count")
+                steps = _metric(after, "planer_batch_size_sum") - _metric(before, "planer_batch_size_sum")
+                p50, p99 = np.percentile(ok, [50, 99]) if ok else (float("nan"),) * 2
+                row = {"concurrency": c, "requests": len(results), "errors": errors, "wall_s": wall,
+                       "requests_per_s": len(ok) / wall, "tokens_per_s": len(ok) * a.max_tokens / wall,
+                       "p50_ms": p50, "p99_ms": p99, "mean_batch": steps / calls if calls else 0.0}
+                data.append(row)
+                rows.append(f"| {c} | {len(results)} | {errors} | {row['requests_per_s']:.1f} | "
+                            f"{row['tokens_per_s']:.0f} | {p50:.0f} | {p99:.0f} | {row['mean_batch']:.2f} |")
+                print(rows[-1], flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    text = (f"`planer serve {a.build}` ({a.threads} engine threads, max batch {a.max_batch}, max delay "
+            f"{a.max_delay_ms} ms) in its own process; this process sends {a.requests} `/v1/generate` requests "
+            f"of {a.max_tokens} greedy tokens at each concurrency over loopback. Latency is per request, "
+            f"client-side.\n\n" + "\n".join(rows))
+    record("serve_load", {"build": str(a.build), "server": server_cmd[1:], "levels": data}, text)
+
+
+if __name__ == "__main__":
+    main()

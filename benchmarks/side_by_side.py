@@ -1,0 +1,45 @@
+"""A build and its reference (by default its baseline) in the same engine, timed interleaved, at several
+batch sizes: p50/p90/p99, spread, tokens/s and the latency ratio.
+
+    python benchmarks/side_by_side.py builds/tiny-x2 [--reference runs/tiny] [--batches 1,8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import record
+from planer.bench import default_deployment, measure
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("build", type=Path)
+    p.add_argument("--reference", type=Path, help="model directory to time beside the build [BUILD/baseline]")
+    p.add_argument("--engine", default="ort")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-seconds", type=float, default=5.0)
+    a = p.parse_args()
+    dep = default_deployment(a.build)
+    rows = ["| batch | model | p50 ms | p90 ms | p99 ms | spread | tokens/s | build / reference |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    data = []
+    for batch in map(int, a.batches.split(",")):
+        m = measure(a.build, a.reference, engine=a.engine, batch=batch, tgt_len=dep["tgt_len"],
+                    mem_len=dep["mem_len"], threads=a.threads, min_seconds=a.min_seconds)
+        data.append(m.to_dict())
+        for name, s in (("build", m.build), ("reference", m.reference)):
+            ratio = f"{m.ratio:.3f}" if name == "build" else ""
+            rows.append(f"| {batch} | {name} | {s.p50:.3f} | {s.p90:.3f} | {s.p99:.3f} | {s.spread:.2f} | "
+                        f"{m.tokens_per_s(s):,.0f} | {ratio} |")
+    reference = a.reference or a.build / "baseline"
+    text = (f"Build `{a.build}` against `{reference}`, {a.engine}, {a.threads} threads, "
+            f"{dep['tgt_len']} tokens per call with {dep['mem_len']} of memory; each batch size is one "
+            f"interleaved run.\n\n" + "\n".join(rows))
+    record("side_by_side", {"build": str(a.build), "reference": str(reference), "runs": data}, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Writing outputs so that nothing half-written is left (torch-free: serving code uses it too)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+ARCH_FILE = "arch.json"
+MODEL_FILE = "model.onnx"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def staging_dir(out: Path) -> Path:
+    """Where a command assembles OUT before renaming it into place."""
+    return out.with_name(f"{out.name}.partial")
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move a completed staging directory to its final name; an existing `out` is replaced only once the
+    new one is in place."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = staging.with_name(staging.name + ".old")
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)

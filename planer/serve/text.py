@@ -1,0 +1,81 @@
+"""Text <-> token ids for a served model, and sampling from its logits (numpy only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from planer.errors import PlanerError
+
+VOCAB_FILE = "vocab.json"  # word-level builds: the words by id (planer build writes it)
+
+
+class ByteTokenizer:
+    """enwik8-style models: one token per UTF-8 byte."""
+
+    unit = "byte"
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class WordTokenizer:
+    """WikiText-style models: whitespace-separated words, one <eos> per line, <unk> for unknown words."""
+
+    unit = "word"
+
+    def __init__(self, vocab: list[str]):
+        self.vocab = vocab
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.unk, self.eos = self.index["<unk>"], self.index["<eos>"]
+
+    def encode(self, text: str) -> np.ndarray:
+        ids: list[int] = []
+        for i, line in enumerate(text.split("\n")):
+            if i:
+                ids.append(self.eos)
+            ids.extend(self.index.get(w, self.unk) for w in line.split())
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.vocab[i] for i in ids).replace(" <eos> ", "\n").replace("<eos>", "\n")
+
+
+def load_tokenizer(build_dir: Path, vocab_size: int) -> ByteTokenizer | WordTokenizer:
+    path = build_dir / VOCAB_FILE
+    if path.is_file():
+        vocab = json.loads(path.read_text())
+        if not (isinstance(vocab, list) and len(vocab) == vocab_size and {"<unk>", "<eos>"} <= set(vocab)):
+            raise PlanerError(f"{path}: expected a list of {vocab_size} words including <unk> and <eos>; "
+                              "rebuild, or remove the file if the model reads bytes")
+        return WordTokenizer(vocab)
+    if vocab_size != 256:
+        raise PlanerError(f"{build_dir}: a {vocab_size}-token model needs its words in {VOCAB_FILE}; builds of "
+                          "word-level data write it -- rebuild with this planer")
+    return ByteTokenizer()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when temperature is 0; otherwise from the softmax at that temperature, restricted to the
+    smallest set of most probable tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    p = np.exp(log_softmax(logits / temperature))
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        keep = order[:int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        nucleus = np.zeros_like(p)
+        nucleus[keep] = p[keep]
+        p = nucleus
+    return int(rng.choice(p.size, p=p / p.sum()))

@@ -1,0 +1,76 @@
+"""`planer bench` and its CI latency gate: passes on the model it was stored for, fails on a slowed one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from planer.arch import BlockSpec
+from planer.cli import main
+from planer.export import export_lm
+from planer.nn import LM
+from tests.conftest import small_arch
+
+
+def _model_dir(root: Path, name: str, blocks: list[BlockSpec]) -> Path:
+    out = root / name
+    out.mkdir()
+    arch = small_arch(blocks, d_model=64, tgt_len=64, mem_len=64)
+    torch.manual_seed(0)
+    arch.save(out / "arch.json")
+    export_lm(LM(arch).eval(), out / "model.onnx")
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    attn = BlockSpec.attn(4, 16)
+    build = _model_dir(root, "build", [attn, BlockSpec.ffn(256), BlockSpec.moe(4, 1, 128)])
+    # The build's own baseline is the default reference, as `planer build` lays it out.
+    _model_dir(build, "baseline", [attn, BlockSpec.ffn(256), attn, BlockSpec.ffn(256)])
+    # The same build after a "regression": much more work per token.
+    slowed = _model_dir(root, "slowed", [attn, BlockSpec.ffn(1024), attn, BlockSpec.ffn(1024), BlockSpec.ffn(1024),
+                                         BlockSpec.moe(4, 2, 512)])
+    return {"build": build, "slowed": slowed, "reference": build / "baseline"}
+
+
+def bench(*args: object):
+    return CliRunner().invoke(main, ["bench", *map(str, args), "--min-seconds", "1", "--threads", "1"])
+
+
+def test_the_gate_passes_on_the_stored_build_and_fails_on_a_slowed_one(models, tmp_path):
+    ref = tmp_path / "latency-reference.json"
+    saved = bench(models["build"], "--save", ref)
+    assert saved.exit_code == 0, saved.output
+    stored = json.loads(ref.read_text())
+    assert stored["format"] == "planer.bench/1" and stored["deployment"] == {"batch": 1, "tgt_len": 64,
+                                                                             "mem_len": 64, "threads": 1}
+    assert stored["ratio"] == pytest.approx(stored["build"]["p50"] / stored["reference"]["p50"])
+
+    same = bench(models["build"], "--against", ref, "--max-slowdown", "1.10")
+    assert same.exit_code == 0, same.output
+    assert "pass" in same.output
+
+    slowed = bench(models["slowed"], "--reference", models["reference"], "--against", ref, "--max-slowdown", "1.10")
+    assert slowed.exit_code == 1, slowed.output
+    assert "REGRESSED" in slowed.output and "latency regression" in slowed.output
+    assert slowed.output.count("REGRESSED") == 2  # timed again before failing: noise alone does not fail CI
+
+
+def test_bad_references_and_mismatched_deployments_get_one_line_errors(models, tmp_path):
+    missing = bench(models["build"], "--against", tmp_path / "nope.json")
+    assert missing.exit_code != 0 and "--save" in missing.output
+    junk = tmp_path / "junk.json"
+    junk.write_text("{}")
+    assert "not a planer bench reference" in bench(models["build"], "--against", junk).output
+    ref = tmp_path / "ref.json"
+    assert bench(models["build"], "--save", ref, "--batch", "2").exit_code == 0
+    other = bench(models["build"], "--against", ref, "--batch", "1")
+    assert other.exit_code != 0 and "measured at" in other.output
+    no_ref = bench(models["slowed"])  # no baseline/ beside it and no --reference
+    assert no_ref.exit_code != 0 and "the reference must be a build directory" in no_ref.output

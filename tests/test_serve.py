@@ -1,0 +1,170 @@
+"""`planer serve` over real HTTP on 127.0.0.1: answers against PyTorch, batching, bad input, overload."""
+
+from __future__ import annotations
+
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+
+from planer.arch import BlockSpec
+from planer.checkpoint import save_weights
+from planer.export import export_lm
+from planer.nn import LM
+from planer.serve import ServeConfig, create_app
+from tests.conftest import small_arch
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory) -> tuple[Path, LM]:
+    """A random model with two memories and an MoE block, laid out like a build directory."""
+    out = tmp_path_factory.mktemp("build")
+    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64), BlockSpec.attn(2, 16), BlockSpec.moe(4, 2, 32)],
+                      tgt_len=8, mem_len=32)
+    torch.manual_seed(0)
+    model = LM(arch).eval()
+    arch.save(out / "arch.json")
+    save_weights(model, out / "model.safetensors")
+    export_lm(model, out / "model.onnx")
+    return out, model
+
+
+@contextmanager
+def running(build: Path, **config):
+    """The server in a thread of this process, on a free port of 127.0.0.1."""
+    app = create_app(build, threads=1, config=ServeConfig(**config))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def _metric(text: str, name: str, having: str = "") -> float:
+    """The sum of a Prometheus metric's samples whose labels include `having`."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and having in line)
+
+
+def test_score_and_generate_match_pytorch(build_dir):
+    build, model = build_dir
+    text = "The quick brown fox jumps ove"  # 29 bytes: within mem_len, so one PyTorch pass sees the same context
+    ids = torch.tensor([list(text.encode())])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    ref_bits = -logp.gather(1, ids[0, 1:, None]).sum().item() / math.log(2)
+    prompt = "Sparse experts"  # 14 bytes: two segments of tgt_len 8, then one token per step
+    tokens = list(prompt.encode())
+    with torch.no_grad():  # greedy by recomputing the whole prefix: no memories involved
+        for _ in range(12):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    with running(build) as url, httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/score", json={"text": text})
+        assert r.status_code == 200, r.text
+        s = r.json()
+        assert s["tokens"] == 29 and s["scored"] == 28
+        assert abs(-s["log_prob"] / math.log(2) - ref_bits) < 1e-3
+        assert abs(s["bpc"] - ref_bits / 28) < 1e-4
+        g = client.post("/v1/generate", json={"prompt": prompt, "max_tokens": 12}).json()
+        assert g["tokens"] == tokens[14:] and g["prompt_tokens"] == 14
+        sampled = [client.post("/v1/generate", json={"prompt": prompt, "max_tokens": 20, "temperature": 1.0,
+                                                     "top_p": 0.9, "seed": 7}).json() for _ in range(2)]
+        assert sampled[0]["tokens"] == sampled[1]["tokens"] and sampled[0]["seed"] == 7
+        health = client.get("/healthz").json()
+        assert health["status"] == "ok" and health["engine"]["engine"] == "ort"
+
+
+def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(build_dir):
+    build, _ = build_dir
+    prompts = [f"prompt number {i:02d}" for i in range(8)]  # same length: their steps can be stacked
+    with running(build, max_batch=8, max_delay_ms=50) as url, httpx.Client(base_url=url, timeout=60) as client:
+        alone = [client.post("/v1/generate", json={"prompt": p, "max_tokens": 10}).json()["tokens"] for p in prompts]
+        before = client.get("/metrics").text
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda p: client.post("/v1/generate",
+                                                           json={"prompt": p, "max_tokens": 10}).json(), prompts))
+        after = client.get("/metrics").text
+    assert [g["tokens"] for g in together] == alone
+    calls = _metric(after, "planer_batch_size_count") - _metric(before, "planer_batch_size_count")
+    steps = _metric(after, "planer_batch_size_sum") - _metric(before, "planer_batch_size_sum")
+    assert steps == 8 * (2 + 9)  # each request: two prompt segments, then nine one-token steps
+    assert calls < steps / 2, f"{steps} steps took {calls} engine calls: little batching"
+
+
+def test_bad_requests_get_400_or_413_and_the_server_keeps_serving(build_dir):
+    build, _ = build_dir
+    bad = [
+        (b"{not json", 400, "malformed JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        (b'{"prompt": "x", "max_tokens": 1.5}', 400, "max_tokens"),
+        (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
+        (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
+        (b'{"prompt": "x", "seed": "abc"}', 400, "seed"),
+        (b'{"prompt": ""}', 400, "prompt"),
+        (b'{"promt": "x"}', 400, "unknown field"),
+        (b'{"max_tokens": 3}', 400, "missing field 'prompt'"),
+        (b'{"prompt": "' + b"x" * 3000 + b'"}', 413, "limit"),
+    ]
+    with running(build, max_body_bytes=2048) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for body, status, words in bad:
+            r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == status and words in r.json()["error"], (body[:40], r.status_code, r.text)
+        r = client.post("/v1/score", json={"text": "x"})
+        assert r.status_code == 400 and "'text' has 1 token" in r.json()["error"]
+        assert client.post("/v1/generate", json={"prompt": "still here", "max_tokens": 3}).status_code == 200
+
+
+def test_overload_is_refused_with_503_and_no_request_is_lost_or_answered_twice(build_dir):
+    build, _ = build_dir
+    texts = ["x" * (2 + i) for i in range(240)]  # distinct lengths: each answer shows whose request it was
+    with running(build, max_queue=4) as url:
+        with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=48)) as client:
+            with ThreadPoolExecutor(48) as pool:
+                answers = list(pool.map(lambda t: client.post("/v1/score", json={"text": t}), texts))
+            counted = _metric(client.get("/metrics").text, "planer_requests_total", 'route="/v1/score"')
+            after = client.post("/v1/score", json={"text": "after the storm"})
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 503} and codes.count(200) > 0 and codes.count(503) > 0, codes
+    for text, r in zip(texts, answers):
+        body = r.json()
+        assert body["tokens"] == len(text) if r.status_code == 200 else "busy" in body["error"]
+    assert counted == len(texts)  # the server answered each request exactly once
+    assert after.status_code == 200
+
+
+def test_serve_cli_refuses_a_directory_without_a_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "planer", "serve", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "no arch.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sampling_keeps_to_the_nucleus():
+    from planer.serve.text import sample
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    drawn = {sample(logits, 1.0, 0.75, rng) for _ in range(300)}
+    assert drawn == {0, 1}
+    assert sample(logits, 0.0, 1.0, rng) == 0
