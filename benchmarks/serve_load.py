@@ -1,7 +1,11 @@
 """`planer serve` under load: the server runs in its own process, this process sends a bounded number of
 requests over loopback at each concurrency and records throughput, latency percentiles and errors.
 
-    python benchmarks/serve_load.py builds/tiny-x2 [--concurrency 1,4,16] [--requests 64] [--max-tokens 32]
+    python benchmarks/serve_load.py builds/tiny-x2 [--concurrency 1,4,16,64] [--requests 64] [--max-tokens 32]
+                                   [--max-queue 32]
+
+A concurrency above the server's --max-queue shows overload: the excess is answered 503 at once, and the
+next level (and a final health check) shows the server kept serving.
 """
 
 from __future__ import annotations
@@ -39,14 +43,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="engine threads of the server")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--max-queue", type=int, default=64, help="the server's limit of requests in flight")
     a = p.parse_args()
     port = _free_port()
     server_cmd = [sys.executable, "-m", "planer", "serve", str(a.build), "--port", str(port), "--threads",
-                  str(a.threads), "--max-batch", str(a.max_batch), "--max-delay-ms", str(a.max_delay_ms)]
+                  str(a.threads), "--max-batch", str(a.max_batch), "--max-delay-ms", str(a.max_delay_ms), "--max-queue", str(a.max_queue)]
     server = subprocess.Popen(server_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    rows = ["| concurrency | requests | errors | requests/s | tokens/s | p50 ms | p99 ms | mean batch |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| concurrency | requests | answered 200 | 503 (busy) | other | requests/s | tokens/s | p50 ms | p99 ms "
+            "| mean batch |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     data = []
     try:
         with httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=256)) as client:
@@ -75,25 +80,30 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 after = client.get("/metrics").text
                 ok = [ms for code, ms in results if code == 200]
-                errors = len(results) - len(ok)
+                busy = sum(code == 503 for code, _ in results)
+                other = len(results) - len(ok) - busy
                 calls = _metric(after, "planer_batch_size_count") - _metric(before, "planer_batch_size_count")
                 steps = _metric(after, "planer_batch_size_sum") - _metric(before, "planer_batch_size_sum")
                 p50, p99 = np.percentile(ok, [50, 99]) if ok else (float("nan"),) * 2
-                row = {"concurrency": c, "requests": len(results), "errors": errors, "wall_s": wall,
+                row = {"concurrency": c, "requests": len(results), "ok": len(ok), "busy": busy, "other": other,
+                       "wall_s": wall,
                        "requests_per_s": len(ok) / wall, "tokens_per_s": len(ok) * a.max_tokens / wall,
                        "p50_ms": p50, "p99_ms": p99, "mean_batch": steps / calls if calls else 0.0}
                 data.append(row)
-                rows.append(f"| {c} | {len(results)} | {errors} | {row['requests_per_s']:.1f} | "
+                rows.append(f"| {c} | {len(results)} | {len(ok)} | {busy} | {other} | {row['requests_per_s']:.1f} | "
                             f"{row['tokens_per_s']:.0f} | {p50:.0f} | {p99:.0f} | {row['mean_batch']:.2f} |")
                 print(rows[-1], flush=True)
+            healthy = client.get("/healthz").status_code == 200
     finally:
         server.terminate()
         server.wait(30)
     text = (f"`planer serve {a.build}` ({a.threads} engine threads, max batch {a.max_batch}, max delay "
-            f"{a.max_delay_ms} ms) in its own process; this process sends {a.requests} `/v1/generate` requests "
+            f"{a.max_delay_ms} ms, max queue {a.max_queue}) in its own process; this process sends {a.requests} `/v1/generate` requests "
             f"of {a.max_tokens} greedy tokens at each concurrency over loopback. Latency is per request, "
-            f"client-side.\n\n" + "\n".join(rows))
-    record("serve_load", {"build": str(a.build), "server": server_cmd[1:], "levels": data}, text)
+            f"client-side, over the requests answered 200; requests/s and tokens/s count those too. "
+            f"Health check after the last level: {'200' if healthy else 'FAILED'}.\n\n" + "\n".join(rows))
+    record("serve_load", {"build": str(a.build), "server": server_cmd[1:], "levels": data,
+                               "healthy_after": healthy}, text)
 
 
 if __name__ == "__main__":
