@@ -28,7 +28,7 @@ from planer.errors import PlanerError
 FORMAT = "planer.arch/1"
 BLOCK_KINDS = ("attn", "ffn", "moe", "skip")
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("relative", "rotary")
+POSITIONS = ("relative", "rotary", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
 
 # Which BlockSpec fields each kind uses; the others must stay 0.
@@ -149,6 +149,10 @@ class Architecture:
     activation: str = "gelu"
     bias: bool = True  # biases in the FFN / expert linears (Transformer-XL: yes, Llama: no)
     tie_embeddings: bool = True
+    attn_bias: bool = False  # biases in the attention projections (GPT-2: yes; Transformer-XL, Llama: no)
+    scale_embeddings: bool = True  # token embeddings x sqrt(d_model) (Transformer-XL; not Llama, GPT-2)
+    rope_base: float = 10000.0  # rotary: the frequencies' base (Llama's rope_theta)
+    max_positions: int = 0  # learned: rows of the absolute position table (GPT-2's n_positions)
     name: str = ""
 
     # ----------------------------------------------------------- construction
@@ -180,6 +184,10 @@ class Architecture:
         for name, allowed in (("norm", NORMS), ("pos", POSITIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise ArchError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.pos == "learned" and (not isinstance(self.max_positions, int)
+                                      or self.max_positions < self.mem_len + self.tgt_len):
+            raise ArchError(f"learned positions need max_positions >= mem_len + tgt_len "
+                            f"({self.mem_len + self.tgt_len}), got {self.max_positions!r}")
         if self.pos == "relative" and self.d_model % 2:
             raise ArchError(f"relative positions need an even d_model, got {self.d_model}")
         if not self.blocks:
@@ -273,7 +281,8 @@ class Architecture:
             kv = 2 * d * b.n_kv_heads * b.head_dim
             o = b.heads * b.head_dim * d
             rel = (d * b.heads * b.head_dim + 2 * b.heads * b.head_dim) if self.pos == "relative" else 0
-            n = norm + q + kv + o + rel
+            biases = (b.heads + 2 * b.n_kv_heads) * b.head_dim + d if self.attn_bias else 0
+            n = norm + q + kv + o + rel + biases
             return n, n
         if b.kind == "ffn":
             n = norm + self.ffn_params(b.d_inner)
@@ -284,7 +293,7 @@ class Architecture:
 
     def param_counts(self) -> dict[str, int]:
         """Total and active-per-token parameters, with and without embeddings."""
-        emb = self.vocab_size * self.d_model
+        emb = self.vocab_size * self.d_model + (self.max_positions * self.d_model if self.pos == "learned" else 0)
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
         total = active = 0
         for b in self.blocks:

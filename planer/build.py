@@ -4,11 +4,13 @@ The build directory is assembled as OUT.partial and renamed when every stage
 has finished; an interrupted build resumes there when run again. It holds:
 
     build.json                     what was asked for (model, target, deployment, budget, space)
+    imported/                      a Hugging Face baseline, imported (planer.hf)
     arch.json, model.safetensors   the result network and its weights
     model.onnx                     the result, exported for the engine (MoE lowered sparsely)
     baseline/                      the baseline exported the same way (arch.json, model.onnx): what
                                    `planer bench` times the result against
     vocab.json                     word-level data only: the words by id, for `planer serve`
+    tokenizer/                     an imported model's tokenizer, for `planer serve`
     latency.json                   baseline and result timed side by side in the engine (p50/p90/p99)
     accuracy.json                  baseline and result on the same validation split
     latency_table.json             the engine-measured block latencies (calibrated)
@@ -37,6 +39,8 @@ from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_m
 from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus
 from planer.errors import PlanerError
+from planer.files import TOKENIZER_DIR
+from planer.hf import IMPORT_FILE, import_hf, is_hf_checkpoint, write_run
 from planer.export import export_lm
 from planer.export.reference import parity
 from planer.latency import LatencyTable
@@ -92,18 +96,19 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     interruption keeps it, and calling build again with the same request continues from the last
     completed stage (the search, each training run from its last checkpoint).
     """
-    run, out = Path(run), Path(out)
+    source, out = Path(run), Path(out)
     if out.exists():
         raise PlanerError(f"{out} already exists; choose another --out or delete it")
     if (target_ms is None) == (target_speedup is None):
         raise PlanerError("give exactly one target: --target-latency-ms X or --target-speedup S")
+    work = staging_dir(out)
+    run = _imported(source, work, dep)
     baseline = load_model(run).eval()
     corpus = run_corpus(run, data, baseline.arch.vocab_size)
     space = space or SearchSpace.default(baseline.arch)
-    request = {"model": str(run.resolve()), "data": corpus.spec, "target_ms": target_ms,
+    request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target_ms,
                "target_speedup": target_speedup, "deployment": asdict(dep), "budget": asdict(budget),
                "space": space.to_dict(), "compare": compare, "planer": __version__}
-    work = staging_dir(out)
     _start_or_resume(work, request)
     main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
     try:
@@ -141,9 +146,22 @@ class _Clock:
         self._last = now
 
 
+def _imported(source: Path, work: Path, dep: Deployment) -> Path:
+    """The baseline's run directory: `source` itself, or for a Hugging Face checkpoint its import in
+    WORK/imported (kept there, so a resumed build does not import again)."""
+    if not is_hf_checkpoint(source):
+        return source
+    imported = work / "imported"
+    if distributed.is_main() and not imported.is_dir():
+        work.mkdir(parents=True, exist_ok=True)
+        write_run(import_hf(source, tgt_len=dep.tgt_len, mem_len=dep.mem_len), source, imported)
+    distributed.barrier()
+    return imported
+
+
 def _start_or_resume(work: Path, request: dict[str, Any]) -> None:
     """Create the staging directory, or check that the interrupted build in it asked for the same thing."""
-    if work.exists():
+    if (work / REQUEST_FILE).exists():
         try:
             before = json.loads((work / REQUEST_FILE).read_text())
         except (OSError, ValueError):
@@ -155,7 +173,7 @@ def _start_or_resume(work: Path, request: dict[str, Any]) -> None:
         return
     distributed.barrier()  # every rank saw no staging directory before rank 0 makes one
     if distributed.is_main():
-        work.mkdir(parents=True)
+        work.mkdir(parents=True, exist_ok=True)  # it may hold the baseline's import already
         atomic_write_text(work / REQUEST_FILE, json.dumps(request, indent=2) + "\n")
     distributed.barrier()
 
@@ -174,6 +192,7 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
         raise PlanerError(f"{out} already exists; choose another --out or delete it")
     work = staging_dir(out)
     work.mkdir(parents=True, exist_ok=True)
+    run = _imported(run, work, options["dep"])  # once for every target
     options.setdefault("table_cache", None)
     options["table_cache"] = options["table_cache"] or work / "latency_table.json"
     summaries = []
@@ -221,6 +240,9 @@ def _finetune_config(budget: Budget, steps: int, distill: float) -> TrainConfig:
 
 
 def _tokens_seen(run: Path) -> int:
+    """Tokens planer trained the baseline on (an imported model's pretraining is not planer's to count)."""
+    if (run / IMPORT_FILE).is_file():
+        return 0
     try:
         return int(json.loads((run / CONFIG_FILE).read_text())["tokens_seen"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -269,6 +291,8 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
               (str(path), result.arch)]
     if corpus.vocab is not None:
         atomic_write_text(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
+    if (run / TOKENIZER_DIR).is_dir():
+        shutil.copytree(run / TOKENIZER_DIR, work / TOKENIZER_DIR, dirs_exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
         models += [(str(export_lm(m, Path(tmp) / f"{name}.onnx", lowering=dep.lowering)), m.arch)
                    for name, m in comparisons]

@@ -38,6 +38,9 @@ def main() -> None:
       planer eval runs/tiny
       planer build --model runs/tiny --engine ort --target-speedup 2
     \b
+    A Hugging Face model (Llama, SmolLM, Mistral, GPT-2; a directory or a .gguf file) instead:
+      planer import ~/models/SmolLM2-135M --out runs/smollm2     (or pass it to --model directly)
+    \b
     Stages alone: planer profile (latency table), planer export (ONNX).
     \b
     Then serve it:  planer serve builds/tiny-x2
@@ -131,6 +134,26 @@ def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int
         click.echo(f"{run} on {corpus.spec} {split}: {headline(result)} (loss {result['loss']:.4f} nats, "
                    f"{result['tokens']} tokens)")
 
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="run directory to write")
+@click.option("--tgt-len", type=int, default=128, show_default=True, help="segment length the run is evaluated with")
+@click.option("--mem-len", type=int, default=128, show_default=True,
+              help="memory length (context carried between segments)")
+def import_(source: Path, out: Path, tgt_len: int, mem_len: int) -> None:
+    """Import a local Hugging Face decoder LM (a save_pretrained directory or a .gguf file) as a planer run:
+    Llama, SmolLM, Mistral or GPT-2.
+
+    \b
+      planer import ~/models/SmolLM2-135M --out runs/smollm2
+    """
+    from planer.hf import import_hf, write_run
+
+    record = write_run(import_hf(source, tgt_len=tgt_len, mem_len=mem_len), source, out)
+    click.echo(f"{out}: {_load_arch(out).summary().splitlines()[0]}\nmax |planer - transformers| logit "
+               f"difference {record['max_abs_logit_difference']:.2e} on {record['tokens_checked']} tokens")
 
 
 def _load_arch(source: Path):
@@ -231,7 +254,8 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
 
 @main.command()
 @click.option("--model", "run", required=True, type=click.Path(path_type=Path),
-              help="baseline run directory (from `planer train`)")
+              help="baseline: a run directory (from `planer train` or `planer import`), or a Hugging Face "
+                   "checkpoint directory or .gguf file, imported into the build first")
 @click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
               help="engine the result is measured in and built for")
 @click.option("--target-speedup", metavar="S[,S...]", help="latency target as baseline / result, measured side by side; a list "
@@ -250,7 +274,8 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
                    "large 6x500+3000")
 @click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
               "around the baseline)")
-@click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on). " + _DATA_HELP)
+@click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for an "
+              "imported model, which reads it through its own tokenizer). " + _DATA_HELP)
 @click.option("--table", "table_cache", type=click.Path(path_type=Path),
               help="latency table file to reuse (same engine and shape only) and update; by default every "
                    "build profiles afresh")

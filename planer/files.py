@@ -8,6 +8,7 @@ from pathlib import Path
 
 ARCH_FILE = "arch.json"
 MODEL_FILE = "model.onnx"
+TOKENIZER_DIR = "tokenizer"  # an imported model's Hugging Face tokenizer (tokenizer.json)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -8,6 +8,8 @@ A data spec names the source:
 
 Byte corpora are split like Transformer-XL's enwik8 (first 90 % / next 5 % /
 last 5 %); WikiText comes pre-split, with a word vocabulary built from train.
+A model imported with its own tokenizer reads a byte corpus as text through
+that tokenizer (`tokenize_corpus`), judged by perplexity per token.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ class Corpus:
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
-    vocab: list[str] | None = None  # words by id; None for bytes
+    vocab: list[str] | None = None  # words by id; None for bytes and tokenizer ids
+    symbols: int = 256  # ids in [0, symbols): 256 for bytes, the tokenizer's vocabulary for tokenized text
 
     @property
     def vocab_size(self) -> int:
-        return 256 if self.vocab is None else len(self.vocab)
+        return self.symbols if self.vocab is None else len(self.vocab)
 
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:
@@ -123,6 +126,30 @@ def load_wikitext(directory: Path, spec: str) -> Corpus:
     vocab = build_vocab(words["train"])
     index = {w: i for i, w in enumerate(vocab)}
     return Corpus(spec, "word", *(encode(words[s], index) for s in SPLITS), vocab=vocab)
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path) -> Corpus:
+    """A byte corpus read as text by a Hugging Face tokenizer (an imported model's), split where the bytes
+    were split, so the held-out text is the same one byte-level models are judged on."""
+    if corpus.unit != "byte":
+        raise DataError(f"{corpus.spec}: only byte corpora (sample, enwik8:PATH) can be re-tokenized for a "
+                        "model with its own tokenizer")
+    from tokenizers import Tokenizer  # ships with transformers; no torch
+
+    path = tokenizer_dir / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"{tokenizer_dir}: no tokenizer.json (a fast tokenizer); import the model again")
+    tokenizer = Tokenizer.from_file(str(path))
+
+    def encode(data: np.ndarray) -> np.ndarray:
+        # Lines are encoded separately (batched, in parallel) and joined: the same ids as one long call
+        # except at line boundaries, without building one multi-megabyte encoding.
+        lines = data.tobytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+        ids = [i for e in tokenizer.encode_batch(lines, add_special_tokens=False) for i in e.ids]
+        return np.asarray(ids, dtype=np.int32)
+
+    return Corpus(f"{corpus.spec}|{tokenizer_dir}", "token", encode(corpus.train), encode(corpus.valid),
+                  encode(corpus.test), symbols=tokenizer.get_vocab_size())
 
 
 def load_corpus(spec: str) -> Corpus:

@@ -24,7 +24,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.errors import PlanerError
 from planer.export.lowering import lower
 from planer.nn import LM
-from planer.nn.model import Block
+from planer.nn.model import Block, embed_tokens
 from planer.runtime.feeds import input_names, output_names
 
 # Sample sizes avoid 0/1 and each other, so the exporter specialises on none of them.
@@ -70,7 +70,7 @@ class _FixedGraph(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         m = self.model
-        x = m.norm(m.embed(tokens) * m.emb_scale)
+        x = m.norm(embed_tokens(m, tokens, 0))
         return x @ m.embed.weight.t() if m.head is None else m.head(x)
 
 

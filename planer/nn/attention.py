@@ -1,11 +1,13 @@
 """Causal multi-head attention over [memory; segment].
 
-Two position schemes share one module:
+Three position schemes share one module:
 - `relative` (Transformer-XL): content and position scores with the global
   biases u, v and sinusoidal relative encodings, aligned by the pad-and-reshape
   shift, so a segment attends to its memory exactly as to its own past.
 - `rotary` (Llama-style): rotary embeddings on queries and keys, optionally
   fewer key/value heads than query heads (grouped-query attention).
+- `learned` (GPT-2): absolute positions added to the embeddings (planer.nn.model);
+  attention itself is position-free.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ class Attention(nn.Module):
         d = arch.d_model
         self.heads, self.head_dim, self.kv_heads = spec.heads, spec.head_dim, spec.n_kv_heads
         self.pos = arch.pos
-        self.q = nn.Linear(d, self.heads * self.head_dim, bias=False)
-        self.kv = nn.Linear(d, 2 * self.kv_heads * self.head_dim, bias=False)
-        self.o = nn.Linear(self.heads * self.head_dim, d, bias=False)
+        self.rope_base = arch.rope_base
+        self.q = nn.Linear(d, self.heads * self.head_dim, bias=arch.attn_bias)
+        self.kv = nn.Linear(d, 2 * self.kv_heads * self.head_dim, bias=arch.attn_bias)
+        self.o = nn.Linear(self.heads * self.head_dim, d, bias=arch.attn_bias)
         if self.pos == "relative":
             self.r = nn.Linear(d, self.heads * self.head_dim, bias=False)
             self.r_w_bias = nn.Parameter(torch.zeros(self.heads, self.head_dim))
@@ -81,8 +84,9 @@ class Attention(nn.Module):
             position = torch.einsum("bhtd,khd->bhtk", q + self.r_r_bias[:, None], r)
             scores = content + rel_shift(position)
         else:
-            q = rotate(q, torch.arange(m, k, device=h.device))
-            key = rotate(key, torch.arange(k, device=h.device))
+            if self.pos == "rotary":
+                q = rotate(q, torch.arange(m, k, device=h.device), self.rope_base)
+                key = rotate(key, torch.arange(k, device=h.device), self.rope_base)
             if self.kv_heads != self.heads:
                 group = self.heads // self.kv_heads
                 key = key.repeat_interleave(group, dim=1)

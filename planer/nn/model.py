@@ -59,12 +59,22 @@ class LMOutput:
     aux_loss: Tensor  # sum of the MoE blocks' load-balancing losses (0 without MoE)
 
 
+def embed_tokens(model: nn.Module, idx: Tensor, offset: int) -> Tensor:
+    """The input of the first block, for a model (LM or supernet) with `embed`, `emb_scale` and `pos_embed`:
+    learned absolute positions count from the start of the memory window, `offset` tokens before idx."""
+    x = model.embed(idx) * model.emb_scale
+    if model.pos_embed is not None:
+        x = x + model.pos_embed(torch.arange(offset, offset + idx.shape[1], device=idx.device))
+    return x
+
+
 class LM(nn.Module):
     def __init__(self, arch: Architecture, dropout: float = 0.0, dropatt: float = 0.0):
         super().__init__()
         self.arch = arch.validate()
         self.embed = nn.Embedding(arch.vocab_size, arch.d_model)
-        self.emb_scale = math.sqrt(arch.d_model)
+        self.pos_embed = nn.Embedding(arch.max_positions, arch.d_model) if arch.pos == "learned" else None
+        self.emb_scale = math.sqrt(arch.d_model) if arch.scale_embeddings else 1.0
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(arch, spec, dropout, dropatt) for spec in arch.blocks)
         self.norm = make_norm(arch)
@@ -77,7 +87,7 @@ class LM(nn.Module):
         attn = [i for i, b in enumerate(self.blocks) if b.kind == "attn"]
         if mems is not None and len(mems) != len(attn):
             raise ValueError(f"expected {len(attn)} memories (one per attention block), got {len(mems)}")
-        x = self.drop(self.embed(idx) * self.emb_scale)
+        x = self.drop(embed_tokens(self, idx, 0 if not mems else mems[0].shape[1]))
         new_mems: list[Tensor] = []
         aux = x.new_zeros(())
         j = 0

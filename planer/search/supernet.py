@@ -28,7 +28,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.nn import LM, LMOutput
 from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
-from planer.nn.model import Block, make_norm
+from planer.nn.model import Block, embed_tokens, make_norm
 from planer.nn.moe import balance_loss, dispatch, route
 from planer.space import SearchSpace
 
@@ -63,6 +63,10 @@ def _copy_attention(dst: Attention, src: Attention) -> None:
     dst.q.weight[: h * hd] = src.q.weight[: h * hd]
     dst.kv.weight.view(2, dst.kv_heads, hd, -1)[:, :kv] = src.kv.weight.view(2, src.kv_heads, hd, -1)[:, :kv]
     dst.o.weight[:, : h * hd] = src.o.weight[:, : h * hd]
+    if dst.q.bias is not None and src.q.bias is not None:
+        dst.q.bias[: h * hd] = src.q.bias[: h * hd]
+        dst.kv.bias.view(2, dst.kv_heads, hd)[:, :kv] = src.kv.bias.view(2, src.kv_heads, hd)[:, :kv]
+        dst.o.bias.copy_(src.o.bias)
     if dst.pos == "relative":
         dst.r.weight[: h * hd] = src.r.weight[: h * hd]
         dst.r_w_bias[:h] = src.r_w_bias[:h]
@@ -167,6 +171,7 @@ class SuperNet(nn.Module):
         self.space = space
         self.embed = copy.deepcopy(baseline.embed)
         self.emb_scale = baseline.emb_scale
+        self.pos_embed = copy.deepcopy(baseline.pos_embed)
         self.norm = copy.deepcopy(baseline.norm)
         self.head = copy.deepcopy(baseline.head)
         blocks = list(baseline.blocks)
@@ -209,7 +214,7 @@ class SuperNet(nn.Module):
                 mems: list[Tensor] | None = None) -> LMOutput:
         """Run the sampled network; memories are kept for every position (a later sample may differ)."""
         mem_len = self.arch.mem_len
-        x = self.embed(idx) * self.emb_scale
+        x = embed_tokens(self, idx, 0 if not mems else mems[0].shape[1])
         aux = x.new_zeros(())
         new_mems = []
         for p, (position, c) in enumerate(zip(self.positions, choice)):

@@ -14,7 +14,7 @@ import numpy as np
 
 from planer.arch import Architecture
 from planer.serve.batcher import Batcher
-from planer.serve.text import ByteTokenizer, WordTokenizer, log_softmax, sample
+from planer.serve.text import Tokenizer, log_softmax, sample
 
 
 class BadRequest(ValueError):
@@ -22,7 +22,7 @@ class BadRequest(ValueError):
 
 
 class ServedLM:
-    def __init__(self, arch: Architecture, batcher: Batcher, tokenizer: ByteTokenizer | WordTokenizer, *,
+    def __init__(self, arch: Architecture, batcher: Batcher, tokenizer: Tokenizer, *,
                  max_input_tokens: int):
         self.arch = arch
         self.batcher = batcher

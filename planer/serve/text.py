@@ -1,4 +1,5 @@
-"""Text <-> token ids for a served model, and sampling from its logits (numpy only)."""
+"""Text <-> token ids for a served model (bytes, WikiText words, or an imported model's own tokenizer), and
+sampling from its logits (numpy only)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from planer.errors import PlanerError
+from planer.files import TOKENIZER_DIR
 
 VOCAB_FILE = "vocab.json"  # word-level builds: the words by id (planer build writes it)
 
@@ -46,7 +48,30 @@ class WordTokenizer:
         return " ".join(self.vocab[i] for i in ids).replace(" <eos> ", "\n").replace("<eos>", "\n")
 
 
-def load_tokenizer(build_dir: Path, vocab_size: int) -> ByteTokenizer | WordTokenizer:
+class HFTokenizer:
+    """Models imported from Hugging Face: their own tokenizer (tokenizer.json, read by `tokenizers`)."""
+
+    unit = "token"
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+Tokenizer = ByteTokenizer | WordTokenizer | HFTokenizer
+
+
+def load_tokenizer(build_dir: Path, vocab_size: int) -> Tokenizer:
+    hf = build_dir / TOKENIZER_DIR / "tokenizer.json"
+    if hf.is_file():
+        return HFTokenizer(hf)
     path = build_dir / VOCAB_FILE
     if path.is_file():
         vocab = json.loads(path.read_text())

@@ -31,7 +31,9 @@ from planer.arch import Architecture
 from planer.checkpoint import (ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, save_weights,
                                staging_dir)
 from planer.data import Corpus, Segments, load_corpus
+from planer.data.corpus import tokenize_corpus
 from planer.errors import PlanerError
+from planer.files import TOKENIZER_DIR
 from planer.nn import LM
 from planer.train.evaluate import evaluate, headline
 from planer.train.presets import TrainConfig
@@ -69,12 +71,17 @@ def run_source(out: Path) -> Path | None:
 
 def run_corpus(run: Path, data: str | None, vocab_size: int) -> Corpus:
     """The corpus `data`, by default the one run `run` was trained on, checked against the model's vocabulary."""
+    if data is None and (run / "import.json").is_file():
+        raise PlanerError(f"{run} was imported, so no training data is on record; pass --data (e.g. --data sample, "
+                          "read through the model's own tokenizer)")
     if data is None:
         try:
             data = json.loads((run / CONFIG_FILE).read_text())["data"]
         except (OSError, ValueError, KeyError):
             raise PlanerError(f"{run}: no {CONFIG_FILE} says which data it was trained on; pass --data") from None
     corpus = load_corpus(data)
+    if (run / TOKENIZER_DIR).is_dir():  # an imported model reads text through its own tokenizer
+        corpus = tokenize_corpus(corpus, run / TOKENIZER_DIR)
     if corpus.vocab_size != vocab_size:
         raise PlanerError(f"{data} has {corpus.vocab_size} symbols but the model {vocab_size}; "
                           "use the data it was trained on")
