@@ -71,7 +71,7 @@ def main() -> None:
             f"{imported['max_abs_logit_difference']:.2e} |\n"
             f"| perplexity, `{a.data}` valid split through the model's tokenizer ({valid['tokens']:,} tokens, "
             f"segments {arch.tgt_len} / memory {arch.mem_len}, {eval_s:.0f} s) | {valid['ppl']:.2f} |\n"
-            f"| max abs difference, ONNX Runtime vs PyTorch (B1, T{a.tgt_len}, M{a.mem_len}) | {diff:.2e} |\n"
+            f"| max abs difference, ONNX Runtime vs PyTorch, logits and memories (B1, T{a.tgt_len}, M{a.mem_len}, random memories) | {diff:.2e} |\n"
             f"| ONNX Runtime latency, B1 T{a.tgt_len} M{a.mem_len}, {a.threads} threads | {stats} |\n")
     record("hf_baseline", {"source": str(source), "import": imported, "valid": valid, "parity_onnx": diff,
                            "latency": stats.to_dict(), "arch": arch.to_dict()}, text)

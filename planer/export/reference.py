@@ -43,10 +43,17 @@ class TorchEngine:
 
 def parity(model: LM, engine: Engine, *, batch: int, tgt_len: int, mem_len: int, keep_len: int | None = None) -> float:
     """Max |engine - PyTorch| over every output on random inputs of memory length `mem_len`, for a graph
-    that keeps `keep_len` (default: the architecture's) of memory; refuses a graph that disagrees."""
+    that keeps `keep_len` (default: the architecture's) of memory; refuses a graph that disagrees.
+
+    The refusal is relative to each output's scale: deep networks carry hidden states in the hundreds
+    (SmolLM2's last memories reach ~330), where float32 summed in another order differs by ~1e-4 of that,
+    while a wrong graph is off by the order of the values themselves."""
     feeds = example_feeds(model.arch, batch, tgt_len, mem_len)
     got, want = engine.run(feeds), TorchEngine(model, mem_len=keep_len).run(feeds)
-    diff = max(float(np.abs(got[n] - want[n]).max()) for n in want)
-    if diff > 1e-3:
-        raise PlanerError(f"the exported graph disagrees with PyTorch by {diff:.2e}; please report this")
-    return diff
+    diffs = {n: float(np.abs(got[n] - want[n]).max()) for n in want}
+    for n, diff in diffs.items():
+        scale = max(1.0, float(np.abs(want[n]).max()))
+        if diff > 1e-3 * scale:
+            raise PlanerError(f"the exported graph's {n} disagrees with PyTorch by {diff:.2e} (values up to "
+                              f"{scale:.3g}); please report this")
+    return max(diffs.values())
