@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from planer import __version__, distributed
+from planer.arch import Architecture
 from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, staging_dir
 from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus
@@ -50,7 +51,7 @@ from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import load_engine
 from planer.serve.text import VOCAB_FILE
 from planer.search.search import OUTCOME_FILE, SearchConfig, SearchOutcome, search
-from planer.space import SearchSpace
+from planer.space import SearchSpace, trainable_params_limit
 from planer.train.evaluate import evaluate, headline, scores
 from planer.train.presets import TrainConfig
 from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source, train
@@ -102,15 +103,21 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     if (target_ms is None) == (target_speedup is None):
         raise PlanerError("give exactly one target: --target-latency-ms X or --target-speedup S")
     work = staging_dir(out)
-    run = _imported(source, work, dep)
-    baseline = load_model(run).eval()
-    corpus = run_corpus(run, data, baseline.arch.vocab_size)
-    space = space or SearchSpace.default(baseline.arch)
-    request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target_ms,
-               "target_speedup": target_speedup, "deployment": asdict(dep), "budget": asdict(budget),
-               "space": space.to_dict(), "compare": compare, "planer": __version__}
-    _start_or_resume(work, request)
+    fresh = not work.exists()
     main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
+    try:
+        run = _imported(source, work, dep)
+        baseline = load_model(run).eval()
+        corpus = run_corpus(run, data, baseline.arch.vocab_size)
+        space = _trainable(space, baseline.arch)
+        request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target_ms,
+                   "target_speedup": target_speedup, "deployment": asdict(dep), "budget": asdict(budget),
+                   "space": space.to_dict(), "compare": compare, "planer": __version__}
+        _start_or_resume(work, request)
+    except PlanerError:
+        if fresh and main:
+            shutil.rmtree(work, ignore_errors=True)  # an import made for a request that cannot run
+        raise
     try:
         cached = table_cache if table_cache and Path(table_cache).exists() else work / "latency_table.json"
         clock = _Clock()
@@ -144,6 +151,17 @@ class _Clock:
         now = time.perf_counter()
         self.laps[stage] = round(now - self._last, 1)
         self._last = now
+
+
+def _trainable(space: SearchSpace | None, arch: Architecture) -> SearchSpace:
+    """The given space, or the default one narrowed to what this machine's memory can train."""
+    limit = trainable_params_limit()
+    space = space or SearchSpace.default(arch, max_params=limit)
+    if space.supernet_params(arch) > limit:
+        raise PlanerError(f"the search space's supernet would hold {space.supernet_params(arch) / 1e6:,.0f}M "
+                          f"parameters; this machine trains at most {limit / 1e6:,.0f}M -- give fewer positions, "
+                          "experts or widths in --space")
+    return space
 
 
 def _imported(source: Path, work: Path, dep: Deployment) -> Path:

@@ -20,6 +20,19 @@ from typing import Any
 from planer.arch import ArchError, Architecture, BlockSpec
 
 FORMAT = "planer.space/1"
+BYTES_PER_TRAINED_PARAM = 16  # fp32 weights, gradients and Adam's two moments
+
+
+def trainable_params_limit(share: float = 1 / 3) -> int:
+    """Supernet parameters this machine can train in `share` of its memory (the rest: activations, the
+    baseline as teacher, the data). Reads the cgroup limit where there is one."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        memory = min(memory, int(limit)) if limit.isdigit() else memory
+    except OSError:
+        pass
+    return int(memory * share / BYTES_PER_TRAINED_PARAM)
 
 
 @dataclass(frozen=True)
@@ -29,19 +42,55 @@ class SearchSpace:
 
     @staticmethod
     def default(baseline: Architecture, *, experts: tuple[int, ...] = (2, 4, 8, 16), top_k: tuple[int, ...] = (1, 2),
-                widths: tuple[float, ...] = (0.25, 0.5, 1.0)) -> SearchSpace:
+                widths: tuple[float, ...] = (0.25, 0.5, 1.0), max_params: int | None = None) -> SearchSpace:
+        """PLANER's space around `baseline`. With `max_params`, a space whose supernet would hold more
+        parameters is narrowed step by step -- positions to one per baseline sublayer, then the largest
+        expert count, then the widest experts -- until it fits (deep baselines on small machines)."""
         attn = next((b for b in baseline.blocks if b.kind == "attn"), None)
         ffn = next((b for b in baseline.blocks if b.kind in ("ffn", "moe")), None)
         if attn is None or ffn is None:
             raise ArchError("the baseline needs an attention and an FFN block to define a search space")
         heads = sorted({h for h in (2 ** i for i in range(attn.heads.bit_length())) if h <= attn.heads} | {attn.heads})
         sizes = sorted({max(1, int(ffn.d_inner * w)) for w in widths})
-        candidates = [BlockSpec.skip()]
-        candidates += [BlockSpec.attn(h, attn.head_dim, math.gcd(attn.kv_heads, h) if attn.kv_heads else 0)
-                       for h in heads]
-        candidates += [BlockSpec.ffn(w) for w in sizes]
-        candidates += [BlockSpec.moe(e, k, w) for e in experts for k in top_k if k <= e for w in sizes]
-        return SearchSpace(2 * sum(b.kind != "skip" for b in baseline.blocks), tuple(candidates)).validate()
+        fixed = [BlockSpec.skip()]
+        fixed += [BlockSpec.attn(h, attn.head_dim, math.gcd(attn.kv_heads, h) if attn.kv_heads else 0) for h in heads]
+        fixed += [BlockSpec.ffn(w) for w in sizes]
+        sublayers = sum(b.kind != "skip" for b in baseline.blocks)
+        positions, experts, moe_sizes = 2 * sublayers, sorted(experts), list(sizes)
+
+        def space() -> SearchSpace:
+            moes = [BlockSpec.moe(e, k, w) for e in experts for k in top_k if k <= e for w in moe_sizes]
+            return SearchSpace(positions, tuple(fixed + moes)).validate()
+
+        while max_params is not None and space().supernet_params(baseline) > max_params:
+            if positions > sublayers:
+                positions = sublayers
+            elif len(experts) > 1:
+                experts.pop()
+            elif len(moe_sizes) > 1:
+                moe_sizes.pop()
+            else:
+                raise ArchError(f"even the narrowest default search space needs "
+                                f"{space().supernet_params(baseline) / 1e6:,.0f}M supernet parameters, more than "
+                                f"the {max_params / 1e6:,.0f}M this machine can train; pass a smaller --space")
+        return space()
+
+    def supernet_params(self, baseline: Architecture) -> int:
+        """Parameters of the supernet over `baseline` (planer.search.supernet.Position's layout): per position,
+        one attention module per head count, one FFN of the widest FFN candidate, as many experts as the
+        largest MoE candidate at the widest expert width, and a router per expert count."""
+        arch, norm = baseline, baseline.block_params(BlockSpec.ffn(1))[0] - baseline.ffn_params(1)
+        attns = [c for c in self.candidates if c.kind == "attn"]
+        ffns = [c.d_inner for c in self.candidates if c.kind == "ffn"]
+        moes = [c for c in self.candidates if c.kind == "moe"]
+        per = sum(arch.block_params(c)[0] - norm for c in attns) + (norm if attns else 0)
+        per += norm if ffns or moes else 0
+        per += arch.ffn_params(max(ffns)) if ffns else 0
+        if moes:
+            per += max(c.experts for c in moes) * arch.ffn_params(max(c.d_inner for c in moes))
+            per += arch.d_model * sum({c.experts for c in moes})
+        embedding = arch.param_counts()["total"] - arch.param_counts()["non_embedding_total"]
+        return self.positions * per + embedding + norm
 
     def validate(self) -> SearchSpace:
         if self.positions < 1:

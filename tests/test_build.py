@@ -118,3 +118,13 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     chosen = json.loads((out / "search" / "outcome.json").read_text())
     assert json.loads((out / "arch.json").read_text())["blocks"] == \
         chosen["candidates"][chosen["chosen"]]["arch"]["blocks"]
+
+
+def test_build_refuses_a_space_this_machine_cannot_train(baseline_run, tmp_path, monkeypatch):
+    import planer.build
+
+    monkeypatch.setattr(planer.build, "trainable_params_limit", lambda: 1000)
+    with pytest.raises(PlanerError, match="supernet would hold"):
+        build(baseline_run, tmp_path / "big", dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+              show_progress=False)
+    assert not (tmp_path / "big.partial").exists()

@@ -132,3 +132,27 @@ def test_search_can_start_at_the_baseline():
     net = SuperNet(baseline, space, baseline_bias=2.0)
     assert net.baseline_choice(baseline.arch) == _baseline_choice(space)
     assert net.derive(net.argmax()) == baseline.arch
+
+
+def test_supernet_params_counts_what_the_supernet_holds():
+    arch = small_arch()
+    for space in (SearchSpace.default(arch), SearchSpace(3, (BlockSpec.skip(), BlockSpec.ffn(16))),
+                  SearchSpace(2, (BlockSpec.attn(1, 16), BlockSpec.moe(4, 1, 8), BlockSpec.moe(2, 2, 32)))):
+        net = SuperNet(LM(arch), space)
+        held = sum(p.numel() for name, p in net.named_parameters() if name != "alpha")
+        assert space.supernet_params(arch) == held
+
+
+def test_the_default_space_narrows_to_fit_a_parameter_budget():
+    from planer.arch import ArchError
+
+    arch = small_arch()
+    full = SearchSpace.default(arch)
+    assert SearchSpace.default(arch, max_params=full.supernet_params(arch)) == full
+    fitted = SearchSpace.default(arch, max_params=full.supernet_params(arch) // 4)
+    assert fitted.supernet_params(arch) <= full.supernet_params(arch) // 4
+    assert fitted.positions == len(arch.blocks)  # positions go first
+    assert max(c.experts for c in fitted.candidates if c.kind == "moe") < 16  # then the largest expert counts
+    assert {c.kind for c in fitted.candidates} == {c.kind for c in full.candidates}
+    with pytest.raises(ArchError, match="pass a smaller --space"):
+        SearchSpace.default(arch, max_params=1000)
