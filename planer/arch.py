@@ -251,6 +251,8 @@ class Architecture:
             raise ArchError(f"{p}: no such architecture file; pass a run directory or an arch.json")
         try:
             return Architecture.from_json(p.read_text())
+        except UnicodeDecodeError:
+            raise ArchError(f"{p}: not a text file; pass a run directory or an arch.json") from None
         except ArchError as e:
             raise ArchError(f"{p}: {e}; fix the file or regenerate it") from None
 

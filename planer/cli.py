@@ -289,16 +289,21 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
     profile, search, distill, export, verify."""
     from planer import distributed
     from planer.build import BUDGETS, build as run_build, sweep
+    from planer.hf import IMPORT_MEM_LEN, IMPORT_TGT_LEN, is_hf_checkpoint
     from planer.latency.profile import Deployment
     from planer.space import SearchSpace
 
     if (target_speedup is None) == (target_latency_ms is None):
         raise PlanerError("give exactly one target: --target-speedup S or --target-latency-ms X")
     speedups = _speedups(target_speedup) if target_speedup is not None else []
-    arch = _load_arch(run)
+    if is_hf_checkpoint(run):  # imported inside the build, with the deployment's lengths
+        tgt_len, mem_len = tgt_len or IMPORT_TGT_LEN, IMPORT_MEM_LEN if mem_len is None else mem_len
+        arch = None
+    else:
+        arch = _load_arch(run)
     if out is None:
         suffix = f"x{speedups[0]:g}" if len(speedups) == 1 else "sweep" if speedups else f"{target_latency_ms:g}ms"
-        out = Path("builds") / f"{run.name}-{suffix}"
+        out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
     dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
                      mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering)
     options = dict(dep=dep, budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,

@@ -28,6 +28,7 @@ from planer.errors import PlanerError
 from planer.nn import LM
 
 LLAMA_FAMILY = ("llama", "mistral")
+IMPORT_TGT_LEN = IMPORT_MEM_LEN = 128  # segment and memory length of an import unless told otherwise
 SUPPORTED = (*LLAMA_FAMILY, "gpt2")
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                 "silu": "silu"}
@@ -164,7 +165,7 @@ def _gpt2_state(hf: Any, arch: Architecture) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(source: str | os.PathLike, *, tgt_len: int = 128, mem_len: int = 128) -> Imported:
+def import_hf(source: str | os.PathLike, *, tgt_len: int = IMPORT_TGT_LEN, mem_len: int = IMPORT_MEM_LEN) -> Imported:
     """A local Hugging Face checkpoint (directory or .gguf) as a planer LM with the same weights."""
     config, hf, tokenizer = _load(Path(source))
     arch = architecture(config, tgt_len=tgt_len, mem_len=mem_len)

@@ -157,3 +157,13 @@ def test_build_takes_a_hugging_face_checkpoint(text_file, tmp_path):
     assert request["model"] == str((tmp_path / "llama").resolve())
     assert summary["accuracy"]["baseline"]["tokens_trained"] == 0  # pretraining is not planer's to count
     assert load_model(out).arch.pos == "rotary"
+
+
+def test_cli_build_of_an_unreadable_gguf_says_so_in_one_line(tmp_path):
+    junk = tmp_path / "model.gguf"
+    junk.write_bytes(b"\xc3\x28 not a gguf file")
+    result = CliRunner().invoke(main, ["build", "--model", str(junk), "--target-speedup", "2", "--data", "sample",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "model.gguf" in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
