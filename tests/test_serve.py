@@ -168,3 +168,27 @@ def test_sampling_keeps_to_the_nucleus():
     drawn = {sample(logits, 1.0, 0.75, rng) for _ in range(300)}
     assert drawn == {0, 1}
     assert sample(logits, 0.0, 1.0, rng) == 0
+
+
+def test_a_model_with_its_own_tokenizer_is_scored_in_perplexity(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tokenizer").mkdir()
+    tok.save(str(tmp_path / "tokenizer" / "tokenizer.json"))
+    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64)], vocab_size=len(words), tgt_len=8, mem_len=16)
+    torch.manual_seed(0)
+    model = LM(arch).eval()
+    arch.save(tmp_path / "arch.json")
+    export_lm(model, tmp_path / "model.onnx")
+    ids = torch.tensor([[1, 2, 3, 4, 1, 5]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    ref_loss = -logp.gather(1, ids[0, 1:, None]).mean().item()
+    with running(tmp_path) as url, httpx.Client(base_url=url, timeout=30) as client:
+        s = client.post("/v1/score", json={"text": "the cat sat on the mat"}).json()
+        g = client.post("/v1/generate", json={"prompt": "the dog", "max_tokens": 4}).json()
+    assert s["tokens"] == 6 and abs(s["ppl"] - math.exp(ref_loss)) < 1e-3 * math.exp(ref_loss)
+    assert len(g["tokens"]) == 4 and all(w in words for w in g["text"].split())
