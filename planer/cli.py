@@ -54,8 +54,8 @@ def main() -> None:
         distributed.setup()
 
 
-_DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim), 'enwik8:PATH' (raw bytes, "
-              "split 90/5/5) or 'wikitext103:DIR' (wiki.{train,valid,test}.tokens)")
+_DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim), 'enwik8:PATH' or 'text:PATH' "
+              "(raw bytes or UTF-8 text, split 90/5/5) or 'wikitext103:DIR' (wiki.{train,valid,test}.tokens)")
 
 
 @main.command()

@@ -18,8 +18,9 @@ def test_sample_corpus():
     assert bytes(corpus.train[:5]) == b"<medi"  # the XML dump, in enwik8's format
 
 
-def test_enwik8_file_round_trip(text_file):
-    corpus = load_corpus(f"enwik8:{text_file}")
+@pytest.mark.parametrize("kind", ["enwik8", "text"])
+def test_byte_file_round_trip(text_file, kind):
+    corpus = load_corpus(f"{kind}:{text_file}")
     raw = text_file.read_bytes()
     assert bytes(np.concatenate([corpus.train, corpus.valid, corpus.test])) == raw
     assert len(corpus.valid) == len(raw) * 95 // 100 - len(raw) * 90 // 100
@@ -42,6 +43,7 @@ def test_wikitext_vocab_unk_and_eos(tmp_path):
     ("enwik9", "unknown data spec"),
     ("parquet:/x", "unknown data format 'parquet'"),
     ("enwik8:/nonexistent/enwik8", "no such file"),
+    ("text:/nonexistent/notes.txt", "text:PATH needs"),
     ("wikitext103:/nonexistent", "no such directory"),
 ])
 def test_bad_specs(spec, message):

@@ -4,6 +4,7 @@ A data spec names the source:
 
     sample                 the enwik8-format Wikipedia excerpt shipped in gensim's test data
     enwik8:PATH            a raw byte file (enwik8 itself or anything in its format)
+    text:PATH              the same for any UTF-8 text file (the name says what it is)
     wikitext103:DIR        a directory with wiki.{train,valid,test}.tokens
 
 Byte corpora are split like Transformer-XL's enwik8 (first 90 % / next 5 % /
@@ -82,7 +83,7 @@ def load_bytes(spec: str, raw: bytes) -> Corpus:
 
 def load_enwik8(path: Path, spec: str) -> Corpus:
     if not path.is_file():
-        raise DataError(f"{path}: no such file; enwik8:PATH needs the raw enwik8 file (unzipped)")
+        raise DataError(f"{path}: no such file; {spec.partition(':')[0]}:PATH needs a raw (unzipped) file")
     raw = path.read_bytes()
     if raw[:2] == b"PK" or raw[:3] == b"BZh" or raw[:2] == b"\x1f\x8b":
         raise DataError(f"{path}: this is a compressed archive; unpack it and pass the raw file")
@@ -132,7 +133,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path) -> Corpus:
     """A byte corpus read as text by a Hugging Face tokenizer (an imported model's), split where the bytes
     were split, so the held-out text is the same one byte-level models are judged on."""
     if corpus.unit != "byte":
-        raise DataError(f"{corpus.spec}: only byte corpora (sample, enwik8:PATH) can be re-tokenized for a "
+        raise DataError(f"{corpus.spec}: only byte corpora (sample, enwik8:PATH, text:PATH) can be re-tokenized for a "
                         "model with its own tokenizer")
     from tokenizers import Tokenizer  # ships with transformers; no torch
 
@@ -158,10 +159,10 @@ def load_corpus(spec: str) -> Corpus:
         return load_bytes(spec, bz2.decompress(sample_path().read_bytes()))
     kind, sep, location = spec.partition(":")
     if not sep or not location:
-        raise DataError(f"unknown data spec {spec!r}; use sample, enwik8:PATH or wikitext103:DIR")
+        raise DataError(f"unknown data spec {spec!r}; use sample, enwik8:PATH, text:PATH or wikitext103:DIR")
     path = Path(location).expanduser()
-    if kind == "enwik8":
+    if kind in ("enwik8", "text"):
         return load_enwik8(path, spec)
     if kind == "wikitext103":
         return load_wikitext(path, spec)
-    raise DataError(f"unknown data format {kind!r} in {spec!r}; use sample, enwik8:PATH or wikitext103:DIR")
+    raise DataError(f"unknown data format {kind!r} in {spec!r}; use sample, enwik8:PATH, text:PATH or wikitext103:DIR")
