@@ -217,13 +217,27 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
     for s in speedups:
         done = work / f"x{s:g}"
         continued = work / f"x{speedups[0]:g}" / CONTINUED if summaries else None
-        summaries.append(_summary(done) if done.is_dir() else
+        summaries.append(_finished(done, options) if done.is_dir() else
                          build(run, done, target_speedup=s, continued=continued, **options))
     if distributed.is_main():
         _sweep_summary(run, work, summaries)
         publish(work, out)
     distributed.barrier()
     return summaries
+
+
+def _finished(done: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a build an interrupted sweep finished, if it was asked for the same way as now."""
+    before = json.loads((done / REQUEST_FILE).read_text())
+    now = {"deployment": asdict(options["dep"]), "budget": asdict(options.get("budget", BUDGETS["medium"])),
+           "compare": options.get("compare", False)}
+    if options.get("space") is not None:
+        now["space"] = options["space"].to_dict()
+    changed = [k for k, v in now.items() if before.get(k) != json.loads(json.dumps(v))]
+    if changed:
+        raise PlanerError(f"{done} was built with another {', '.join(changed)}; repeat the sweep's arguments to "
+                          f"continue it, or delete {done.parent}")
+    return _summary(done)
 
 
 def _sweep_summary(run: Path, work: Path, summaries: list[dict[str, Any]]) -> None:

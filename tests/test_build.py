@@ -1,6 +1,7 @@
 """A fast end-to-end build: micro baseline, a few steps per stage, a real engine measurement."""
 
 import json
+import shutil
 
 import pytest
 
@@ -62,6 +63,12 @@ def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp
     continued = [json.loads((out / x / "accuracy.json").read_text())["baseline_continued"] for x in ("x1.2", "x1.5")]
     assert continued[0] == continued[1]  # trained once, reused
     assert "x1.5" in (out / "sweep.md").read_text()
+    # An interrupted sweep reuses its finished builds only when asked for the same way.
+    again = tmp_path / "again"
+    shutil.copytree(out / "x1.2", tmp_path / "again.partial" / "x1.2")
+    other = Budget(SearchConfig(rounds=1, steps=3, batch=2, valid_tokens=512), distill_steps=3)
+    with pytest.raises(PlanerError, match="x1.2 was built with another budget"):
+        sweep(baseline_run, again, [1.2, 1.5], dep=DEP, budget=other, space=SPACE, show_progress=False)
 
 
 def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_path):
