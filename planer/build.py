@@ -286,8 +286,9 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
             dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
             continued: Path | None, compare: bool, show_progress: bool, clock: _Clock) -> tuple[dict, dict]:
     base_tokens = _tokens_seen(run)
+    base_onnx = _export_baseline(baseline, work / BASELINE, dep)
     outcome = _search_stage(work / "search", work / "search_log.jsonl", baseline, corpus, space, table, dep,
-                            target_ms, target_speedup, budget, show_progress)
+                            target_ms, target_speedup, budget, show_progress, base_onnx)
     table = outcome.table
     clock.lap("search")
     result = _train_stage(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5), work / "distill",
@@ -308,7 +309,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     comparisons: list[tuple[str, LM]] = []
     if compare:
         comparisons, table = _compare(baseline, corpus, space, table, work / "compare", dep, outcome.target_ms,
-                                      table.predict(result.arch), budget, show_progress)
+                                      table.predict(result.arch), budget, show_progress, base_onnx)
         clock.lap("compare")
     if not main:
         return distributed.broadcast(None)
@@ -317,10 +318,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     path = export_lm(result, work / "model.onnx", lowering=dep.lowering)
     diff = parity(result, load_engine(dep.engine, str(path), threads=dep.threads), batch=dep.batch,
                   tgt_len=dep.tgt_len, mem_len=dep.mem_len)
-    (work / BASELINE).mkdir(exist_ok=True)
-    baseline.arch.save(work / BASELINE / ARCH_FILE)
-    models = [(str(export_lm(baseline, work / BASELINE / "model.onnx", lowering=dep.lowering)), baseline.arch),
-              (str(path), result.arch)]
+    models = [(base_onnx, baseline.arch), (str(path), result.arch)]
     if corpus.vocab is not None:
         atomic_write_text(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
     if (run / TOKENIZER_DIR).is_dir():
@@ -371,9 +369,20 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     return distributed.broadcast((latency, accuracy))
 
 
+def _export_baseline(baseline: LM, out: Path, dep: Deployment) -> str:
+    """BUILD/baseline/: the baseline exported once for the build, timed beside every candidate and the result
+    (and by `planer bench` later). Rank 0's path; other ranks never time."""
+    if not distributed.is_main():
+        return ""
+    out.mkdir(exist_ok=True)
+    baseline.arch.save(out / ARCH_FILE)
+    path = out / "model.onnx"
+    return str(path if path.is_file() else export_lm(baseline, path, lowering=dep.lowering))
+
+
 def _search_stage(out: Path, log: Path, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable,
                   dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
-                  show_progress: bool) -> SearchOutcome:
+                  show_progress: bool, base_onnx: str) -> SearchOutcome:
     """The search, or its saved outcome when an earlier, interrupted build completed it."""
     if (out / OUTCOME_FILE).exists():
         return SearchOutcome.load(out)
@@ -381,7 +390,7 @@ def _search_stage(out: Path, log: Path, baseline: LM, corpus: Corpus, space: Sea
     if distributed.is_main():
         log.unlink(missing_ok=True)  # an interrupted search starts over
     outcome = search(baseline, corpus, space, table, dep, target_ms=target_ms, target_speedup=target_speedup,
-                     cfg=budget.search, log_path=log, show_progress=show_progress)
+                     cfg=budget.search, log_path=log, show_progress=show_progress, baseline_onnx=base_onnx)
     if distributed.is_main():
         staging = staging_dir(out)
         shutil.rmtree(staging, ignore_errors=True)
@@ -401,8 +410,8 @@ def _train_stage(corpus: Corpus, cfg: TrainConfig, out: Path, init: LM, teacher:
 
 
 def _compare(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, root: Path, dep: Deployment,
-             target_ms: float, budget_ms: float, budget: Budget,
-             show_progress: bool) -> tuple[list[tuple[str, LM]], LatencyTable]:
+             target_ms: float, budget_ms: float, budget: Budget, show_progress: bool,
+             base_onnx: str) -> tuple[list[tuple[str, LM]], LatencyTable]:
     """The --compare networks, trained with the result's budget (see planer.compare)."""
     if distributed.is_main():
         root.mkdir(exist_ok=True)
@@ -411,7 +420,7 @@ def _compare(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTab
     trained = [(c.name, _train_stage(corpus, recipe, root / c.name, c.model, baseline, show_progress))
                for c in fixed]
     dense = _search_stage(root / "dense-only-search", root / "dense-only-search_log.jsonl", baseline, corpus,
-                          dense_space(space), table, dep, target_ms, None, budget, show_progress)
+                          dense_space(space), table, dep, target_ms, None, budget, show_progress, base_onnx)
     trained.append(("dense-only", _train_stage(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5),
                                                root / "dense-only", dense.chosen.model, baseline, show_progress)))
     return trained, table

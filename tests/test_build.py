@@ -31,7 +31,8 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     names = {p.name for p in out.iterdir()}
     assert names >= {"arch.json", "model.safetensors", "model.onnx", "latency.json", "accuracy.json",
                      "latency_table.json", "search_log.jsonl", "report.md", "distill", "baseline-continued",
-                     "pareto.png", "arch.png"}
+                     "pareto.png", "arch.png", "baseline"}
+    assert {p.name for p in (out / "baseline").iterdir()} == {"arch.json", "model.onnx"}  # planer bench's reference
     assert not (tmp_path / "build.partial").exists()
     latency = json.loads((out / "latency.json").read_text())
     assert latency["met"] and latency["speedup"] >= 1.5 and summary["speedup"] == latency["speedup"]

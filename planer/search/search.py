@@ -137,14 +137,17 @@ def fastest_predicted(table: LatencyTable, space: SearchSpace) -> float:
 
 def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, *,
            target_ms: float | None = None, target_speedup: float | None = None, cfg: SearchConfig = SearchConfig(),
-           log_path: Path | None = None, show_progress: bool = True) -> SearchOutcome:
-    """Search for a network that meets the target (see SearchOutcome for what is chosen)."""
+           log_path: Path | None = None, show_progress: bool = True, baseline_onnx: str | None = None
+           ) -> SearchOutcome:
+    """Search for a network that meets the target (see SearchOutcome for what is chosen). `baseline_onnx` is the
+    baseline already exported for this deployment (exported here otherwise); candidates are timed beside it."""
     torch.manual_seed(cfg.seed)
     baseline = baseline.eval()
     arch = baseline.arch
     main = distributed.is_main()  # under torchrun rank 0 alone exports, times, evaluates and writes
     with tempfile.TemporaryDirectory(prefix="planer-search-") as tmp:
-        base_path = str(export_lm(baseline, Path(tmp) / "baseline.onnx", lowering=dep.lowering)) if main else ""
+        base_path = "" if not main else baseline_onnx or str(export_lm(baseline, Path(tmp) / "baseline.onnx",
+                                                                        lowering=dep.lowering))
         baseline_ms = distributed.broadcast(measure([(base_path, arch)], dep)[0].p50 if main else None)
         if target_ms is None:
             if not target_speedup or target_speedup <= 0:
