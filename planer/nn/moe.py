@@ -50,7 +50,8 @@ def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[Callable[[
 
 
 class MoE(nn.Module):
-    """Top-k routed FFN experts with dropless sparse dispatch (see `dispatch`).
+    """Top-k routed FFN experts with dropless sparse dispatch (see `dispatch`; on a GPU, inference uses the
+    grouped Triton kernel of planer.nn.moe_kernel, training the eager dispatch).
 
     The load-balancing loss of the last call is kept in `aux_loss` for the trainer.
     """
@@ -72,4 +73,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         probs, gates, ids = self.route(x)
         self.aux_loss = balance_loss(probs, ids, len(self.experts))
+        if x.is_cuda and not torch.is_grad_enabled() and x.dtype == torch.float32:
+            from planer.nn import moe_kernel  # Triton: imported only where a GPU runs the block
+
+            return moe_kernel.dispatch(x, gates, ids, self.experts).reshape(shape)
         return dispatch(x, gates, ids, self.experts).reshape(shape)

@@ -1,0 +1,124 @@
+"""The expert-dispatch kernel in OpenAI Triton: the design of TensorRT-LLM's MoE plugin and ONNX Runtime's
+CUDA MoE -- route, sort the (token, slot) pairs by expert, one grouped GEMM over only the routed rows per
+layer, weighted un-permute -- as one kernel planer's MoE block and (later) its TensorRT plugin share.
+
+`grouped_linear` is the kernel: rows of `a` (gathered through `rows`, so the permutation is never
+materialised) times the weight of the expert that owns each tile of rows. The sorted rows are cut into
+tiles of BLOCK_M that never straddle two experts (`tiles`), so every program multiplies by one expert's
+weight and experts without rows cost nothing. `dispatch` is planer.nn.moe.dispatch's contract.
+
+It runs on CUDA and, with TRITON_INTERPRET=1, on the CPU (slowly), which is how the tests check it
+against the eager dispatch on machines without a GPU. Forward only: training uses the eager dispatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from planer.nn.ffn import FFN
+
+ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu_tanh": 3, "gelu": 4}
+BLOCK_M = 16  # tl.dot's smallest tile; routed rows are padded to it per expert, never across experts
+
+
+@triton.jit
+def _grouped_linear(a_ptr, rows_ptr, w_ptr, bias_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                    K, N, stride_a, stride_we, stride_wn, stride_out,
+                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.load(tile_end_ptr + tile)
+    m = start + tl.arange(0, BLOCK_M)
+    m_ok = m < end
+    src = tl.load(rows_ptr + m, mask=m_ok, other=0)  # the row of `a` each sorted row reads
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        a = tl.load(a_ptr + src[:, None] * stride_a + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        # nn.Linear layout: weight[e] is (N, K); read its transpose tile (K, N).
+        w = tl.load(w_ptr + expert * stride_we + n[None, :] * stride_wn + k[:, None],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(a, w, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * N + n, mask=n_ok, other=0.0)[None, :]
+    if ACTIVATION == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACTIVATION == 2:
+        acc = acc * tl.sigmoid(acc)
+    elif ACTIVATION == 3:
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = 0.5 * acc * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(x) = 2 sigmoid(2x) - 1
+    elif ACTIVATION == 4:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    tl.store(out_ptr + m[:, None] * stride_out + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def tiles(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per tile of BLOCK_M sorted rows: its expert, first row and end row (exclusive). Tiles stop at each
+    expert's last row, so no tile mixes experts; an expert with no rows has no tile."""
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    per = (counts + BLOCK_M - 1) // BLOCK_M
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), per)
+    first = torch.repeat_interleave(per.cumsum(0) - per, per)
+    start = starts[expert] + (torch.arange(len(expert), device=counts.device) - first) * BLOCK_M
+    return expert.to(torch.int32), start.to(torch.int32), ends[expert].to(torch.int32)
+
+
+def grouped_linear(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, tile_plan: tuple[Tensor, ...],
+                   activation: str = "none") -> Tensor:
+    """out[i] = act(a[rows[i]] @ weight[e(i)].T + bias[e(i)]) for the sorted rows i, e(i) the expert owning
+    row i's tile. a (R, K) float32, rows (M,), weight (E, N, K) in nn.Linear layout, bias (E, N) or None."""
+    expert, start, end = tile_plan
+    n_out, k_in = weight.shape[1], weight.shape[2]
+    out = a.new_empty(rows.shape[0], n_out)
+    if len(expert) == 0:
+        return out
+    a, weight = a.contiguous(), weight.contiguous()
+    block_n = min(64, max(16, triton.next_power_of_2(n_out)))
+    block_k = min(64, max(16, triton.next_power_of_2(k_in)))
+    grid = (len(expert), triton.cdiv(n_out, block_n))
+    _grouped_linear[grid](a, rows.to(torch.int32).contiguous(), weight, bias if bias is not None else weight, out,
+                          expert, start, end, k_in, n_out, a.stride(0), weight.stride(0), weight.stride(1),
+                          out.stride(0), HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
+                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def _stacked(experts: Sequence[FFN], name: str) -> tuple[Tensor, Tensor | None]:
+    layers = [getattr(e, name) for e in experts]
+    bias = None if layers[0].bias is None else torch.stack([layer.bias for layer in layers])
+    return torch.stack([layer.weight for layer in layers]), bias
+
+
+@torch.no_grad()
+def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[FFN]) -> Tensor:
+    """planer.nn.moe.dispatch with the grouped kernel: x (N, d), gates and expert ids (N, k)."""
+    n, k = ids.shape
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    plan = tiles(torch.bincount(flat, minlength=len(experts)))
+    tokens = torch.div(order, k, rounding_mode="floor")  # sorted row -> token: the gather happens in the kernel
+    activation = experts[0].activation
+    up_w, up_b = _stacked(experts, "up")
+    if activation == "swiglu":
+        gate_w, gate_b = _stacked(experts, "gate")
+        hidden = grouped_linear(x, tokens, gate_w, gate_b, plan, "silu") * grouped_linear(x, tokens, up_w, up_b, plan)
+    else:
+        hidden = grouped_linear(x, tokens, up_w, up_b, plan, activation)
+    down_w, down_b = _stacked(experts, "down")
+    identity = torch.arange(hidden.shape[0], device=x.device)
+    out_sorted = grouped_linear(hidden, identity, down_w, down_b, plan)
+    by_slot = torch.empty_like(out_sorted)
+    by_slot[order] = out_sorted  # a permutation: every slot written once, nothing summed in a scatter
+    return (by_slot.view(n, k, -1) * gates[:, :, None]).sum(dim=1)

@@ -1,0 +1,57 @@
+"""The Triton expert-dispatch kernel against the eager dispatch, run by Triton's interpreter on the CPU."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything: the CPU has no GPU backend
+triton = pytest.importorskip("triton")
+
+from planer.nn.moe import MoE, dispatch as eager_dispatch  # noqa: E402
+from planer.nn.moe_kernel import BLOCK_M, dispatch, tiles  # noqa: E402
+
+
+def test_tiles_never_straddle_experts_and_skip_empty_ones():
+    counts = torch.tensor([0, 17, 3, 0, 32])
+    expert, start, end = tiles(counts)
+    assert expert.tolist() == [1, 1, 2, 4, 4]
+    assert start.tolist() == [0, BLOCK_M, 17, 20, 20 + BLOCK_M] and end.tolist() == [17, 17, 20, 52, 52]
+
+
+@pytest.mark.parametrize("activation, bias, experts, top_k, skew", [
+    ("gelu", True, 4, 1, False),
+    ("gelu_tanh", True, 8, 2, False),
+    ("relu", False, 4, 2, True),
+    ("silu", True, 2, 1, True),
+    ("swiglu", False, 4, 2, False),
+])
+def test_kernel_matches_the_eager_dispatch(activation, bias, experts, top_k, skew):
+    torch.manual_seed(0)
+    moe = MoE(24, experts, top_k, 40, activation, bias).eval()
+    x = torch.randn(37, 24)
+    if skew:  # every token's first choice is expert 0, second expert 1 (with a real gate); the rest get none
+        with torch.no_grad():
+            moe.router.weight.zero_()
+            moe.router.weight[0] = 0.1
+            moe.router.weight[1] = 0.06
+        x = x.abs()
+    _, gates, ids = moe.route(x)
+    if skew:
+        assert (ids[:, 0] == 0).all() and (top_k == 1 or (ids[:, 1] == 1).all() and gates[:, 1].min() > 0.05)
+    with torch.no_grad():
+        want = eager_dispatch(x, gates, ids, moe.experts)
+    got = dispatch(x, gates, ids, moe.experts)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+def test_the_moe_block_uses_the_kernel_on_a_gpu_for_inference():
+    torch.manual_seed(0)
+    moe = MoE(64, 8, 2, 128, "gelu_tanh").cuda().eval()
+    x = torch.randn(2, 100, 64, device="cuda")
+    with torch.no_grad():
+        got = moe(x).reshape(-1, 64)
+        _, gates, ids = moe.route(x.reshape(-1, 64))
+        want = eager_dispatch(x.reshape(-1, 64), gates, ids, moe.experts)
+    assert (got - want).abs().max().item() < 1e-4
