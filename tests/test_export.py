@@ -135,3 +135,17 @@ def test_ort_moe_refuses_exact_gelu(tmp_path):
     with pytest.raises(PlanerError, match="cannot run activation 'gelu' exactly"):
         export_lm(_skewed_model("gelu"), tmp_path / "m.onnx", lowering="ort-moe")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lowering", ["ops", "ort-moe"])
+def test_parity_on_onnx_runtime_cuda(tmp_path, lowering):
+    pytest.importorskip("onnxruntime", reason="onnxruntime-gpu")
+    torch.manual_seed(1)
+    model = _skewed_model("gelu_tanh")
+    engine = OrtEngine(export_lm(model, tmp_path / "m.onnx", lowering=lowering), device="cuda")
+    for batch, tgt_len in ((1, 1), (3, 37), (8, 128)):
+        feeds = example_feeds(model.arch, batch, tgt_len, model.arch.mem_len, seed=batch)
+        got = engine.run(feeds)
+        for want, name in zip(_reference(model, feeds), engine.output_names):
+            assert np.abs(got[name] - want).max() < 1e-4, (lowering, batch, tgt_len, name)
