@@ -46,12 +46,34 @@ def test_kernel_matches_the_eager_dispatch(activation, bias, experts, top_k, ske
 
 
 @pytest.mark.gpu
-def test_the_moe_block_uses_the_kernel_on_a_gpu_for_inference():
+def test_the_moe_block_uses_the_kernel_on_a_gpu():
     torch.manual_seed(0)
-    moe = MoE(64, 8, 2, 128, "gelu_tanh").cuda().eval()
-    x = torch.randn(2, 100, 64, device="cuda")
-    with torch.no_grad():
-        got = moe(x).reshape(-1, 64)
-        _, gates, ids = moe.route(x.reshape(-1, 64))
-        want = eager_dispatch(x.reshape(-1, 64), gates, ids, moe.experts)
-    assert (got - want).abs().max().item() < 1e-4
+    moe = MoE(64, 8, 2, 128, "gelu_tanh").cuda()
+    x = torch.randn(200, 64, device="cuda")
+    moe(x).square().sum().backward()
+    got = [p.grad.clone() for p in moe.parameters()]
+    moe.zero_grad()
+    _, gates, ids = moe.route(x)
+    eager_dispatch(x, gates, ids, moe.experts).square().sum().backward()
+    for w, g in zip((p.grad for p in moe.parameters()), got):
+        assert (w - g).abs().max().item() < 1e-4 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.parametrize("activation, bias, top_k", [("gelu_tanh", True, 2), ("swiglu", False, 1),
+                                                     ("relu", True, 1)])
+def test_gradients_match_the_eager_dispatch(activation, bias, top_k):
+    torch.manual_seed(0)
+    moe = MoE(24, 4, top_k, 40, activation, bias)
+    x = torch.randn(37, 24)
+
+    def grads(dispatch_fn):
+        moe.zero_grad()
+        xx = x.clone().requires_grad_()
+        _, gates, ids = moe.route(xx)
+        (dispatch_fn(xx, gates, ids, moe.experts) ** 2).sum().backward()
+        return [xx.grad] + [p.grad.clone() for p in moe.parameters()]
+
+    want, got = grads(eager_dispatch), grads(dispatch)
+    assert len(want) == len(got) and all(g is not None for g in got)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max().item() < 1e-4 * max(1.0, w.abs().max().item())

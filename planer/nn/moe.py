@@ -50,8 +50,8 @@ def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[Callable[[
 
 
 class MoE(nn.Module):
-    """Top-k routed FFN experts with dropless sparse dispatch (see `dispatch`; on a GPU, inference uses the
-    grouped Triton kernel of planer.nn.moe_kernel, training the eager dispatch).
+    """Top-k routed FFN experts with dropless sparse dispatch (see `dispatch`; on a GPU the grouped Triton
+    kernel of planer.nn.moe_kernel, forward and backward).
 
     The load-balancing loss of the last call is kept in `aux_loss` for the trainer.
     """
@@ -73,7 +73,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         probs, gates, ids = self.route(x)
         self.aux_loss = balance_loss(probs, ids, len(self.experts))
-        if x.is_cuda and not torch.is_grad_enabled() and x.dtype == torch.float32:
+        if x.is_cuda and x.dtype == torch.float32:
             from planer.nn import moe_kernel  # Triton: imported only where a GPU runs the block
 
             return moe_kernel.dispatch(x, gates, ids, self.experts).reshape(shape)

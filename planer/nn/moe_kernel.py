@@ -8,7 +8,7 @@ tiles of BLOCK_M that never straddle two experts (`tiles`), so every program mul
 weight and experts without rows cost nothing. `dispatch` is planer.nn.moe.dispatch's contract.
 
 It runs on CUDA and, with TRITON_INTERPRET=1, on the CPU (slowly), which is how the tests check it
-against the eager dispatch on machines without a GPU. Forward only: training uses the eager dispatch.
+against the eager dispatch on machines without a GPU, values and gradients.
 """
 
 from __future__ import annotations
@@ -63,6 +63,29 @@ def _grouped_linear(a_ptr, rows_ptr, w_ptr, bias_ptr, out_ptr, tile_expert_ptr, 
     tl.store(out_ptr + m[:, None] * stride_out + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _grouped_weight_grad(a_ptr, rows_ptr, g_ptr, out_ptr, starts_ptr, ends_ptr, K, N,
+                         stride_a, stride_g, stride_oe, stride_on,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e] (N, K) = sum over expert e's sorted rows i of g[i]^T a[rows[i]]: the weight gradient."""
+    expert = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = n < N, k < K
+    start = tl.load(starts_ptr + expert)
+    end = tl.load(ends_ptr + expert)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < end
+        src = tl.load(rows_ptr + m, mask=m_ok, other=0)
+        g = tl.load(g_ptr + m[:, None] * stride_g + n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + src[:, None] * stride_a + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(tl.trans(g), a, input_precision="ieee")
+    tl.store(out_ptr + expert * stride_oe + n[:, None] * stride_on + k[None, :], acc,
+             mask=n_ok[:, None] & k_ok[None, :])
+
+
 def tiles(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per tile of BLOCK_M sorted rows: its expert, first row and end row (exclusive). Tiles stop at each
     expert's last row, so no tile mixes experts; an expert with no rows has no tile."""
@@ -75,10 +98,67 @@ def tiles(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return expert.to(torch.int32), start.to(torch.int32), ends[expert].to(torch.int32)
 
 
+_TORCH_ACTIVATIONS = {"none": lambda z: z, "relu": torch.relu, "silu": torch.nn.functional.silu,
+                      "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+                      "gelu": torch.nn.functional.gelu}
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """grouped_linear with its backward: the activation's derivative from the saved pre-activation, the
+    input gradient from the same kernel with each expert's weight transposed (summed back onto `a`'s rows),
+    the weight gradient from `_grouped_weight_grad`, the bias gradient as a per-expert sum."""
+
+    @staticmethod
+    def forward(ctx, a, rows, weight, bias, plan, activation):
+        pre = _launch(a, rows, weight, bias, plan, "none")
+        ctx.save_for_backward(a, rows, weight, pre, *plan)
+        ctx.has_bias, ctx.activation = bias is not None, activation
+        return _TORCH_ACTIVATIONS[activation](pre)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, rows, weight, pre, expert, start, end = ctx.saved_tensors
+        with torch.enable_grad():
+            z = pre.detach().requires_grad_()
+            (grad_pre,) = torch.autograd.grad(_TORCH_ACTIVATIONS[ctx.activation](z), z, grad_out)
+        grad_pre = grad_pre.contiguous()
+        plan = (expert, start, end)
+        identity = torch.arange(len(rows), device=a.device)
+        grad_rows = _launch(grad_pre, identity, weight.transpose(1, 2).contiguous(), None, plan, "none")
+        grad_a = torch.zeros_like(a).index_add_(0, rows.long(), grad_rows)
+        experts, n_out, k_in = weight.shape
+        # Each expert's rows, from its tiles (an expert without tiles gets the empty range 0..0).
+        row_end = torch.zeros(experts, dtype=torch.long, device=a.device).scatter_reduce_(
+            0, expert.long(), end.long(), "amax")
+        row_start = row_end.clone().scatter_reduce_(0, expert.long(), start.long(), "amin")
+        counts = row_end - row_start
+        grad_w = torch.zeros_like(weight)
+        block_n = min(64, max(16, triton.next_power_of_2(n_out)))
+        block_k = min(64, max(16, triton.next_power_of_2(k_in)))
+        grid = (experts, triton.cdiv(n_out, block_n), triton.cdiv(k_in, block_k))
+        _grouped_weight_grad[grid](a.contiguous(), rows.to(torch.int32).contiguous(), grad_pre, grad_w,
+                                   row_start.to(torch.int32), row_end.to(torch.int32), k_in, n_out,
+                                   a.stride(0), grad_pre.stride(0), grad_w.stride(0), grad_w.stride(1),
+                                   BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
+        grad_b = None
+        if ctx.has_bias:
+            owner = torch.repeat_interleave(torch.arange(experts, device=a.device), counts)
+            grad_b = torch.zeros(experts, n_out, dtype=grad_pre.dtype, device=a.device).index_add_(0, owner, grad_pre)
+        return grad_a, None, grad_w, grad_b, None, None
+
+
 def grouped_linear(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, tile_plan: tuple[Tensor, ...],
                    activation: str = "none") -> Tensor:
     """out[i] = act(a[rows[i]] @ weight[e(i)].T + bias[e(i)]) for the sorted rows i, e(i) the expert owning
-    row i's tile. a (R, K) float32, rows (M,), weight (E, N, K) in nn.Linear layout, bias (E, N) or None."""
+    row i's tile. a (R, K) float32, rows (M,), weight (E, N, K) in nn.Linear layout, bias (E, N) or None.
+    Differentiable in a, weight and bias (the backward runs the same kernels)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, weight, bias)):
+        return _GroupedLinear.apply(a, rows, weight, bias, tile_plan, activation)
+    return _launch(a, rows, weight, bias, tile_plan, activation)
+
+
+def _launch(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, tile_plan: tuple[Tensor, ...],
+            activation: str) -> Tensor:
     expert, start, end = tile_plan
     n_out, k_in = weight.shape[1], weight.shape[2]
     out = a.new_empty(rows.shape[0], n_out)
@@ -101,7 +181,6 @@ def _stacked(experts: Sequence[FFN], name: str) -> tuple[Tensor, Tensor | None]:
     return torch.stack([layer.weight for layer in layers]), bias
 
 
-@torch.no_grad()
 def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[FFN]) -> Tensor:
     """planer.nn.moe.dispatch with the grouped kernel: x (N, d), gates and expert ids (N, k)."""
     n, k = ids.shape
@@ -119,6 +198,5 @@ def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[FFN]) -> T
     down_w, down_b = _stacked(experts, "down")
     identity = torch.arange(hidden.shape[0], device=x.device)
     out_sorted = grouped_linear(hidden, identity, down_w, down_b, plan)
-    by_slot = torch.empty_like(out_sorted)
-    by_slot[order] = out_sorted  # a permutation: every slot written once, nothing summed in a scatter
+    by_slot = out_sorted[order.argsort()]  # un-permute by a gather: nothing summed in a scatter
     return (by_slot.view(n, k, -1) * gates[:, :, None]).sum(dim=1)
