@@ -19,50 +19,74 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 
+EXACT_LIMIT = 256  # moves per step up to which every move is measured at every step
+
+
 def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],
-           loss_of: Callable[[list[int]], float], moves: Callable[[int], Sequence[int]]) -> list[int] | None:
+           loss_of: Callable[[list[int]], float], moves: Callable[[int], Sequence[int]], *,
+           exact_limit: int = EXACT_LIMIT) -> list[int] | None:
     """Cheapen `choice` one position at a time until its cost fits `budget_ms`, then spend what is left.
 
-    Each cutting step tries every move `moves(p)` offers at every position p that saves time, measures
+    Each cutting step considers every move `moves(p)` offers at every position p that saves time, measures
     the network's loss with `loss_of`, and makes the move that loses the least per millisecond saved,
     counting only the saving still needed. A cut can overshoot (dropping one attention block saves
     more than the last step needed), so then each growing step makes the move that still fits and
     gains the most loss per millisecond added, while any does. Moves that would remove the last
     attention block are not tried. None when no move is left and the choice still does not fit.
+
+    Up to `exact_limit` moves per step every move is measured at every step. Beyond it (deep networks,
+    where each measurement is a pass of the supernet) the steps are lazy: a move's loss change measured
+    at an earlier step stands in for it until it ranks first, and is measured again then; a move is
+    made only once it ranks first on a loss measured in this step. Moves at the position just changed
+    are always measured afresh.
     """
     choice = list(choice)
     cost = [float(c) for c in cost_ms]
     current = loss_of(choice)
+    stale: dict[tuple[int, int], float] = {}  # (position, candidate) -> loss change when last measured
     last_attn = lambda ch, now, c: (is_attn[now] and not is_attn[c]  # noqa: E731
                                     and sum(bool(is_attn[x]) for x in ch) == 1)
+
+    def step(change: Callable[[int, int], float], score: Callable[[float, float], float], improving: bool
+             ) -> tuple[list[int], float] | None:
+        options = [(p, c, change(now, c)) for p, now in enumerate(choice) for c in moves(p)
+                   if change(now, c) > 0 and not last_attn(choice, now, c)]
+        lazy = len(options) > exact_limit
+        fresh: dict[tuple[int, int], float] = {}
+
+        def measure(p: int, c: int) -> None:
+            loss = loss_of(choice[:p] + [c] + choice[p + 1:])
+            fresh[(p, c)] = loss
+            stale[(p, c)] = loss - current
+
+        for p, c, _ in options:
+            if not lazy or (p, c) not in stale:
+                measure(p, c)
+        while options:
+            p, c, amount = min(options, key=lambda o: score(stale[o[:2]], o[2]))
+            if (p, c) in fresh:
+                if improving and fresh[(p, c)] >= current:
+                    return None
+                return choice[:p] + [c] + choice[p + 1:], fresh[(p, c)]
+            measure(p, c)
+        return None
+
+    def made(new: tuple[list[int], float] | None) -> bool:
+        nonlocal choice, current
+        if new is None:
+            return False
+        changed = next(p for p, (a, b) in enumerate(zip(choice, new[0])) if a != b)
+        for key in [k for k in stale if k[0] == changed]:
+            del stale[key]
+        choice, current = new
+        return True
+
     while (excess := sum(cost[c] for c in choice) - budget_ms) > 0:
-        best: tuple[float, list[int], float] | None = None
-        for p, now in enumerate(choice):
-            for c in moves(p):
-                saved = cost[now] - cost[c]
-                if saved <= 0 or last_attn(choice, now, c):
-                    continue
-                trial = choice[:p] + [c] + choice[p + 1:]
-                loss = loss_of(trial)
-                score = (loss - current) / min(saved, excess)
-                if best is None or score < best[0]:
-                    best = (score, trial, loss)
-        if best is None:
+        if not made(step(lambda now, c: cost[now] - cost[c], lambda delta, saved: delta / min(saved, excess),
+                         improving=False)):
             return None
-        _, choice, current = best
     while True:
         room = budget_ms - sum(cost[c] for c in choice)
-        best = None
-        for p, now in enumerate(choice):
-            for c in moves(p):
-                added = cost[c] - cost[now]
-                if added <= 0 or added > room or last_attn(choice, now, c):
-                    continue
-                trial = choice[:p] + [c] + choice[p + 1:]
-                loss = loss_of(trial)
-                score = (loss - current) / added
-                if loss < current and (best is None or score < best[0]):
-                    best = (score, trial, loss)
-        if best is None:
+        if not made(step(lambda now, c: cost[c] - cost[now] if cost[c] - cost[now] <= room else 0.0,
+                         lambda delta, added: delta / added, improving=True)):
             return choice
-        _, choice, current = best
