@@ -28,7 +28,8 @@ def setup(text_file):
 def test_search_rounds_are_measured_and_logged(setup, tmp_path):
     baseline, corpus, table = setup
     log = tmp_path / "search_log.jsonl"
-    cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256)
+    # probe_flops=1: the derivation measures on one stream, as it does for deep baselines
+    cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256, probe_flops=1.0)
     outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, log_path=log,
                      show_progress=False)
     chosen, candidates = outcome.chosen, outcome.candidates

@@ -69,6 +69,9 @@ class SearchConfig:
     valid_tokens: int = 16384
     shortlist: int = 6  # per position, the most probable candidates the derivation may move to (and skip)
     probe_segments: int = 3  # held-out segments (x batch streams) the derivation measures losses on
+    # The most forward FLOPs one derivation measurement may cost: deep baselines measure on fewer streams
+    # (tiny's 3 x 8 x 128-token probe is ~16 GFLOP and keeps every stream; SmolLM2-135M keeps one).
+    probe_flops: float = 4e10
     seed: int = 0
 
 
@@ -169,6 +172,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         probe = [arch_data[len(arch_data) - 1 - i] for i in reversed(range(min(cfg.probe_segments, len(arch_data))))]
+        streams = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
+        probe = [(x[:streams], y[:streams]) for x, y in probe]
         block_ms = candidate_latencies(table, space)
         is_attn = [c.kind == "attn" for c in space.candidates]
         correction = 1.0  # budget / target; the engine's measurements move it
