@@ -1,0 +1,79 @@
+"""What one derivation costs on a deep baseline: the supernet over a run (fresh, the baseline's choice
+favoured as a search starts), the default space narrowed to this machine's memory, cut from the baseline's
+predicted latency to a fraction of it. Reports the measurements made and the wall time, lazy as `planer
+build` runs it, so the search's per-round cost for a baseline like SmolLM2 is known before a 2-hour build.
+
+    python benchmarks/derive_cost.py RUN --table LATENCY_TABLE.json [--fraction 0.75] [--data sample]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from common import record
+from planer.checkpoint import load_model
+from planer.data import Segments
+from planer.latency import LatencyTable
+from planer.latency.table import FIXED
+from planer.search.search import SearchConfig, _derive, candidate_latencies
+from planer.search.supernet import SuperNet
+from planer.space import SearchSpace, trainable_params_limit
+from planer.train.trainer import run_corpus
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--table", type=Path, required=True, help="a latency table of the run's space (planer profile)")
+    p.add_argument("--fraction", type=float, default=0.75, help="budget as a fraction of the baseline's prediction")
+    p.add_argument("--data", default="sample")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    baseline = load_model(a.run).eval()
+    arch, cfg = baseline.arch, SearchConfig()
+    space = SearchSpace.default(arch, max_params=trainable_params_limit())
+    table = LatencyTable.load(a.table)
+    corpus = run_corpus(a.run, a.data, arch.vocab_size)
+    net = SuperNet(baseline, space, baseline_bias=cfg.baseline_bias).eval()
+    data = Segments(corpus.train[int(len(corpus.train) * (1 - cfg.arch_split)):], cfg.batch, arch.tgt_len)
+    probe = [data[len(data) - 1 - i] for i in reversed(range(cfg.probe_segments))]
+    streams = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
+    probe = [(x[:streams], y[:streams]) for x, y in probe]
+    block_ms = candidate_latencies(table, space)
+    baseline_ms = float(sum(block_ms[i] for i in net.argmax()))
+    forwards = 0
+    supernet_forward = net.forward
+
+    def counted(*args, **kwargs):
+        nonlocal forwards
+        forwards += 1
+        return supernet_forward(*args, **kwargs)
+
+    net.forward = counted  # each measurement is one forward per probe segment
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        choice = _derive(net, probe, block_ms, a.fraction * baseline_ms, [c.kind == "attn" for c in space.candidates],
+                         cfg.shortlist)
+    wall = time.perf_counter() - t0
+    measurements = forwards // len(probe)
+    got_ms = sum(float(block_ms[i]) for i in choice) if choice else float("nan")
+    text = (f"`{a.run}`: {arch.summary().splitlines()[0]}; space of {space.positions} positions x "
+            f"{len(space.candidates)} candidates ({space.supernet_params(arch) / 1e6:.0f}M supernet parameters); "
+            f"probe {len(probe)} segments x {streams} stream(s) x {arch.tgt_len} tokens; {a.threads} threads.\n\n"
+            f"| blocks' predicted ms (without fixed {table.entries[FIXED]['p50']:.1f}) | budget | derived | "
+            f"measurements | wall s | s per measurement |\n|---|---|---|---|---|---|\n"
+            f"| {baseline_ms:.1f} | {a.fraction * baseline_ms:.1f} | {got_ms:.1f} | {measurements} | {wall:.0f} | "
+            f"{wall / max(1, measurements):.2f} |\n")
+    record("derive_cost", {"run": str(a.run), "positions": space.positions, "streams": streams,
+                           "measurements": measurements, "wall_s": wall, "baseline_ms": baseline_ms,
+                           "budget_ms": a.fraction * baseline_ms, "derived_ms": got_ms}, text)
+
+
+if __name__ == "__main__":
+    main()
