@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planer.arch import Architecture
 from planer.errors import PlanerError
-from planer.files import ARCH_FILE, MODEL_FILE, atomic_write_text
+from planer.files import atomic_write_text, exported_model
 from planer.runtime import LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
 
@@ -60,14 +59,6 @@ class Measurement:
         return "\n".join(rows)
 
 
-def _model(directory: Path, what: str) -> tuple[str, Architecture]:
-    for name in (ARCH_FILE, MODEL_FILE):
-        if not (directory / name).is_file():
-            raise PlanerError(f"{directory}: no {name}; the {what} must be a build directory or a run directory "
-                              "after `planer export`")
-    return str(directory / MODEL_FILE), Architecture.load(directory / ARCH_FILE)
-
-
 def default_deployment(build_dir: str | os.PathLike) -> dict[str, int | None]:
     """The deployment the build was made for (build.json), else the architecture's segment lengths at batch 1."""
     build = Path(build_dir)
@@ -75,7 +66,7 @@ def default_deployment(build_dir: str | os.PathLike) -> dict[str, int | None]:
     if request.is_file():
         dep = json.loads(request.read_text())["deployment"]
         return {k: dep[k] for k in _DEPLOYMENT}
-    arch = _model(build, "build")[1]
+    arch = exported_model(build, "build")[1]
     return {"batch": 1, "tgt_len": arch.tgt_len, "mem_len": arch.mem_len, "threads": None}
 
 
@@ -89,8 +80,8 @@ def measure(build_dir: str | os.PathLike, reference_dir: str | os.PathLike | Non
         raise PlanerError("batch and tgt-len must be at least 1, mem-len at least 0")
     runs = []
     for directory, what in ((build, "build"), (reference, "reference")):
-        path, arch = _model(directory, what)
-        runs.append((load_engine(engine, path, threads=threads), example_feeds(arch, batch, tgt_len, mem_len)))
+        path, arch = exported_model(directory, what)
+        runs.append((load_engine(engine, str(path), threads=threads), example_feeds(arch, batch, tgt_len, mem_len)))
     build_stats, reference_stats = time_engines(runs, min_seconds=min_seconds, min_iters=min_iters)
     return Measurement(describe_engine(engine, threads=threads),
                        {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads or 0},

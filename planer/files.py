@@ -6,6 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
+from planer.arch import Architecture
+from planer.errors import PlanerError
+
 ARCH_FILE = "arch.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_DIR = "tokenizer"  # an imported model's Hugging Face tokenizer (tokenizer.json)
@@ -32,3 +35,12 @@ def publish(staging: Path, out: Path) -> None:
     os.replace(out, old)
     os.replace(staging, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def exported_model(directory: Path, what: str) -> tuple[Path, Architecture]:
+    """DIRECTORY/model.onnx and the architecture beside it, as a build (or an exported run) lays them out."""
+    for name in (ARCH_FILE, MODEL_FILE):
+        if not (directory / name).is_file():
+            raise PlanerError(f"{directory}: no {name}; the {what} must be a build directory or a run directory "
+                              "after `planer export`")
+    return directory / MODEL_FILE, Architecture.load(directory / ARCH_FILE)

@@ -29,9 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from planer import __version__
-from planer.arch import Architecture
 from planer.errors import PlanerError
-from planer.files import ARCH_FILE, MODEL_FILE
+from planer.files import exported_model
 from planer.runtime import feeds, load_engine
 from planer.serve.batcher import Batcher
 from planer.serve.lm import BadRequest, ServedLM
@@ -133,12 +132,8 @@ def create_app(build_dir: str | Path, *, engine: str = "ort", threads: int | Non
     """The server for a build directory (its model.onnx and arch.json) on the named engine."""
     config = config.validate()
     build = Path(build_dir)
-    for name in (ARCH_FILE, MODEL_FILE):
-        if not (build / name).is_file():
-            raise PlanerError(f"{build}: no {name}; pass a directory written by `planer build` "
-                              "(or a run directory after `planer export`)")
-    arch = Architecture.load(build / ARCH_FILE)
-    eng = load_engine(engine, str(build / MODEL_FILE), threads=threads)
+    model_path, arch = exported_model(build, "model to serve")
+    eng = load_engine(engine, str(model_path), threads=threads)
     if eng.input_names != feeds.input_names(arch):
         raise PlanerError(f"{build}: model.onnx takes {eng.input_names}, arch.json describes "
                           f"{feeds.input_names(arch)}; re-export the model (`planer export`)")
