@@ -15,6 +15,12 @@ top-k, grouped expert GEMMs and the weighted combine in one kernel). Its GELU
 is the tanh form, so it lowers networks whose activation is `gelu_tanh`,
 `relu` or `silu` exactly and refuses exact `gelu` rather than change the
 network's function silently.
+
+`trt` — for TensorRT: router, softmax and top-k as standard operators, then
+one `planer::moe_experts` node per layer that TensorRT's parser maps to
+planer's plugin (planer.trt.plugin: a Triton kernel compiled ahead of time,
+every activation), and a sum over each token's k slots. Only TensorRT with
+that plugin registered runs this graph.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch import Tensor, nn
 from planer.errors import PlanerError
 from planer.nn.moe import MoE
 
-LOWERINGS = ("ops", "ort-moe")
+LOWERINGS = ("ops", "ort-moe", "trt")
 _ORT_ACTIVATIONS = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}
 
 
@@ -67,16 +73,9 @@ class OrtMoE(nn.Module):
         self.router = moe.router
         self.top_k = moe.top_k
         self.activation = _ORT_ACTIVATIONS[first.activation]
-        d_model, d_inner = first.up.in_features, first.up.out_features
-
-        def stacked(get, shape) -> nn.Parameter:
-            return nn.Parameter(torch.stack([get(e) if get(e) is not None else torch.zeros(shape)
-                                             for e in moe.experts]).detach())
-
-        self.fc1 = stacked(lambda e: e.up.weight, (d_inner, d_model))  # (E, inner, d): nn.Linear layout
-        self.fc1_bias = stacked(lambda e: e.up.bias, (d_inner,))
-        self.fc2 = stacked(lambda e: e.down.weight, (d_model, d_inner))
-        self.fc2_bias = stacked(lambda e: e.down.bias, (d_model,))
+        w = stacked_experts(moe)
+        self.fc1, self.fc1_bias, self.fc2, self.fc2_bias = (nn.Parameter(w[n]) for n in ("w_up", "b_up", "w_down",
+                                                                                          "b_down"))
         self.aux_loss = torch.zeros(())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -90,11 +89,54 @@ class OrtMoE(nn.Module):
         return out.reshape(shape)
 
 
+class TrtMoE(nn.Module):
+    """The MoE `moe` as standard routing ops and one `planer::moe_experts` plugin node; only meaningful while
+    exporting."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        from planer.trt.plugin import NAMESPACE
+
+        self.router, self.route, self.top_k = moe.router, moe.route, moe.top_k
+        self.weights = nn.ParameterDict({name: nn.Parameter(w) for name, w in stacked_experts(moe).items()})
+        experts, d_inner, d_model = self.weights["w_up"].shape
+        self.attrs = {"activation": moe.experts[0].activation, "experts": experts, "d_model": d_model,
+                      "d_inner": d_inner, "plugin_namespace": NAMESPACE, "aot": 1}
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: Tensor) -> Tensor:
+        from planer.trt.plugin import INPUTS, PLUGIN_ID
+
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        _, gates, ids = self.route(x)
+        weights = tuple(self.weights[name] for name in INPUTS[3:])
+        slots = torch.onnx.ops.symbolic(PLUGIN_ID, (x, ids.to(torch.int32), gates, *weights), self.attrs,
+                                        dtype=x.dtype, shape=(x.shape[0], self.top_k, shape[-1]), version=1)
+        return slots.sum(dim=1).reshape(shape)
+
+
+def stacked_experts(moe: MoE) -> dict[str, Tensor]:
+    """The experts' weights stacked along a first expert axis, nn.Linear layout: w_up/w_gate (E, inner, d),
+    w_down (E, d, inner), biases (zeros where the network has none). Without a gate projection w_gate is
+    w_up: the fused kernels take one signature for every activation."""
+    def stack(layer: str, part: str) -> Tensor:
+        tensors = [getattr(getattr(e, layer), part) for e in moe.experts]
+        if tensors[0] is None:
+            weight = getattr(moe.experts[0], layer).weight
+            return torch.zeros(len(tensors), weight.shape[0], dtype=weight.dtype)
+        return torch.stack(tensors).detach()
+
+    gate = "gate" if moe.experts[0].activation == "swiglu" else "up"
+    return {"w_up": stack("up", "weight"), "b_up": stack("up", "bias"), "w_gate": stack(gate, "weight"),
+            "b_gate": stack(gate, "bias"), "w_down": stack("down", "weight"), "b_down": stack("down", "bias")}
+
+
 def lower(model: nn.Module, lowering: str) -> None:
     """Replace, in place, every MoE layer inside `model` by its `lowering` form."""
     if lowering not in LOWERINGS:
         raise PlanerError(f"unknown MoE lowering {lowering!r}; use one of {', '.join(LOWERINGS)}")
-    form = OpsMoE if lowering == "ops" else OrtMoE
+    form = {"ops": OpsMoE, "ort-moe": OrtMoE, "trt": TrtMoE}[lowering]
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MoE):

@@ -21,8 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 from planer.nn.ffn import FFN
+from planer.trt.kernel import ACTIVATIONS, activate
 
-ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu_tanh": 3, "gelu": 4}
 BLOCK_M = 16  # tl.dot's smallest tile; routed rows are padded to it per expert, never across experts
 
 
@@ -51,15 +51,7 @@ def _grouped_linear(a_ptr, rows_ptr, w_ptr, bias_ptr, out_ptr, tile_expert_ptr, 
         acc += tl.dot(a, w, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * N + n, mask=n_ok, other=0.0)[None, :]
-    if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACTIVATION == 2:
-        acc = acc * tl.sigmoid(acc)
-    elif ACTIVATION == 3:
-        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = 0.5 * acc * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(x) = 2 sigmoid(2x) - 1
-    elif ACTIVATION == 4:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    acc = activate(acc, ACTIVATION)
     tl.store(out_ptr + m[:, None] * stride_out + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
