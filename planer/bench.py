@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from planer.errors import PlanerError
-from planer.files import atomic_write_text, exported_model
+from planer.files import atomic_write, exported_model
 from planer.runtime import LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
 
@@ -81,7 +81,8 @@ def measure(build_dir: str | os.PathLike, reference_dir: str | os.PathLike | Non
     runs = []
     for directory, what in ((build, "build"), (reference, "reference")):
         path, arch = exported_model(directory, what)
-        runs.append((load_engine(engine, str(path), threads=threads), example_feeds(arch, batch, tgt_len, mem_len)))
+        runs.append((load_engine(engine, str(path), threads=threads, shape=(batch, tgt_len, mem_len)),
+                     example_feeds(arch, batch, tgt_len, mem_len)))
     build_stats, reference_stats = time_engines(runs, min_seconds=min_seconds, min_iters=min_iters)
     return Measurement(describe_engine(engine, threads=threads),
                        {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads or 0},
@@ -89,7 +90,7 @@ def measure(build_dir: str | os.PathLike, reference_dir: str | os.PathLike | Non
 
 
 def save(measurement: Measurement, path: str | os.PathLike) -> None:
-    atomic_write_text(Path(path), json.dumps(measurement.to_dict(), indent=2) + "\n")
+    atomic_write(Path(path), json.dumps(measurement.to_dict(), indent=2) + "\n")
 
 
 def load_reference(path: str | os.PathLike) -> dict[str, Any]:

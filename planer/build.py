@@ -36,7 +36,7 @@ from typing import Any
 
 from planer import __version__, distributed
 from planer.arch import Architecture
-from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, staging_dir
+from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write, load_model, publish, staging_dir
 from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus
 from planer.errors import PlanerError
@@ -192,7 +192,7 @@ def _start_or_resume(work: Path, request: dict[str, Any]) -> None:
     distributed.barrier()  # every rank saw no staging directory before rank 0 makes one
     if distributed.is_main():
         work.mkdir(parents=True, exist_ok=True)  # it may hold the baseline's import already
-        atomic_write_text(work / REQUEST_FILE, json.dumps(request, indent=2) + "\n")
+        atomic_write(work / REQUEST_FILE, json.dumps(request, indent=2) + "\n")
     distributed.barrier()
 
 
@@ -251,7 +251,7 @@ def _sweep_summary(run: Path, work: Path, summaries: list[dict[str, Any]]) -> No
     rows = "\n".join(f"| x{s['target_speedup']:g} | {s['speedup']:.2f} | {'met' if s['met'] else '**missed**'} | "
                      f"{headline(s['accuracy']['result'])} | {s['accuracy']['result_vs_baseline_continued']:.4f} |"
                      for s in summaries)
-    atomic_write_text(work / "sweep.md", f"""# planer sweep of `{run}`
+    atomic_write(work / "sweep.md", f"""# planer sweep of `{run}`
 
 Baseline {headline(first['baseline'])}; continued on as many tokens as each result: {headline(first['baseline_continued'])}.
 Each build's latencies were measured beside its own baseline in one interleaved run (see x<S>/latency.json).
@@ -316,11 +316,11 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     table.save(work / "latency_table.json")
 
     path = export_lm(result, work / "model.onnx", lowering=dep.lowering)
-    diff = parity(result, load_engine(dep.engine, str(path), threads=dep.threads), batch=dep.batch,
-                  tgt_len=dep.tgt_len, mem_len=dep.mem_len)
+    engine = load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape)
+    diff = parity(result, engine, batch=dep.batch, tgt_len=dep.tgt_len, mem_len=dep.mem_len)
     models = [(base_onnx, baseline.arch), (str(path), result.arch)]
     if corpus.vocab is not None:
-        atomic_write_text(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
+        atomic_write(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
     if (run / TOKENIZER_DIR).is_dir():
         shutil.copytree(run / TOKENIZER_DIR, work / TOKENIZER_DIR, dirs_exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
@@ -338,7 +338,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
         "target_ms": target, "target_speedup": target_speedup, "met": met, "parity_max_abs_diff": diff,
         "comparisons": {name: s.to_dict() for (name, _), s in zip(comparisons, compared_stats)},
     }
-    atomic_write_text(work / "latency.json", json.dumps(latency, indent=2) + "\n")
+    atomic_write(work / "latency.json", json.dumps(latency, indent=2) + "\n")
 
     total = base_tokens + budget.extra_steps * budget.search.batch * baseline.arch.tgt_len
 
@@ -349,7 +349,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
                 "baseline_continued": accuracy_of(baseline_continued, total), "result": accuracy_of(result, total),
                 "comparisons": {name: accuracy_of(m, total) for name, m in comparisons}}
     accuracy["result_vs_baseline_continued"] = accuracy["result"]["loss"] / accuracy["baseline_continued"]["loss"]
-    atomic_write_text(work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
+    atomic_write(work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
 
     points = [Point("baseline", base_stats.p50, accuracy["baseline"]),
               Point("baseline, continued", base_stats.p50, accuracy["baseline_continued"])]
@@ -362,8 +362,8 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     arch_plot([("baseline", baseline.arch), ("result", result.arch)] + [(n, m.arch) for n, m in comparisons],
               table, work / "arch.png")
     clock.lap("export, verify, time, evaluate")
-    atomic_write_text(work / "timings.json", json.dumps(clock.laps, indent=2) + "\n")
-    atomic_write_text(work / "report.md", report(run, baseline.arch, result.arch, latency, accuracy,
+    atomic_write(work / "timings.json", json.dumps(clock.laps, indent=2) + "\n")
+    atomic_write(work / "report.md", report(run, baseline.arch, result.arch, latency, accuracy,
                                                  {n: m.arch for n, m in comparisons}, budget.describe(),
                                                  clock.laps))
     return distributed.broadcast((latency, accuracy))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from planer.arch import ArchError, Architecture
 from planer.errors import PlanerError
-from planer.files import ARCH_FILE, atomic_write_text, publish, staging_dir
+from planer.files import ARCH_FILE, atomic_write, publish, staging_dir
 from planer.nn import LM
 
 WEIGHTS_FILE = "model.safetensors"
@@ -60,5 +60,5 @@ def load_model(run_dir: str | os.PathLike, **model_kwargs: float) -> LM:
     return model
 
 
-__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "ArchError", "atomic_write_text", "load_model", "publish",
+__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "ArchError", "atomic_write", "load_model", "publish",
            "save_weights", "staging_dir"]

@@ -167,10 +167,10 @@ def _load_arch(source: Path):
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="ONNX file to write (default: RUN/model.onnx)")
-@click.option("--lowering", type=click.Choice(["ops", "ort-moe"]), default="ops", show_default=True,
+@click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt"]), default="ops", show_default=True,
               help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, each "
                    "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
-                   "(activations gelu_tanh, relu, silu)")
+                   "(activations gelu_tanh, relu, silu); 'trt' = planer's TensorRT plugin (TensorRT only)")
 @click.option("--mem-len", type=int, help="memory length the graph keeps (default: the architecture's)")
 @click.option("--triton", "triton_repo", type=click.Path(path_type=Path),
               help="write RUN/model.onnx (exported first if missing) into this Triton model repository")
@@ -208,16 +208,24 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
     from planer.checkpoint import load_model
     from planer.export import export_lm
     from planer.export.reference import parity
-    from planer.runtime import OrtEngine
+    from planer.runtime import EngineError, OrtEngine, load_engine
 
     model = load_model(run)
     out = out or run / "model.onnx"
     path = export_lm(model, out, lowering=lowering, mem_len=mem_len)
     arch = model.arch
-    diff = parity(model, OrtEngine(path), batch=2, tgt_len=arch.tgt_len,
-                  mem_len=arch.mem_len if mem_len is None else mem_len, keep_len=mem_len)
-    click.echo(f"{path}: {path.stat().st_size / 1e6:.1f} MB; max |ONNX Runtime - PyTorch| = {diff:.2e} "
-               f"(batch 2, {arch.tgt_len} tokens)")
+    mem = arch.mem_len if mem_len is None else mem_len
+    size = f"{path}: {path.stat().st_size / 1e6:.1f} MB"
+    if lowering == "trt":
+        try:
+            engine, name = load_engine("trt", str(path), shape=(2, arch.tgt_len, mem)), "TensorRT"
+        except EngineError as e:
+            click.echo(f"{size}; not checked against PyTorch: {e}")
+            return
+    else:
+        engine, name = OrtEngine(path), "ONNX Runtime"
+    diff = parity(model, engine, batch=2, tgt_len=arch.tgt_len, mem_len=mem, keep_len=mem_len)
+    click.echo(f"{size}; max |{name} - PyTorch| = {diff:.2e} (batch 2, {arch.tgt_len} tokens)")
 
 
 @main.command()
@@ -267,8 +275,8 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
 @click.option("--tgt-len", type=int, help="deployment segment length (default: the baseline's)")
 @click.option("--mem-len", type=int, help="deployment memory length (default: the baseline's)")
 @click.option("--threads", type=int, default=2, show_default=True, help="engine intra-op threads")
-@click.option("--lowering", type=click.Choice(["ops", "ort-moe"]), default="ops", show_default=True,
-              help="MoE lowering (see `planer export --help`)")
+@click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt"]),
+              help="MoE lowering (see `planer export --help`) [default: trt with --engine trt, else ops]")
 @click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
               help="search rounds x steps and distillation steps: small 2x100+300, medium 4x250+1200, "
                    "large 6x500+3000")
@@ -283,7 +291,7 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
               "attention dropped, the baseline narrowed, and the search without MoE (about 3x the build time)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
-          batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str, budget: str,
+          batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None, budget: str,
           space: Path | None, data_spec: str | None, table_cache: Path | None, compare: bool, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
@@ -305,7 +313,7 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
         suffix = f"x{speedups[0]:g}" if len(speedups) == 1 else "sweep" if speedups else f"{target_latency_ms:g}ms"
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
     dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
-                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering)
+                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering or "")
     options = dict(dep=dep, budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
                    table_cache=table_cache, compare=compare, show_progress=not quiet)
     try:

@@ -14,9 +14,13 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_DIR = "tokenizer"  # an imported model's Hugging Face tokenizer (tokenizer.json)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` whole or not at all: readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 

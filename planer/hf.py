@@ -189,7 +189,7 @@ def write_run(imported: Imported, source: str | os.PathLike, out: str | os.PathL
     """A planer run directory for an imported model: arch.json, model.safetensors, tokenizer/ and import.json
     (where it came from and the logit difference to transformers, measured here on random tokens)."""
     from planer.checkpoint import WEIGHTS_FILE, save_weights
-    from planer.files import ARCH_FILE, TOKENIZER_DIR, atomic_write_text, publish, staging_dir
+    from planer.files import ARCH_FILE, TOKENIZER_DIR, atomic_write, publish, staging_dir
 
     out = Path(out)
     if out.exists():
@@ -209,7 +209,7 @@ def write_run(imported: Imported, source: str | os.PathLike, out: str | os.PathL
     record = {"source": str(Path(source).resolve()), "model_type": imported.model_type,
               "tokens_checked": tokens.shape[1], "max_abs_logit_difference": diff,
               "tokenizer": imported.tokenizer is not None}
-    atomic_write_text(staging / IMPORT_FILE, json.dumps(record, indent=2) + "\n")
+    atomic_write(staging / IMPORT_FILE, json.dumps(record, indent=2) + "\n")
     publish(staging, out)
     return record
 

@@ -125,8 +125,8 @@ def validate_config(text: str) -> Any:
 
 def _check_options(engine: str, kind: str, instances: int, max_batch: int, max_queue_delay_us: int) -> None:
     if engine == "trt":
-        raise TritonError("a TensorRT plan cannot be produced by this planer yet (the TensorRT engine is not "
-                          "available); use engine ort")
+        raise TritonError("Triton repositories from planer hold ONNX models for Triton's ONNX Runtime backend; "
+                          "TensorRT plans with planer's MoE plugin are not written for Triton yet; use engine ort")
     if engine not in ENGINES:
         raise TritonError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if kind not in KINDS:

@@ -1,5 +1,6 @@
 """The command line: help, a short real run, and bad input (one line, non-zero exit, nothing written)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -7,6 +8,8 @@ from click.testing import CliRunner
 
 from planer.cli import main
 from tests.conftest import small_arch
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def run(*args):
@@ -114,10 +117,25 @@ def test_export_refuses_a_lowering_it_cannot_do_exactly(tiny_run, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("engine, fragment", [("trt", "TensorRT engine is not available"),
+@pytest.mark.parametrize("engine, fragment", [("trt", "TensorRT is not installed here"),
                                               ("ort-cuda", "lacks CUDAExecutionProvider")])
 def test_profile_engine_not_installed(tiny_run, tmp_path, engine, fragment):
+    if engine == "trt" and HAS_TENSORRT:
+        pytest.skip("TensorRT is installed here")
     _one_line_error(run("profile", "--model", tiny_run, "--engine", engine, "--out", tmp_path / "t.json"), fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_export_trt_lowering_says_it_is_unchecked_without_tensorrt(tiny_run, tmp_path):
+    result = run("export", tiny_run, "--out", tmp_path / "m.onnx", "--lowering", "trt")
+    assert result.exit_code == 0, result.output
+    assert "not checked against PyTorch: TensorRT is not installed here" in result.output
+
+
+def test_build_refuses_a_lowering_the_engine_cannot_run(tiny_run, tmp_path):
+    _one_line_error(run("build", "--model", tiny_run, "--target-speedup", "2", "--out", tmp_path / "b",
+                        "--lowering", "trt"), "does not run in engine ort (only in trt)")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -125,7 +125,7 @@ def test_runtime_imports_without_torch():
         "        if name == 'torch' or name.startswith('torch.'):\n"
         "            raise ImportError('torch is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import planer.runtime, planer.runtime.feeds\n"
+        "import planer.runtime, planer.runtime.feeds, planer.runtime.trt, planer.trt.plugin\n"
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", blocker], check=True)

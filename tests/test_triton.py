@@ -104,7 +104,7 @@ def test_missing_tritonclient_says_what_to_install(monkeypatch):
     (dict(instances=0), "instances must be >= 1"),
     (dict(max_queue_delay_us=-1), "max_queue_delay_us must be >= 0"),
     (dict(kind="tpu"), "unknown instance kind 'tpu'"),
-    (dict(engine="trt"), "TensorRT plan cannot be produced.*use engine ort"),
+    (dict(engine="trt"), "TensorRT plans with planer.s MoE plugin are not written for Triton yet; use engine ort"),
     (dict(engine="tvm"), "unknown engine 'tvm'"),
     (dict(name="../escape"), "not usable by Triton"),
 ])

@@ -14,9 +14,13 @@ from tqdm import tqdm
 
 from planer import __version__
 from planer.arch import Architecture, BlockSpec
+from planer.errors import PlanerError
 from planer.latency.table import FIXED, LatencyTable
 from planer.runtime import Engine, LatencyStats, describe_engine, load_engine, time_engine, time_engines
 from planer.runtime.feeds import example_feeds
+
+
+_LOWERING_ENGINES = {"trt": ("trt",), "ort-moe": ("ort", "ort-cuda")}  # `ops` runs everywhere
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,28 @@ class Deployment:
     tgt_len: int = 128
     mem_len: int = 128
     threads: int = 2
-    lowering: str = "ops"
+    lowering: str = ""  # "" = the engine's own: `trt` in TensorRT, `ops` elsewhere
     warmup: int = 5
     min_iters: int = 30
     min_seconds: float = 0.5
     max_spread: float = 1.2  # p90/p50 above this means a noisy measurement: time again
     retries: int = 2
+
+    def __post_init__(self) -> None:
+        from planer.export.lowering import LOWERINGS
+
+        if not self.lowering:
+            object.__setattr__(self, "lowering", "trt" if self.engine == "trt" else "ops")
+        if self.lowering not in LOWERINGS:
+            raise PlanerError(f"unknown MoE lowering {self.lowering!r}; use one of {', '.join(LOWERINGS)}")
+        engines = _LOWERING_ENGINES.get(self.lowering)
+        if engines and self.engine not in engines:
+            raise PlanerError(f"the {self.lowering} MoE lowering does not run in engine {self.engine} (only in "
+                              f"{' or '.join(engines)}); use --lowering ops, or leave --lowering out")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.batch, self.tgt_len, self.mem_len
 
     def timing(self) -> dict[str, Any]:
         return {"warmup": self.warmup, "min_iters": self.min_iters, "min_seconds": self.min_seconds}
@@ -43,6 +63,7 @@ def provenance(arch: Architecture, dep: Deployment, engine_info: dict[str, Any])
     """Everything a block's latency depends on besides the block itself."""
     return {
         **{k: engine_info.get(k) for k in ("engine", "onnxruntime", "providers", "cpu", "opt_level", "allow_spinning")},
+        **{k: engine_info[k] for k in ("gpu", "tensorrt", "precision") if k in engine_info},
         "threads": dep.threads, "batch": dep.batch, "tgt_len": dep.tgt_len, "mem_len": dep.mem_len,
         "lowering": dep.lowering, "dtype": "float32", "machine": platform.machine(), "planer": __version__,
         **{k: getattr(arch, k) for k in ("d_model", "vocab_size", "norm", "pos", "activation", "bias",
@@ -98,13 +119,13 @@ def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment
             else:
                 export_block(arch, spec, path, lowering=dep.lowering, mem_len=dep.mem_len)
                 feeds = _block_feeds(arch, spec, dep, rng)
-            engine = load_engine(dep.engine, str(path), threads=dep.threads)
+            engine = load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape)
             entries[FIXED if spec is None else spec.label()] = _steady(engine, feeds, dep).to_dict()
     return distributed.broadcast(LatencyTable(prov, entries, table.scale if table else 1.0))
 
 def measure(models: list[tuple[str, Architecture]], dep: Deployment) -> list[LatencyStats]:
     """End-to-end latency of exported LMs (ONNX path, its architecture), timed side by side (interleaved)."""
-    runs = [(load_engine(dep.engine, path, threads=dep.threads), example_feeds(arch, dep.batch, dep.tgt_len,
-                                                                                dep.mem_len))
+    runs = [(load_engine(dep.engine, path, threads=dep.threads, shape=dep.shape),
+             example_feeds(arch, dep.batch, dep.tgt_len, dep.mem_len))
             for path, arch in models]
     return time_engines(runs, **dep.timing())

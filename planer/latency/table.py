@@ -18,6 +18,7 @@ from typing import Any
 
 from planer.arch import Architecture, BlockSpec
 from planer.errors import PlanerError
+from planer.files import atomic_write
 
 FORMAT = "planer.latency/1"
 FIXED = "fixed"
@@ -75,10 +76,7 @@ class LatencyTable:
         return {"format": FORMAT, "provenance": self.provenance, "scale": self.scale, "entries": self.entries}
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @staticmethod
     def load(path: str | os.PathLike) -> LatencyTable:

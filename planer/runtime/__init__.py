@@ -18,13 +18,21 @@ def describe_engine(name: str, *, threads: int | None = None) -> dict[str, Any]:
     if name in _ORT_DEVICES:
         return describe_ort(_ORT_DEVICES[name], threads)
     if name == "trt":
-        raise EngineError("the TensorRT engine is not available in this planer yet; use --engine ort")
+        from planer.runtime.trt import describe as describe_trt
+
+        return describe_trt()
     raise EngineError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
 
 
-def load_engine(name: str, model: str, *, threads: int | None = None) -> Engine:
-    """The engine called `name` on an exported model file."""
+def load_engine(name: str, model: str, *, threads: int | None = None,
+                shape: tuple[int, int, int] | None = None) -> Engine:
+    """The engine called `name` on an exported model file. `shape` (batch, tgt_len, mem_len) is the deployment
+    an engine that compiles ahead of time (TensorRT) is built for; ONNX Runtime takes any shape."""
     describe_engine(name, threads=threads)
+    if name == "trt":
+        from planer.runtime.trt import TrtEngine
+
+        return TrtEngine(model, shape=shape)
     return OrtEngine(model, device=_ORT_DEVICES[name], threads=threads)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_model() -> str:
+    """The first NVIDIA GPU's name, from nvidia-smi ("unknown" where it cannot say)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def describe(device: str = "cpu", threads: int | None = None, opt_level: str = "all",
              allow_spinning: bool = False) -> dict[str, Any]:
     """What a latency figure from ONNX Runtime on `device` depends on; raises if it cannot run here."""
@@ -44,7 +55,8 @@ def describe(device: str = "cpu", threads: int | None = None, opt_level: str = "
     if opt_level not in OPT_LEVELS:
         raise EngineError(f"unknown optimisation level {opt_level!r}; use one of {', '.join(OPT_LEVELS)}")
     return {"engine": "ort" if device == "cpu" else f"ort-{device}", "onnxruntime": ort.__version__,
-            "providers": PROVIDERS[device], "cpu": cpu_model(), "device": device, "threads": threads or 0,
+            "providers": PROVIDERS[device], "cpu": cpu_model(), **({"gpu": gpu_model()} if device != "cpu" else {}),
+            "device": device, "threads": threads or 0,
             "opt_level": opt_level, "allow_spinning": allow_spinning}
 
 

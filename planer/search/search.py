@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from planer import distributed
 from planer.arch import Architecture
-from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, save_weights
+from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write, load_model, save_weights
 from planer.data import Corpus, Segments
 from planer.errors import PlanerError
 from planer.export import export_lm
@@ -105,7 +105,7 @@ class SearchOutcome:
         self.table.save(out / "latency_table.json")
         record = {"target_ms": self.target_ms, "chosen": self.candidates.index(self.chosen),
                   "candidates": [c.to_dict() for c in self.candidates]}
-        atomic_write_text(out / OUTCOME_FILE, json.dumps(record, indent=2) + "\n")
+        atomic_write(out / OUTCOME_FILE, json.dumps(record, indent=2) + "\n")
 
     @staticmethod
     def load(out: Path) -> SearchOutcome:

@@ -133,7 +133,8 @@ def create_app(build_dir: str | Path, *, engine: str = "ort", threads: int | Non
     config = config.validate()
     build = Path(build_dir)
     model_path, arch = exported_model(build, "model to serve")
-    eng = load_engine(engine, str(model_path), threads=threads)
+    eng = load_engine(engine, str(model_path), threads=threads,
+                      shape=(config.max_batch, arch.tgt_len, arch.mem_len))
     if eng.input_names != feeds.input_names(arch):
         raise PlanerError(f"{build}: model.onnx takes {eng.input_names}, arch.json describes "
                           f"{feeds.input_names(arch)}; re-export the model (`planer export`)")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from planer import __version__, distributed
 from planer.arch import Architecture
-from planer.checkpoint import (ARCH_FILE, WEIGHTS_FILE, atomic_write_text, load_model, publish, save_weights,
+from planer.checkpoint import (ARCH_FILE, WEIGHTS_FILE, atomic_write, load_model, publish, save_weights,
                                staging_dir)
 from planer.data import Corpus, Segments, load_corpus
 from planer.data.corpus import tokenize_corpus
@@ -129,7 +129,7 @@ def _save_checkpoint(work: Path, model: LM, opt: torch.optim.Optimizer, mems: li
         "train_seconds": round(progress.seconds, 2),
     }
     # config.json is written last: its step marks the checkpoint as complete.
-    atomic_write_text(work / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    atomic_write(work / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def _load_checkpoint(work: Path, corpus: Corpus, cfg: TrainConfig) -> tuple[LM, dict, Progress]:
@@ -273,7 +273,7 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
         "valid": evaluate(model, corpus.valid, corpus.unit, batch=cfg.eval_batch),
         "test": evaluate(model, corpus.test, corpus.unit, batch=cfg.eval_batch),
     }
-    atomic_write_text(work / EVAL_FILE, json.dumps(final, indent=2) + "\n")
+    atomic_write(work / EVAL_FILE, json.dumps(final, indent=2) + "\n")
     publish(work, out)
     distributed.barrier()
     return distributed.broadcast(final)
