@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -12,6 +13,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
+
+
+def dispatch_options(p: argparse.ArgumentParser) -> None:
+    """The MoE layers the dispatch benchmarks sweep: E x k x batch at one width, against a dense FFN."""
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--width", type=int, default=2048)
+    p.add_argument("--activation", default="gelu_tanh")
+    p.add_argument("--experts", default="2,4,8,16")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--tgt-len", type=int, default=128)
+    p.add_argument("--iters", type=int, default=200)
 
 
 def machine() -> str:

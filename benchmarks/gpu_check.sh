@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The prepared check for a machine with one NVIDIA GPU, in under 8 minutes, with nothing from the network:
 #   1. versions: GPU, torch/CUDA, Triton, ONNX Runtime providers
-#   2. every test marked `gpu`: the Triton expert-dispatch kernel inside the MoE block on CUDA against the
-#      eager dispatch, and ONNX Runtime's CUDA provider against PyTorch (both MoE lowerings)
+#   2. every test marked `gpu`: the Triton expert-dispatch kernels (the MoE block's and the TensorRT plugin's)
+#      on CUDA against the eager dispatch, and ONNX Runtime's CUDA provider against PyTorch (both lowerings)
 #   3. benchmarks/kernel_dispatch.py: MoE layer vs k x dense FFN, E in {2, 4, 8, 16}, B1/B8 T128 (recorded)
+#   4. where TensorRT is importable: its tests (the plugin's kernel compiled for this GPU, engines built from
+#      ONNX with planer's MoE plugin, parity against PyTorch) and benchmarks/trt_dispatch.py (recorded)
 # It uses the machine's python3 (torch with CUDA, triton, onnxruntime-gpu) with this checkout on PYTHONPATH;
 # WHEELS=DIR installs what the machine lacks from a local folder of wheels (pip --no-index).
 #
@@ -23,6 +25,12 @@ import torch, triton, onnxruntime as ort
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, available {torch.cuda.is_available()}), "
       f"triton {triton.__version__}, onnxruntime {ort.__version__} {ort.get_available_providers()}")
 PYEOF
-timeout 240 "$PY" -m pytest -q -m gpu tests/test_moe_kernel.py tests/test_export.py -rs || status=1
-timeout 240 "$PY" benchmarks/kernel_dispatch.py || status=1
+timeout 180 "$PY" -m pytest -q -m gpu tests/test_moe_kernel.py tests/test_export.py tests/test_trt_plugin.py \
+    tests/test_trt_engine.py -rs || status=1
+timeout 120 "$PY" benchmarks/kernel_dispatch.py || status=1
+if "$PY" -c "import tensorrt" 2>/dev/null; then
+    timeout 150 "$PY" benchmarks/trt_dispatch.py || status=1
+else
+    echo "TensorRT is not importable here: its engine build and benchmark were not run"
+fi
 exit $status

@@ -15,16 +15,12 @@ import argparse
 import os
 import sys
 
+from common import dispatch_options, record
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--width", type=int, default=2048)
-    p.add_argument("--activation", default="gelu_tanh")
-    p.add_argument("--experts", default="2,4,8,16")
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--tgt-len", type=int, default=128)
-    p.add_argument("--iters", type=int, default=200)
+    dispatch_options(p)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
     if a.smoke:
@@ -83,7 +79,6 @@ def main() -> None:
     if a.smoke:
         print("smoke run: the script works; nothing recorded")
         return
-    from common import record
 
     table = ("| E | k | shape | dense FFN ms | kernel MoE ms | eager MoE ms | kernel / (k x FFN) |\n"
              "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
