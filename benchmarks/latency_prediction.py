@@ -2,10 +2,12 @@
 
 Profiles PLANER's default search space around the `tiny` baseline, draws random
 architectures from it, exports each and times it end to end in ONNX Runtime
-and in PyTorch eager (interleaved, same run). The first --calibrate networks
-fit the table's global calibration; the error is reported on the others.
+and in PyTorch eager (interleaved, same run), in --passes separate passes over
+all networks, so that a network's figure (the median of its passes) does not
+hang on the moment it happened to be timed. The first --calibrate networks fit
+the table's global calibration; the error is reported on the others.
 
-    python benchmarks/latency_prediction.py [--archs 20 --calibrate 5 --threads 2]
+    python benchmarks/latency_prediction.py [--archs 20 --calibrate 5 --threads 2 --passes 3]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--passes", type=int, default=3, help="timing passes over all networks (median taken)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     base = get_preset("tiny").architecture(256)
@@ -53,15 +56,24 @@ def main() -> None:
     archs = [base] + [random_arch(base, space, rng) for _ in range(a.archs + a.calibrate)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        runs = []
         for i, arch in enumerate(archs):
             model = LM(arch).eval()
-            path = export_lm(model, Path(tmp) / "m.onnx")
+            path = export_lm(model, Path(tmp) / f"m{i}.onnx")
             feeds = example_feeds(arch, dep.batch, dep.tgt_len, dep.mem_len)
-            ort, eager = time_engines([(load_engine("ort", str(path), threads=a.threads), feeds),
-                                       (TorchEngine(model, threads=a.threads), feeds)], min_seconds=1.0)
-            results.append({"arch": " ".join(b.label() for b in arch.blocks), "predicted_raw": table.predict(arch),
-                            "ort": ort.to_dict(), "torch": eager.to_dict(), "ort_vs_torch": ort.p50 / eager.p50})
-            print(f"{i + 1}/{len(archs)} predicted {table.predict(arch):.2f} ms, ORT {ort}, torch {eager.p50:.2f} ms")
+            runs.append([(load_engine("ort", str(path), threads=a.threads), feeds),
+                         (TorchEngine(model, threads=a.threads), feeds)])
+            print(f"exported {i + 1}/{len(archs)}", flush=True)
+        passes = []
+        for n in range(a.passes):
+            passes.append([time_engines(pair, min_seconds=1.0) for pair in runs])
+            print(f"pass {n + 1}/{a.passes} timed", flush=True)
+    for i, arch in enumerate(archs):
+        ort = min((p[i][0] for p in passes), key=lambda s: abs(s.p50 - np.median([q[i][0].p50 for q in passes])))
+        eager = float(np.median([p[i][1].p50 for p in passes]))
+        results.append({"arch": " ".join(b.label() for b in arch.blocks), "predicted_raw": table.predict(arch),
+                        "ort": ort.to_dict(), "ort_passes": [p[i][0].p50 for p in passes], "torch": eager,
+                        "ort_vs_torch": ort.p50 / eager})
     fit = archs[1:1 + a.calibrate]
     table = table.calibrate([(arch, r["ort"]["p50"]) for arch, r in zip(fit, results[1:1 + a.calibrate])])
     held = list(zip(archs[1 + a.calibrate:], results[1 + a.calibrate:]))
@@ -69,8 +81,9 @@ def main() -> None:
     cal = np.array([abs(table.predict(arch) / r["ort"]["p50"] - 1) for arch, r in held])
     ratios = np.array([r["ort_vs_torch"] for r in results])
     spreads = np.array([r["ort"]["spread"] for r in results])
+    drift = np.array([max(r["ort_passes"]) / min(r["ort_passes"]) for r in results])
     rows = "\n".join(f"| {r['arch'] if i else 'baseline (tiny)'} | {r['predicted_raw'] * table.scale:.2f} | "
-                     f"{r['ort']['p50']:.2f} ({r['ort']['spread']:.2f}) | {r['torch']['p50']:.2f} | "
+                     f"{r['ort']['p50']:.2f} ({r['ort']['spread']:.2f}) | {r['torch']:.2f} | "
                      f"{r['ort_vs_torch']:.2f} |" for i, r in enumerate(results))
     md = (f"ONNX Runtime CPU ({a.threads} threads, no spinning), B{dep.batch} T{dep.tgt_len} mem {dep.mem_len}; "
           f"default PLANER space around `tiny` ({len(space.candidates)} candidates, {space.positions} positions); "
@@ -80,9 +93,11 @@ def main() -> None:
           f"(uncalibrated sum of blocks: median {np.median(raw) * 100:.1f} %, p90 {np.percentile(raw, 90) * 100:.1f} %)\n"
           f"- ONNX Runtime / PyTorch eager latency: median {np.median(ratios):.2f} "
           f"(range {ratios.min():.2f}–{ratios.max():.2f}) over {len(results)} networks\n"
-          f"- noise: end-to-end p90/p50 median {np.median(spreads):.2f}, max {spreads.max():.2f}; block entries "
+          f"- noise: end-to-end p90/p50 median {np.median(spreads):.2f}, max {spreads.max():.2f}; a network's p50 "
+          f"across the {a.passes} passes, max/min: median {np.median(drift):.2f}, max {drift.max():.2f}; block entries "
           f"p90/p50 median {np.median([e['spread'] for e in table.entries.values()]):.2f}\n\n"
-          "| network | predicted ms | ORT p50 ms (p90/p50) | eager p50 ms | ORT / eager |\n|---|---|---|---|---|\n"
+          "| network | predicted ms | ORT p50 ms (p90/p50), median pass | eager p50 ms | ORT / eager |\n"
+          "|---|---|---|---|---|\n"
           + rows)
     record("latency_prediction", {"table": table.to_dict(), "results": results,
                                   "calibrated_error": cal.tolist(), "raw_error": raw.tolist()}, md)
