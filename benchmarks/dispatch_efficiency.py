@@ -19,7 +19,7 @@ import numpy as np
 
 from common import record
 from planer.arch import Architecture, BlockSpec
-from planer.export import LOWERINGS, export_block
+from planer.export import export_block
 from planer.runtime import load_engine, time_engines
 
 
@@ -28,7 +28,8 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--width", type=int, default=1024, help="expert (and dense FFN) width")
     p.add_argument("--activation", default="gelu_tanh", help="gelu_tanh, relu or silu (ort-moe runs these)")
-    p.add_argument("--lowerings", default=",".join(LOWERINGS))
+    p.add_argument("--lowerings", default="ops,ort-moe", help="ONNX Runtime's lowerings (`trt` runs only in "
+                   "TensorRT: benchmarks/trt_dispatch.py)")
     p.add_argument("--tgt-len", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--experts", default="2,4,8,16")
