@@ -48,7 +48,7 @@ from planer.latency import LatencyTable
 from planer.latency.profile import Deployment, measure, profile
 from planer.nn import LM
 from planer.report import Point, arch_plot, pareto_plot, report
-from planer.runtime import load_engine
+from planer.runtime import describe_engine, load_engine
 from planer.serve.text import VOCAB_FILE
 from planer.search.search import OUTCOME_FILE, SearchConfig, SearchOutcome, search
 from planer.space import SearchSpace, trainable_params_limit
@@ -102,6 +102,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
         raise PlanerError(f"{out} already exists; choose another --out or delete it")
     if (target_ms is None) == (target_speedup is None):
         raise PlanerError("give exactly one target: --target-latency-ms X or --target-speedup S")
+    describe_engine(dep.engine, threads=dep.threads)  # an engine missing here fails before any import or training
     work = staging_dir(out)
     fresh = not work.exists()
     main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train

@@ -133,6 +133,13 @@ def test_export_trt_lowering_says_it_is_unchecked_without_tensorrt(tiny_run, tmp
     assert "not checked against PyTorch: TensorRT is not installed here" in result.output
 
 
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_build_for_tensorrt_without_it_stops_before_anything(tiny_run, tmp_path):
+    _one_line_error(run("build", "--model", tiny_run, "--engine", "trt", "--target-speedup", "2", "--out",
+                        tmp_path / "b"), "TensorRT is not installed here")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_build_refuses_a_lowering_the_engine_cannot_run(tiny_run, tmp_path):
     _one_line_error(run("build", "--model", tiny_run, "--target-speedup", "2", "--out", tmp_path / "b",
                         "--lowering", "trt"), "does not run in engine ort (only in trt)")
