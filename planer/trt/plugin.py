@@ -14,6 +14,7 @@ tensorrt.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,9 +126,11 @@ def reference(x: np.ndarray, ids: np.ndarray, gates: np.ndarray, w_up: np.ndarra
     return out.astype(dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def compile_kernel(launch: Launch, capability: int | None = None) -> tuple[str, str, int]:
     """The kernel compiled for `launch` to PTX: (kernel name, PTX, shared memory bytes). `capability` is the
-    GPU's compute capability as 80, 90, ...; by default the current GPU's (compiling needs no GPU when given)."""
+    GPU's compute capability as 80, 90, ...; by default the current GPU's (compiling needs no GPU when given).
+    Cached: a network's MoE layers of one shape, and TensorRT's repeated calls, compile once."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
