@@ -365,8 +365,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     clock.lap("export, verify, time, evaluate")
     atomic_write(work / "timings.json", json.dumps(clock.laps, indent=2) + "\n")
     atomic_write(work / "report.md", report(run, baseline.arch, result.arch, latency, accuracy,
-                                                 {n: m.arch for n, m in comparisons}, budget.describe(),
-                                                 clock.laps))
+                                            {n: m.arch for n, m in comparisons}, budget.describe(), clock.laps))
     return distributed.broadcast((latency, accuracy))
 
 

@@ -21,19 +21,25 @@ def describe_engine(name: str, *, threads: int | None = None) -> dict[str, Any]:
         from planer.runtime.trt import describe as describe_trt
 
         return describe_trt()
-    raise EngineError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
+    raise _unknown(name)
 
 
 def load_engine(name: str, model: str, *, threads: int | None = None,
                 shape: tuple[int, int, int] | None = None) -> Engine:
     """The engine called `name` on an exported model file. `shape` (batch, tgt_len, mem_len) is the deployment
-    an engine that compiles ahead of time (TensorRT) is built for; ONNX Runtime takes any shape."""
-    describe_engine(name, threads=threads)
+    an engine that compiles ahead of time (TensorRT) is built for; ONNX Runtime takes any shape. Each engine
+    checks, as it loads, that it can run here."""
     if name == "trt":
         from planer.runtime.trt import TrtEngine
 
         return TrtEngine(model, shape=shape)
+    if name not in _ORT_DEVICES:
+        raise _unknown(name)
     return OrtEngine(model, device=_ORT_DEVICES[name], threads=threads)
+
+
+def _unknown(name: str) -> EngineError:
+    return EngineError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
 
 
 __all__ = ["ENGINES", "Engine", "EngineError", "LatencyStats", "OrtEngine", "describe_engine", "load_engine",

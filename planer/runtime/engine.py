@@ -27,3 +27,10 @@ class Engine(Protocol):
     def provenance(self) -> dict[str, Any]:
         """What a latency figure from this engine depends on: versions, device, threads, settings."""
         ...
+
+
+def require_inputs(model: str, input_names: list[str], feeds: Mapping[str, np.ndarray]) -> None:
+    """Refuse feeds that lack one of the model's inputs, naming them."""
+    missing = [n for n in input_names if n not in feeds]
+    if missing:
+        raise EngineError(f"{model}: missing input(s) {', '.join(missing)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from planer.runtime.engine import EngineError
+from planer.runtime.engine import EngineError, require_inputs
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -31,8 +32,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
 def gpu_model() -> str:
-    """The first NVIDIA GPU's name, from nvidia-smi ("unknown" where it cannot say)."""
+    """The first NVIDIA GPU's name, from nvidia-smi ("unknown" where it cannot say); asked once per process."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=10)
@@ -96,9 +98,7 @@ class OrtEngine:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise EngineError(f"{self.path.name}: missing input(s) {', '.join(missing)}")
+        require_inputs(self.path.name, self.input_names, feeds)
         outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
         return dict(zip(self.output_names, outputs))
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from planer.runtime.engine import EngineError
+from planer.runtime.engine import EngineError, require_inputs
 from planer.runtime.ort import gpu_model
 
 TENSORRT_MIN = (10, 10)  # ahead-of-time tensorrt.plugin kernels; the parser reads a plugin's namespace from a
@@ -131,9 +131,7 @@ class TrtEngine:
                              if n not in inputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise EngineError(f"{self.path.name}: missing input(s) {', '.join(missing)}")
+        require_inputs(self.path.name, self.input_names, feeds)
         outputs = self.runner.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
         return {n: np.asarray(outputs[n]) for n in self.output_names}
 
