@@ -167,15 +167,10 @@ def strip_scratch_params(ptx: str, name: str, declared: int) -> str:
     return ptx[:head.start(1)] + f"\n{kept}\n" + ptx[head.end(1):]
 
 
-_registered = False
-
-
+@functools.cache
 def register() -> None:
     """Register `planer::moe_experts` with TensorRT (once per process), before parsing an ONNX graph that holds
     it. Needs tensorrt >= 10.10 and triton."""
-    global _registered
-    if _registered:
-        return
     import tensorrt.plugin as trtp
 
     @trtp.register(PLUGIN_ID)
@@ -205,5 +200,3 @@ def register() -> None:
         scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in (slots, ids.shape_expr[1], d_model,
                                                                           d_inner)])
         return name.encode(), ptx.encode(), params, scalars
-
-    _registered = True
