@@ -18,6 +18,24 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def routed_moe(activation: str, bias: bool, experts: int, top_k: int, tokens: int = 37, skew: bool = False,
+               d_model: int = 24):
+    """A small MoE layer (width 40) and its input; with `skew`, every token's first choice is expert 0 and its
+    second expert 1 (with a real gate), and the other experts get no token."""
+    from planer.nn.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(d_model, experts, top_k, 40, activation, bias).eval()
+    x = torch.randn(tokens, d_model)
+    if skew:
+        with torch.no_grad():
+            moe.router.weight.zero_()
+            moe.router.weight[0] = 0.1
+            moe.router.weight[1] = 0.06
+        x = x.abs()
+    return moe, x
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

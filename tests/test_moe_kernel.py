@@ -10,6 +10,7 @@ triton = pytest.importorskip("triton")
 
 from planer.nn.moe import MoE, dispatch as eager_dispatch  # noqa: E402
 from planer.nn.moe_kernel import BLOCK_M, dispatch, tiles  # noqa: E402
+from tests.conftest import routed_moe  # noqa: E402
 
 
 def test_tiles_never_straddle_experts_and_skip_empty_ones():
@@ -27,15 +28,7 @@ def test_tiles_never_straddle_experts_and_skip_empty_ones():
     ("swiglu", False, 4, 2, False),
 ])
 def test_kernel_matches_the_eager_dispatch(activation, bias, experts, top_k, skew):
-    torch.manual_seed(0)
-    moe = MoE(24, experts, top_k, 40, activation, bias).eval()
-    x = torch.randn(37, 24)
-    if skew:  # every token's first choice is expert 0, second expert 1 (with a real gate); the rest get none
-        with torch.no_grad():
-            moe.router.weight.zero_()
-            moe.router.weight[0] = 0.1
-            moe.router.weight[1] = 0.06
-        x = x.abs()
+    moe, x = routed_moe(activation, bias, experts, top_k, skew=skew)
     _, gates, ids = moe.route(x)
     if skew:
         assert (ids[:, 0] == 0).all() and (top_k == 1 or (ids[:, 1] == 1).all() and gates[:, 1].min() > 0.05)

@@ -26,7 +26,7 @@ from planer.nn.moe import MoE, dispatch  # noqa: E402
 from planer.runtime.feeds import example_feeds  # noqa: E402
 from planer.trt import plugin  # noqa: E402
 from planer.trt.kernel import routed_experts  # noqa: E402
-from tests.conftest import small_arch  # noqa: E402
+from tests.conftest import routed_moe, small_arch  # noqa: E402
 
 CASES = [  # activation, bias, experts, top_k, tokens, skew
     ("gelu", True, 4, 1, 37, False),
@@ -35,19 +35,6 @@ CASES = [  # activation, bias, experts, top_k, tokens, skew
     ("silu", True, 2, 1, 40, True),
     ("swiglu", False, 4, 2, 37, True),
 ]
-
-
-def _moe(activation: str, bias: bool, experts: int, top_k: int, tokens: int, skew: bool, d_model: int = 24):
-    torch.manual_seed(0)
-    moe = MoE(d_model, experts, top_k, 40, activation, bias).eval()
-    x = torch.randn(tokens, d_model)
-    if skew:  # every token's first choice is expert 0, its second expert 1; the others get no token
-        with torch.no_grad():
-            moe.router.weight.zero_()
-            moe.router.weight[0] = 0.1
-            moe.router.weight[1] = 0.06
-        x = x.abs()
-    return moe, x
 
 
 def _kernel(moe: MoE, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -69,7 +56,7 @@ def _kernel(moe: MoE, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_kernel_matches_the_eager_moe(case):
-    moe, x = _moe(*case)
+    moe, x = routed_moe(*case)
     with torch.no_grad():
         _, gates, ids = moe.route(x)
         want = dispatch(x, gates, ids, moe.experts)
@@ -81,7 +68,7 @@ def test_kernel_matches_the_eager_moe(case):
 def test_kernel_tiles_one_expert_across_many_blocks():
     """All 80 tokens x 2 slots on two experts: each expert's slots span several BLOCK_M tiles; a wide d_model
     spans several column blocks."""
-    moe, x = _moe("gelu_tanh", True, 4, 2, 80, True, d_model=300)
+    moe, x = routed_moe("gelu_tanh", True, 4, 2, 80, True, d_model=300)
     assert plugin.Launch(4, 300, 40, "gelu_tanh").grid(160)[2] == 2
     with torch.no_grad():
         _, gates, ids = moe.route(x)
@@ -91,7 +78,7 @@ def test_kernel_tiles_one_expert_across_many_blocks():
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[-1:], ids=["gelu", "gelu_tanh", "swiglu"])
 def test_reference_matches_the_eager_moe(case):
-    moe, x = _moe(*case)
+    moe, x = routed_moe(*case)
     with torch.no_grad():
         _, gates, ids = moe.route(x)
         want = dispatch(x, gates, ids, moe.experts)
@@ -178,10 +165,11 @@ def test_kernel_matches_the_eager_moe_on_a_gpu():
     """Compiled for the GPU (not interpreted), in a fresh process, fp32 and fp16."""
     code = (
         "import torch\n"
-        "from tests.test_trt_plugin import CASES, _kernel, _moe\n"
+        "from tests.conftest import routed_moe\n"
+        "from tests.test_trt_plugin import CASES, _kernel\n"
         "from planer.nn.moe import dispatch\n"
         "for case in CASES:\n"
-        "    moe, x = _moe(*case)\n"
+        "    moe, x = routed_moe(*case)\n"
         "    moe, x = moe.cuda(), x.cuda()\n"
         "    with torch.no_grad():\n"
         "        _, gates, ids = moe.route(x)\n"
