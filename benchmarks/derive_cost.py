@@ -1,7 +1,8 @@
 """What one derivation costs on a deep baseline: the supernet over a run (fresh, the baseline's choice
 favoured as a search starts), the default space narrowed to this machine's memory, cut from the baseline's
-predicted latency to a fraction of it. Reports the measurements made and the wall time, lazy as `planer
-build` runs it, so the search's per-round cost for a baseline like SmolLM2 is known before a 2-hour build.
+predicted latency to a fraction of it. Reports the measurements made, the share of the supernet's positions
+they ran (each reuses the blocks in front of its move) and the wall time, lazy as `planer build` runs it, so
+the search's per-round cost for a baseline like SmolLM2 is known before a 2-hour build.
 
     python benchmarks/derive_cost.py RUN --table LATENCY_TABLE.json [--fraction 0.75] [--data sample]
 """
@@ -47,31 +48,34 @@ def main() -> None:
     probe = [(x[:streams], y[:streams]) for x, y in probe]
     block_ms = candidate_latencies(table, space)
     baseline_ms = float(sum(block_ms[i] for i in net.argmax()))
-    forwards = 0
-    supernet_forward = net.forward
+    passes = positions_run = 0
+    run_positions = net.run_positions
 
-    def counted(*args, **kwargs):
-        nonlocal forwards
-        forwards += 1
-        return supernet_forward(*args, **kwargs)
+    def counted(x, choice, mems, *, start=0, **kwargs):  # one call per probe segment of a measurement
+        nonlocal passes, positions_run
+        passes += 1
+        positions_run += space.positions - start
+        return run_positions(x, choice, mems, start=start, **kwargs)
 
-    net.forward = counted  # each measurement is one forward per probe segment
+    net.run_positions = counted
     t0 = time.perf_counter()
     with torch.no_grad():
         choice = _derive(net, probe, block_ms, a.fraction * baseline_ms, [c.kind == "attn" for c in space.candidates],
                          cfg.shortlist)
     wall = time.perf_counter() - t0
-    measurements = forwards // len(probe)
+    measurements = passes // len(probe)
+    share = positions_run / max(1, passes * space.positions)
     got_ms = sum(float(block_ms[i]) for i in choice) if choice else float("nan")
     text = (f"`{a.run}`: {arch.summary().splitlines()[0]}; space of {space.positions} positions x "
             f"{len(space.candidates)} candidates ({space.supernet_params(arch) / 1e6:.0f}M supernet parameters); "
             f"probe {len(probe)} segments x {streams} stream(s) x {arch.tgt_len} tokens; {a.threads} threads.\n\n"
             f"| blocks' predicted ms (without fixed {table.entries[FIXED]['p50']:.1f}) | budget | derived | "
-            f"measurements | wall s | s per measurement |\n|---|---|---|---|---|---|\n"
-            f"| {baseline_ms:.1f} | {a.fraction * baseline_ms:.1f} | {got_ms:.1f} | {measurements} | {wall:.0f} | "
-            f"{wall / max(1, measurements):.2f} |\n")
+            f"measurements | share of positions run | wall s | s per measurement |\n|---|---|---|---|---|---|---|\n"
+            f"| {baseline_ms:.1f} | {a.fraction * baseline_ms:.1f} | {got_ms:.1f} | {measurements} | {share:.2f} | "
+            f"{wall:.0f} | {wall / max(1, measurements):.2f} |\n")
     record("derive_cost", {"run": str(a.run), "positions": space.positions, "streams": streams,
-                           "measurements": measurements, "wall_s": wall, "baseline_ms": baseline_ms,
+                           "measurements": measurements, "share_of_positions_run": share, "wall_s": wall,
+                           "baseline_ms": baseline_ms,
                            "budget_ms": a.fraction * baseline_ms, "derived_ms": got_ms}, text)
 
 

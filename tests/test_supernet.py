@@ -4,6 +4,7 @@ import torch
 from planer.arch import BlockSpec
 from planer.nn import LM
 from planer.search.derive import shrink
+from planer.search.probe import ProbeLoss
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from tests.conftest import small_arch
@@ -73,6 +74,46 @@ def test_extracted_network_matches_the_supernet_path():
             ref_second = model(idx, [first.mems[p] for p in kept])
         torch.testing.assert_close(ref_first.logits, first.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(ref_second.logits, second.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"norm": "rmsnorm", "pos": "rotary", "activation": "swiglu", "bias": False}])
+def test_probe_loss_reuses_the_shared_front_and_matches_full_passes(kw):
+    baseline = _baseline(**kw)
+    space = SearchSpace.default(baseline.arch)
+    net = SuperNet(baseline, space).eval()
+    torch.manual_seed(4)
+    probe = [(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))) for _ in range(3)]
+
+    def full(choice):  # independent of ProbeLoss: whole passes through SuperNet.forward
+        mems, losses = None, []
+        with torch.no_grad():
+            for x, y in probe:
+                out = net(x, choice, mems=mems)
+                mems = out.mems
+                losses.append(torch.nn.functional.cross_entropy(out.logits.reshape(-1, 256), y.reshape(-1)))
+        return float(sum(losses[1:])) / 2
+
+    loss_of = ProbeLoss(net, probe)
+    base = _baseline_choice(space)
+    loss_of.rebase(base)
+    positions = len(base)
+    assert loss_of.positions_run == positions
+    for p in (0, 3, positions - 1, 5):
+        move = base[:p] + [0 if base[p] else 2] + base[p + 1:]
+        before = loss_of.positions_run
+        assert loss_of(move) == pytest.approx(full(move), abs=1e-5)
+        assert loss_of.positions_run - before == positions - p  # only the positions from the move on ran
+        loss_of.rebase(move)  # the next move starts from this network
+        base = move
+    assert loss_of(base) == pytest.approx(full(base), abs=1e-5)
+
+
+def test_shrink_rebases_on_every_network_it_moves_to():
+    cost = torch.tensor([0.0, 2.0, 1.0, 0.4])
+    seen = []
+    chosen = shrink([1, 2, 1, 2], cost, 4.0, [False, True, False, False],
+                    lambda choice: 5.0 - sum(c > 0 for c in choice), lambda p: [0, 1, 2, 3], rebase=seen.append)
+    assert seen[0] == [1, 2, 1, 2] and seen[-1] == chosen and len(seen) >= 2
 
 
 def test_sampling_trains_the_architecture_logits():

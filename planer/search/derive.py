@@ -24,7 +24,7 @@ EXACT_LIMIT = 256  # moves per step up to which every move is measured at every 
 
 def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],
            loss_of: Callable[[list[int]], float], moves: Callable[[int], Sequence[int]], *,
-           exact_limit: int = EXACT_LIMIT) -> list[int] | None:
+           exact_limit: int = EXACT_LIMIT, rebase: Callable[[list[int]], None] | None = None) -> list[int] | None:
     """Cheapen `choice` one position at a time until its cost fits `budget_ms`, then spend what is left.
 
     Each cutting step considers every move `moves(p)` offers at every position p that saves time, measures
@@ -39,8 +39,13 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     at an earlier step stands in for it until it ranks first, and is measured again then; a move is
     made only once it ranks first on a loss measured in this step. Moves at the position just changed
     are always measured afresh.
+
+    `rebase`, when given, is called with the network each time the moves start from another one (first
+    with `choice`), so that `loss_of` can reuse what the moves share with it.
     """
     choice = list(choice)
+    if rebase is not None:
+        rebase(choice)
     cost = [float(c) for c in cost_ms]
     current = loss_of(choice)
     stale: dict[tuple[int, int], float] = {}  # (position, candidate) -> loss change when last measured
@@ -79,6 +84,8 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
         for key in [k for k in stale if k[0] == changed]:
             del stale[key]
         choice, current = new
+        if rebase is not None:
+            rebase(choice)
         return True
 
     while (excess := sum(cost[c] for c in choice) - budget_ms) > 0:

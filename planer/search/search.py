@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from planer.latency.profile import Deployment, measure
 from planer.latency.table import FIXED
 from planer.nn import LM
 from planer.search.derive import shrink
+from planer.search.probe import ProbeLoss
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
@@ -196,12 +198,16 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 if i % 10 == 0:
                     bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms")
             budget_ms = target_ms * correction
+            derive_start = time.perf_counter()
+            bar.set_description(f"search: round {rnd}, deriving a network")  # minutes on deep baselines
             choice = _derive(net, probe, block_ms, budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn,
                              cfg.shortlist)
             if choice is None:
                 say(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
                 break
             choice = distributed.broadcast(choice)  # identical everywhere already; this makes it certain
+            derive_s = time.perf_counter() - derive_start
+            bar.set_description("search")
             model = net.extract(choice).eval()
             base_ms = cand_ms = spread = loss = 0.0
             if main:
@@ -217,7 +223,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             record = {
                 "round": rnd, "target_ms": target_ms, "budget_ms": budget_ms, "baseline_ms": base_ms,
                 "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
-                "calibration": table.scale, "valid_loss": loss, "lambda": cfg.lam, "tau": tau,
+                "calibration": table.scale, "valid_loss": loss, "lambda": cfg.lam, "tau": tau, "derive_s": derive_s,
                 "arch": [b.label() for b in model.arch.blocks],
                 "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
             }
@@ -226,7 +232,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                     f.write(json.dumps(record) + "\n")
             say(f"round {rnd}: {' '.join(record['arch'])}\n  measured {cand_ms:.2f} ms "
                 f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {target_ms:.2f}); "
-                f"valid loss {loss:.4f}")
+                f"valid loss {loss:.4f}; derived in {derive_s:.0f} s")
             # Judge by the ratio to the baseline timed in the same run, so machine drift cancels; move the
             # budget by what the engine says rather than trusting the table a second time.
             measured_ratio = cand_ms / base_ms
@@ -253,21 +259,9 @@ def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block
     logp = net.alpha.detach().log_softmax(-1)
     skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
-    losses: dict[tuple[int, ...], float] = {}
-
-    def loss_of(choice: list[int]) -> float:
-        key = tuple(choice)
-        if key not in losses:
-            mems, total = None, 0.0
-            for i, (x, y) in enumerate(probe):
-                out = net(x, choice, mems=mems)
-                mems = out.mems
-                if i or len(probe) == 1:  # the first segment only fills the memory
-                    total += F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
-            losses[key] = distributed.mean(float(total) / max(1, len(probe) - 1))  # same decisions on every rank
-        return losses[key]
-
-    return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip])
+    loss_of = ProbeLoss(net, probe)
+    return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip],
+                  rebase=loss_of.rebase)
 
 
 def _stream(data: Segments, step: int):
@@ -307,8 +301,8 @@ def _arch_step(net: SuperNet, data: Segments, step: int, opt: torch.optim.Optimi
     e_lat = table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"])
     loss = ce + lam * torch.relu(e_lat / target_ms - 1)
     opt.zero_grad(set_to_none=True)
-    net.zero_grad(set_to_none=True)  # the weights are not updated by the architecture step
-    loss.backward()
+    # Only the logits' gradient: autograd then skips every weight-gradient product (a third of a backward pass).
+    loss.backward(inputs=[net.alpha])
     distributed.average_gradients([net.alpha])
     opt.step()
     return float(e_lat.detach())

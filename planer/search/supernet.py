@@ -213,20 +213,33 @@ class SuperNet(nn.Module):
     def forward(self, idx: Tensor, choice: Sequence[int], weights: Tensor | None = None,
                 mems: list[Tensor] | None = None) -> LMOutput:
         """Run the sampled network; memories are kept for every position (a later sample may differ)."""
-        mem_len = self.arch.mem_len
         x = embed_tokens(self, idx, 0 if not mems else mems[0].shape[1])
+        x, new_mems, aux = self.run_positions(x, choice, mems, weights=weights)
+        return LMOutput(self.logits(x), new_mems, aux)
+
+    def run_positions(self, x: Tensor, choice: Sequence[int], mems: Sequence[Tensor | None] | None, *,
+                      start: int = 0, weights: Tensor | None = None, inputs: list[Tensor] | None = None
+                      ) -> tuple[Tensor, list[Tensor | None], Tensor]:
+        """Positions `start`.. on `x` (the input to position `start`): the output before the final norm, the
+        memories for the next segment (those before `start` passed through from `mems`) and the balance loss.
+        `inputs`, when given, receives the input each position saw."""
+        mem_len = self.arch.mem_len
         aux = x.new_zeros(())
-        new_mems = []
-        for p, (position, c) in enumerate(zip(self.positions, choice)):
+        new_mems = list(mems[:start]) if mems is not None else [None] * start
+        for p in range(start, len(self.positions)):
+            if inputs is not None:
+                inputs.append(x)
             mem = None if mems is None else mems[p]
             seen = x if mem is None else torch.cat([mem, x], dim=1)
             new_mems.append(seen[:, seen.shape[1] - min(mem_len, seen.shape[1]):].detach())
-            y, block_aux = position(c, x, mem)
+            y, block_aux = self.positions[p](choice[p], x, mem)
             x = y if weights is None else x + weights[p] * (y - x)
             aux = aux + block_aux
+        return x, new_mems, aux
+
+    def logits(self, x: Tensor) -> Tensor:
         x = self.norm(x)
-        logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
-        return LMOutput(logits, new_mems, aux)
+        return x @ self.embed.weight.t() if self.head is None else self.head(x)
 
     def probabilities(self) -> Tensor:
         return self.alpha.softmax(dim=-1)
