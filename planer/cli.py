@@ -278,8 +278,8 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
 @click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt"]),
               help="MoE lowering (see `planer export --help`) [default: trt with --engine trt, else ops]")
 @click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
-              help="search rounds x steps and distillation steps: small 2x100+300, medium 4x250+1200, "
-                   "large 6x500+3000")
+              help="search rounds x steps + distillation steps, streams of the segment length per step: "
+                   "small 2x100+300 at 4 streams, medium 4x250+1200 at 8, large 6x500+3000 at 8")
 @click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
               "around the baseline)")
 @click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for an "

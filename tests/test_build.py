@@ -7,10 +7,13 @@ import pytest
 
 from planer.arch import BlockSpec
 from planer.build import Budget, build, sweep
+from planer.checkpoint import load_model
 from planer.errors import PlanerError
 from planer.latency.profile import Deployment
 from planer.search.search import SearchConfig
 from planer.space import SearchSpace
+from planer.train.evaluate import evaluate
+from planer.train.trainer import run_corpus
 from tests.test_cli import _one_line_error, run
 
 DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_seconds=0.1)
@@ -44,6 +47,11 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     search_and_distill = (BUDGET.search.rounds * BUDGET.search.steps + BUDGET.distill_steps) * BUDGET.search.batch * 64
     assert accuracy["baseline_continued"]["tokens_trained"] == accuracy["result"]["tokens_trained"] \
         == accuracy["baseline"]["tokens_trained"] + search_and_distill
+    # the scores are the trained runs' own final evaluations, and those are what the shipped network scores
+    shipped = load_model(out)
+    corpus = run_corpus(baseline_run, None, shipped.arch.vocab_size)
+    assert evaluate(shipped, corpus.valid, corpus.unit)["loss"] == pytest.approx(accuracy["result"]["loss"], rel=1e-6)
+    assert "test" not in json.loads((out / "distill" / "eval.json").read_text())  # a build judges on valid alone
     assert len((out / "search_log.jsonl").read_text().splitlines()) == 2
     report = (out / "report.md").read_text()
     assert "met" in report and "the dense-only search" in report

@@ -25,6 +25,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_tokens: int = 65536  # periodic validation reads this many tokens; the final one reads the whole split
     eval_batch: int = 8
+    test_split: bool = True  # the final evaluation scores the test split too
     ckpt_every: int = 500
     seed: int = 0
 

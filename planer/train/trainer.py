@@ -271,8 +271,9 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
         "tokens_per_second": round(progress.tokens / max(progress.seconds, 1e-9), 1),
         "params": arch.param_counts(),
         "valid": evaluate(model, corpus.valid, corpus.unit, batch=cfg.eval_batch),
-        "test": evaluate(model, corpus.test, corpus.unit, batch=cfg.eval_batch),
     }
+    if cfg.test_split:
+        final["test"] = evaluate(model, corpus.test, corpus.unit, batch=cfg.eval_batch)
     atomic_write(work / EVAL_FILE, json.dumps(final, indent=2) + "\n")
     publish(work, out)
     distributed.barrier()
