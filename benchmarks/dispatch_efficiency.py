@@ -5,6 +5,7 @@ to; "run every expert and mask" would grow with E. Each MoE layer is timed
 interleaved with the dense FFN in the same run.
 
     python benchmarks/dispatch_efficiency.py [--d-model 256 --width 1024 --activation gelu_tanh --threads 2]
+    python benchmarks/dispatch_efficiency.py --engine ort-cuda     # ONNX Runtime's CUDA provider
 
 gelu_tanh is the default because it is the GELU both lowerings can run exactly.
 """
@@ -33,6 +34,7 @@ def main() -> None:
     p.add_argument("--tgt-len", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--experts", default="2,4,8,16")
+    p.add_argument("--engine", choices=("ort", "ort-cuda"), default="ort")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-seconds", type=float, default=2.0)
     a = p.parse_args()
@@ -40,13 +42,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows, data = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        dense = load_engine("ort", str(export_block(arch, BlockSpec.ffn(a.width), Path(tmp) / "ffn.onnx")),
+        dense = load_engine(a.engine, str(export_block(arch, BlockSpec.ffn(a.width), Path(tmp) / "ffn.onnx")),
                             threads=a.threads)
         for lowering in a.lowerings.split(","):
             for e in map(int, a.experts.split(",")):
                 for k in (1, 2):
                     spec = BlockSpec.moe(e, k, a.width)
-                    moe = load_engine("ort", str(export_block(arch, spec, Path(tmp) / "moe.onnx", lowering=lowering)),
+                    moe = load_engine(a.engine, str(export_block(arch, spec, Path(tmp) / "moe.onnx", lowering=lowering)),
                                       threads=a.threads)
                     for b in map(int, a.batches.split(",")):
                         feeds = {"x": rng.standard_normal((b, a.tgt_len, a.d_model), dtype=np.float32)}
@@ -58,9 +60,10 @@ def main() -> None:
                                     f"{m.p50:.3f} ({m.spread:.2f}) | **{ratio:.2f}** |")
     table = ("| lowering | E | k | shape | dense FFN p50 ms (p90/p50) | MoE p50 ms (p90/p50) | MoE / (k × FFN) |\n"
              "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-    record("dispatch_efficiency", {"d_model": a.d_model, "width": a.width, "activation": a.activation,
-                                   "threads": a.threads, "rows": data},
-           f"ONNX Runtime CPU, {a.threads} threads, no spinning; d_model {a.d_model}, expert width {a.width}, "
+    device = "CUDA" if a.engine == "ort-cuda" else f"CPU, {a.threads} threads, no spinning"
+    record("dispatch_efficiency", {"engine": a.engine, "d_model": a.d_model, "width": a.width,
+                                   "activation": a.activation, "threads": a.threads, "rows": data},
+           f"ONNX Runtime {device}; d_model {a.d_model}, expert width {a.width}, "
            f"activation {a.activation}; "
            f"random router (near-uniform routing).\n\n{table}")
 

@@ -59,6 +59,32 @@ def test_profile_measures_blocks_and_reuses_the_cache():
                                                         min_seconds=0.05), table=table, show_progress=False)
 
 
+def test_auto_lowering_is_the_one_the_engine_runs_fastest():
+    assert Deployment(engine="ort").lowerings() == ("ops", "ort-moe")
+    assert Deployment(engine="trt").lowerings() == ("ops", "trt")
+    assert Deployment(engine="ort-cuda").lowering == "auto" and Deployment(engine="ort").lowering == "ops"
+    auto = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05, lowering="auto")
+    moe = [BlockSpec.moe(4, 1, 32), BlockSpec.moe(2, 2, 64)]
+    # gelu_tanh: both lowerings export it exactly, so both are timed
+    table = profile(small_arch(activation="gelu_tanh"), [BlockSpec.ffn(64), *moe], auto, show_progress=False)
+    trials = table.provenance["lowering_trials"]
+    assert set(trials) == {"ops", "ort-moe"} and all(ms > 0 for ms in trials.values())
+    chosen = table.provenance["lowering"]
+    assert chosen == min(trials, key=trials.get) and auto.resolved(table).lowering == chosen
+    # the table's MoE entries are the chosen lowering's timings (the baseline's own MoE block among them)
+    labels = {b.label() for b in (*small_arch().blocks, *moe) if b.kind == "moe"}
+    assert sum(table.entries[label]["p50"] for label in labels) == pytest.approx(trials[chosen], abs=1e-3)
+    again = profile(small_arch(activation="gelu_tanh"), moe, auto, table=table, show_progress=False)
+    assert again.entries == table.entries and again.provenance == table.provenance  # the choice is kept
+    # exact gelu has no form in the fused op: only `ops` is timed
+    exact = profile(small_arch(), moe, auto, show_progress=False)
+    assert exact.provenance["lowering"] == "ops" and set(exact.provenance["lowering_trials"]) == {"ops"}
+    # no MoE block: nothing to choose between
+    dense = profile(small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64)]), [BlockSpec.ffn(32)], auto,
+                    show_progress=False)
+    assert dense.provenance["lowering"] == "ops" and "lowering_trials" not in dense.provenance
+
+
 def test_default_space_follows_the_paper():
     arch = small_arch([BlockSpec.attn(4, 8), BlockSpec.ffn(64)] * 2)
     space = SearchSpace.default(arch)

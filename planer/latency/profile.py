@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,10 @@ from planer.runtime.feeds import example_feeds
 
 
 _LOWERING_ENGINES = {"trt": ("trt",), "ort-moe": ("ort", "ort-cuda")}  # `ops` runs everywhere
+AUTO = "auto"  # the lowering whose MoE blocks the engine runs fastest, chosen when profiling
+# Without a lowering named: TensorRT runs its plugin; ONNX Runtime on a GPU measures `ops` against the fused
+# op; on a CPU `ops` beat the fused op at every shape measured (benchmarks/RESULTS.md, dispatch_efficiency).
+_DEFAULT_LOWERING = {"trt": "trt", "ort-cuda": AUTO}
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Deployment:
     tgt_len: int = 128
     mem_len: int = 128
     threads: int = 2
-    lowering: str = ""  # "" = the engine's own: `trt` in TensorRT, `ops` elsewhere
+    lowering: str = ""  # "" = the engine's own (_DEFAULT_LOWERING, else `ops`); `auto` = measured by profile()
     warmup: int = 5
     min_iters: int = 30
     min_seconds: float = 0.5
@@ -43,9 +47,9 @@ class Deployment:
         from planer.export.lowering import LOWERINGS
 
         if not self.lowering:
-            object.__setattr__(self, "lowering", "trt" if self.engine == "trt" else "ops")
-        if self.lowering not in LOWERINGS:
-            raise PlanerError(f"unknown MoE lowering {self.lowering!r}; use one of {', '.join(LOWERINGS)}")
+            object.__setattr__(self, "lowering", _DEFAULT_LOWERING.get(self.engine, "ops"))
+        if self.lowering not in (*LOWERINGS, AUTO):
+            raise PlanerError(f"unknown MoE lowering {self.lowering!r}; use one of {', '.join(LOWERINGS)} or {AUTO}")
         engines = _LOWERING_ENGINES.get(self.lowering)
         if engines and self.engine not in engines:
             raise PlanerError(f"the {self.lowering} MoE lowering does not run in engine {self.engine} (only in "
@@ -57,6 +61,16 @@ class Deployment:
 
     def timing(self) -> dict[str, Any]:
         return {"warmup": self.warmup, "min_iters": self.min_iters, "min_seconds": self.min_seconds}
+
+    def lowerings(self) -> tuple[str, ...]:
+        """The lowerings this engine runs, for `auto` to choose from."""
+        from planer.export.lowering import LOWERINGS
+
+        return tuple(lo for lo in LOWERINGS if self.engine in _LOWERING_ENGINES.get(lo, (self.engine,)))
+
+    def resolved(self, table: LatencyTable) -> Deployment:
+        """This deployment with `auto` replaced by the lowering `table` was profiled in."""
+        return replace(self, lowering=table.provenance["lowering"]) if self.lowering == AUTO else self
 
 
 def provenance(arch: Architecture, dep: Deployment, engine_info: dict[str, Any]) -> dict[str, Any]:
@@ -93,35 +107,79 @@ def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment
             table: LatencyTable | None = None, show_progress: bool = True) -> LatencyTable:
     """Time each candidate block, the blocks of `arch` itself and the fixed cost of networks shaped like `arch`.
 
-    Entries already in `table` are reused; the table's provenance must match. Under torchrun rank 0
-    profiles and every rank receives its table.
+    Entries already in `table` are reused; the table's provenance must match. With lowering `auto` the
+    MoE blocks are first timed in every lowering the engine runs (and the network's activation allows);
+    the one with the least total time becomes the table's lowering (provenance `lowering`, the totals
+    in `lowering_trials`; `Deployment.resolved` reads it back). A given table keeps its choice. Under
+    torchrun rank 0 profiles and every rank receives its table.
     """
     from planer import distributed
-    from planer.export import export_block, export_fixed
 
     if not distributed.is_main():
         return distributed.broadcast(None)
 
-    prov = provenance(arch, dep, describe_engine(dep.engine, threads=dep.threads))
-    if table is not None:
-        table.check(prov)
+    info = describe_engine(dep.engine, threads=dep.threads)
     todo: list[BlockSpec | None] = [None]  # None stands for the fixed part
     todo += list(dict.fromkeys(c for c in (*arch.blocks, *candidates) if c.kind != "skip"))  # + the baseline's
     entries: dict[str, dict[str, float]] = dict(table.entries) if table else {}
-    todo = [s for s in todo if (FIXED if s is None else s.label()) not in entries]
+    trials: dict[str, float] = table.provenance.get("lowering_trials", {}) if table else {}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="planer-profile-") as tmp:
-        for spec in tqdm(todo, desc="profile", unit="block", disable=not show_progress):
-            path = Path(tmp) / "block.onnx"
-            if spec is None:
-                export_fixed(arch, path)
-                feeds = {"tokens": rng.integers(0, arch.vocab_size, (dep.batch, dep.tgt_len), dtype=np.int64)}
+        path = Path(tmp) / "block.onnx"
+        if dep.lowering == AUTO:
+            if table is not None:
+                dep = dep.resolved(table)
             else:
-                export_block(arch, spec, path, lowering=dep.lowering, mem_len=dep.mem_len)
-                feeds = _block_feeds(arch, spec, dep, rng)
-            engine = load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape)
-            entries[FIXED if spec is None else spec.label()] = _steady(engine, feeds, dep).to_dict()
+                moe = [s for s in todo if s is not None and s.kind == "moe"]
+                dep, trials, timed = _choose_lowering(arch, moe, dep, path, rng, show_progress)
+                entries.update(timed)
+        prov = provenance(arch, dep, info) | ({"lowering_trials": trials} if trials else {})
+        if table is not None:
+            table.check(prov)
+        todo = [s for s in todo if (FIXED if s is None else s.label()) not in entries]
+        for spec in tqdm(todo, desc="profile", unit="block", disable=not show_progress):
+            entries[FIXED if spec is None else spec.label()] = _time_block(arch, spec, dep, path, rng)
     return distributed.broadcast(LatencyTable(prov, entries, table.scale if table else 1.0))
+
+
+def _time_block(arch: Architecture, spec: BlockSpec | None, dep: Deployment, path: Path,
+                rng: np.random.Generator) -> dict[str, float]:
+    """One candidate block (None: the fixed part) exported to `path` and timed alone."""
+    from planer.export import export_block, export_fixed
+
+    if spec is None:
+        export_fixed(arch, path)
+        feeds = {"tokens": rng.integers(0, arch.vocab_size, (dep.batch, dep.tgt_len), dtype=np.int64)}
+    else:
+        export_block(arch, spec, path, lowering=dep.lowering, mem_len=dep.mem_len)
+        feeds = _block_feeds(arch, spec, dep, rng)
+    engine = load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape)
+    return _steady(engine, feeds, dep).to_dict()
+
+
+def _choose_lowering(arch: Architecture, moe: list[BlockSpec], dep: Deployment, path: Path,
+                     rng: np.random.Generator, show_progress: bool
+                     ) -> tuple[Deployment, dict[str, float], dict[str, dict[str, float]]]:
+    """The lowering in which the engine runs the MoE blocks `moe` fastest in total: the deployment using it,
+    each lowering's total p50 ms, and the blocks' entries in the chosen one. Without MoE blocks nothing is
+    timed and the engine's plain lowering stands."""
+    if not moe:
+        return replace(dep, lowering="trt" if dep.engine == "trt" else "ops"), {}, {}
+    timed: dict[str, dict[str, dict[str, float]]] = {}
+    for lowering in dep.lowerings():
+        trial = replace(dep, lowering=lowering)
+        try:
+            timed[lowering] = {s.label(): _time_block(arch, s, trial, path, rng)
+                               for s in tqdm(moe, desc=f"profile: MoE as {lowering}", unit="block",
+                                             disable=not show_progress)}
+        except PlanerError:
+            if lowering == "ops":  # runs every network: a failure here is not a missing feature
+                raise
+            continue  # this lowering has no exact form of the network's activation
+    totals = {lo: round(sum(e["p50"] for e in t.values()), 4) for lo, t in timed.items()}
+    best = min(totals, key=totals.__getitem__)
+    return replace(dep, lowering=best), totals, timed[best]
+
 
 def measure(models: list[tuple[str, Architecture]], dep: Deployment) -> list[LatencyStats]:
     """End-to-end latency of exported LMs (ONNX path, its architecture), timed side by side (interleaved)."""
