@@ -67,6 +67,10 @@ class Budget:
         """Training steps the result takes beyond the baseline's: the search's and the distillation's."""
         return self.search.rounds * self.search.steps + self.distill_steps
 
+    def recipe(self, steps: int, distill: float) -> TrainConfig:
+        """The fine-tuning recipe of this budget's batch for `steps` steps (see _finetune_config)."""
+        return _finetune_config(steps, self.search.batch, self.search.valid_tokens, distill)
+
     def describe(self) -> str:
         return (f"{self.search.rounds} search rounds x {self.search.steps} steps, {self.distill_steps} "
                 f"distillation steps, batch {self.search.batch}")
@@ -99,19 +103,12 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     completed stage (the search, each training run from its last checkpoint).
     """
     source, out = Path(run), Path(out)
-    if out.exists():
-        raise PlanerError(f"{out} already exists; choose another --out or delete it")
-    if (target_ms is None) == (target_speedup is None):
-        raise PlanerError("give exactly one target: --target-latency-ms X or --target-speedup S")
-    describe_engine(dep.engine, threads=dep.threads)  # an engine missing here fails before any import or training
+    _check_request(out, target_ms, target_speedup, dep)
     work = staging_dir(out)
     fresh = not work.exists()
     main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
     try:
-        run = _imported(source, work, dep)
-        baseline = load_model(run).eval()
-        corpus = run_corpus(run, data, baseline.arch.vocab_size)
-        space = _trainable(space, baseline.arch)
+        run, baseline, corpus, space = _baseline(source, work, dep, data, space)
         request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target_ms,
                    "target_speedup": target_speedup, "deployment": asdict(dep), "budget": asdict(budget),
                    "space": space.to_dict(), "compare": compare, "planer": __version__}
@@ -121,14 +118,8 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
             shutil.rmtree(work, ignore_errors=True)  # an import made for a request that cannot run
         raise
     try:
-        cached = table_cache if table_cache and Path(table_cache).exists() else work / "latency_table.json"
         clock = _Clock()
-        table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress,
-                        table=LatencyTable.load(cached) if cached.exists() else None)
-        if main:
-            table.save(work / "latency_table.json")
-            if table_cache:
-                table.save(table_cache)
+        table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
         clock.lap("profile")
         latency, accuracy = _stages(baseline, corpus, space, table, work, run, dep, target_ms, target_speedup,
                                     budget, continued, compare, show_progress, clock)
@@ -140,6 +131,91 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
         publish(work, out)
     distributed.barrier()
     return latency | {"accuracy": accuracy}
+
+
+def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float | None = None,
+                 target_speedup: float | None = None, budget: Budget = BUDGETS["medium"], data: str | None = None,
+                 space: SearchSpace | None = None, table_cache: Path | None = None,
+                 show_progress: bool = True) -> SearchOutcome:
+    """`planer search`: a build's profile and search stages alone. OUT receives the chosen network before
+    distillation (arch.json, model.safetensors: what `planer distill` takes), outcome.json (every round's
+    candidate), the calibrated latency_table.json and search_log.jsonl; a Hugging Face baseline's import
+    goes to OUT/imported. Assembled in OUT.partial and renamed at the end; a failed or interrupted search
+    leaves nothing (run it again to start over)."""
+    source, out = Path(run), Path(out)
+    _check_request(out, target_ms, target_speedup, dep)
+    work = staging_dir(out)
+    main = distributed.is_main()
+    if main:
+        shutil.rmtree(work, ignore_errors=True)  # what an interrupted search left: it starts over
+        work.mkdir(parents=True)
+    distributed.barrier()
+    try:
+        _, baseline, corpus, space = _baseline(source, work, dep, data, space)
+        table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
+        outcome = search(baseline, corpus, space, table, dep, target_ms=target_ms, target_speedup=target_speedup,
+                         cfg=budget.search, log_path=work / "search_log.jsonl", show_progress=show_progress)
+        if main:
+            outcome.save(work)
+    except BaseException:
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if main:
+        publish(work, out)
+    distributed.barrier()
+    return outcome
+
+
+def distill(student: str | Path, teacher: str | Path, out: str | Path, *, steps: int, batch: int = 8,
+            data: str | None = None, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """`planer distill`: train the network in `student` (arch.json + model.safetensors, e.g. `planer search`'s
+    output) with distillation from the baseline `teacher` (a run directory), with the recipe a build
+    distils with, into the run directory OUT (resumable like any training run). Returns its final
+    evaluation."""
+    student, teacher = Path(student), Path(teacher)
+    init, baseline = load_model(student), load_model(teacher).eval()
+    if init.arch.vocab_size != baseline.arch.vocab_size or init.arch.d_model != baseline.arch.d_model:
+        raise PlanerError(f"{student} (vocabulary {init.arch.vocab_size}, width {init.arch.d_model}) was not derived "
+                          f"from {teacher} (vocabulary {baseline.arch.vocab_size}, width {baseline.arch.d_model}); "
+                          "pass the baseline its search started from as the teacher")
+    corpus = run_corpus(teacher, data, baseline.arch.vocab_size)
+    cfg = _finetune_config(steps, batch, SearchConfig().valid_tokens, distill=0.5)
+    final = train(corpus, cfg, out, init=init, teacher=baseline, resume=resume, show_progress=show_progress)
+    if (teacher / TOKENIZER_DIR).is_dir() and distributed.is_main():  # an imported model's text needs it
+        shutil.copytree(teacher / TOKENIZER_DIR, Path(out) / TOKENIZER_DIR, dirs_exist_ok=True)
+    return final
+
+
+def _check_request(out: Path, target_ms: float | None, target_speedup: float | None, dep: Deployment) -> None:
+    if out.exists():
+        raise PlanerError(f"{out} already exists; choose another --out or delete it")
+    if (target_ms is None) == (target_speedup is None):
+        raise PlanerError("give exactly one target: --target-latency-ms X or --target-speedup S")
+    describe_engine(dep.engine, threads=dep.threads)  # an engine missing here fails before any import or training
+
+
+def _baseline(source: Path, work: Path, dep: Deployment, data: str | None, space: SearchSpace | None
+              ) -> tuple[Path, LM, Corpus, SearchSpace]:
+    """The baseline's run directory (imported into WORK first if need be), the baseline, its corpus and the
+    search space this machine can train."""
+    run = _imported(source, work, dep)
+    baseline = load_model(run).eval()
+    return run, baseline, run_corpus(run, data, baseline.arch.vocab_size), _trainable(space, baseline.arch)
+
+
+def _profiled(baseline: LM, space: SearchSpace, dep: Deployment, work: Path, table_cache: Path | None,
+              show_progress: bool) -> tuple[LatencyTable, Deployment]:
+    """The latency table (entries of `table_cache` or WORK's table reused) and the deployment with its
+    lowering settled (`auto`: the one profiling measured fastest)."""
+    cached = table_cache if table_cache and Path(table_cache).exists() else work / "latency_table.json"
+    table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress,
+                    table=LatencyTable.load(cached) if cached.exists() else None)
+    if distributed.is_main():
+        table.save(work / "latency_table.json")
+        if table_cache:
+            table.save(table_cache)
+    return table, dep.resolved(table)
 
 
 class _Clock:
@@ -266,11 +342,11 @@ Plot: `pareto.png`; one build directory per target.
 """)
 
 
-def _finetune_config(budget: Budget, steps: int, distill: float) -> TrainConfig:
+def _finetune_config(steps: int, batch: int, valid_tokens: int, distill: float) -> TrainConfig:
     """The recipe both the distillation and the baseline's continuation follow (same batch, lr, schedule)."""
-    return TrainConfig(steps=steps, batch=budget.search.batch, lr=1e-3, warmup=min(100, steps // 10), clip=1.0,
+    return TrainConfig(steps=steps, batch=batch, lr=1e-3, warmup=min(100, steps // 10), clip=1.0,
                        distill=distill, eval_every=max(1, steps // 4), ckpt_every=max(1, steps // 4),
-                       eval_tokens=budget.search.valid_tokens, test_split=False)  # a build judges on valid
+                       eval_tokens=valid_tokens, test_split=False)  # a build judges on valid
 
 
 def _tokens_seen(run: Path) -> int:
@@ -293,7 +369,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
                             target_ms, target_speedup, budget, show_progress, base_onnx)
     table = outcome.table
     clock.lap("search")
-    result = _train_stage(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5), work / "distill",
+    result = _train_stage(corpus, budget.recipe(budget.distill_steps, distill=0.5), work / "distill",
                           outcome.chosen.model, baseline, show_progress)
     main = distributed.is_main()
     if main:
@@ -305,7 +381,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     if continued is not None and not (work / CONTINUED).exists() and main:
         shutil.copytree(continued, work / CONTINUED)
     distributed.barrier()
-    _train_stage(corpus, _finetune_config(budget, budget.extra_steps, distill=0.0), work / CONTINUED, baseline,
+    _train_stage(corpus, budget.recipe(budget.extra_steps, distill=0.0), work / CONTINUED, baseline,
                  None, show_progress)  # what it scores is read from its final evaluation
     clock.lap("baseline-continued")
     comparisons: list[tuple[str, LM]] = []
@@ -419,11 +495,11 @@ def _compare(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTab
     if distributed.is_main():
         root.mkdir(exist_ok=True)
     fixed, table = fixed_comparisons(baseline, table, budget_ms, dep, show_progress)
-    recipe = _finetune_config(budget, budget.extra_steps, distill=0.5)  # as many steps as search + distillation
+    recipe = budget.recipe(budget.extra_steps, distill=0.5)  # as many steps as search + distillation
     trained = [(c.name, _train_stage(corpus, recipe, root / c.name, c.model, baseline, show_progress))
                for c in fixed]
     dense = _search_stage(root / "dense-only-search", root / "dense-only-search_log.jsonl", baseline, corpus,
                           dense_space(space), table, dep, target_ms, None, budget, show_progress, base_onnx)
-    trained.append(("dense-only", _train_stage(corpus, _finetune_config(budget, budget.distill_steps, distill=0.5),
+    trained.append(("dense-only", _train_stage(corpus, budget.recipe(budget.distill_steps, distill=0.5),
                                                root / "dense-only", dense.chosen.model, baseline, show_progress)))
     return trained, table

@@ -41,7 +41,7 @@ def main() -> None:
     A Hugging Face model (Llama, SmolLM, Mistral, GPT-2; a directory or a .gguf file) instead:
       planer import ~/models/SmolLM2-135M --out runs/smollm2     (or pass it to --model directly)
     \b
-    Stages alone: planer profile (latency table), planer export (ONNX).
+    Stages alone: planer profile (latency table), planer search, planer distill, planer export (ONNX).
     \b
     Then serve it:  planer serve builds/tiny-x2
     \b
@@ -228,6 +228,11 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
     click.echo(f"{size}; max |{name} - PyTorch| = {diff:.2e} (batch 2, {arch.tgt_len} tokens)")
 
 
+_LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); auto: the one in which the engine runs "
+                  "the space's MoE blocks fastest, timed while profiling [default: trt with --engine trt, auto with "
+                  "--engine ort-cuda, ops with --engine ort, where it beat the fused op at every shape measured]")
+
+
 @main.command()
 @click.option("--model", "source", required=True, type=click.Path(path_type=Path),
               help="run directory or arch.json of the baseline whose blocks define the default space")
@@ -238,11 +243,12 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--tgt-len", type=int, help="segment length (default: the architecture's)")
 @click.option("--mem-len", type=int, help="memory length (default: the architecture's)")
+@click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="latency table JSON; if it exists, its entries are reused (same engine and shape only)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def profile(source: Path, space: Path | None, engine: str, threads: int, batch: int, tgt_len: int | None,
-            mem_len: int | None, out: Path, quiet: bool) -> None:
+            mem_len: int | None, lowering: str | None, out: Path, quiet: bool) -> None:
     """Time every candidate block alone in the engine at the deployment shape: the latency table."""
     from planer.latency import LatencyTable
     from planer.latency.profile import Deployment, profile as run_profile
@@ -251,45 +257,81 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
     arch = _load_arch(source)
     chosen = SearchSpace.load(space) if space else SearchSpace.default(arch)
     dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
-                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads)
+                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering or "")
     cached = LatencyTable.load(out) if out.exists() else None
     table = run_profile(arch, chosen.candidates, dep, table=cached, show_progress=not quiet)
     table.save(out)
     worst = max(table.entries.items(), key=lambda kv: kv[1]["spread"])
+    trials = table.provenance.get("lowering_trials")
+    measured = (" (MoE blocks in total: " + ", ".join(f"{lo} {ms:.2f} ms" for lo, ms in trials.items()) + ")"
+                if trials else "")
     click.echo(f"{out}: {len(table.entries)} entries (fixed cost {table.entries['fixed']['p50']:.3f} ms); "
-               f"noisiest {worst[0]} p90/p50 {worst[1]['spread']:.2f}")
+               f"noisiest {worst[0]} p90/p50 {worst[1]['spread']:.2f}; MoE lowering "
+               f"{table.provenance['lowering']}{measured}")
+
+
+def _options(*options):
+    """One decorator applying `options` in the order given (as they appear in --help)."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+# What `planer build` and `planer search` share: baseline, engine and a target in ms; deployment and budget.
+_request_options = _options(
+    click.option("--model", "run", required=True, type=click.Path(path_type=Path),
+                 help="baseline: a run directory (from `planer train` or `planer import`), or a Hugging Face "
+                      "checkpoint directory or .gguf file, imported first"),
+    click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
+                 help="engine the result is measured in and built for"),
+    click.option("--target-latency-ms", type=float, help="latency target in milliseconds (p50 in the engine)"),
+)
+_search_options = _options(
+    click.option("--batch", type=int, default=1, show_default=True, help="deployment batch size"),
+    click.option("--tgt-len", type=int, help="deployment segment length (default: the baseline's)"),
+    click.option("--mem-len", type=int, help="deployment memory length (default: the baseline's)"),
+    click.option("--threads", type=int, default=2, show_default=True, help="engine intra-op threads"),
+    click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP),
+    click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
+                 help="search rounds x steps + distillation steps, streams of the segment length per step: "
+                      "small 2x100+300 at 4 streams, medium 4x250+1200 at 8, large 6x500+3000 at 8"),
+    click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
+                 "around the baseline)"),
+    click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for "
+                 "an imported model, which reads it through its own tokenizer). " + _DATA_HELP),
+    click.option("--table", "table_cache", type=click.Path(path_type=Path),
+                 help="latency table file to reuse (same engine and shape only) and update; by default the "
+                      "blocks are profiled afresh"),
+    click.option("--quiet", is_flag=True, help="no progress bars"),
+)
+
+
+def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len: int | None, threads: int,
+                lowering: str | None):
+    """The deployment asked for; lengths default to the baseline's (an import's defaults for a checkpoint)."""
+    from planer.hf import IMPORT_MEM_LEN, IMPORT_TGT_LEN, is_hf_checkpoint
+    from planer.latency.profile import Deployment
+
+    if is_hf_checkpoint(run):  # imported first, with the deployment's lengths
+        tgt_len, mem_len = tgt_len or IMPORT_TGT_LEN, IMPORT_MEM_LEN if mem_len is None else mem_len
+    else:
+        arch = _load_arch(run)
+        tgt_len, mem_len = tgt_len or arch.tgt_len, arch.mem_len if mem_len is None else mem_len
+    return Deployment(engine=engine, batch=batch, tgt_len=tgt_len, mem_len=mem_len, threads=threads,
+                      lowering=lowering or "")
 
 
 @main.command()
-@click.option("--model", "run", required=True, type=click.Path(path_type=Path),
-              help="baseline: a run directory (from `planer train` or `planer import`), or a Hugging Face "
-                   "checkpoint directory or .gguf file, imported into the build first")
-@click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
-              help="engine the result is measured in and built for")
+@_request_options
 @click.option("--target-speedup", metavar="S[,S...]", help="latency target as baseline / result, measured side by side; a list "
               "(1.5,2,3) sweeps: one build per target under --out and one pareto.png across them")
-@click.option("--target-latency-ms", type=float, help="latency target in milliseconds (p50 in the engine)")
 @click.option("--out", type=click.Path(path_type=Path),
               help="build directory to create (default: builds/<model>-x<speedup>, -<ms>ms or -sweep)")
-@click.option("--batch", type=int, default=1, show_default=True, help="deployment batch size")
-@click.option("--tgt-len", type=int, help="deployment segment length (default: the baseline's)")
-@click.option("--mem-len", type=int, help="deployment memory length (default: the baseline's)")
-@click.option("--threads", type=int, default=2, show_default=True, help="engine intra-op threads")
-@click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt"]),
-              help="MoE lowering (see `planer export --help`) [default: trt with --engine trt, else ops]")
-@click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
-              help="search rounds x steps + distillation steps, streams of the segment length per step: "
-                   "small 2x100+300 at 4 streams, medium 4x250+1200 at 8, large 6x500+3000 at 8")
-@click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
-              "around the baseline)")
-@click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for an "
-              "imported model, which reads it through its own tokenizer). " + _DATA_HELP)
-@click.option("--table", "table_cache", type=click.Path(path_type=Path),
-              help="latency table file to reuse (same engine and shape only) and update; by default every "
-                   "build profiles afresh")
+@_search_options
 @click.option("--compare", is_flag=True, help="also train and time, at the result's latency, the baseline with "
               "attention dropped, the baseline narrowed, and the search without MoE (about 3x the build time)")
-@click.option("--quiet", is_flag=True, help="no progress bars")
 def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
           batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None, budget: str,
           space: Path | None, data_spec: str | None, table_cache: Path | None, compare: bool, quiet: bool) -> None:
@@ -297,23 +339,15 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
     profile, search, distill, export, verify."""
     from planer import distributed
     from planer.build import BUDGETS, build as run_build, sweep
-    from planer.hf import IMPORT_MEM_LEN, IMPORT_TGT_LEN, is_hf_checkpoint
-    from planer.latency.profile import Deployment
     from planer.space import SearchSpace
 
     if (target_speedup is None) == (target_latency_ms is None):
         raise PlanerError("give exactly one target: --target-speedup S or --target-latency-ms X")
     speedups = _speedups(target_speedup) if target_speedup is not None else []
-    if is_hf_checkpoint(run):  # imported inside the build, with the deployment's lengths
-        tgt_len, mem_len = tgt_len or IMPORT_TGT_LEN, IMPORT_MEM_LEN if mem_len is None else mem_len
-        arch = None
-    else:
-        arch = _load_arch(run)
     if out is None:
         suffix = f"x{speedups[0]:g}" if len(speedups) == 1 else "sweep" if speedups else f"{target_latency_ms:g}ms"
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
-    dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
-                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering or "")
+    dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering)
     options = dict(dep=dep, budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
                    table_cache=table_cache, compare=compare, show_progress=not quiet)
     try:
@@ -336,6 +370,67 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
     if missed:
         raise PlanerError(f"{out}: built, but the target was missed ({', '.join(missed)}); "
                           "raise --budget or relax the target")
+
+
+@main.command()
+@_request_options
+@click.option("--target-speedup", type=float, help="latency target as baseline / result, measured side by side")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="directory to create: the chosen network before distillation, outcome.json, search_log.jsonl, "
+                   "the calibrated latency_table.json")
+@_search_options
+def search(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path,
+           batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None, budget: str,
+           space: Path | None, data_spec: str | None, table_cache: Path | None, quiet: bool) -> None:
+    """A build's profile and search stages alone: the network that meets the target, before distillation
+    (`planer distill` trains it on)."""
+    from planer import distributed
+    from planer.build import BUDGETS, search_alone
+    from planer.space import SearchSpace
+
+    dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering)
+    try:
+        outcome = search_alone(run, out, dep=dep, target_ms=target_latency_ms, target_speedup=target_speedup,
+                               budget=BUDGETS[budget], data=data_spec,
+                               space=SearchSpace.load(space) if space else None, table_cache=table_cache,
+                               show_progress=not quiet)
+    except KeyboardInterrupt:
+        raise PlanerError("interrupted; nothing was kept: run the same command again to start over") from None
+    if not distributed.is_main():
+        return
+    chosen = outcome.chosen
+    teacher = out / "imported" if (out / "imported").is_dir() else run
+    click.echo(f"{out}: round {chosen.round} of {len(outcome.candidates)}: "
+               f"{' '.join(b.label() for b in chosen.arch.blocks)}\n"
+               f"  {chosen.measured_ms:.2f} ms beside the baseline's {chosen.baseline_ms:.2f} "
+               f"(x{chosen.baseline_ms / chosen.measured_ms:.2f}; target {outcome.target_ms:.2f} ms); "
+               f"valid loss {chosen.valid_loss:.4f} with the supernet's weights\n"
+               f"  next: planer distill --student {out} --teacher {teacher} --out DIR")
+
+
+@main.command()
+@click.option("--student", required=True, type=click.Path(path_type=Path),
+              help="network to train: a directory with arch.json and model.safetensors (`planer search --out`)")
+@click.option("--teacher", required=True, type=click.Path(path_type=Path),
+              help="the baseline's run directory, whose logits the student learns from")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="run directory to create")
+@click.option("--steps", type=int, default=1200, show_default=True, help="training steps (a medium build's)")
+@click.option("--batch", type=int, default=8, show_default=True, help="streams of the segment length per step")
+@click.option("--data", "data_spec", help="corpus (default: the teacher's). " + _DATA_HELP)
+@click.option("--resume", is_flag=True, help="continue the interrupted or finished run at --out")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def distill(student: Path, teacher: Path, out: Path, steps: int, batch: int, data_spec: str | None, resume: bool,
+            quiet: bool) -> None:
+    """A build's distillation stage alone: train a network with cross-entropy and distillation from the
+    baseline's logits (the recipe a build uses), then score it on the whole validation split."""
+    from planer import distributed
+    from planer.build import distill as run_distill
+    from planer.train.evaluate import headline
+
+    final = run_distill(student, teacher, out, steps=steps, batch=batch, data=data_spec, resume=resume,
+                        show_progress=not quiet)
+    if distributed.is_main():
+        click.echo(f"{out}: valid {headline(final['valid'])} after {final['step']} steps")
 
 
 @main.command()

@@ -6,17 +6,20 @@ import shutil
 import pytest
 
 from planer.arch import BlockSpec
-from planer.build import Budget, build, sweep
-from planer.checkpoint import load_model
+from planer.build import Budget, build, search_alone, sweep
+from planer.checkpoint import load_model, save_weights
 from planer.errors import PlanerError
 from planer.latency.profile import Deployment
+from planer.nn import LM
 from planer.search.search import SearchConfig
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
 from planer.train.trainer import run_corpus
+from tests.conftest import small_arch
 from tests.test_cli import _one_line_error, run
 
-DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_seconds=0.1)
+# auto: the MoE lowering is measured while profiling (the baseline's exact gelu leaves `ops` alone to time)
+DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_seconds=0.1, lowering="auto")
 SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.ffn(64), BlockSpec.moe(2, 1, 64)))
 BUDGET = Budget(SearchConfig(rounds=2, steps=3, batch=2, valid_tokens=512), distill_steps=3)
 
@@ -41,6 +44,7 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert latency["met"] and latency["speedup"] >= 1.5 and summary["speedup"] == latency["speedup"]
     assert latency["result"]["p50"] * 1.5 <= latency["baseline"]["p50"]
     assert latency["parity_max_abs_diff"] < 1e-4
+    assert latency["engine"]["lowering"] == "ops" and set(latency["engine"]["lowering_trials"]) == {"ops"}
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert accuracy["baseline"]["tokens"] == accuracy["result"]["tokens"] > 0  # the same split, whole
     # fairness: the baseline it is judged against trained on as many tokens as the result
@@ -86,6 +90,43 @@ def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_pa
     out = tmp_path / "build"
     _one_line_error(run("build", "--model", baseline_run, "--target-speedup", 1000, "--out", out, "--space", space,
                         "--tgt-len", 64, "--threads", 1, "--table", table_file, "--quiet"),
+                    "below the fastest network in the space")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.json"]
+
+
+def test_search_and_distill_alone(baseline_run, table_file, tmp_path):
+    out = tmp_path / "search"
+    outcome = search_alone(baseline_run, out, dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+                           table_cache=table_file, show_progress=False)
+    assert {p.name for p in out.iterdir()} == {"arch.json", "model.safetensors", "outcome.json", "latency_table.json",
+                                               "search_log.jsonl"}
+    assert not (tmp_path / "search.partial").exists()
+    assert len((out / "search_log.jsonl").read_text().splitlines()) == BUDGET.search.rounds
+    chosen = load_model(out)
+    assert chosen.arch == outcome.chosen.arch
+    # `planer distill` trains that network on from the baseline's logits
+    result = run("distill", "--student", out, "--teacher", baseline_run, "--out", tmp_path / "distilled",
+                 "--steps", 2, "--batch", 2, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output and "after 2 steps" in result.output
+    distilled = load_model(tmp_path / "distilled")
+    assert distilled.arch == chosen.arch
+    assert json.loads((tmp_path / "distilled" / "config.json").read_text())["train"]["distill"] == 0.5
+    # a teacher the network was not derived from is refused
+    other = tmp_path / "other"
+    other.mkdir()
+    narrow = LM(small_arch(d_model=16))
+    narrow.arch.save(other / "arch.json")
+    save_weights(narrow, other / "model.safetensors")
+    _one_line_error(run("distill", "--student", out, "--teacher", other, "--out", tmp_path / "d2"),
+                    "was not derived from")
+
+
+def test_search_alone_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_path):
+    space = tmp_path / "space.json"
+    SPACE.save(space)
+    _one_line_error(run("search", "--model", baseline_run, "--target-latency-ms", 1e-4, "--out", tmp_path / "s",
+                        "--space", space, "--tgt-len", 64, "--threads", 1, "--table", table_file, "--quiet"),
                     "below the fastest network in the space")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.json"]
 

@@ -100,8 +100,8 @@ class SearchOutcome:
     target_ms: float  # the target in milliseconds (a speedup target turned into one by the baseline's measurement)
 
     def save(self, out: Path) -> None:
-        """Into directory `out` (created): the chosen network as a model directory, the rest as JSON."""
-        out.mkdir(parents=True)
+        """Into directory `out` (created if need be): the chosen network as a model directory, the rest as JSON."""
+        out.mkdir(parents=True, exist_ok=True)
         self.chosen.arch.save(out / ARCH_FILE)
         save_weights(self.chosen.model, out / WEIGHTS_FILE)
         self.table.save(out / "latency_table.json")
