@@ -20,6 +20,7 @@ from planer.checkpoint import load_model
 from planer.data import Segments
 from planer.latency import LatencyTable
 from planer.latency.table import FIXED
+from planer.search.probe import ProbeLoss
 from planer.search.search import SearchConfig, _derive, candidate_latencies
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace, trainable_params_limit
@@ -31,6 +32,8 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--table", type=Path, required=True, help="a latency table of the run's space (planer profile)")
     p.add_argument("--fraction", type=float, default=0.75, help="budget as a fraction of the baseline's prediction")
+    p.add_argument("--remeasure", type=int, help="cap on stale moves measured again per lazy step (default: "
+                   "SearchConfig's)")
     p.add_argument("--data", default="sample")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
@@ -38,6 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     baseline = load_model(a.run).eval()
     arch, cfg = baseline.arch, SearchConfig()
+    remeasure = cfg.remeasure if a.remeasure is None else a.remeasure
     space = SearchSpace.default(arch, max_params=trainable_params_limit())
     table = LatencyTable.load(a.table)
     corpus = run_corpus(a.run, a.data, arch.vocab_size)
@@ -61,20 +65,28 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         choice = _derive(net, probe, block_ms, a.fraction * baseline_ms, [c.kind == "attn" for c in space.candidates],
-                         cfg.shortlist)
+                         cfg.shortlist, remeasure)
     wall = time.perf_counter() - t0
     measurements = passes // len(probe)
     share = positions_run / max(1, passes * space.positions)
+    net.run_positions = run_positions
+    probe_loss = ProbeLoss(net, probe)  # what the derivation gave up: the probe's loss before and after
+    with torch.no_grad():
+        start_loss, derived_loss = probe_loss(net.argmax()), probe_loss(choice) if choice else float("nan")
     got_ms = sum(float(block_ms[i]) for i in choice) if choice else float("nan")
     text = (f"`{a.run}`: {arch.summary().splitlines()[0]}; space of {space.positions} positions x "
             f"{len(space.candidates)} candidates ({space.supernet_params(arch) / 1e6:.0f}M supernet parameters); "
             f"probe {len(probe)} segments x {streams} stream(s) x {arch.tgt_len} tokens; {a.threads} threads.\n\n"
             f"| blocks' predicted ms (without fixed {table.entries[FIXED]['p50']:.1f}) | budget | derived | "
-            f"measurements | share of positions run | wall s | s per measurement |\n|---|---|---|---|---|---|---|\n"
-            f"| {baseline_ms:.1f} | {a.fraction * baseline_ms:.1f} | {got_ms:.1f} | {measurements} | {share:.2f} | "
-            f"{wall:.0f} | {wall / max(1, measurements):.2f} |\n")
+            f"re-measured per lazy step | measurements | share of positions run | wall s | s per measurement | "
+            f"probe loss before / after |\n|---|---|---|---|---|---|---|---|---|\n"
+            f"| {baseline_ms:.1f} | {a.fraction * baseline_ms:.1f} | {got_ms:.1f} | "
+            f"{'until fresh' if remeasure is None else f'at most {remeasure}'} | {measurements} | {share:.2f} | "
+            f"{wall:.0f} | {wall / max(1, measurements):.2f} | {start_loss:.4f} / {derived_loss:.4f} |\n")
     record("derive_cost", {"run": str(a.run), "positions": space.positions, "streams": streams,
-                           "measurements": measurements, "share_of_positions_run": share, "wall_s": wall,
+                           "remeasure": remeasure, "measurements": measurements,
+                           "share_of_positions_run": share, "wall_s": wall, "start_loss": start_loss,
+                           "derived_loss": derived_loss,
                            "baseline_ms": baseline_ms,
                            "budget_ms": a.fraction * baseline_ms, "derived_ms": got_ms}, text)
 

@@ -108,6 +108,34 @@ def test_probe_loss_reuses_the_shared_front_and_matches_full_passes(kw):
     assert loss_of(base) == pytest.approx(full(base), abs=1e-5)
 
 
+def test_remeasure_caps_the_lazy_steps():
+    # losses that interact (each FFN is worth more the fewer remain), so stale changes are too optimistic
+    # and uncapped lazy steps measure moves again and again
+    cost = torch.tensor([0.0, 2.0, 1.0, 0.4, 0.7])
+    is_attn = [False, True, False, False, False]
+    start = [1, 2] * 12
+
+    def run(cap):
+        calls = []
+
+        def loss_of(choice):
+            calls.append(1)
+            kept = sum(c == 2 for c in choice)
+            return 50.0 - sum((0.3 + 0.05 * (12 - kept)) * (c == 2) + (0.2 + 0.01 * p) * (c in (3, 4)) + (c == 1)
+                              for p, c in enumerate(choice))
+
+        moved = []
+        chosen = shrink(start, cost, 25.0, is_attn, loss_of, lambda p: [0, 1, 2, 3, 4], exact_limit=0,
+                        remeasure=cap, rebase=moved.append)
+        return chosen, len(calls), len(moved) - 1
+
+    (free, free_calls, _), (capped, capped_calls, steps) = run(None), run(2)
+    assert sum(cost[c] for c in capped) <= 25.0 and sum(cost[c] for c in free) <= 25.0
+    # the start, every move of the first step, then per step the changed position's moves and 2 more
+    assert capped_calls <= 1 + len(start) * 4 + steps * (4 + 2), (capped_calls, steps)
+    assert capped_calls < free_calls, (capped_calls, free_calls)
+
+
 def test_shrink_rebases_on_every_network_it_moves_to():
     cost = torch.tensor([0.0, 2.0, 1.0, 0.4])
     seen = []

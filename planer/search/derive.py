@@ -24,7 +24,8 @@ EXACT_LIMIT = 256  # moves per step up to which every move is measured at every 
 
 def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],
            loss_of: Callable[[list[int]], float], moves: Callable[[int], Sequence[int]], *,
-           exact_limit: int = EXACT_LIMIT, rebase: Callable[[list[int]], None] | None = None) -> list[int] | None:
+           exact_limit: int = EXACT_LIMIT, remeasure: int | None = None,
+           rebase: Callable[[list[int]], None] | None = None) -> list[int] | None:
     """Cheapen `choice` one position at a time until its cost fits `budget_ms`, then spend what is left.
 
     Each cutting step considers every move `moves(p)` offers at every position p that saves time, measures
@@ -38,7 +39,8 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     where each measurement is a pass of the supernet) the steps are lazy: a move's loss change measured
     at an earlier step stands in for it until it ranks first, and is measured again then; a move is
     made only once it ranks first on a loss measured in this step. Moves at the position just changed
-    are always measured afresh.
+    are always measured afresh. `remeasure` caps the stale moves measured again per lazy step; once it
+    is reached, the step makes the best move measured in it.
 
     `rebase`, when given, is called with the network each time the moves start from another one (first
     with `choice`), so that `loss_of` can reuse what the moves share with it.
@@ -67,13 +69,17 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
         for p, c, _ in options:
             if not lazy or (p, c) not in stale:
                 measure(p, c)
+        remeasured = 0
         while options:
-            p, c, amount = min(options, key=lambda o: score(stale[o[:2]], o[2]))
+            ranked = options if remeasure is None or remeasured < remeasure or not fresh else \
+                [o for o in options if o[:2] in fresh]
+            p, c, amount = min(ranked, key=lambda o: score(stale[o[:2]], o[2]))
             if (p, c) in fresh:
                 if improving and fresh[(p, c)] >= current:
                     return None
                 return choice[:p] + [c] + choice[p + 1:], fresh[(p, c)]
             measure(p, c)
+            remeasured += 1
         return None
 
     def made(new: tuple[list[int], float] | None) -> bool:
