@@ -136,6 +136,27 @@ def test_remeasure_caps_the_lazy_steps():
     assert capped_calls < free_calls, (capped_calls, free_calls)
 
 
+def test_bulk_cuts_take_fewer_steps_and_still_fit():
+    cost = torch.tensor([0.0, 2.0, 1.0, 0.4, 0.7])
+    worth = [0.0, 1.0, 0.3, 0.2, 0.25]
+    is_attn = [False, True, False, False, False]
+    start = [1, 2] * 30
+
+    def loss_of(choice):
+        return 100.0 - sum(worth[c] * (1 + 0.01 * p) for p, c in enumerate(choice))
+
+    def run(bulk):
+        moved = []
+        chosen = shrink(start, cost, 45.0, is_attn, loss_of, lambda p: [0, 1, 2, 3, 4], exact_limit=0, bulk=bulk,
+                        rebase=moved.append)
+        return chosen, len(moved)
+
+    (single, single_steps), (bulk, bulk_steps) = run(False), run(True)
+    assert sum(cost[c] for c in bulk) <= 45.0 and sum(cost[c] for c in single) <= 45.0
+    assert bulk_steps < single_steps / 2, (bulk_steps, single_steps)
+    assert loss_of(bulk) <= loss_of(single) + 0.05  # additive losses: the same cuts, in fewer steps
+
+
 def test_shrink_rebases_on_every_network_it_moves_to():
     cost = torch.tensor([0.0, 2.0, 1.0, 0.4])
     seen = []

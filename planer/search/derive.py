@@ -24,7 +24,7 @@ EXACT_LIMIT = 256  # moves per step up to which every move is measured at every 
 
 def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],
            loss_of: Callable[[list[int]], float], moves: Callable[[int], Sequence[int]], *,
-           exact_limit: int = EXACT_LIMIT, remeasure: int | None = None,
+           exact_limit: int = EXACT_LIMIT, remeasure: int | None = None, bulk: bool = False,
            rebase: Callable[[list[int]], None] | None = None) -> list[int] | None:
     """Cheapen `choice` one position at a time until its cost fits `budget_ms`, then spend what is left.
 
@@ -40,7 +40,10 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     at an earlier step stands in for it until it ranks first, and is measured again then; a move is
     made only once it ranks first on a loss measured in this step. Moves at the position just changed
     are always measured afresh. `remeasure` caps the stale moves measured again per lazy step; once it
-    is reached, the step makes the best move measured in it.
+    is reached, the step makes the best move measured in it. With `bulk`, a lazy cutting step far from
+    the budget makes several moves: the one it measured, then the next best by their earlier
+    measurements at other positions while all of them together save at most half the time still to
+    cut (a deep network then needs a few steps, not one per block).
 
     `rebase`, when given, is called with the network each time the moves start from another one (first
     with `choice`), so that `loss_of` can reuse what the moves share with it.
@@ -54,8 +57,8 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     last_attn = lambda ch, now, c: (is_attn[now] and not is_attn[c]  # noqa: E731
                                     and sum(bool(is_attn[x]) for x in ch) == 1)
 
-    def step(change: Callable[[int, int], float], score: Callable[[float, float], float], improving: bool
-             ) -> tuple[list[int], float] | None:
+    def step(change: Callable[[int, int], float], score: Callable[[float, float], float], improving: bool,
+             bulk_ms: float = 0.0) -> tuple[list[int], float | None] | None:
         options = [(p, c, change(now, c)) for p, now in enumerate(choice) for c in moves(p)
                    if change(now, c) > 0 and not last_attn(choice, now, c)]
         lazy = len(options) > exact_limit
@@ -77,26 +80,31 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
             if (p, c) in fresh:
                 if improving and fresh[(p, c)] >= current:
                     return None
-                return choice[:p] + [c] + choice[p + 1:], fresh[(p, c)]
+                new, saved = choice[:p] + [c] + choice[p + 1:], amount
+                for q, d, more in (sorted(options, key=lambda o: score(stale[o[:2]], o[2])) if lazy else ()):
+                    if new[q] == choice[q] and saved + more <= bulk_ms and not last_attn(new, new[q], d):
+                        new[q], saved = d, saved + more
+                return new, fresh[(p, c)] if saved == amount else None  # None: several moves, not measured
             measure(p, c)
             remeasured += 1
         return None
 
-    def made(new: tuple[list[int], float] | None) -> bool:
+    def made(new: tuple[list[int], float | None] | None) -> bool:
         nonlocal choice, current
         if new is None:
             return False
-        changed = next(p for p, (a, b) in enumerate(zip(choice, new[0])) if a != b)
-        for key in [k for k in stale if k[0] == changed]:
+        changed = {p for p, (a, b) in enumerate(zip(choice, new[0])) if a != b}
+        for key in [k for k in stale if k[0] in changed]:
             del stale[key]
-        choice, current = new
+        choice = new[0]
         if rebase is not None:
             rebase(choice)
+        current = new[1] if new[1] is not None else loss_of(choice)
         return True
 
     while (excess := sum(cost[c] for c in choice) - budget_ms) > 0:
         if not made(step(lambda now, c: cost[now] - cost[c], lambda delta, saved: delta / min(saved, excess),
-                         improving=False)):
+                         improving=False, bulk_ms=excess / 2 if bulk else 0.0)):
             return None
     while True:
         room = budget_ms - sum(cost[c] for c in choice)

@@ -74,6 +74,7 @@ class SearchConfig:
     # Stale moves a lazy derivation step (deep baselines) measures again before it settles for the best move
     # measured in the step (planer.search.derive.shrink); None: until one ranks first on a fresh measurement.
     remeasure: int | None = None
+    bulk_cuts: bool = True  # lazy derivation steps far from the budget make several moves (see shrink)
     # The most forward FLOPs one derivation measurement may cost: deep baselines measure on fewer streams
     # (tiny's 3 x 8 x 128-token probe is ~16 GFLOP and keeps every stream; SmolLM2-135M keeps one).
     probe_flops: float = 4e10
@@ -204,7 +205,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             derive_start = time.perf_counter()
             bar.set_description(f"search: round {rnd}, deriving a network")  # minutes on deep baselines
             choice = _derive(net, probe, block_ms, budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn,
-                             cfg.shortlist, cfg.remeasure)
+                             cfg.shortlist, cfg.remeasure, cfg.bulk_cuts)
             if choice is None:
                 say(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
                 break
@@ -256,7 +257,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
 
 @torch.no_grad()
 def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block_ms: torch.Tensor, budget_ms: float,
-            is_attn: list[bool], shortlist: int, remeasure: int | None = None) -> list[int] | None:
+            is_attn: list[bool], shortlist: int, remeasure: int | None = None, bulk: bool = False
+            ) -> list[int] | None:
     """Most probable network, then cut to the budget by measured loss (see planer.search.derive.shrink).
     Moves go to a position's `shortlist` most probable candidates or to skip."""
     logp = net.alpha.detach().log_softmax(-1)
@@ -264,7 +266,7 @@ def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
     loss_of = ProbeLoss(net, probe)
     return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip],
-                  remeasure=remeasure, rebase=loss_of.rebase)
+                  remeasure=remeasure, bulk=bulk, rebase=loss_of.rebase)
 
 
 def _stream(data: Segments, step: int):
