@@ -43,7 +43,8 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     is reached, the step makes the best move measured in it. With `bulk`, a lazy cutting step far from
     the budget makes several moves: the one it measured, then the next best by their earlier
     measurements at other positions while all of them together save at most half the time still to
-    cut (a deep network then needs a few steps, not one per block).
+    cut (a deep network then needs a few steps, not one per block); and a moved position's other moves
+    keep their earlier loss changes less that of the move made, instead of being measured again.
 
     `rebase`, when given, is called with the network each time the moves start from another one (first
     with `choice`), so that `loss_of` can reuse what the moves share with it.
@@ -93,9 +94,14 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
         nonlocal choice, current
         if new is None:
             return False
-        changed = {p for p, (a, b) in enumerate(zip(choice, new[0])) if a != b}
-        for key in [k for k in stale if k[0] in changed]:
-            del stale[key]
+        for p, (was, now) in enumerate(zip(choice, new[0])):
+            if was != now:  # moving on from `now` is moving on from `was`, less the move to `now`
+                moved = stale.get((p, now))
+                for c in moves(p):
+                    if (p, c) in stale and moved is not None and bulk:
+                        stale[(p, c)] -= moved
+                    else:
+                        stale.pop((p, c), None)
         choice = new[0]
         if rebase is not None:
             rebase(choice)
