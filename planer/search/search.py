@@ -151,6 +151,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
     """Search for a network that meets the target (see SearchOutcome for what is chosen). `baseline_onnx` is the
     baseline already exported for this deployment (exported here otherwise); candidates are timed beside it."""
     torch.manual_seed(cfg.seed)
+    dep = dep.resolved(table)  # --lowering auto: the one the table was profiled in
     baseline = baseline.eval()
     arch = baseline.arch
     main = distributed.is_main()  # under torchrun rank 0 alone exports, times, evaluates and writes
