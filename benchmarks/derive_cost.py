@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.75, help="budget as a fraction of the baseline's prediction")
     p.add_argument("--remeasure", type=int, help="cap on stale moves measured again per lazy step (default: "
                    "SearchConfig's)")
-    p.add_argument("--single-cuts", action="store_true", help="one move per lazy step (SearchConfig.bulk_cuts off)")
+    p.add_argument("--bulk-cuts", action="store_true", help="several moves per lazy step (SearchConfig.bulk_cuts)")
     p.add_argument("--data", default="sample")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
@@ -66,7 +66,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         choice = _derive(net, probe, block_ms, a.fraction * baseline_ms, [c.kind == "attn" for c in space.candidates],
-                         cfg.shortlist, remeasure, cfg.bulk_cuts and not a.single_cuts)
+                         cfg.shortlist, remeasure, cfg.bulk_cuts or a.bulk_cuts)
     wall = time.perf_counter() - t0
     measurements = passes // len(probe)
     share = positions_run / max(1, passes * space.positions)
@@ -83,11 +83,11 @@ def main() -> None:
             f"probe loss before / after |\n|---|---|---|---|---|---|---|---|---|---|\n"
             f"| {baseline_ms:.1f} | {a.fraction * baseline_ms:.1f} | {got_ms:.1f} | "
             f"{'until fresh' if remeasure is None else f'at most {remeasure}'} | "
-            f"{'one' if a.single_cuts or not cfg.bulk_cuts else 'up to half the excess'} | {measurements} | {share:.2f} | "
+            f"{'up to half the excess' if cfg.bulk_cuts or a.bulk_cuts else 'one'} | {measurements} | {share:.2f} | "
             f"{wall:.0f} | {wall / max(1, measurements):.2f} | {start_loss:.4f} / {derived_loss:.4f} |\n")
     record("derive_cost", {"run": str(a.run), "positions": space.positions, "streams": streams,
                            "remeasure": remeasure,
-                           "bulk_cuts": cfg.bulk_cuts and not a.single_cuts, "measurements": measurements,
+                           "bulk_cuts": cfg.bulk_cuts or a.bulk_cuts, "measurements": measurements,
                            "share_of_positions_run": share, "wall_s": wall, "start_loss": start_loss,
                            "derived_loss": derived_loss,
                            "baseline_ms": baseline_ms,
