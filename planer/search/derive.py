@@ -82,7 +82,7 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
                 if improving and fresh[(p, c)] >= current:
                     return None
                 new, saved = choice[:p] + [c] + choice[p + 1:], amount
-                for q, d, more in (sorted(options, key=lambda o: score(stale[o[:2]], o[2])) if lazy else ()):
+                for q, d, more in (sorted(options, key=lambda o: score(stale[o[:2]], o[2])) if lazy and bulk_ms else ()):
                     if new[q] == choice[q] and saved + more <= bulk_ms and not last_attn(new, new[q], d):
                         new[q], saved = d, saved + more
                 return new, fresh[(p, c)] if saved == amount else None  # None: several moves, not measured
