@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 
-EXACT_LIMIT = 256  # moves per step up to which every move is measured at every step
+EXACT_LIMIT = 256  # moves in all up to which every move is measured at every step
 
 
 def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],
@@ -35,21 +35,23 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     gains the most loss per millisecond added, while any does. Moves that would remove the last
     attention block are not tried. None when no move is left and the choice still does not fit.
 
-    Up to `exact_limit` moves per step every move is measured at every step. Beyond it (deep networks,
-    where each measurement is a pass of the supernet) the steps are lazy: a move's loss change measured
-    at an earlier step stands in for it until it ranks first, and is measured again then; a move is
-    made only once it ranks first on a loss measured in this step. Moves at the position just changed
-    are always measured afresh. `remeasure` caps the stale moves measured again per lazy step; once it
-    is reached, the step makes the best move measured in it. With `bulk`, a lazy cutting step far from
-    the budget makes several moves: the one it measured, then the next best by their earlier
-    measurements at other positions while all of them together save at most half the time still to
-    cut (a deep network then needs a few steps, not one per block); and a moved position's other moves
-    keep their earlier loss changes less that of the move made, instead of being measured again.
+    Up to `exact_limit` moves in all (over every position) every move is measured at every step. Beyond
+    it (deep networks, where each measurement is a pass of the supernet) every step is lazy, however few
+    moves are left in it: a move's loss change measured at an earlier step stands in for it until it
+    ranks first, and is measured again then; a move is made only once it ranks first on a loss measured
+    in this step. A moved position's other moves keep
+    their earlier loss changes less that of the move made, instead of being measured again at once.
+    `remeasure` caps the stale moves measured again per lazy step; once it is reached, the step makes
+    the best move measured in it. With `bulk`, a lazy cutting step far from the budget makes several
+    moves: the one it measured, then the next best by their earlier measurements at other positions
+    while all of them together save at most half the time still to cut (a deep network then needs a
+    few steps, not one per block).
 
     `rebase`, when given, is called with the network each time the moves start from another one (first
     with `choice`), so that `loss_of` can reuse what the moves share with it.
     """
     choice = list(choice)
+    lazy = sum(len(moves(p)) for p in range(len(choice))) > exact_limit
     if rebase is not None:
         rebase(choice)
     cost = [float(c) for c in cost_ms]
@@ -62,7 +64,6 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
              bulk_ms: float = 0.0) -> tuple[list[int], float | None] | None:
         options = [(p, c, change(now, c)) for p, now in enumerate(choice) for c in moves(p)
                    if change(now, c) > 0 and not last_attn(choice, now, c)]
-        lazy = len(options) > exact_limit
         fresh: dict[tuple[int, int], float] = {}
 
         def measure(p: int, c: int) -> None:
@@ -98,7 +99,7 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
             if was != now:  # moving on from `now` is moving on from `was`, less the move to `now`
                 moved = stale.get((p, now))
                 for c in moves(p):
-                    if (p, c) in stale and moved is not None and bulk:
+                    if (p, c) in stale and moved is not None:
                         stale[(p, c)] -= moved
                     else:
                         stale.pop((p, c), None)
