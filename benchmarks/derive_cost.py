@@ -32,9 +32,6 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--table", type=Path, required=True, help="a latency table of the run's space (planer profile)")
     p.add_argument("--fraction", type=float, default=0.75, help="budget as a fraction of the baseline's prediction")
-    p.add_argument("--remeasure", type=int, help="cap on stale moves measured again per lazy step (default: "
-                   "SearchConfig's)")
-    p.add_argument("--bulk-cuts", action="store_true", help="several moves per lazy step (SearchConfig.bulk_cuts)")
     p.add_argument("--data", default="sample")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
@@ -42,7 +39,6 @@ def main() -> None:
     torch.manual_seed(0)
     baseline = load_model(a.run).eval()
     arch, cfg = baseline.arch, SearchConfig()
-    remeasure = cfg.remeasure if a.remeasure is None else a.remeasure
     space = SearchSpace.default(arch, max_params=trainable_params_limit())
     table = LatencyTable.load(a.table)
     corpus = run_corpus(a.run, a.data, arch.vocab_size)
@@ -66,7 +62,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         choice = _derive(net, probe, block_ms, a.fraction * baseline_ms, [c.kind == "attn" for c in space.candidates],
-                         cfg.shortlist, remeasure, cfg.bulk_cuts or a.bulk_cuts)
+                         cfg.shortlist)
     wall = time.perf_counter() - t0
     measurements = passes // len(probe)
     share = positions_run / max(1, passes * space.positions)
@@ -79,18 +75,13 @@ def main() -> None:
             f"{len(space.candidates)} candidates ({space.supernet_params(arch) / 1e6:.0f}M supernet parameters); "
             f"probe {len(probe)} segments x {streams} stream(s) x {arch.tgt_len} tokens; {a.threads} threads.\n\n"
             f"| blocks' predicted ms (without fixed {table.entries[FIXED]['p50']:.1f}) | budget | derived | "
-            f"re-measured per lazy step | cuts per lazy step | measurements | share of positions run | wall s | s per measurement | "
-            f"probe loss before / after |\n|---|---|---|---|---|---|---|---|---|---|\n"
-            f"| {baseline_ms:.1f} | {a.fraction * baseline_ms:.1f} | {got_ms:.1f} | "
-            f"{'until fresh' if remeasure is None else f'at most {remeasure}'} | "
-            f"{'up to half the excess' if cfg.bulk_cuts or a.bulk_cuts else 'one'} | {measurements} | {share:.2f} | "
+            f"measurements | share of positions run | wall s | s per measurement | probe loss before / after |\n"
+            f"|---|---|---|---|---|---|---|---|\n"
+            f"| {baseline_ms:.1f} | {a.fraction * baseline_ms:.1f} | {got_ms:.1f} | {measurements} | {share:.2f} | "
             f"{wall:.0f} | {wall / max(1, measurements):.2f} | {start_loss:.4f} / {derived_loss:.4f} |\n")
     record("derive_cost", {"run": str(a.run), "positions": space.positions, "streams": streams,
-                           "remeasure": remeasure,
-                           "bulk_cuts": cfg.bulk_cuts or a.bulk_cuts, "measurements": measurements,
-                           "share_of_positions_run": share, "wall_s": wall, "start_loss": start_loss,
-                           "derived_loss": derived_loss,
-                           "baseline_ms": baseline_ms,
+                           "measurements": measurements, "share_of_positions_run": share, "wall_s": wall,
+                           "start_loss": start_loss, "derived_loss": derived_loss, "baseline_ms": baseline_ms,
                            "budget_ms": a.fraction * baseline_ms, "derived_ms": got_ms}, text)
 
 

@@ -114,50 +114,6 @@ LAZY_WORTH = [0.0, 1.0, 0.3, 0.2, 0.25]
 LAZY_ATTN = [False, True, False, False, False]
 
 
-def test_remeasure_caps_the_lazy_steps():
-    # losses that interact (each FFN is LAZY_WORTH more the fewer remain), so stale changes are too optimistic
-    # and uncapped lazy steps measure moves again and again
-    start = [1, 2] * 12
-
-    def run(cap):
-        calls = []
-
-        def loss_of(choice):
-            calls.append(1)
-            kept = sum(c == 2 for c in choice)
-            return 50.0 - sum((0.3 + 0.05 * (12 - kept)) * (c == 2) + (0.2 + 0.01 * p) * (c in (3, 4)) + (c == 1)
-                              for p, c in enumerate(choice))
-
-        moved = []
-        chosen = shrink(start, LAZY_COST, 25.0, LAZY_ATTN, loss_of, lambda p: [0, 1, 2, 3, 4], exact_limit=0,
-                        remeasure=cap, rebase=moved.append)
-        return chosen, len(calls), len(moved) - 1
-
-    (free, free_calls, _), (capped, capped_calls, steps) = run(None), run(2)
-    assert sum(LAZY_COST[c] for c in capped) <= 25.0 and sum(LAZY_COST[c] for c in free) <= 25.0
-    # the start, every move of the first step, then at most 2 per step
-    assert capped_calls <= 1 + len(start) * 4 + steps * 2, (capped_calls, steps)
-    assert capped_calls < free_calls, (capped_calls, free_calls)
-
-
-def test_bulk_cuts_take_fewer_steps_and_still_fit():
-    start = [1, 2] * 30
-
-    def loss_of(choice):
-        return 100.0 - sum(LAZY_WORTH[c] * (1 + 0.01 * p) for p, c in enumerate(choice))
-
-    def run(bulk):
-        moved = []
-        chosen = shrink(start, LAZY_COST, 45.0, LAZY_ATTN, loss_of, lambda p: [0, 1, 2, 3, 4], exact_limit=0, bulk=bulk,
-                        rebase=moved.append)
-        return chosen, len(moved)
-
-    (single, single_steps), (bulk, bulk_steps) = run(False), run(True)
-    assert sum(LAZY_COST[c] for c in bulk) <= 45.0 and sum(LAZY_COST[c] for c in single) <= 45.0
-    assert bulk_steps < single_steps / 2, (bulk_steps, single_steps)
-    assert loss_of(bulk) <= loss_of(single) + 0.05  # additive losses: the same cuts, in fewer steps
-
-
 def test_shrink_rebases_on_every_network_it_moves_to():
     cost = torch.tensor([0.0, 2.0, 1.0, 0.4])
     seen = []
@@ -217,9 +173,11 @@ def test_shrink_makes_the_cheapest_moves_in_loss_per_millisecond():
     assert calls  # every move was measured
 
 
-def test_lazy_shrink_measures_fewer_moves_and_agrees_when_losses_add_up():
+@pytest.mark.parametrize("limit", [0, 24 * 5 - 1])
+def test_lazy_shrink_measures_fewer_moves_and_agrees_when_losses_add_up(limit):
     # 24 positions of attention and FFNs whose losses add up: a stale loss change stays exact, so the lazy
-    # steps must make the same moves as the exact ones, with far fewer measurements.
+    # steps must make the same moves as the exact ones, with far fewer measurements. Just under the 120 moves
+    # in all, the steps stay lazy when fewer moves are left in them.
     start = [1, 2] * 12
 
     def run(limit):
@@ -232,7 +190,7 @@ def test_lazy_shrink_measures_fewer_moves_and_agrees_when_losses_add_up():
         chosen = shrink(start, LAZY_COST, 25.0, LAZY_ATTN, loss_of, lambda p: [0, 1, 2, 3, 4], exact_limit=limit)
         return chosen, len(calls)
 
-    (exact, exact_calls), (lazy, lazy_calls) = run(10_000), run(0)
+    (exact, exact_calls), (lazy, lazy_calls) = run(10_000), run(limit)
     assert lazy == exact and sum(LAZY_COST[c] for c in exact) <= 25.0
     assert lazy_calls < exact_calls / 3, (lazy_calls, exact_calls)
 

@@ -24,8 +24,7 @@ EXACT_LIMIT = 256  # moves in all up to which every move is measured at every st
 
 def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],
            loss_of: Callable[[list[int]], float], moves: Callable[[int], Sequence[int]], *,
-           exact_limit: int = EXACT_LIMIT, remeasure: int | None = None, bulk: bool = False,
-           rebase: Callable[[list[int]], None] | None = None) -> list[int] | None:
+           exact_limit: int = EXACT_LIMIT, rebase: Callable[[list[int]], None] | None = None) -> list[int] | None:
     """Cheapen `choice` one position at a time until its cost fits `budget_ms`, then spend what is left.
 
     Each cutting step considers every move `moves(p)` offers at every position p that saves time, measures
@@ -39,13 +38,8 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     it (deep networks, where each measurement is a pass of the supernet) every step is lazy, however few
     moves are left in it: a move's loss change measured at an earlier step stands in for it until it
     ranks first, and is measured again then; a move is made only once it ranks first on a loss measured
-    in this step. A moved position's other moves keep
-    their earlier loss changes less that of the move made, instead of being measured again at once.
-    `remeasure` caps the stale moves measured again per lazy step; once it is reached, the step makes
-    the best move measured in it. With `bulk`, a lazy cutting step far from the budget makes several
-    moves: the one it measured, then the next best by their earlier measurements at other positions
-    while all of them together save at most half the time still to cut (a deep network then needs a
-    few steps, not one per block).
+    in this step. A moved position's other moves keep their earlier loss changes less that of the move
+    made, instead of being measured again at once.
 
     `rebase`, when given, is called with the network each time the moves start from another one (first
     with `choice`), so that `loss_of` can reuse what the moves share with it.
@@ -60,8 +54,9 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     last_attn = lambda ch, now, c: (is_attn[now] and not is_attn[c]  # noqa: E731
                                     and sum(bool(is_attn[x]) for x in ch) == 1)
 
-    def step(change: Callable[[int, int], float], score: Callable[[float, float], float], improving: bool,
-             bulk_ms: float = 0.0) -> tuple[list[int], float | None] | None:
+    def step(change: Callable[[int, int], float], score: Callable[[float, float], float],
+             improving: bool) -> tuple[int, int, float] | None:
+        """The move to make (position, candidate, the network's loss after it), or None."""
         options = [(p, c, change(now, c)) for p, now in enumerate(choice) for c in moves(p)
                    if change(now, c) > 0 and not last_attn(choice, now, c)]
         fresh: dict[tuple[int, int], float] = {}
@@ -74,44 +69,30 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
         for p, c, _ in options:
             if not lazy or (p, c) not in stale:
                 measure(p, c)
-        remeasured = 0
         while options:
-            ranked = options if remeasure is None or remeasured < remeasure or not fresh else \
-                [o for o in options if o[:2] in fresh]
-            p, c, amount = min(ranked, key=lambda o: score(stale[o[:2]], o[2]))
+            p, c, _ = min(options, key=lambda o: score(stale[o[:2]], o[2]))
             if (p, c) in fresh:
-                if improving and fresh[(p, c)] >= current:
-                    return None
-                new, saved = choice[:p] + [c] + choice[p + 1:], amount
-                for q, d, more in (sorted(options, key=lambda o: score(stale[o[:2]], o[2])) if lazy and bulk_ms else ()):
-                    if new[q] == choice[q] and saved + more <= bulk_ms and not last_attn(new, new[q], d):
-                        new[q], saved = d, saved + more
-                return new, fresh[(p, c)] if saved == amount else None  # None: several moves, not measured
+                return None if improving and fresh[(p, c)] >= current else (p, c, fresh[(p, c)])
             measure(p, c)
-            remeasured += 1
         return None
 
-    def made(new: tuple[list[int], float | None] | None) -> bool:
+    def made(move: tuple[int, int, float] | None) -> bool:
         nonlocal choice, current
-        if new is None:
+        if move is None:
             return False
-        for p, (was, now) in enumerate(zip(choice, new[0])):
-            if was != now:  # moving on from `now` is moving on from `was`, less the move to `now`
-                moved = stale.get((p, now))
-                for c in moves(p):
-                    if (p, c) in stale and moved is not None:
-                        stale[(p, c)] -= moved
-                    else:
-                        stale.pop((p, c), None)
-        choice = new[0]
+        p, now, loss = move
+        moved = stale[(p, now)]  # moving on from `now` is moving on from the old block, less the move to `now`
+        for c in moves(p):
+            if (p, c) in stale:
+                stale[(p, c)] -= moved
+        choice, current = choice[:p] + [now] + choice[p + 1:], loss
         if rebase is not None:
             rebase(choice)
-        current = new[1] if new[1] is not None else loss_of(choice)
         return True
 
     while (excess := sum(cost[c] for c in choice) - budget_ms) > 0:
         if not made(step(lambda now, c: cost[now] - cost[c], lambda delta, saved: delta / min(saved, excess),
-                         improving=False, bulk_ms=excess / 2 if bulk else 0.0)):
+                         improving=False)):
             return None
     while True:
         room = budget_ms - sum(cost[c] for c in choice)

@@ -71,12 +71,6 @@ class SearchConfig:
     valid_tokens: int = 16384
     shortlist: int = 6  # per position, the most probable candidates the derivation may move to (and skip)
     probe_segments: int = 3  # held-out segments (x batch streams) the derivation measures losses on
-    # Stale moves a lazy derivation step (deep baselines) measures again before it settles for the best move
-    # measured in the step (planer.search.derive.shrink); None: until one ranks first on a fresh measurement.
-    remeasure: int | None = None
-    # Lazy derivation steps far from the budget make several moves (see shrink). Off until its networks are
-    # compared with one-move steps': on SmolLM2 its first step of 14 moves took the probe loss from 1.82 to 2.86.
-    bulk_cuts: bool = False
     # The most forward FLOPs one derivation measurement may cost: deep baselines measure on fewer streams
     # (tiny's 3 x 8 x 128-token probe is ~16 GFLOP and keeps every stream; SmolLM2-135M keeps one).
     probe_flops: float = 4e10
@@ -208,7 +202,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             derive_start = time.perf_counter()
             bar.set_description(f"search: round {rnd}, deriving a network")  # minutes on deep baselines
             choice = _derive(net, probe, block_ms, budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn,
-                             cfg.shortlist, cfg.remeasure, cfg.bulk_cuts)
+                             cfg.shortlist)
             if choice is None:
                 say(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
                 break
@@ -260,16 +254,14 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
 
 @torch.no_grad()
 def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block_ms: torch.Tensor, budget_ms: float,
-            is_attn: list[bool], shortlist: int, remeasure: int | None = None, bulk: bool = False
-            ) -> list[int] | None:
+            is_attn: list[bool], shortlist: int) -> list[int] | None:
     """Most probable network, then cut to the budget by measured loss (see planer.search.derive.shrink).
     Moves go to a position's `shortlist` most probable candidates or to skip."""
     logp = net.alpha.detach().log_softmax(-1)
     skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
     loss_of = ProbeLoss(net, probe)
-    return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip],
-                  remeasure=remeasure, bulk=bulk, rebase=loss_of.rebase)
+    return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip], rebase=loss_of.rebase)
 
 
 def _stream(data: Segments, step: int):
