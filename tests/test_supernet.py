@@ -108,12 +108,6 @@ def test_probe_loss_reuses_the_shared_front_and_matches_full_passes(kw):
     assert loss_of(base) == pytest.approx(full(base), abs=1e-5)
 
 
-# Lazy derivations: many positions of skip (0), attention (1) and FFNs (2, 3, 4) with these costs and worths
-LAZY_COST = torch.tensor([0.0, 2.0, 1.0, 0.4, 0.7])
-LAZY_WORTH = [0.0, 1.0, 0.3, 0.2, 0.25]
-LAZY_ATTN = [False, True, False, False, False]
-
-
 def test_shrink_rebases_on_every_network_it_moves_to():
     cost = torch.tensor([0.0, 2.0, 1.0, 0.4])
     seen = []
@@ -178,6 +172,9 @@ def test_lazy_shrink_measures_fewer_moves_and_agrees_when_losses_add_up(limit):
     # 24 positions of attention and FFNs whose losses add up: a stale loss change stays exact, so the lazy
     # steps must make the same moves as the exact ones, with far fewer measurements. Just under the 120 moves
     # in all, the steps stay lazy when fewer moves are left in them.
+    cost = torch.tensor([0.0, 2.0, 1.0, 0.4, 0.7])
+    worth = [0.0, 1.0, 0.3, 0.2, 0.25]
+    is_attn = [False, True, False, False, False]
     start = [1, 2] * 12
 
     def run(limit):
@@ -185,13 +182,13 @@ def test_lazy_shrink_measures_fewer_moves_and_agrees_when_losses_add_up(limit):
 
         def loss_of(choice):
             calls.append(1)
-            return 50.0 - sum(LAZY_WORTH[c] * (1 + 0.01 * p) for p, c in enumerate(choice))
+            return 50.0 - sum(worth[c] * (1 + 0.01 * p) for p, c in enumerate(choice))
 
-        chosen = shrink(start, LAZY_COST, 25.0, LAZY_ATTN, loss_of, lambda p: [0, 1, 2, 3, 4], exact_limit=limit)
+        chosen = shrink(start, cost, 25.0, is_attn, loss_of, lambda p: [0, 1, 2, 3, 4], exact_limit=limit)
         return chosen, len(calls)
 
     (exact, exact_calls), (lazy, lazy_calls) = run(10_000), run(limit)
-    assert lazy == exact and sum(LAZY_COST[c] for c in exact) <= 25.0
+    assert lazy == exact and sum(cost[c] for c in exact) <= 25.0
     assert lazy_calls < exact_calls / 3, (lazy_calls, exact_calls)
 
 
