@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -46,7 +47,7 @@ def record(name: str, data: dict, markdown: str) -> None:
     out.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {"benchmark": name, "date": stamp, "commit": commit(), "machine": machine(),
-            "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
+            "command": shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])}
     (out / f"{name}.json").write_text(json.dumps({**meta, **data}, indent=2) + "\n")
     section = (f"\n## {name} — {stamp}\n\nCommand: `{meta['command']}` (commit {meta['commit']}; "
                f"{meta['machine']})\n\n{markdown.strip()}\n")
