@@ -133,6 +133,8 @@ def report(run: Path, base_arch: Architecture, result_arch: Architecture, latenc
     verdict = "met" if latency["met"] else "**missed**"
     kind = f"speedup {latency['target_speedup']:g}" if latency["target_speedup"] else "absolute"
     base, cont, res = accuracy["baseline"], accuracy["baseline_continued"], accuracy["result"]
+    reference = ("continued baseline" if accuracy["reference"] == "baseline_continued"
+                 else "baseline (training it on made it worse)")
     return f"""# planer build of `{run}`
 
 Target {latency['target_ms']:.3f} ms ({kind}): {verdict}.
@@ -149,7 +151,7 @@ baseline and result timed interleaved in one run.
 
 Accuracy on the whole validation split of {accuracy['data']}. The result has trained on more tokens than the
 baseline (search and distillation); for a fair comparison the baseline was trained further on as many tokens
-with the same recipe (`baseline-continued/`).
+(`baseline-continued/`), and the result is judged against the better of the two.
 
 | | tokens trained | validation |
 |---|---|---|
@@ -157,7 +159,7 @@ with the same recipe (`baseline-continued/`).
 | baseline, continued | {cont['tokens_trained']:,} | {headline(cont)} |
 | result | {res['tokens_trained']:,} | {headline(res)} |
 
-Result / continued baseline, validation loss: {accuracy['result_vs_baseline_continued']:.4f}.
+Result / {reference}, validation loss: {accuracy['result_vs_reference']:.4f}.
 {_comparisons(latency, accuracy, comparisons, result_arch)}
 Budget: {steps}.
 Wall time: {sum(laps.values()) / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in laps.items())}).

@@ -51,6 +51,10 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     search_and_distill = (BUDGET.search.rounds * BUDGET.search.steps + BUDGET.distill_steps) * BUDGET.search.batch * 64
     assert accuracy["baseline_continued"]["tokens_trained"] == accuracy["result"]["tokens_trained"] \
         == accuracy["baseline"]["tokens_trained"] + search_and_distill
+    # and the result is judged against the better of the two baselines
+    best = min(("baseline", "baseline_continued"), key=lambda n: accuracy[n]["loss"])
+    assert accuracy["reference"] == best
+    assert accuracy["result_vs_reference"] == pytest.approx(accuracy["result"]["loss"] / accuracy[best]["loss"])
     # the scores are the trained runs' own final evaluations, and those are what the shipped network scores
     shipped = load_model(out)
     corpus = run_corpus(baseline_run, None, shipped.arch.vocab_size)
