@@ -1,0 +1,101 @@
+"""Is the result's accuracy gap the training budget or the architecture?
+
+Each student network (given block for block against the baseline, inheriting its weights the way
+`--compare`'s drop-attention does) is distilled from the baseline for --steps steps under each recipe,
+and the baseline itself is trained on for as many steps at each --baseline-lrs (the fairness rule).
+Reported: whole-split validation of each, the loss over the first continued baseline's, the predicted
+latency (with --table), and the periodic validations on the split's first tokens (the learning curves).
+
+    python benchmarks/distill_gap.py runs/tiny --table runs/tiny-table.json --steps 1200,4800 \
+        --blocks "attn4x48 ffn768 skip ffn768 skip ffn768 skip ffn384" \
+        --blocks "attn2x48 ffn768 skip ffn768 attn2x48 ffn768 skip ffn768"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from common import record
+
+from planer.arch import BlockSpec
+from planer.build import _finetune_config
+from planer.checkpoint import load_model
+from planer.latency import LatencyTable
+from planer.search.supernet import inherit
+from planer.train.trainer import METRICS_FILE, run_corpus, train
+
+# name -> (distillation share, learning rate)
+RECIPES = {"build": (0.5, 1e-3), "kd-only": (1.0, 1e-3), "kd-only-lr2e-3": (1.0, 2e-3)}
+
+
+def parse_block(label: str) -> BlockSpec:
+    """The inverse of BlockSpec.label() for the labels this benchmark takes (attn/ffn/moe/skip)."""
+    if label == "skip":
+        return BlockSpec.skip()
+    if label.startswith("attn"):
+        heads, dim = label[4:].split("x")
+        return BlockSpec.attn(int(heads), int(dim))
+    if label.startswith("ffn"):
+        return BlockSpec.ffn(int(label[3:]))
+    if label.startswith("moe"):
+        experts, rest = label[3:].split("k")
+        k, width = rest.split("x")
+        return BlockSpec.moe(int(experts), int(k), int(width))
+    raise SystemExit(f"unknown block label {label!r}; use e.g. attn4x48, ffn768, moe4k1x384, skip")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="the baseline's run directory (planer train)")
+    p.add_argument("--blocks", required=True, action="append",
+                   help="a student, one label per baseline block (skip drops one); repeat for more students")
+    p.add_argument("--steps", default="1200", help="comma-separated step counts")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
+    p.add_argument("--baseline-lrs", default="1e-3", help="comma-separated; the baseline is continued at each")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--table", help="a latency table (planer profile) to predict each network's latency from")
+    args = p.parse_args()
+
+    baseline = load_model(args.run)
+    corpus = run_corpus(Path(args.run), None, baseline.arch.vocab_size)
+    students = {s: [parse_block(b) for b in s.split()] for s in args.blocks}
+    table = LatencyTable.load(args.table) if args.table else None
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="distill-gap-") as tmp:
+        for steps in [int(s) for s in args.steps.split(",")]:
+            runs: list[tuple] = [("baseline-continued", 0.0, float(lr)) for lr in args.baseline_lrs.split(",")]
+            runs += [(r, *RECIPES[r], s) for s in students for r in args.recipes.split(",")]
+            for name, share, lr, *student in runs:
+                cfg = replace(_finetune_config(steps, args.batch, 65536, share), lr=lr)
+                out = Path(tmp) / str(len(rows))
+                init = inherit(baseline, students[student[0]]) if student else baseline
+                final = train(corpus, cfg, out, init=init, teacher=None if share == 0 else baseline)
+                curve = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+                rows.append({"steps": steps, "name": name, "student": student[0] if student else "", "distill": share,
+                             "lr": lr, "valid": final["valid"], "seconds": final["train_seconds"],
+                             "predicted_ms": table.predict(init.arch) if table else None,
+                             "curve": [(c["step"], c["valid"]["loss"]) for c in curve]})
+                print(name, steps, final["valid"], flush=True)
+
+    lines = [f"Students inherit the baseline's weights; batch {args.batch}; recipe as the build's (warm-up, cosine, "
+             "clip 1), with the distillation share and lr shown; the ratio is to the first continued baseline; "
+             f"latency predicted by {args.table or 'no table'}.", "",
+             "| steps | network | student | predicted ms | distill share | lr | valid loss (whole split) | "
+             "/ continued baseline | periodic valid loss (first 65,536 tokens) | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = next(x for x in rows if x["steps"] == r["steps"] and x["name"] == "baseline-continued")  # the first lr
+        curve = " ".join(f"{loss:.3f}" for _, loss in r["curve"])
+        ms = f"{r['predicted_ms']:.2f}" if r["predicted_ms"] else ""
+        lines.append(f"| {r['steps']} | {r['name']} | {r['student']} | {ms} | {r['distill']} | {r['lr']:g} | "
+                     f"{r['valid']['loss']:.4f} | **{r['valid']['loss'] / ref['valid']['loss']:.3f}** | {curve} | "
+                     f"{r['seconds']:.0f} |")
+    record("distill_gap", {"rows": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
