@@ -4,10 +4,11 @@ Weights come from the baseline (PLANER): attention candidates take the
 baseline's first h heads, FFN candidates its hidden units sorted by
 importance (so a narrower FFN keeps the units that matter most), and MoE
 experts are upcycled copies of that FFN with a small perturbation so that the
-router can specialise them. Candidates of one kind share weights at a
+router can specialise them. FFN and MoE candidates share weights at a
 position: all FFN widths slice one FFN; every MoE candidate (E, k, width)
 uses the first E experts of one pool of upcycled experts, sliced to its
-width, with one router per E.
+width, with one router per E. Attention candidates do not: each head count
+has its own copy of the baseline's first heads, trained only when sampled.
 
 Training is single-path: each step samples one candidate per position
 (hard Gumbel-softmax with the straight-through estimator), so only sampled
@@ -79,7 +80,7 @@ def _nearest(blocks: Sequence[Block], index: int, kinds: tuple[str, ...]) -> Blo
 
 
 class Position(nn.Module):
-    """One position of the supernet: every candidate, weights shared within a kind."""
+    """One position of the supernet: every candidate; FFN and MoE candidates share weights, attention ones do not."""
 
     def __init__(self, arch: Architecture, candidates: Sequence[BlockSpec], attn_src: Block | None,
                  ffn_src: Block | None, perturb: float):
