@@ -39,7 +39,8 @@ def main() -> None:
              "f32_vs_f64": float(np.abs(f32[n] - f64[n]).max())} for n in f32]
     lines = [f"`{args.build}`: {len(model.arch.blocks)} blocks; B{args.batch} T{args.tgt_len} memory {args.mem_len}, "
              "random inputs; max abs differences per output.", "",
-             "| output | max abs value | ORT vs torch fp32 | ORT vs torch fp64 | torch fp32 vs fp64 |", "|---|---|---|---|---|"]
+             "| output | max abs value | ORT vs torch fp32 | ORT vs torch fp64 | torch fp32 vs fp64 |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['output']} | {r['scale']:.1f} | {r['ort_vs_f32']:.2e} | {r['ort_vs_f64']:.2e} | "
               f"{r['f32_vs_f64']:.2e} |" for r in rows]
     record("parity_f64", {"build": args.build, "rows": rows}, "\n".join(lines))

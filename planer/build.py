@@ -342,7 +342,7 @@ Plot: `pareto.png`; one build directory per target.
 """)
 
 
-def judged_against(accuracy: dict) -> dict:
+def _judged_against(accuracy: dict) -> dict:
     """The baseline the result is judged against: the continued one, unless training on made it worse than
     where it started, since stopping early is a baseline a user could have had, and a reference that lost
     accuracy to the continuation's recipe would flatter the result."""
@@ -436,7 +436,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     accuracy = {"data": corpus.spec, "split": "valid", "baseline": baseline_scores,
                 "baseline_continued": trained(work / CONTINUED), "result": trained(work / "distill"),
                 "comparisons": {name: trained(work / "compare" / name) for name, _ in comparisons}}
-    accuracy.update(judged_against(accuracy))
+    accuracy.update(_judged_against(accuracy))
     atomic_write(work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
 
     points = [Point("baseline", base_stats.p50, accuracy["baseline"]),

@@ -261,7 +261,8 @@ def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block
     skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
     loss_of = ProbeLoss(net, probe)
-    return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip], rebase=loss_of.rebase)
+    return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip],
+                  rebase=loss_of.rebase)
 
 
 def _stream(data: Segments, step: int):
