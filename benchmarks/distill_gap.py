@@ -22,10 +22,10 @@ from pathlib import Path
 from common import record
 
 from planer.arch import BlockSpec
-from planer.build import _finetune_config
 from planer.checkpoint import load_model
 from planer.latency import LatencyTable
 from planer.search.supernet import inherit
+from planer.train.presets import finetune_config
 from planer.train.trainer import METRICS_FILE, run_corpus, train
 
 # name -> (distillation share, learning rate)
@@ -70,7 +70,7 @@ def main() -> None:
             runs: list[tuple] = [("baseline-continued", 0.0, float(lr)) for lr in args.baseline_lrs.split(",")]
             runs += [(r, *RECIPES[r], s) for s in students for r in args.recipes.split(",")]
             for name, share, lr, *student in runs:
-                cfg = replace(_finetune_config(steps, args.batch, 65536, share), lr=lr)
+                cfg = replace(finetune_config(steps, args.batch, 65536, share), lr=lr)
                 out = Path(tmp) / str(len(rows))
                 init = inherit(baseline, students[student[0]]) if student else baseline
                 final = train(corpus, cfg, out, init=init, teacher=None if share == 0 else baseline)

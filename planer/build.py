@@ -14,8 +14,8 @@ has finished; an interrupted build resumes there when run again. It holds:
     latency.json                   baseline and result timed side by side in the engine (p50/p90/p99)
     accuracy.json                  baseline and result on the same validation split
     latency_table.json             the engine-measured block latencies (calibrated)
-    search_log.jsonl               one line per search round
-    search/                        the search's outcome: the chosen network before distillation, the rounds
+    search_log.jsonl               one line per derived network and per trial
+    search/                        the search's outcome: the chosen network before distillation, every candidate
     distill/                       the distillation run (resumable training directory)
     baseline-continued/            the baseline trained on as many more tokens as the result saw
     compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
@@ -53,7 +53,7 @@ from planer.serve.text import VOCAB_FILE
 from planer.search.search import OUTCOME_FILE, SearchConfig, SearchOutcome, search
 from planer.space import SearchSpace, trainable_params_limit
 from planer.train.evaluate import evaluate, headline, scores
-from planer.train.presets import TrainConfig
+from planer.train.presets import TrainConfig, finetune_config
 from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source, train
 
 
@@ -68,11 +68,13 @@ class Budget:
         return self.search.rounds * self.search.steps + self.distill_steps
 
     def recipe(self, steps: int, distill: float) -> TrainConfig:
-        """The fine-tuning recipe of this budget's batch for `steps` steps (see _finetune_config)."""
-        return _finetune_config(steps, self.search.batch, self.search.valid_tokens, distill)
+        """The fine-tuning recipe of this budget's batch for `steps` steps (see planer.train.presets.finetune_config)."""
+        return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill)
 
     def describe(self) -> str:
-        return (f"{self.search.rounds} search rounds x {self.search.steps} steps, {self.distill_steps} "
+        trials = (f", trials of up to {self.search.trials} networks x {self.search.trial_steps} steps (they only "
+                  "choose the network; the result trains from the supernet's weights)" if self.search.trials else "")
+        return (f"{self.search.rounds} search rounds x {self.search.steps} steps{trials}, {self.distill_steps} "
                 f"distillation steps, batch {self.search.batch}")
 
 
@@ -82,8 +84,8 @@ REQUEST_FILE = "build.json"
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
     "small": Budget(SearchConfig(rounds=2, steps=100, batch=4), 300),
-    "medium": Budget(SearchConfig(rounds=4, steps=250), 1200),
-    "large": Budget(SearchConfig(rounds=6, steps=500), 3000),
+    "medium": Budget(SearchConfig(rounds=4, steps=250, trials=4, trial_steps=300), 1200),
+    "large": Budget(SearchConfig(rounds=6, steps=500, trials=4, trial_steps=600), 3000),
 }
 
 
@@ -138,7 +140,7 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target_ms
                  space: SearchSpace | None = None, table_cache: Path | None = None,
                  show_progress: bool = True) -> SearchOutcome:
     """`planer search`: a build's profile and search stages alone. OUT receives the chosen network before
-    distillation (arch.json, model.safetensors: what `planer distill` takes), outcome.json (every round's
+    distillation (arch.json, model.safetensors: what `planer distill` takes), outcome.json (every derived
     candidate), the calibrated latency_table.json and search_log.jsonl; a Hugging Face baseline's import
     goes to OUT/imported. Assembled in OUT.partial and renamed at the end; a failed or interrupted search
     leaves nothing (run it again to start over)."""
@@ -180,7 +182,7 @@ def distill(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
                           f"from {teacher} (vocabulary {baseline.arch.vocab_size}, width {baseline.arch.d_model}); "
                           "pass the baseline its search started from as the teacher")
     corpus = run_corpus(teacher, data, baseline.arch.vocab_size)
-    cfg = _finetune_config(steps, batch, SearchConfig().valid_tokens, distill=0.5)
+    cfg = finetune_config(steps, batch, SearchConfig().valid_tokens, distill=0.5)
     final = train(corpus, cfg, out, init=init, teacher=baseline, resume=resume, show_progress=show_progress)
     if (teacher / TOKENIZER_DIR).is_dir() and distributed.is_main():  # an imported model's text needs it
         shutil.copytree(teacher / TOKENIZER_DIR, Path(out) / TOKENIZER_DIR, dirs_exist_ok=True)
@@ -350,13 +352,6 @@ def _judged_against(accuracy: dict) -> dict:
     return {"reference": name, "result_vs_reference": accuracy["result"]["loss"] / accuracy[name]["loss"]}
 
 
-def _finetune_config(steps: int, batch: int, valid_tokens: int, distill: float) -> TrainConfig:
-    """The recipe both the distillation and the baseline's continuation follow (same batch, lr, schedule)."""
-    return TrainConfig(steps=steps, batch=batch, lr=1e-3, warmup=min(100, steps // 10), clip=1.0,
-                       distill=distill, eval_every=max(1, steps // 4), ckpt_every=max(1, steps // 4),
-                       eval_tokens=valid_tokens, test_split=False)  # a build judges on valid
-
-
 def _tokens_seen(run: Path) -> int:
     """Tokens planer trained the baseline on (an imported model's pretraining is not planer's to count)."""
     if (run / IMPORT_FILE).is_file():
@@ -441,7 +436,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
 
     points = [Point("baseline", base_stats.p50, accuracy["baseline"]),
               Point("baseline, continued", base_stats.p50, accuracy["baseline_continued"])]
-    points += [Point(f"round {c.round} (supernet weights)", base_stats.p50 * c.measured_ms / c.baseline_ms,
+    points += [Point(f"{c.describe()} (supernet weights)", base_stats.p50 * c.measured_ms / c.baseline_ms,
                      scores(c.valid_loss, corpus.unit), kind="candidate") for c in outcome.candidates]
     points += [Point(name, s.p50, accuracy["comparisons"][name], kind="comparison")
                for (name, _), s in zip(comparisons, compared_stats)]

@@ -295,8 +295,9 @@ _search_options = _options(
     click.option("--threads", type=int, default=2, show_default=True, help="engine intra-op threads"),
     click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP),
     click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
-                 help="search rounds x steps + distillation steps, streams of the segment length per step: "
-                      "small 2x100+300 at 4 streams, medium 4x250+1200 at 8, large 6x500+3000 at 8"),
+                 help="search rounds x steps, trial runs x steps, distillation steps, streams of the segment length "
+                      "per step: small 2x100, no trials, 300, at 4 streams; medium 4x250, 4x300, 1200, at 8; large "
+                      "6x500, 4x600, 3000, at 8"),
     click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
                  "around the baseline)"),
     click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for "
@@ -400,11 +401,12 @@ def search(run: Path, engine: str, target_speedup: float | None, target_latency_
         return
     chosen = outcome.chosen
     teacher = out / "imported" if (out / "imported").is_dir() else run
-    click.echo(f"{out}: round {chosen.round} of {len(outcome.candidates)}: "
+    trial = f"; trial loss {chosen.trial_loss:.4f}" if chosen.trial_loss is not None else ""
+    click.echo(f"{out}: {chosen.describe()} of {len(outcome.candidates)} candidates: "
                f"{' '.join(b.label() for b in chosen.arch.blocks)}\n"
                f"  {chosen.measured_ms:.2f} ms beside the baseline's {chosen.baseline_ms:.2f} "
                f"(x{chosen.baseline_ms / chosen.measured_ms:.2f}; target {outcome.target_ms:.2f} ms); "
-               f"valid loss {chosen.valid_loss:.4f} with the supernet's weights\n"
+               f"valid loss {chosen.valid_loss:.4f} with the supernet's weights{trial}\n"
                f"  next: planer distill --student {out} --teacher {teacher} --out DIR")
 
 

@@ -7,8 +7,9 @@ from planer.arch import BlockSpec
 from planer.data import load_corpus
 from planer.latency.profile import Deployment, profile
 from planer.nn import LM
-from planer.search.search import InfeasibleTarget, SearchConfig, search
+from planer.search.search import Candidate, InfeasibleTarget, SearchConfig, _trials, search
 from planer.space import SearchSpace
+from planer.train.evaluate import evaluate
 from tests.conftest import small_arch
 
 DEP = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05)
@@ -51,3 +52,39 @@ def test_infeasible_target_stops_before_training(setup, tmp_path):
     with pytest.raises(InfeasibleTarget, match="below the fastest network in the space"):
         search(baseline, corpus, SPACE, table, DEP, target_ms=1e-4, cfg=SearchConfig(rounds=1, steps=1),
                show_progress=False)
+
+
+def test_trials_train_one_network_per_attention_count_and_choose_the_best(setup, tmp_path):
+    baseline, corpus, _ = setup
+    one = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64)])
+    two = small_arch([BlockSpec.attn(1, 16), BlockSpec.ffn(64), BlockSpec.attn(1, 16)])
+    torch.manual_seed(0)
+    # by the supernet's loss `a` beats `b` (same attention count) and `c`; only `a` and `c` are trialled
+    a, b, c = (Candidate(0, arch, 1.0, 1.0, 2.0, loss, LM(arch).eval()) for arch, loss in
+               [(one, 2.0), (one, 2.5), (two, 3.0)])
+    log = tmp_path / "search_log.jsonl"
+    cut = int(len(corpus.train) * 0.9)
+    cfg = SearchConfig(batch=2, trials=2, trial_steps=3, trial_tokens=512, valid_tokens=256)
+    chosen = _trials([a, b, c], baseline, corpus, cut, cfg, tmp_path, log, show_progress=False)
+    assert b.trial_loss is None and a.trial_loss > 0 and c.trial_loss > 0
+    assert chosen is min([a, c], key=lambda x: x.trial_loss)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["trial"], r["trial_loss"]) for r in records] == [(0, a.trial_loss), (1, c.trial_loss)]
+    # scored on the architecture split's last tokens: the same network scored there before training is worse
+    held_out = evaluate(a.model, corpus.train[cut:][-512:], corpus.unit)["loss"]
+    assert a.trial_loss < held_out
+
+
+def test_search_with_trials_logs_them_and_chooses_by_trial_loss(setup, tmp_path):
+    baseline, corpus, table = setup
+    log = tmp_path / "search_log.jsonl"
+    cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256, trials=3, trial_steps=2, trial_tokens=512)
+    outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, log_path=log,
+                     show_progress=False)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    trialled = [c for c in outcome.candidates if c.trial_loss is not None]
+    assert len([r for r in records if "trial" in r]) == len(trialled)
+    if trialled:
+        assert outcome.chosen is min(trialled, key=lambda c: c.trial_loss)
+    derived = [r for r in records if "trial" not in r]
+    assert [r["min_attn"] for r in derived] == [c.min_attn for c in outcome.candidates]

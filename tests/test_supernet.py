@@ -161,6 +161,10 @@ def test_shrink_makes_the_cheapest_moves_in_loss_per_millisecond():
     # the last attention block is never removed, and a budget below one attention is unreachable
     assert shrink([1, 2], cost, 2.0, is_attn, loss_of, every) == [1, 0]
     assert shrink([1, 2], cost, 1.0, is_attn, loss_of, every) is None
+    # min_attn keeps that many attention blocks: 3.5 ms fits one but not two
+    assert shrink([1, 2, 1, 2], cost, 4.0, is_attn, loss_of, every, min_attn=2) == [1, 0, 1, 0]
+    assert shrink([1, 2, 1, 2], cost, 3.5, is_attn, loss_of, every, min_attn=2) is None
+    assert sum(is_attn[c] for c in shrink([1, 2, 1, 2], cost, 3.5, is_attn, loss_of, every)) == 1
     # a cut that overshoots is followed by growing into the room left: 2 attention blocks, budget 2.9; the
     # cheapest cut is an attention -> small FFN (2.4 ms), then a skip becomes a small FFN (2.8 ms)
     assert shrink([1, 1, 0, 0], cost, 2.9, is_attn, loss_of, every) == [3, 1, 3, 0]

@@ -24,15 +24,17 @@ EXACT_LIMIT = 256  # moves in all up to which every move is measured at every st
 
 def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Sequence[bool],
            loss_of: Callable[[list[int]], float], moves: Callable[[int], Sequence[int]], *,
-           exact_limit: int = EXACT_LIMIT, rebase: Callable[[list[int]], None] | None = None) -> list[int] | None:
+           exact_limit: int = EXACT_LIMIT, rebase: Callable[[list[int]], None] | None = None,
+           min_attn: int = 1) -> list[int] | None:
     """Cheapen `choice` one position at a time until its cost fits `budget_ms`, then spend what is left.
 
     Each cutting step considers every move `moves(p)` offers at every position p that saves time, measures
     the network's loss with `loss_of`, and makes the move that loses the least per millisecond saved,
     counting only the saving still needed. A cut can overshoot (dropping one attention block saves
     more than the last step needed), so then each growing step makes the move that still fits and
-    gains the most loss per millisecond added, while any does. Moves that would remove the last
-    attention block are not tried. None when no move is left and the choice still does not fit.
+    gains the most loss per millisecond added, while any does. Moves that would leave fewer than
+    `min_attn` attention blocks (the memory needs one) are not tried. None when no move is left and the
+    choice still does not fit.
 
     Up to `exact_limit` moves in all (over every position) every move is measured at every step. Beyond
     it (deep networks, where each measurement is a pass of the supernet) every step is lazy, however few
@@ -51,14 +53,14 @@ def shrink(choice: Sequence[int], cost_ms: Tensor, budget_ms: float, is_attn: Se
     cost = [float(c) for c in cost_ms]
     current = loss_of(choice)
     stale: dict[tuple[int, int], float] = {}  # (position, candidate) -> loss change when last measured
-    last_attn = lambda ch, now, c: (is_attn[now] and not is_attn[c]  # noqa: E731
-                                    and sum(bool(is_attn[x]) for x in ch) == 1)
+    too_few = lambda ch, now, c: (is_attn[now] and not is_attn[c]  # noqa: E731
+                                  and sum(bool(is_attn[x]) for x in ch) <= min_attn)
 
     def step(change: Callable[[int, int], float], score: Callable[[float, float], float],
              improving: bool) -> tuple[int, int, float] | None:
         """The move to make (position, candidate, the network's loss after it), or None."""
         options = [(p, c, change(now, c)) for p, now in enumerate(choice) for c in moves(p)
-                   if change(now, c) > 0 and not last_attn(choice, now, c)]
+                   if change(now, c) > 0 and not too_few(choice, now, c)]
         fresh: dict[tuple[int, int], float] = {}
 
         def measure(p: int, c: int) -> None:

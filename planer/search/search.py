@@ -14,8 +14,12 @@ that costs the least loss on held-out data per millisecond saved (see
 planer.search.derive). It is exported and timed in the engine beside the
 baseline. That measurement calibrates the table and corrects the budget of
 the next round by the ratio between the target and what the engine
-measured, so the rounds close in on the target as the engine sees it. Every round is one line of the
-search log.
+measured, so the rounds close in on the target as the engine sees it.
+
+With trials (SearchConfig.trials), networks keeping more attention blocks are
+derived after the rounds too, and a short distillation of the best per
+attention-block count decides, since the supernet's loss misranks them. Every
+derived network and every trial is one line of the search log.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +49,8 @@ from planer.search.probe import ProbeLoss
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
-from planer.train.trainer import distillation_loss
+from planer.train.presets import finetune_config
+from planer.train.trainer import distillation_loss, train
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,15 @@ class SearchConfig:
     # The most forward FLOPs one derivation measurement may cost: deep baselines measure on fewer streams
     # (tiny's 3 x 8 x 128-token probe is ~16 GFLOP and keeps every stream; SmolLM2-135M keeps one).
     probe_flops: float = 4e10
+    # Trials: the supernet's loss ranks networks with the weights they inherited, which favours whole blocks over
+    # more blocks of fewer heads; after training the order can reverse (benchmarks/RESULTS.md, distill_gap). So
+    # after the rounds, networks with one, two, ... more attention blocks than the last pick are derived too,
+    # and the best network per attention-block count that meets the target (at most `trials` of them) is
+    # distilled `trial_steps` steps and scored on held-out training data; the best trained one is chosen.
+    # 0: choose by the supernet's loss alone.
+    trials: int = 0
+    trial_steps: int = 300
+    trial_tokens: int = 65536  # held-out tokens (the architecture split's last) that score a trial
     seed: int = 0
 
 
@@ -84,18 +98,25 @@ class Candidate:
     predicted_ms: float
     measured_ms: float
     baseline_ms: float
-    valid_loss: float
+    valid_loss: float  # with the supernet's weights, on the validation split's first tokens
     model: LM | None = field(repr=False)  # kept for the chosen candidate only once saved and loaded
+    min_attn: int = 1  # the fewest attention blocks its derivation could keep (above 1: a trial alternative)
+    trial_loss: float | None = None  # after its trial run, on held-out training data
 
     def to_dict(self) -> dict:
         return {"round": self.round, "arch": self.arch.to_dict(), "predicted_ms": self.predicted_ms,
-                "measured_ms": self.measured_ms, "baseline_ms": self.baseline_ms, "valid_loss": self.valid_loss}
+                "measured_ms": self.measured_ms, "baseline_ms": self.baseline_ms, "valid_loss": self.valid_loss,
+                "min_attn": self.min_attn, "trial_loss": self.trial_loss}
+
+    def describe(self) -> str:
+        more = f", derived with at least {self.min_attn} attention blocks" if self.min_attn > 1 else ""
+        return f"round {self.round}{more}"
 
 
 @dataclass
 class SearchOutcome:
-    chosen: Candidate  # meets the target with the lowest validation loss, else the fastest measured
-    candidates: list[Candidate]  # one per round
+    chosen: Candidate  # meets the target with the lowest trial (else validation) loss, else the fastest measured
+    candidates: list[Candidate]  # one per round, then the trial alternatives
     table: LatencyTable  # calibrated by the rounds' measurements
     target_ms: float  # the target in milliseconds (a speedup target turned into one by the baseline's measurement)
 
@@ -113,7 +134,8 @@ class SearchOutcome:
     def load(out: Path) -> SearchOutcome:
         record = json.loads((out / OUTCOME_FILE).read_text())
         candidates = [Candidate(c["round"], Architecture.from_dict(c["arch"]), c["predicted_ms"], c["measured_ms"],
-                                c["baseline_ms"], c["valid_loss"], None) for c in record["candidates"]]
+                                c["baseline_ms"], c["valid_loss"], None, c.get("min_attn", 1), c.get("trial_loss"))
+                      for c in record["candidates"]]
         chosen = candidates[record["chosen"]]
         chosen.model = load_model(out).eval()
         return SearchOutcome(chosen, candidates, LatencyTable.load(out / "latency_table.json"), record["target_ms"])
@@ -124,6 +146,16 @@ OUTCOME_FILE = "outcome.json"
 
 class InfeasibleTarget(PlanerError):
     """No network in the search space can meet the latency target."""
+
+
+def held_out_probe(corpus: Corpus, arch: Architecture, cfg: SearchConfig, streams: slice = slice(None)
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The held-out segments the derivation and the heads' ranking measure losses on: the last
+    `cfg.probe_segments` of the architecture split, on as many of `streams` as `cfg.probe_flops` allows."""
+    arch_data = Segments(corpus.train[int(len(corpus.train) * (1 - cfg.arch_split)):], cfg.batch, arch.tgt_len, streams)
+    probe = [arch_data[len(arch_data) - 1 - i] for i in reversed(range(min(cfg.probe_segments, len(arch_data))))]
+    keep = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
+    return [(x[:keep], y[:keep]) for x, y in probe]
 
 
 def candidate_latencies(table: LatencyTable, space: SearchSpace) -> torch.Tensor:
@@ -167,16 +199,14 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                                    f"(predicted {floor:.2f} ms; the baseline measures {baseline_ms:.2f} ms); "
                                    "raise the target or widen the space")
 
+        cut = int(len(corpus.train) * (1 - cfg.arch_split))
+        weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
+        arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
+        probe = held_out_probe(corpus, arch, cfg, distributed.share(cfg.batch))
         net = SuperNet(baseline, space, baseline_bias=cfg.baseline_bias)
         distributed.same_start(net)
         weight_opt = torch.optim.AdamW(net.weight_parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         arch_opt = torch.optim.Adam([net.alpha], lr=cfg.arch_lr, betas=(0.5, 0.999))
-        cut = int(len(corpus.train) * (1 - cfg.arch_split))
-        weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
-        arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
-        probe = [arch_data[len(arch_data) - 1 - i] for i in reversed(range(min(cfg.probe_segments, len(arch_data))))]
-        streams = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
-        probe = [(x[:streams], y[:streams]) for x, y in probe]
         block_ms = candidate_latencies(table, space)
         is_attn = [c.kind == "attn" for c in space.candidates]
         correction = 1.0  # budget / target; the engine's measurements move it
@@ -185,6 +215,44 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         candidates: list[Candidate] = []
         bar = tqdm(total=total, desc="search", unit="step", disable=not (show_progress and main), dynamic_ncols=True)
         say = bar.write if main else (lambda _: None)
+
+        def assess(choice: list[int], rnd: int, budget_ms: float, derive_s: float, tau: float,
+                   min_attn: int = 1) -> Candidate:
+            """Export, time beside the baseline, evaluate, calibrate the table and log the derived network."""
+            nonlocal table
+            model = net.extract(choice).eval()
+            base_ms = cand_ms = spread = loss = 0.0
+            if main:
+                path = export_lm(model, Path(tmp) / "candidate.onnx", lowering=dep.lowering)
+                base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
+                valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
+                base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, valid["loss"]
+            base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
+            predicted = table.predict(model.arch)
+            measured_history.append((model.arch, cand_ms))
+            table = table.calibrate(measured_history)
+            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, model, min_attn)
+            candidates.append(candidate)
+            _log(log_path, {
+                "round": rnd, "min_attn": min_attn, "target_ms": target_ms, "budget_ms": budget_ms,
+                "baseline_ms": base_ms, "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
+                "calibration": table.scale, "valid_loss": loss, "lambda": cfg.lam, "tau": tau, "derive_s": derive_s,
+                "arch": [b.label() for b in model.arch.blocks],
+                "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
+            })
+            say(f"{candidate.describe()}: {' '.join(b.label() for b in model.arch.blocks)}\n"
+                f"  measured {cand_ms:.2f} ms "
+                f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {target_ms:.2f}); "
+                f"valid loss {loss:.4f}; derived in {derive_s:.0f} s")
+            return candidate
+
+        def derive(budget_ms: float, min_attn: int = 1) -> tuple[list[int] | None, float]:
+            """The network derived under `budget_ms` (the same on every rank) and the seconds it took."""
+            began = time.perf_counter()
+            choice = _derive(net, probe, block_ms, budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn,
+                             cfg.shortlist, min_attn)
+            return distributed.broadcast(choice), time.perf_counter() - began
+
         for rnd in range(cfg.rounds):
             for i in range(cfg.steps):
                 step = rnd * cfg.steps + i
@@ -199,70 +267,86 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 if i % 10 == 0:
                     bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms")
             budget_ms = target_ms * correction
-            derive_start = time.perf_counter()
             bar.set_description(f"search: round {rnd}, deriving a network")  # minutes on deep baselines
-            choice = _derive(net, probe, block_ms, budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn,
-                             cfg.shortlist)
+            choice, derive_s = derive(budget_ms)
+            bar.set_description("search")
             if choice is None:
                 say(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
                 break
-            choice = distributed.broadcast(choice)  # identical everywhere already; this makes it certain
-            derive_s = time.perf_counter() - derive_start
-            bar.set_description("search")
-            model = net.extract(choice).eval()
-            base_ms = cand_ms = spread = loss = 0.0
-            if main:
-                path = export_lm(model, Path(tmp) / "candidate.onnx", lowering=dep.lowering)
-                base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
-                valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
-                base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, valid["loss"]
-            base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
-            predicted = table.predict(model.arch)
-            measured_history.append((model.arch, cand_ms))
-            table = table.calibrate(measured_history)
-            candidates.append(Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, model))
-            record = {
-                "round": rnd, "target_ms": target_ms, "budget_ms": budget_ms, "baseline_ms": base_ms,
-                "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
-                "calibration": table.scale, "valid_loss": loss, "lambda": cfg.lam, "tau": tau, "derive_s": derive_s,
-                "arch": [b.label() for b in model.arch.blocks],
-                "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
-            }
-            if log_path is not None and main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            say(f"round {rnd}: {' '.join(record['arch'])}\n  measured {cand_ms:.2f} ms "
-                f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {target_ms:.2f}); "
-                f"valid loss {loss:.4f}; derived in {derive_s:.0f} s")
+            found = assess(choice, rnd, budget_ms, derive_s, tau)
             # Judge by the ratio to the baseline timed in the same run, so machine drift cancels; move the
             # budget by what the engine says rather than trusting the table a second time.
-            measured_ratio = cand_ms / base_ms
+            measured_ratio = found.measured_ms / found.baseline_ms
             ratio_target = target_ms / baseline_ms
             if measured_ratio > ratio_target or measured_ratio < 0.9 * ratio_target:
                 correction *= min(1.1, max(0.8, ratio_target / measured_ratio))
+        if cfg.trials > 1 and candidates:
+            budget_ms = target_ms * correction
+            kept = sum(b.kind == "attn" for b in candidates[-1].arch.blocks)
+            most = sum(is_attn[c] for c in net.argmax())
+            for n in range(kept + 1, min(most, kept + cfg.trials - 1) + 1):
+                bar.set_description(f"search: deriving a network with at least {n} attention blocks")
+                choice, derive_s = derive(budget_ms, n)
+                if choice is not None:
+                    assess(choice, candidates[-1].round, budget_ms, derive_s, tau, n)
         bar.close()
-    if not candidates:
-        raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms once the table is calibrated by the "
-                               "engine's measurements; raise the target or widen the space")
-    ratio_target = target_ms / baseline_ms
-    feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
-    if feasible:
-        return SearchOutcome(min(feasible, key=lambda c: c.valid_loss), candidates, table, target_ms)
-    return SearchOutcome(min(candidates, key=lambda c: c.measured_ms / c.baseline_ms), candidates, table,
-                         target_ms)
+        if not candidates:
+            raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms once the table is calibrated by "
+                                   "the engine's measurements; raise the target or widen the space")
+        ratio_target = target_ms / baseline_ms
+        feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
+        if not feasible:
+            chosen = min(candidates, key=lambda c: c.measured_ms / c.baseline_ms)
+        elif cfg.trials:
+            chosen = _trials(feasible, baseline, corpus, cut, cfg, Path(tmp), log_path, show_progress)
+        else:
+            chosen = min(feasible, key=lambda c: c.valid_loss)
+    return SearchOutcome(chosen, candidates, table, target_ms)
 
+
+def _log(path: Path | None, record: dict) -> None:
+    if path is not None and distributed.is_main():
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _trials(feasible: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cfg: SearchConfig, tmp: Path,
+            log_path: Path | None, show_progress: bool) -> Candidate:
+    """The best of the shortlisted networks after `cfg.trial_steps` steps of distillation each (see SearchConfig).
+    They train on the weights' split and are scored on the last `cfg.trial_tokens` of the architecture split, so
+    the validation split judges only the result."""
+    best: dict[int, Candidate] = {}  # attention blocks -> the network with the lowest supernet loss
+    for c in sorted(feasible, key=lambda c: c.valid_loss):
+        best.setdefault(sum(b.kind == "attn" for b in c.arch.blocks), c)
+    shortlist = list(best.values())[:cfg.trials]
+    if len(shortlist) == 1:
+        return shortlist[0]
+    held_out = replace(corpus, train=corpus.train[:cut], valid=corpus.train[cut:][-cfg.trial_tokens:])
+    recipe = finetune_config(cfg.trial_steps, cfg.batch, cfg.valid_tokens, distill=0.5)
+    for i, c in enumerate(shortlist):
+        if show_progress and distributed.is_main():
+            tqdm.write(f"trial {i + 1} of {len(shortlist)} ({c.describe()}): "
+                       f"{' '.join(b.label() for b in c.arch.blocks)}")
+        scored = train(held_out, recipe, tmp / f"trial-{i}", init=c.model, teacher=teacher,
+                       show_progress=show_progress)
+        c.trial_loss = scored["valid"]["loss"]
+        _log(log_path, {"trial": i, "round": c.round, "min_attn": c.min_attn, "steps": cfg.trial_steps,
+                        "arch": [b.label() for b in c.arch.blocks], "trial_loss": c.trial_loss})
+        if show_progress and distributed.is_main():
+            tqdm.write(f"  trial loss {c.trial_loss:.4f} (held-out training data)")
+    return min(shortlist, key=lambda c: c.trial_loss)
 
 @torch.no_grad()
 def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block_ms: torch.Tensor, budget_ms: float,
-            is_attn: list[bool], shortlist: int) -> list[int] | None:
-    """Most probable network, then cut to the budget by measured loss (see planer.search.derive.shrink).
-    Moves go to a position's `shortlist` most probable candidates or to skip."""
+            is_attn: list[bool], shortlist: int, min_attn: int = 1) -> list[int] | None:
+    """Most probable network, then cut to the budget by measured loss (see planer.search.derive.shrink), keeping
+    at least `min_attn` attention blocks. Moves go to a position's `shortlist` most probable candidates or to skip."""
     logp = net.alpha.detach().log_softmax(-1)
     skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
     loss_of = ProbeLoss(net, probe)
     return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip],
-                  rebase=loss_of.rebase)
+                  rebase=loss_of.rebase, min_attn=min_attn)
 
 
 def _stream(data: Segments, step: int):
@@ -282,7 +366,8 @@ def _weight_step(net: SuperNet, teacher: LM, data: Segments, step: int, opt: tor
     out = net(x, choice, mems=state["w_mems"])
     state["w_mems"] = out.mems
     ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
-    loss = (1 - cfg.distill) * ce + cfg.distill * distillation_loss(out.logits, t_out.logits) + cfg.aux_weight * out.aux_loss
+    loss = ((1 - cfg.distill) * ce + cfg.distill * distillation_loss(out.logits, t_out.logits)
+            + cfg.aux_weight * out.aux_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     distributed.average_gradients(net.weight_parameters())

@@ -38,6 +38,14 @@ class TrainConfig:
         return TrainConfig(**{k: v for k, v in d.items() if k in known})
 
 
+def finetune_config(steps: int, batch: int, valid_tokens: int, distill: float) -> TrainConfig:
+    """The recipe a build trains every network on from inherited weights: the distillation, the baseline's
+    continuation, the search's trial runs (same batch, lr, schedule)."""
+    return TrainConfig(steps=steps, batch=batch, lr=1e-3, warmup=min(100, steps // 10), clip=1.0,
+                       distill=distill, eval_every=max(1, steps // 4), ckpt_every=max(1, steps // 4),
+                       eval_tokens=valid_tokens, test_split=False)  # a build judges on valid
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
