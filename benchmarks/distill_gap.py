@@ -24,6 +24,8 @@ from common import record
 from planer.arch import BlockSpec
 from planer.checkpoint import load_model
 from planer.latency import LatencyTable
+from planer.search.heads import rank_heads
+from planer.search.search import SearchConfig, held_out_probe
 from planer.search.supernet import inherit
 from planer.train.presets import finetune_config
 from planer.train.trainer import METRICS_FILE, run_corpus, train
@@ -58,10 +60,17 @@ def main() -> None:
     p.add_argument("--baseline-lrs", default="1e-3", help="comma-separated; the baseline is continued at each")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--table", help="a latency table (planer profile) to predict each network's latency from")
+    p.add_argument("--ranked-heads", action="store_true",
+                   help="students inherit each attention block's most important heads, as the search's supernet "
+                        "does (planer.search.heads, ranked on the search's probe), not its first")
     args = p.parse_args()
 
     baseline = load_model(args.run)
     corpus = run_corpus(Path(args.run), None, baseline.arch.vocab_size)
+    source = baseline
+    if args.ranked_heads:
+        source, orders = rank_heads(baseline, held_out_probe(corpus, baseline.arch, SearchConfig(batch=args.batch)))
+        print("head orders", orders, flush=True)
     students = {s: [parse_block(b) for b in s.split()] for s in args.blocks}
     table = LatencyTable.load(args.table) if args.table else None
     rows = []
@@ -72,7 +81,7 @@ def main() -> None:
             for name, share, lr, *student in runs:
                 cfg = replace(finetune_config(steps, args.batch, 65536, share), lr=lr)
                 out = Path(tmp) / str(len(rows))
-                init = inherit(baseline, students[student[0]]) if student else baseline
+                init = inherit(source, students[student[0]]) if student else baseline
                 final = train(corpus, cfg, out, init=init, teacher=None if share == 0 else baseline)
                 curve = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
                 rows.append({"steps": steps, "name": name, "student": student[0] if student else "", "distill": share,
@@ -81,7 +90,9 @@ def main() -> None:
                              "curve": [(c["step"], c["valid"]["loss"]) for c in curve]})
                 print(name, steps, final["valid"], flush=True)
 
-    lines = [f"Students inherit the baseline's weights; batch {args.batch}; recipe as the build's (warm-up, cosine, "
+    heads = "its most important heads first (`--ranked-heads`)" if args.ranked_heads else "its first heads"
+    lines = [f"Students inherit the baseline's weights, each attention block {heads}; batch {args.batch}; "
+             "recipe as the build's (warm-up, cosine, "
              "clip 1), with the distillation share and lr shown; the ratio is to the first continued baseline; "
              f"latency predicted by {args.table or 'no table'}.", "",
              "| steps | network | student | predicted ms | distill share | lr | valid loss (whole split) | "

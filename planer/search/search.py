@@ -18,8 +18,10 @@ measured, so the rounds close in on the target as the engine sees it.
 
 With trials (SearchConfig.trials), networks keeping more attention blocks are
 derived after the rounds too, and a short distillation of the best per
-attention-block count decides, since the supernet's loss misranks them. Every
-derived network and every trial is one line of the search log.
+attention-block count decides, since the supernet's loss misranks them. The
+supernet inherits each baseline attention block's heads most important first
+(planer.search.heads). Every derived network and every trial is one line of
+the search log.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from planer.latency.profile import Deployment, measure
 from planer.latency.table import FIXED
 from planer.nn import LM
 from planer.search.derive import shrink
+from planer.search.heads import rank_heads
 from planer.search.probe import ProbeLoss
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
@@ -203,7 +206,9 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         probe = held_out_probe(corpus, arch, cfg, distributed.share(cfg.batch))
-        net = SuperNet(baseline, space, baseline_bias=cfg.baseline_bias)
+        # The same function with each attention block's best heads first, so narrow candidates inherit those.
+        ranked, orders = rank_heads(baseline, probe)
+        net = SuperNet(ranked, space, baseline_bias=cfg.baseline_bias)
         distributed.same_start(net)
         weight_opt = torch.optim.AdamW(net.weight_parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         arch_opt = torch.optim.Adam([net.alpha], lr=cfg.arch_lr, betas=(0.5, 0.999))
@@ -237,7 +242,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 "round": rnd, "min_attn": min_attn, "target_ms": target_ms, "budget_ms": budget_ms,
                 "baseline_ms": base_ms, "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
                 "calibration": table.scale, "valid_loss": loss, "lambda": cfg.lam, "tau": tau, "derive_s": derive_s,
-                "arch": [b.label() for b in model.arch.blocks],
+                "arch": [b.label() for b in model.arch.blocks], "head_orders": orders,
                 "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
             })
             say(f"{candidate.describe()}: {' '.join(b.label() for b in model.arch.blocks)}\n"
@@ -246,11 +251,11 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 f"valid loss {loss:.4f}; derived in {derive_s:.0f} s")
             return candidate
 
-        def derive(budget_ms: float, min_attn: int = 1) -> tuple[list[int] | None, float]:
-            """The network derived under `budget_ms` (the same on every rank) and the seconds it took."""
+        def derive(budget_ms: float, start: list[int], min_attn: int = 1) -> tuple[list[int] | None, float]:
+            """The network derived from `start` under `budget_ms` (the same on every rank) and the seconds it took."""
             began = time.perf_counter()
-            choice = _derive(net, probe, block_ms, budget_ms / table.scale - table.entries[FIXED]["p50"], is_attn,
-                             cfg.shortlist, min_attn)
+            choice = _derive(net, start, probe, block_ms, budget_ms / table.scale - table.entries[FIXED]["p50"],
+                             is_attn, cfg.shortlist, min_attn)
             return distributed.broadcast(choice), time.perf_counter() - began
 
         for rnd in range(cfg.rounds):
@@ -268,7 +273,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                     bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms")
             budget_ms = target_ms * correction
             bar.set_description(f"search: round {rnd}, deriving a network")  # minutes on deep baselines
-            choice, derive_s = derive(budget_ms)
+            choice, derive_s = derive(budget_ms, net.argmax())
             bar.set_description("search")
             if choice is None:
                 say(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
@@ -282,11 +287,13 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 correction *= min(1.1, max(0.8, ratio_target / measured_ratio))
         if cfg.trials > 1 and candidates:
             budget_ms = target_ms * correction
+            # From the baseline's own blocks: the most probable network may hold fewer attention blocks.
+            start = net.baseline_choice(arch)
             kept = sum(b.kind == "attn" for b in candidates[-1].arch.blocks)
-            most = sum(is_attn[c] for c in net.argmax())
+            most = sum(is_attn[c] for c in start)
             for n in range(kept + 1, min(most, kept + cfg.trials - 1) + 1):
                 bar.set_description(f"search: deriving a network with at least {n} attention blocks")
-                choice, derive_s = derive(budget_ms, n)
+                choice, derive_s = derive(budget_ms, start, n)
                 if choice is not None:
                     assess(choice, candidates[-1].round, budget_ms, derive_s, tau, n)
         bar.close()
@@ -337,15 +344,16 @@ def _trials(feasible: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cf
     return min(shortlist, key=lambda c: c.trial_loss)
 
 @torch.no_grad()
-def _derive(net: SuperNet, probe: list[tuple[torch.Tensor, torch.Tensor]], block_ms: torch.Tensor, budget_ms: float,
-            is_attn: list[bool], shortlist: int, min_attn: int = 1) -> list[int] | None:
-    """Most probable network, then cut to the budget by measured loss (see planer.search.derive.shrink), keeping
-    at least `min_attn` attention blocks. Moves go to a position's `shortlist` most probable candidates or to skip."""
+def _derive(net: SuperNet, start: list[int], probe: list[tuple[torch.Tensor, torch.Tensor]], block_ms: torch.Tensor,
+            budget_ms: float, is_attn: list[bool], shortlist: int, min_attn: int = 1) -> list[int] | None:
+    """`start` (the most probable network, or the baseline's) cut to the budget by measured loss (see
+    planer.search.derive.shrink), keeping at least `min_attn` attention blocks. Moves go to a position's
+    `shortlist` most probable candidates or to skip."""
     logp = net.alpha.detach().log_softmax(-1)
     skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
     loss_of = ProbeLoss(net, probe)
-    return shrink(net.argmax(), block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip],
+    return shrink(start, block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip],
                   rebase=loss_of.rebase, min_attn=min_attn)
 
 

@@ -1,7 +1,8 @@
 """The supernet: P positions, each able to become any candidate block of the search space.
 
 Weights come from the baseline (PLANER): attention candidates take the
-baseline's first h heads, FFN candidates its hidden units sorted by
+baseline's first h heads (the search orders them by importance first:
+planer.search.heads), FFN candidates its hidden units sorted by
 importance (so a narrower FFN keeps the units that matter most), and MoE
 experts are upcycled copies of that FFN with a small perturbation so that the
 router can specialise them. FFN and MoE candidates share weights at a
