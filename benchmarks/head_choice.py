@@ -15,11 +15,10 @@ import argparse
 import itertools
 from pathlib import Path
 
-import torch
 from common import record
 
 from planer.checkpoint import load_model
-from planer.search.heads import rank_heads
+from planer.search.heads import cut_heads, rank_heads
 from planer.search.search import SearchConfig, held_out_probe
 from planer.train.evaluate import evaluate
 from planer.train.trainer import run_corpus
@@ -43,15 +42,10 @@ def main() -> None:
     rows = []
     attns = [b.f for b in model.blocks if b.kind == "attn"]
     for index, (attn, order) in enumerate(zip(attns, orders)):
-        cols = attn.heads // attn.kv_heads * attn.head_dim
-        saved = attn.o.weight.detach().clone()
         scored = {}
         for kept in itertools.combinations(range(attn.kv_heads), args.keep):
-            with torch.no_grad():
-                for u in set(range(attn.kv_heads)) - set(kept):
-                    attn.o.weight[:, u * cols:(u + 1) * cols] = 0
+            with cut_heads(attn, set(range(attn.kv_heads)) - set(kept)):
                 scored[kept] = loss()
-                attn.o.weight.copy_(saved)
         ranked = tuple(sorted(order[:args.keep]))
         best, worst = min(scored, key=scored.get), max(scored, key=scored.get)
         rows.append({"block": index, "order": order, "first": scored[tuple(range(args.keep))],

@@ -68,7 +68,7 @@ class Budget:
         return self.search.rounds * self.search.steps + self.distill_steps
 
     def recipe(self, steps: int, distill: float) -> TrainConfig:
-        """The fine-tuning recipe of this budget's batch for `steps` steps (see planer.train.presets.finetune_config)."""
+        """The fine-tuning recipe of this budget's batch for `steps` steps (planer.train.presets.finetune_config)."""
         return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill)
 
     def describe(self) -> str:

@@ -15,7 +15,8 @@ head together with the query heads that read it, since a narrower candidate keep
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -59,16 +60,26 @@ def rank_heads(model: LM, probe: Sequence[tuple[Tensor, Tensor]]) -> tuple[LM, l
     return model, orders
 
 
+@contextmanager
+def cut_heads(attn: Attention, units: Iterable[int]) -> Iterator[None]:
+    """Within the block, the query heads of these key/value groups contribute nothing (their output columns
+    are zeroed), and are restored on leaving."""
+    cols = attn.heads // attn.kv_heads * attn.head_dim  # output columns per group
+    saved = attn.o.weight.detach().clone()
+    with torch.no_grad():
+        for u in units:
+            attn.o.weight[:, u * cols:(u + 1) * cols] = 0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            attn.o.weight.copy_(saved)
+
+
 def _without(model: LM, attn: Attention, units: list[int], probe: Sequence[tuple[Tensor, Tensor]]) -> float:
     """probe_loss with the output of these key/value groups' query heads cut off."""
-    cols = attn.heads // attn.kv_heads * attn.head_dim  # output columns per group
-    saved = attn.o.weight.clone()
-    for u in units:
-        attn.o.weight[:, u * cols:(u + 1) * cols] = 0
-    try:
+    with cut_heads(attn, units):
         return distributed.mean(probe_loss(model, probe))  # every rank ranks alike under torchrun
-    finally:
-        attn.o.weight.copy_(saved)
 
 
 def _permute(attn: Attention, order: list[int]) -> None:

@@ -155,10 +155,16 @@ def held_out_probe(corpus: Corpus, arch: Architecture, cfg: SearchConfig, stream
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The held-out segments the derivation and the heads' ranking measure losses on: the last
     `cfg.probe_segments` of the architecture split, on as many of `streams` as `cfg.probe_flops` allows."""
-    arch_data = Segments(corpus.train[int(len(corpus.train) * (1 - cfg.arch_split)):], cfg.batch, arch.tgt_len, streams)
+    arch_data = Segments(corpus.train[_arch_start(corpus, cfg):], cfg.batch, arch.tgt_len, streams)
     probe = [arch_data[len(arch_data) - 1 - i] for i in reversed(range(min(cfg.probe_segments, len(arch_data))))]
     keep = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
     return [(x[:keep], y[:keep]) for x, y in probe]
+
+
+def _arch_start(corpus: Corpus, cfg: SearchConfig) -> int:
+    """Where the training split's last part, which trains the architecture logits and is held out from the
+    weights, begins."""
+    return int(len(corpus.train) * (1 - cfg.arch_split))
 
 
 def candidate_latencies(table: LatencyTable, space: SearchSpace) -> torch.Tensor:
@@ -202,7 +208,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                                    f"(predicted {floor:.2f} ms; the baseline measures {baseline_ms:.2f} ms); "
                                    "raise the target or widen the space")
 
-        cut = int(len(corpus.train) * (1 - cfg.arch_split))
+        cut = _arch_start(corpus, cfg)
         weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         probe = held_out_probe(corpus, arch, cfg, distributed.share(cfg.batch))
@@ -289,7 +295,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             budget_ms = target_ms * correction
             # From the baseline's own blocks: the most probable network may hold fewer attention blocks.
             start = net.baseline_choice(arch)
-            kept = sum(b.kind == "attn" for b in candidates[-1].arch.blocks)
+            kept = len(candidates[-1].arch.attn_positions)
             most = sum(is_attn[c] for c in start)
             for n in range(kept + 1, min(most, kept + cfg.trials - 1) + 1):
                 bar.set_description(f"search: deriving a network with at least {n} attention blocks")
@@ -324,7 +330,7 @@ def _trials(feasible: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cf
     the validation split judges only the result."""
     best: dict[int, Candidate] = {}  # attention blocks -> the network with the lowest supernet loss
     for c in sorted(feasible, key=lambda c: c.valid_loss):
-        best.setdefault(sum(b.kind == "attn" for b in c.arch.blocks), c)
+        best.setdefault(len(c.arch.attn_positions), c)
     shortlist = list(best.values())[:cfg.trials]
     if len(shortlist) == 1:
         return shortlist[0]
@@ -342,6 +348,7 @@ def _trials(feasible: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cf
         if show_progress and distributed.is_main():
             tqdm.write(f"  trial loss {c.trial_loss:.4f} (held-out training data)")
     return min(shortlist, key=lambda c: c.trial_loss)
+
 
 @torch.no_grad()
 def _derive(net: SuperNet, start: list[int], probe: list[tuple[torch.Tensor, torch.Tensor]], block_ms: torch.Tensor,
