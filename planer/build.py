@@ -396,7 +396,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
         return distributed.broadcast(None)
     table.save(work / "latency_table.json")
 
-    path = export_lm(result, work / "model.onnx", lowering=dep.lowering)
+    path = export_lm(result, work / "model.onnx", **dep.export_options())
     engine = load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape)
     diff = parity(result, engine, batch=dep.batch, tgt_len=dep.tgt_len, mem_len=dep.mem_len)
     models = [(base_onnx, baseline.arch), (str(path), result.arch)]
@@ -405,7 +405,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     if (run / TOKENIZER_DIR).is_dir():
         shutil.copytree(run / TOKENIZER_DIR, work / TOKENIZER_DIR, dirs_exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
-        models += [(str(export_lm(m, Path(tmp) / f"{name}.onnx", lowering=dep.lowering)), m.arch)
+        models += [(str(export_lm(m, Path(tmp) / f"{name}.onnx", **dep.export_options())), m.arch)
                    for name, m in comparisons]
         timing = replace(dep, min_seconds=max(dep.min_seconds, 2.0), min_iters=max(dep.min_iters, 50))
         base_stats, result_stats, *compared_stats = measure(models, timing)
@@ -459,7 +459,7 @@ def _export_baseline(baseline: LM, out: Path, dep: Deployment) -> str:
     out.mkdir(exist_ok=True)
     baseline.arch.save(out / ARCH_FILE)
     path = out / "model.onnx"
-    return str(path if path.is_file() else export_lm(baseline, path, lowering=dep.lowering))
+    return str(path if path.is_file() else export_lm(baseline, path, **dep.export_options()))
 
 
 def _search_stage(out: Path, log: Path, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable,

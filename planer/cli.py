@@ -172,6 +172,9 @@ def _load_arch(source: Path):
                    "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
                    "(activations gelu_tanh, relu, silu); 'trt' = planer's TensorRT plugin (TensorRT only)")
 @click.option("--mem-len", type=int, help="memory length the graph keeps (default: the architecture's)")
+@click.option("--max-context", type=int, default=0,
+              help="longest memory + segment the graph must accept; Transformer-XL attention keeps its relative "
+                   "positions as a table of this length (default: twice the architecture's mem-len + tgt-len)")
 @click.option("--triton", "triton_repo", type=click.Path(path_type=Path),
               help="write RUN/model.onnx (exported first if missing) into this Triton model repository")
 @click.option("--triton-name", help="model name in the repository (default: RUN's directory name)")
@@ -182,7 +185,8 @@ def _load_arch(source: Path):
 @click.option("--triton-max-delay-us", type=int, default=2000, show_default=True,
               help="dynamic batching: how long Triton waits for a request to batch with")
 @click.option("--overwrite", is_flag=True, help="replace the model already in the Triton repository")
-def export(run: Path, out: Path | None, lowering: str, mem_len: int | None, triton_repo: Path | None,
+def export(run: Path, out: Path | None, lowering: str, mem_len: int | None, max_context: int,
+           triton_repo: Path | None,
            triton_name: str | None, triton_kind: str, triton_instances: int, triton_max_batch: int,
            triton_max_delay_us: int, overwrite: bool) -> None:
     """Export a trained model to ONNX (memories as inputs/outputs, dynamic batch and lengths) and check
@@ -193,7 +197,7 @@ def export(run: Path, out: Path | None, lowering: str, mem_len: int | None, trit
       planer export builds/tiny-x2 --triton triton-models     # then: tritonserver --model-repository triton-models
     """
     if triton_repo is None or not (run / "model.onnx").is_file():
-        _export_onnx(run, out, lowering, mem_len)
+        _export_onnx(run, out, lowering, mem_len, max_context)
     if triton_repo is not None:
         from planer.triton import write_repository
 
@@ -204,7 +208,7 @@ def export(run: Path, out: Path | None, lowering: str, mem_len: int | None, trit
                    "model-config schema; serve with: tritonserver --model-repository " + str(triton_repo))
 
 
-def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None) -> None:
+def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None, max_context: int) -> None:
     from planer.checkpoint import load_model
     from planer.export import export_lm
     from planer.export.reference import parity
@@ -212,7 +216,7 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
 
     model = load_model(run)
     out = out or run / "model.onnx"
-    path = export_lm(model, out, lowering=lowering, mem_len=mem_len)
+    path = export_lm(model, out, lowering=lowering, mem_len=mem_len, min_context=max_context)
     arch = model.arch
     mem = arch.mem_len if mem_len is None else mem_len
     size = f"{path}: {path.stat().st_size / 1e6:.1f} MB"

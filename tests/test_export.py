@@ -53,7 +53,8 @@ def exported(request, tmp_path_factory):
     torch.manual_seed(1)
     make, lowering = MODELS[request.param]
     model = make()
-    path = export_lm(model, tmp_path_factory.mktemp("onnx") / "model.onnx", lowering=lowering)
+    path = export_lm(model, tmp_path_factory.mktemp("onnx") / "model.onnx", lowering=lowering,
+                     min_context=max(t for _, t in SHAPES) + model.arch.mem_len)
     return model, OrtEngine(path, threads=2), path
 
 
@@ -115,6 +116,25 @@ def test_graph_holds_every_expert(exported):
         pruned.blocks[3].f.experts[-1].up.weight.add_(1.0)  # a matrix the graph does not hold
     with pytest.raises(ExportError, match="lacks 1 weight matrices"):
         check_weights_present(path, pruned)
+
+
+def test_relative_positions_up_to_the_graphs_context(tmp_path):
+    """Transformer-XL attention slices its frozen position keys: parity at the longest context the graph holds
+    (the table's every row in use) and with no memory at all; one position more is refused by name."""
+    torch.manual_seed(2)
+    model = LM(small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(48), BlockSpec.attn(2, 16)])).eval()
+    path = export_lm(model, tmp_path / "m.onnx", min_context=80)  # above the default, 2 x (16 + 16)
+    initializers = {t.name for t in onnx.load(str(path)).graph.initializer}
+    assert not any(name.endswith("f.r.weight") for name in initializers)  # the projection is folded away
+    engine = OrtEngine(path, threads=2)
+    assert engine.max_context == 80
+    for tgt_len, mem_len in ((80 - model.arch.mem_len, model.arch.mem_len), (3, 0)):
+        feeds = example_feeds(model.arch, 2, tgt_len, mem_len, seed=tgt_len)
+        got = engine.run(feeds)
+        for name, want in zip(engine.output_names, _reference(model, feeds)):
+            np.testing.assert_allclose(got[name], want, atol=1e-4, rtol=0, err_msg=name)
+    with pytest.raises(PlanerError, match="at most 80; export it again with `planer export --max-context 81`"):
+        engine.run(example_feeds(model.arch, 1, 81 - model.arch.mem_len, model.arch.mem_len))
 
 
 def test_runtime_imports_without_torch():

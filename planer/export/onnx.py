@@ -2,7 +2,10 @@
 
 Memories are explicit inputs and outputs; batch, segment length and memory
 length stay dynamic; MoE layers are lowered (see `lowering`) so the engine
-dispatches tokens only to their experts.
+dispatches tokens only to their experts. Relative-position (Transformer-XL)
+attention holds its position keys as a constant for up to `max_context`
+positions of memory + segment (recorded in the graph's metadata under
+MAX_CONTEXT_KEY; planer's ONNX Runtime engine refuses longer inputs by name).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from planer.arch import Architecture, BlockSpec
 from planer.errors import PlanerError
 from planer.export.lowering import lower
 from planer.nn import LM
+from planer.nn.attention import Attention
 from planer.nn.model import Block, embed_tokens
-from planer.runtime.feeds import input_names, output_names
+from planer.runtime.feeds import MAX_CONTEXT_KEY, input_names, output_names
 
 # Sample sizes avoid 0/1 and each other, so the exporter specialises on none of them.
 _B, _T, _M = 3, 5, 7
@@ -75,7 +79,7 @@ class _FixedGraph(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs: list[str], outputs: list[str],
-            path: str | os.PathLike, original: nn.Module) -> Path:
+            path: str | os.PathLike, original: nn.Module, max_context: int) -> Path:
     """Export `module` to a self-contained ONNX file, written atomically and checked to hold every
     weight of `original` (the module before MoE lowering)."""
     path = Path(path)
@@ -85,6 +89,8 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, input_names=inputs,
                                         output_names=outputs, external_data=False, verbose=False)
+        if _relative(original):
+            program.model.metadata_props[MAX_CONTEXT_KEY] = str(max_context)
         program.save(str(tmp), external_data=False)
         check_weights_present(tmp, original)
         os.replace(tmp, path)
@@ -107,46 +113,65 @@ class _quiet_exporter:
             lg.setLevel(level)
 
 
-def _lowered(model: nn.Module, lowering: str) -> nn.Module:
-    """An eval-mode copy of `model` with its MoE layers in `lowering` form."""
+def _relative(model: nn.Module) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention) and m.pos == "relative"]
+
+
+def max_context(arch: Architecture, mem_len: int, min_context: int = 0) -> int:
+    """The longest memory + segment an exported graph accepts: twice what the architecture trained on
+    (`mem_len` of memory), or `min_context` if that is more."""
+    return max(min_context, 2 * (mem_len + arch.tgt_len))
+
+
+def _lowered(model: nn.Module, lowering: str, context: int) -> nn.Module:
+    """An eval-mode copy of `model` for inference graphs: relative position keys frozen for `context`
+    positions, MoE layers in `lowering` form."""
     copy_ = copy.deepcopy(model).eval()
+    for attn in _relative(copy_):
+        attn.freeze_positions(context)
     lower(copy_, lowering)
     return copy_
 
 
-def export_lm(model: LM, path: str | os.PathLike, *, lowering: str = "ops", mem_len: int | None = None) -> Path:
+def export_lm(model: LM, path: str | os.PathLike, *, lowering: str = "ops", mem_len: int | None = None,
+              min_context: int = 0) -> Path:
     """Write `model` as a self-contained ONNX file (weights inside) and return its path.
 
     The graph takes `tokens` and one memory per attention block (see
     planer.runtime.feeds) and returns logits and the new memories, at most
-    `mem_len` (default: the architecture's) long.
+    `mem_len` (default: the architecture's) long. It accepts memory + segment
+    up to `max_context(arch, mem_len, min_context)` positions.
     """
     arch = model.arch
     if not arch.attn_positions:
         raise ExportError("this network has no attention block; an LM export needs at least one")
-    graph = _LMGraph(_lowered(model, lowering), arch.mem_len if mem_len is None else mem_len)
+    mem_len = arch.mem_len if mem_len is None else mem_len
+    context = max_context(arch, mem_len, min_context)
+    graph = _LMGraph(_lowered(model, lowering, context), mem_len)
     tokens = torch.randint(0, arch.vocab_size, (_B, _T))
     mems = tuple(torch.randn(_B, _M, arch.d_model) for _ in arch.attn_positions)
     batch, seq, mem = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("mem")
     dynamic = ({0: batch, 1: seq}, tuple({0: batch, 1: mem} for _ in mems))  # *mems is one varargs entry
-    return _export(graph, (tokens, *mems), dynamic, input_names(arch), output_names(arch), path, model)
+    return _export(graph, (tokens, *mems), dynamic, input_names(arch), output_names(arch), path, model, context)
 
 
 def export_block(arch: Architecture, spec: BlockSpec, path: str | os.PathLike, *, lowering: str = "ops",
-                 mem_len: int | None = None) -> Path:
+                 mem_len: int | None = None, min_context: int = 0) -> Path:
     """One block alone, randomly initialised, as the LM runs it: inputs `x` (and `mem` for attention),
     outputs `y` (and `new_mem`). Used to profile a block's latency."""
     if spec.kind == "skip":
         raise ExportError("a skip block is the identity; there is nothing to export")
+    mem_len = arch.mem_len if mem_len is None else mem_len
+    context = max_context(arch, mem_len, min_context)
     original = Block(arch, spec).eval()
-    block = _lowered(original, lowering)
+    block = _lowered(original, lowering, context)
     batch, seq, mem = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("mem")
     x = torch.randn(_B, _T, arch.d_model)
     if spec.kind == "attn":
-        graph = _AttnGraph(block, arch.mem_len if mem_len is None else mem_len)
-        return _export(graph, (x, torch.randn(_B, _M, arch.d_model)), ({0: batch, 1: seq}, {0: batch, 1: mem}),
-                       ["x", "mem"], ["y", "new_mem"], path, original)
-    return _export(block, (x,), ({0: batch, 1: seq},), ["x"], ["y"], path, original)
+        return _export(_AttnGraph(block, mem_len), (x, torch.randn(_B, _M, arch.d_model)),
+                       ({0: batch, 1: seq}, {0: batch, 1: mem}), ["x", "mem"], ["y", "new_mem"], path, original,
+                       context)
+    return _export(block, (x,), ({0: batch, 1: seq},), ["x"], ["y"], path, original, context)
 
 
 def export_fixed(arch: Architecture, path: str | os.PathLike) -> Path:
@@ -154,21 +179,23 @@ def export_fixed(arch: Architecture, path: str | os.PathLike) -> Path:
     graph = _FixedGraph(LM(arch.with_blocks([BlockSpec.skip()])).eval())
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     return _export(graph, (torch.randint(0, arch.vocab_size, (_B, _T)),), ({0: batch, 1: seq},), ["tokens"],
-                   ["logits"], path, graph)
+                   ["logits"], path, graph, 0)
 
 
 def check_weights_present(onnx_path: str | os.PathLike, model: nn.Module) -> None:
     """Every Linear weight of `model` must be in the graph (as stored or transposed): an expert that the
     sample input never reached must not have been traced away. (Element counts would not do: the
-    exporter merges identical initializers such as freshly-initialised norm weights.)"""
+    exporter merges identical initializers such as freshly-initialised norm weights.) The relative
+    position projection is the exception: the graph holds its product, the frozen position keys."""
     stored = set()
     for tensor in onnx.load(str(onnx_path)).graph.initializer:
         array = numpy_helper.to_array(tensor)
         for matrix in (array,) if array.ndim == 2 else array if array.ndim == 3 else ():  # 3-D: stacked experts
             stored.add(_digest(matrix))
             stored.add(_digest(matrix.T))
-    missing = [name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and _digest(m.weight.detach().numpy()) not in stored]
+    frozen = {id(attn.r) for attn in _relative(model) if attn.r_table is None}
+    missing = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in frozen
+               and _digest(m.weight.detach().numpy()) not in stored]
     if missing:
         raise ExportError(f"the exported graph lacks {len(missing)} weight matrices ({', '.join(missing[:3])}); "
                           "some layer was traced away — this is a planer bug, please report it")

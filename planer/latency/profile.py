@@ -16,7 +16,7 @@ from planer import __version__
 from planer.arch import Architecture, BlockSpec
 from planer.errors import PlanerError
 from planer.latency.table import FIXED, LatencyTable
-from planer.runtime import Engine, LatencyStats, describe_engine, load_engine, time_engine, time_engines
+from planer.runtime import Engine, LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
 
 
@@ -59,6 +59,10 @@ class Deployment:
     def shape(self) -> tuple[int, int, int]:
         return self.batch, self.tgt_len, self.mem_len
 
+    def export_options(self) -> dict[str, Any]:
+        """planer.export's options for graphs timed or shipped at this deployment."""
+        return {"lowering": self.lowering, "min_context": self.tgt_len + self.mem_len}
+
     def timing(self) -> dict[str, Any]:
         return {"warmup": self.warmup, "min_iters": self.min_iters, "min_seconds": self.min_seconds}
 
@@ -92,14 +96,23 @@ def _block_feeds(arch: Architecture, spec: BlockSpec, dep: Deployment, rng: np.r
     return feeds
 
 
-def _steady(engine: Engine, feeds: dict, dep: Deployment) -> LatencyStats:
-    """Time until the spread is at most dep.max_spread (a few tries), keeping the steadiest try."""
-    best = time_engine(engine, feeds, **dep.timing())
+def _steady(runs: list[tuple[Engine, dict]], dep: Deployment) -> list[LatencyStats]:
+    """Time all runs interleaved, `dep.min_seconds` per run; those whose spread exceeds dep.max_spread again
+    (a few tries, interleaved among themselves), keeping each one's steadiest try.
+
+    Interleaved, not one after another: on a shared machine the load drifts over a profile's minutes, and
+    timed in turn the blocks met different loads (a dense FFN came out slower than a MoE layer of the same
+    width in one such table). Interleaved, the drift moves every entry alike."""
+    def interleaved(some: list[tuple[Engine, dict]]) -> list[LatencyStats]:
+        return time_engines(some, **(dep.timing() | {"min_seconds": dep.min_seconds * len(some)}))
+
+    best = interleaved(runs)
     for _ in range(dep.retries):
-        if best.spread <= dep.max_spread:
+        noisy = [i for i, s in enumerate(best) if s.spread > dep.max_spread]
+        if not noisy:
             break
-        again = time_engine(engine, feeds, **dep.timing())
-        best = min(best, again, key=lambda s: s.spread)
+        for i, stats in zip(noisy, interleaved([runs[i] for i in noisy])):
+            best[i] = min(best[i], stats, key=lambda s: s.spread)
     return best
 
 
@@ -123,42 +136,45 @@ def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment
     todo += list(dict.fromkeys(c for c in (*arch.blocks, *candidates) if c.kind != "skip"))  # + the baseline's
     entries: dict[str, dict[str, float]] = dict(table.entries) if table else {}
     trials: dict[str, float] = table.provenance.get("lowering_trials", {}) if table else {}
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="planer-profile-") as tmp:
-        path = Path(tmp) / "block.onnx"
         if dep.lowering == AUTO:
             if table is not None:
                 dep = dep.resolved(table)
             else:
                 moe = [s for s in todo if s is not None and s.kind == "moe"]
-                dep, trials, timed = _choose_lowering(arch, moe, dep, path, rng, show_progress)
+                dep, trials, timed = _choose_lowering(arch, moe, dep, Path(tmp), show_progress)
                 entries.update(timed)
         prov = provenance(arch, dep, info) | ({"lowering_trials": trials} if trials else {})
         if table is not None:
             table.check(prov)
         todo = [s for s in todo if (FIXED if s is None else s.label()) not in entries]
-        for spec in tqdm(todo, desc="profile", unit="block", disable=not show_progress):
-            entries[FIXED if spec is None else spec.label()] = _time_block(arch, spec, dep, path, rng)
+        entries.update(_time_blocks(arch, todo, dep, Path(tmp), "profile", show_progress))
     return distributed.broadcast(LatencyTable(prov, entries, table.scale if table else 1.0))
 
 
-def _time_block(arch: Architecture, spec: BlockSpec | None, dep: Deployment, path: Path,
-                rng: np.random.Generator) -> dict[str, float]:
-    """One candidate block (None: the fixed part) exported to `path` and timed alone."""
+def _time_blocks(arch: Architecture, specs: list[BlockSpec | None], dep: Deployment, tmp: Path, desc: str,
+                 show_progress: bool) -> dict[str, dict[str, float]]:
+    """Table entries of candidate blocks (None: the fixed part), each exported alone, timed interleaved."""
     from planer.export import export_block, export_fixed
 
-    if spec is None:
-        export_fixed(arch, path)
-        feeds = {"tokens": rng.integers(0, arch.vocab_size, (dep.batch, dep.tgt_len), dtype=np.int64)}
-    else:
-        export_block(arch, spec, path, lowering=dep.lowering, mem_len=dep.mem_len)
-        feeds = _block_feeds(arch, spec, dep, rng)
-    engine = load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape)
-    return _steady(engine, feeds, dep).to_dict()
+    if not specs:
+        return {}
+    rng = np.random.default_rng(0)
+    runs = []
+    for i, spec in enumerate(tqdm(specs, desc=desc, unit="block", disable=not show_progress)):
+        path = tmp / f"block{i}.onnx"
+        if spec is None:
+            export_fixed(arch, path)
+            feeds = {"tokens": rng.integers(0, arch.vocab_size, (dep.batch, dep.tgt_len), dtype=np.int64)}
+        else:
+            export_block(arch, spec, path, mem_len=dep.mem_len, **dep.export_options())
+            feeds = _block_feeds(arch, spec, dep, rng)
+        runs.append((load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape), feeds))
+    labels = [FIXED if s is None else s.label() for s in specs]
+    return {label: stats.to_dict() for label, stats in zip(labels, _steady(runs, dep))}
 
 
-def _choose_lowering(arch: Architecture, moe: list[BlockSpec], dep: Deployment, path: Path,
-                     rng: np.random.Generator, show_progress: bool
+def _choose_lowering(arch: Architecture, moe: list[BlockSpec], dep: Deployment, tmp: Path, show_progress: bool
                      ) -> tuple[Deployment, dict[str, float], dict[str, dict[str, float]]]:
     """The lowering in which the engine runs the MoE blocks `moe` fastest in total: the deployment using it,
     each lowering's total p50 ms, and the blocks' entries in the chosen one. Without MoE blocks nothing is
@@ -169,9 +185,8 @@ def _choose_lowering(arch: Architecture, moe: list[BlockSpec], dep: Deployment, 
     for lowering in dep.lowerings():
         trial = replace(dep, lowering=lowering)
         try:
-            timed[lowering] = {s.label(): _time_block(arch, s, trial, path, rng)
-                               for s in tqdm(moe, desc=f"profile: MoE as {lowering}", unit="block",
-                                             disable=not show_progress)}
+            timed[lowering] = _time_blocks(arch, list(moe), trial, tmp, f"profile: MoE as {lowering}",
+                                           show_progress)
         except PlanerError:
             if lowering == "ops":  # runs every network: a failure here is not a missing feature
                 raise

@@ -63,25 +63,44 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.heads * self.head_dim, d, bias=arch.attn_bias)
         if self.pos == "relative":
             self.r = nn.Linear(d, self.heads * self.head_dim, bias=False)
+            self.register_buffer("r_table", None)  # set by freeze_positions, for export
             self.r_w_bias = nn.Parameter(torch.zeros(self.heads, self.head_dim))
             self.r_r_bias = nn.Parameter(torch.zeros(self.heads, self.head_dim))
         self.dropatt = nn.Dropout(dropatt)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
+    def position_keys(self, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(heads, head_dim, k): the projected encodings of distances k-1, ..., 0 (relative positions)."""
+        if self.r_table is not None:
+            return self.r_table[:, :, self.r_table.shape[-1] - k:]
+        distances = torch.arange(k - 1, -1, -1, device=device)
+        r = self.r(sinusoid(distances, self.r.in_features).to(dtype))
+        return r.view(k, self.heads, self.head_dim).permute(1, 2, 0)
+
+    def freeze_positions(self, max_context: int) -> None:
+        """For inference graphs: keep the position keys of up to `max_context` distances as a constant and
+        drop the projection. They depend on the weights and the length only; recomputing them on every call
+        (sinusoids and a projection of every distance) is a large share of a small model's attention in an
+        engine (benchmarks/RESULTS.md, attention graph). Longer memory + segment no longer fits the graph."""
+        with torch.no_grad():
+            table = self.position_keys(max_context, self.r.weight.dtype, self.r.weight.device)
+        self.register_buffer("r_table", table.contiguous(), persistent=False)
+        del self.r
+
     def forward(self, h: Tensor, tgt_len: int) -> Tensor:
         """h: normalised [memory; segment], (B, K, d). Returns the segment's output (B, T, d)."""
-        b, k, d = h.shape
+        b, k, _ = h.shape
         t = tgt_len
         m = k - t
         q = self.q(h[:, m:]).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         key, value = self.kv(h).view(b, k, 2, self.kv_heads, self.head_dim).unbind(2)
         key, value = key.transpose(1, 2), value.transpose(1, 2)
 
+        # The scale goes on the queries (T x head_dim values per head), not on the scores (T x K), and the
+        # position scores are a MatMul, not an einsum, which ONNX Runtime's CPU kernels run more slowly.
         if self.pos == "relative":
-            distances = torch.arange(k - 1, -1, -1, device=h.device)
-            r = self.r(sinusoid(distances, d).to(h.dtype)).view(k, self.heads, self.head_dim)
-            content = (q + self.r_w_bias[:, None]) @ key.transpose(-1, -2)
-            position = torch.einsum("bhtd,khd->bhtk", q + self.r_r_bias[:, None], r)
+            content = ((q + self.r_w_bias[:, None]) * self.scale) @ key.transpose(-1, -2)
+            position = ((q + self.r_r_bias[:, None]) * self.scale) @ self.position_keys(k, h.dtype, h.device)
             scores = content + rel_shift(position)
         else:
             if self.pos == "rotary":
@@ -91,10 +110,10 @@ class Attention(nn.Module):
                 group = self.heads // self.kv_heads
                 key = key.repeat_interleave(group, dim=1)
                 value = value.repeat_interleave(group, dim=1)
-            scores = q @ key.transpose(-1, -2)
+            scores = (q * self.scale) @ key.transpose(-1, -2)
 
         future = torch.ones(t, k, dtype=torch.bool, device=h.device).triu(1 + m)
-        scores = (scores * self.scale).masked_fill(future, float("-inf"))
+        scores = scores.masked_fill(future, float("-inf"))
         probs = self.dropatt(scores.softmax(dim=-1))
         out = (probs @ value).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self.o(out)

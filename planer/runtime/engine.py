@@ -34,3 +34,17 @@ def require_inputs(model: str, input_names: list[str], feeds: Mapping[str, np.nd
     missing = [n for n in input_names if n not in feeds]
     if missing:
         raise EngineError(f"{model}: missing input(s) {', '.join(missing)}")
+
+
+def check_context(model: str, max_context: int | None, feeds: Mapping[str, np.ndarray]) -> None:
+    """Refuse memory + segment longer than a graph's relative-position table (planer.export), naming the fix;
+    the engine itself would fail on a shape mismatch deep inside the graph."""
+    segment = feeds.get("tokens", feeds.get("x"))
+    memory = next((a for name, a in feeds.items() if name.startswith("mem")), None)
+    if max_context is None or segment is None or memory is None:
+        return
+    context = segment.shape[1] + memory.shape[1]
+    if context > max_context:
+        raise EngineError(f"{model}: {memory.shape[1]} memory + {segment.shape[1]} segment positions, but the graph "
+                          f"holds relative positions for at most {max_context}; export it again with "
+                          f"`planer export --max-context {context}` (or shorter segments)")

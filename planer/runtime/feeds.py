@@ -12,6 +12,9 @@ import numpy as np
 
 from planer.arch import Architecture
 
+# Graph metadata: the longest memory + segment a graph with relative-position attention accepts.
+MAX_CONTEXT_KEY = "planer.max_context"
+
 
 def input_names(arch: Architecture) -> list[str]:
     return ["tokens"] + [f"mem{i}" for i in range(len(arch.attn_positions))]

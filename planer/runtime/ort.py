@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from planer.runtime.engine import EngineError, require_inputs
+from planer.runtime.engine import EngineError, check_context, require_inputs
+from planer.runtime.feeds import MAX_CONTEXT_KEY
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -96,9 +97,12 @@ class OrtEngine:
         self.path = path
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        context = self.session.get_modelmeta().custom_metadata_map.get(MAX_CONTEXT_KEY)
+        self.max_context = int(context) if context else None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         require_inputs(self.path.name, self.input_names, feeds)
+        check_context(self.path.name, self.max_context, feeds)
         outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
         return dict(zip(self.output_names, outputs))
 

@@ -194,7 +194,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
     main = distributed.is_main()  # under torchrun rank 0 alone exports, times, evaluates and writes
     with tempfile.TemporaryDirectory(prefix="planer-search-") as tmp:
         base_path = "" if not main else baseline_onnx or str(export_lm(baseline, Path(tmp) / "baseline.onnx",
-                                                                        lowering=dep.lowering))
+                                                                        **dep.export_options()))
         baseline_ms = distributed.broadcast(measure([(base_path, arch)], dep)[0].p50 if main else None)
         if target_ms is None:
             if not target_speedup or target_speedup <= 0:
@@ -234,7 +234,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             model = net.extract(choice).eval()
             base_ms = cand_ms = spread = loss = 0.0
             if main:
-                path = export_lm(model, Path(tmp) / "candidate.onnx", lowering=dep.lowering)
+                path = export_lm(model, Path(tmp) / "candidate.onnx", **dep.export_options())
                 base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
                 valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
                 base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, valid["loss"]
