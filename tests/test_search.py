@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -57,22 +58,28 @@ def test_infeasible_target_stops_before_training(setup, tmp_path):
 def test_trials_train_one_network_per_attention_count_and_choose_the_best(setup, tmp_path):
     baseline, corpus, _ = setup
     one = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64)])
+    other_one = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(32)])
     two = small_arch([BlockSpec.attn(1, 16), BlockSpec.ffn(64), BlockSpec.attn(1, 16)])
     torch.manual_seed(0)
-    # by the supernet's loss `a` beats `b` (same attention count) and `c`; only `a` and `c` are trialled
-    a, b, c = (Candidate(0, arch, 1.0, 1.0, 2.0, loss, LM(arch).eval()) for arch, loss in
-               [(one, 2.0), (one, 2.5), (two, 3.0)])
+    # by the supernet's loss `a` beats `b` (same attention count) and `c`; with two trials only `a` and `c` run
+    a, b, c, again = (Candidate(0, arch, 1.0, 1.0, 2.0, loss, LM(arch).eval()) for arch, loss in
+                      [(one, 2.0), (other_one, 2.5), (two, 3.0), (one, 2.2)])
     log = tmp_path / "search_log.jsonl"
     cut = int(len(corpus.train) * 0.9)
     cfg = SearchConfig(batch=2, trials=2, trial_steps=3, trial_tokens=512, valid_tokens=256)
-    chosen = _trials([a, b, c], baseline, corpus, cut, cfg, tmp_path, log, show_progress=False)
-    assert b.trial_loss is None and a.trial_loss > 0 and c.trial_loss > 0
+    chosen = _trials([a, b, c, again], baseline, corpus, cut, cfg, tmp_path, log, show_progress=False)
+    assert b.trial_loss is None and again.trial_loss is None and a.trial_loss > 0 and c.trial_loss > 0
     assert chosen is min([a, c], key=lambda x: x.trial_loss)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["trial"], r["trial_loss"]) for r in records] == [(0, a.trial_loss), (1, c.trial_loss)]
     # scored on the architecture split's last tokens: the same network scored there before training is worse
     held_out = evaluate(a.model, corpus.train[cut:][-512:], corpus.unit)["loss"]
     assert a.trial_loss < held_out
+    # more trials: then the runner-up by supernet loss, never a network already trialled (`again` repeats `a`)
+    cfg = replace(cfg, trials=4)
+    (tmp_path / "more").mkdir()
+    _trials([a, b, c, again], baseline, corpus, cut, cfg, tmp_path / "more", None, show_progress=False)
+    assert b.trial_loss is not None and again.trial_loss is None
 
 
 def test_search_with_trials_logs_them_and_chooses_by_trial_loss(setup, tmp_path):

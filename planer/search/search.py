@@ -18,9 +18,9 @@ measured, so the rounds close in on the target as the engine sees it.
 
 With trials (SearchConfig.trials), networks keeping more attention blocks are
 derived after the rounds too, and a short distillation of the best per
-attention-block count decides, since the supernet's loss misranks them. The
-supernet inherits each baseline attention block's heads most important first
-(planer.search.heads). Every derived network and every trial is one line of
+attention-block count (then of the runners-up) decides, since the supernet's
+loss misranks them. The supernet inherits each baseline attention block's
+heads most important first (planer.search.heads). Every derived network and every trial is one line of
 the search log.
 """
 
@@ -85,8 +85,9 @@ class SearchConfig:
     # Trials: the supernet's loss ranks networks with the weights they inherited, which favours whole blocks over
     # more blocks of fewer heads; after training the order can reverse (benchmarks/RESULTS.md, distill_gap). So
     # after the rounds, networks with one, two, ... more attention blocks than the last pick are derived too,
-    # and the best network per attention-block count that meets the target (at most `trials` of them) is
-    # distilled `trial_steps` steps and scored on held-out training data; the best trained one is chosen.
+    # and the best network per attention-block count that meets the target, then the next best by supernet
+    # loss (`trials` networks at most), are each distilled `trial_steps` steps and scored on held-out training
+    # data; the best trained one is chosen.
     # 0: choose by the supernet's loss alone.
     trials: int = 0
     trial_steps: int = 300
@@ -328,10 +329,16 @@ def _trials(feasible: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cf
     """The best of the shortlisted networks after `cfg.trial_steps` steps of distillation each (see SearchConfig).
     They train on the weights' split and are scored on the last `cfg.trial_tokens` of the architecture split, so
     the validation split judges only the result."""
-    best: dict[int, Candidate] = {}  # attention blocks -> the network with the lowest supernet loss
+    distinct: dict[tuple, Candidate] = {}  # rounds can derive the same network
     for c in sorted(feasible, key=lambda c: c.valid_loss):
+        distinct.setdefault(c.arch.blocks, c)
+    ranked = list(distinct.values())
+    best: dict[int, Candidate] = {}  # attention blocks -> the network with the lowest supernet loss
+    for c in ranked:
         best.setdefault(len(c.arch.attn_positions), c)
-    shortlist = list(best.values())[:cfg.trials]
+    # Each attention count's best first (the supernet's loss misjudges that trade most), then the runners-up
+    firsts = {id(c) for c in best.values()}
+    shortlist = [*best.values(), *(c for c in ranked if id(c) not in firsts)][:cfg.trials]
     if len(shortlist) == 1:
         return shortlist[0]
     held_out = replace(corpus, train=corpus.train[:cut], valid=corpus.train[cut:][-cfg.trial_tokens:])
