@@ -79,9 +79,9 @@ class _FixedGraph(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs: list[str], outputs: list[str],
-            path: str | os.PathLike, original: nn.Module, max_context: int) -> Path:
+            path: str | os.PathLike, original: nn.Module, context: int) -> Path:
     """Export `module` to a self-contained ONNX file, written atomically and checked to hold every
-    weight of `original` (the module before MoE lowering)."""
+    weight of `original` (the module before MoE lowering); `context` is recorded as its max_context."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -90,7 +90,7 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs:
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, input_names=inputs,
                                         output_names=outputs, external_data=False, verbose=False)
         if _relative(original):
-            program.model.metadata_props[MAX_CONTEXT_KEY] = str(max_context)
+            program.model.metadata_props[MAX_CONTEXT_KEY] = str(context)
         program.save(str(tmp), external_data=False)
         check_weights_present(tmp, original)
         os.replace(tmp, path)

@@ -20,8 +20,8 @@ With trials (SearchConfig.trials), networks keeping more attention blocks are
 derived after the rounds too, and a short distillation of the best per
 attention-block count (then of the runners-up) decides, since the supernet's
 loss misranks them. The supernet inherits each baseline attention block's
-heads most important first (planer.search.heads). Every derived network and every trial is one line of
-the search log.
+heads most important first (planer.search.heads). Every derived network and
+every trial is one line of the search log.
 """
 
 from __future__ import annotations
