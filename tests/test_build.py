@@ -72,7 +72,8 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
 
 def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp_path):
     out = tmp_path / "sweep"
-    summaries = sweep(baseline_run, out, [1.2, 1.5], dep=DEP, budget=BUDGET, space=SPACE, table_cache=table_file,
+    one_round = Budget(SearchConfig(rounds=1, steps=3, batch=2, valid_tokens=512), distill_steps=3)
+    summaries = sweep(baseline_run, out, [1.2, 1.5], dep=DEP, budget=one_round, space=SPACE, table_cache=table_file,
                       show_progress=False)
     assert [s["target_speedup"] for s in summaries] == [1.2, 1.5]
     assert {p.name for p in out.iterdir()} >= {"x1.2", "x1.5", "pareto.png", "sweep.md"}
@@ -83,9 +84,8 @@ def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp
     # An interrupted sweep reuses its finished builds only when asked for the same way.
     again = tmp_path / "again"
     shutil.copytree(out / "x1.2", tmp_path / "again.partial" / "x1.2")
-    other = Budget(SearchConfig(rounds=1, steps=3, batch=2, valid_tokens=512), distill_steps=3)
     with pytest.raises(PlanerError, match="x1.2 was built with another budget"):
-        sweep(baseline_run, again, [1.2, 1.5], dep=DEP, budget=other, space=SPACE, show_progress=False)
+        sweep(baseline_run, again, [1.2, 1.5], dep=DEP, budget=BUDGET, space=SPACE, show_progress=False)
 
 
 def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_path):
