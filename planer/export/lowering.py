@@ -51,10 +51,13 @@ class OpsMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         _, gates, ids = self.route(x)
         flat = ids.reshape(-1)
+        # slot -> token as a gather: a floor division on the data-dependent index vectors costs torch.export
+        # ~0.2 s per expert to decompose and adds sign-fixing nodes to the graph
+        token = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand(-1, self.top_k).reshape(-1)
         slots = x.new_zeros(flat.shape[0], shape[-1])
         for e, expert in enumerate(self.experts):
             mine = torch.nonzero(flat == e)[:, 0]
-            rows = x.index_select(0, torch.div(mine, self.top_k, rounding_mode="floor"))
+            rows = x.index_select(0, token.index_select(0, mine))
             slots = slots.index_put((mine,), expert(rows))
         out = (slots.view(-1, self.top_k, shape[-1]) * gates.unsqueeze(-1)).sum(dim=1)
         return out.reshape(shape)
