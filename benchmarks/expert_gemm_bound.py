@@ -22,6 +22,16 @@ from common import record
 from planer.runtime import OrtEngine, time_engines
 
 
+def save_graph(path: Path, nodes: list, weights: list, tokens: int, d_model: int) -> Path:
+    """Save `nodes` as a model from x (tokens, d) to y (tokens, d)."""
+    def io(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [tokens, d_model])
+
+    graph = helper.make_graph(nodes, path.stem, [io("x")], [io("y")], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def experts_graph(path: Path, experts: int, tokens: int, d_model: int, width: int, rng) -> Path:
     """x (tokens, d) -> E slices of tokens/E rows, each relu(x W1) W2 with its own weights -> concat."""
     nodes, weights, outputs = [], [], []
@@ -40,11 +50,7 @@ def experts_graph(path: Path, experts: int, tokens: int, d_model: int, width: in
                   helper.make_node("MatMul", [f"r{e}", f"w2_{e}"], [f"y{e}"])]
         outputs.append(f"y{e}")
     nodes.append(helper.make_node("Concat", outputs, ["y"], axis=0))
-    graph = helper.make_graph(nodes, "experts", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                              [tokens, d_model])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, d_model])], weights)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return save_graph(path, nodes, weights, tokens, d_model)
 
 
 def batched_graph(path: Path, experts: int, tokens: int, d_model: int, width: int, rng) -> Path:
@@ -59,11 +65,7 @@ def batched_graph(path: Path, experts: int, tokens: int, d_model: int, width: in
     nodes = [helper.make_node("Reshape", ["x", "grouped"], ["xg"]), helper.make_node("MatMul", ["xg", "w1"], ["h"]),
              helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["yg"]),
              helper.make_node("Reshape", ["yg", "flat"], ["y"])]
-    graph = helper.make_graph(nodes, "batched", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                              [tokens, d_model])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, d_model])], weights)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return save_graph(path, nodes, weights, tokens, d_model)
 
 
 def main() -> None:
