@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from planer.arch import BlockSpec
@@ -28,9 +29,10 @@ def test_narrowing_scales_heads_and_width():
     assert _narrowed(A, 0.01) == BlockSpec.attn(1, 16)
 
 
-def test_inherit_keeps_the_baseline_blocks_it_keeps():
+@pytest.mark.parametrize("pos", ["relative", "learned"])
+def test_inherit_keeps_the_baseline_blocks_it_keeps(pos):
     torch.manual_seed(0)
-    baseline = LM(small_arch([A, F, A, F])).eval()
+    baseline = LM(small_arch([A, F, A, F], pos=pos, max_positions=64 if pos == "learned" else 0)).eval()
     same = inherit(baseline, list(baseline.arch.blocks)).eval()
     x = torch.randint(0, 256, (2, 16))
     assert torch.allclose(same(x).logits, baseline(x).logits, atol=1e-6)

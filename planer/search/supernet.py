@@ -272,6 +272,8 @@ class SuperNet(nn.Module):
         arch = self.derive(choice)
         model = LM(arch)
         model.embed.load_state_dict(self.embed.state_dict())
+        if self.pos_embed is not None:
+            model.pos_embed.load_state_dict(self.pos_embed.state_dict())
         model.norm.load_state_dict(self.norm.state_dict())
         if self.head is not None:
             model.head.load_state_dict(self.head.state_dict())
