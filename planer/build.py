@@ -60,11 +60,12 @@ from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source,
 @dataclass(frozen=True)
 class Budget:
     search: SearchConfig
-    distill_steps: int
+    distill_steps: int  # beyond the search's steps: see extra_steps
 
     @property
     def extra_steps(self) -> int:
-        """Training steps the result takes beyond the baseline's: the search's and the distillation's."""
+        """Training steps beyond the baseline's, the search's and the distillation's: the continued baseline
+        trains this many, and so does the result (from the baseline's weights; the search only chose it)."""
         return self.search.rounds * self.search.steps + self.distill_steps
 
     def recipe(self, steps: int, distill: float) -> TrainConfig:
@@ -73,9 +74,10 @@ class Budget:
 
     def describe(self) -> str:
         trials = (f", trials of up to {self.search.trials} networks x {self.search.trial_steps} steps (they only "
-                  "choose the network; the result trains from the supernet's weights)" if self.search.trials else "")
-        return (f"{self.search.rounds} search rounds x {self.search.steps} steps{trials}, {self.distill_steps} "
-                f"distillation steps, batch {self.search.batch}")
+                  "choose the network)" if self.search.trials else "")
+        return (f"{self.search.rounds} search rounds x {self.search.steps} steps{trials}, {self.extra_steps} "
+                f"distillation steps from the baseline's weights (as many as the search and "
+                f"{self.distill_steps} more), batch {self.search.batch}")
 
 
 CONTINUED = "baseline-continued"
@@ -372,14 +374,14 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
                             target_ms, target_speedup, budget, show_progress, base_onnx)
     table = outcome.table
     clock.lap("search")
-    result = _train_stage(corpus, budget.recipe(budget.distill_steps, distill=0.5), work / "distill",
+    result = _train_stage(corpus, budget.recipe(budget.extra_steps, distill=0.5), work / "distill",
                           outcome.chosen.model, baseline, show_progress)
     main = distributed.is_main()
     if main:
         shutil.copy(work / "distill" / ARCH_FILE, work / ARCH_FILE)
         shutil.copy(work / "distill" / WEIGHTS_FILE, work / WEIGHTS_FILE)
-    # Fairness: the result has seen the baseline's tokens plus the search's and distillation's, so the
-    # baseline it is judged against trains on as many more tokens, with the same recipe.
+    # Fairness: the result has seen the baseline's tokens plus as many as the search and distillation
+    # steps, so the baseline it is judged against trains on as many more tokens, with the same recipe.
     clock.lap("distill")
     if continued is not None and not (work / CONTINUED).exists() and main:
         shutil.copytree(continued, work / CONTINUED)
@@ -498,11 +500,11 @@ def _compare(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTab
     if distributed.is_main():
         root.mkdir(exist_ok=True)
     fixed, table = fixed_comparisons(baseline, table, budget_ms, dep, show_progress)
-    recipe = budget.recipe(budget.extra_steps, distill=0.5)  # as many steps as search + distillation
+    recipe = budget.recipe(budget.extra_steps, distill=0.5)  # the result's
     trained = [(c.name, _train_stage(corpus, recipe, root / c.name, c.model, baseline, show_progress))
                for c in fixed]
     dense = _search_stage(root / "dense-only-search", root / "dense-only-search_log.jsonl", baseline, corpus,
                           dense_space(space), table, dep, target_ms, None, budget, show_progress, base_onnx)
-    trained.append(("dense-only", _train_stage(corpus, budget.recipe(budget.distill_steps, distill=0.5),
-                                               root / "dense-only", dense.chosen.model, baseline, show_progress)))
+    trained.append(("dense-only", _train_stage(corpus, recipe, root / "dense-only", dense.chosen.model, baseline,
+                                               show_progress)))
     return trained, table

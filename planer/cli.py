@@ -299,9 +299,9 @@ _search_options = _options(
     click.option("--threads", type=int, default=2, show_default=True, help="engine intra-op threads"),
     click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP),
     click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
-                 help="search rounds x steps, trial runs x steps, distillation steps, streams of the segment length "
-                      "per step: small 2x100, no trials, 300, at 4 streams; medium 4x250, 4x300, 1200, at 8; large "
-                      "6x500, 4x600, 3000, at 8"),
+                 help="search rounds x steps, trial runs x steps, distillation steps beyond the search's (the "
+                      "result distils for both), streams of the segment length per step: small 2x100, no trials, "
+                      "300, at 4 streams; medium 4x250, 4x300, 1200, at 8; large 6x500, 4x600, 3000, at 8"),
     click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
                  "around the baseline)"),
     click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for "

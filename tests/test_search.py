@@ -46,6 +46,8 @@ def test_search_rounds_are_measured_and_logged(setup, tmp_path):
     assert chosen in candidates
     out = chosen.model(torch.randint(0, 256, (1, 16)))
     assert out.logits.shape == (1, 16, 256)
+    # Distillation starts from the baseline's weights, not the supernet's (which trained the embedding)
+    assert torch.equal(chosen.model.embed.weight, baseline.embed.weight)
 
 
 def test_infeasible_target_stops_before_training(setup, tmp_path):

@@ -22,6 +22,13 @@ attention-block count (then of the runners-up) decides, since the supernet's
 loss misranks them. The supernet inherits each baseline attention block's
 heads most important first (planer.search.heads). Every derived network and
 every trial is one line of the search log.
+
+The supernet's weights only rank networks. A derived network starts its
+trial, and the result its distillation, from the weights the supernet had
+before training (the baseline's, sliced: planer.search.supernet.inherit).
+After equal distillation the two starts scored alike, so the result can spend
+the search's share of the token budget on its own training instead
+(benchmarks/RESULTS.md, distill_gap 2026-12-03).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from planer.nn import LM
 from planer.search.derive import shrink
 from planer.search.heads import rank_heads
 from planer.search.probe import ProbeLoss
-from planer.search.supernet import SuperNet
+from planer.search.supernet import SuperNet, inherit
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
 from planer.train.presets import finetune_config
@@ -103,7 +110,8 @@ class Candidate:
     measured_ms: float
     baseline_ms: float
     valid_loss: float  # with the supernet's weights, on the validation split's first tokens
-    model: LM | None = field(repr=False)  # kept for the chosen candidate only once saved and loaded
+    model: LM | None = field(repr=False)  # inherited weights (not the supernet's): what trials and distillation
+    # start from; kept for the chosen candidate only once saved and loaded
     min_attn: int = 1  # the fewest attention blocks its derivation could keep (above 1: a trial alternative)
     trial_loss: float | None = None  # after its trial run, on held-out training data
 
@@ -233,6 +241,9 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             """Export, time beside the baseline, evaluate, calibrate the table and log the derived network."""
             nonlocal table
             model = net.extract(choice).eval()
+            with torch.random.fork_rng(devices=[]):  # the same upcycled experts on every rank, whatever came before
+                torch.manual_seed(cfg.seed)
+                start = inherit(ranked, [space.candidates[c] for c in choice]).eval()
             base_ms = cand_ms = spread = loss = 0.0
             if main:
                 path = export_lm(model, Path(tmp) / "candidate.onnx", **dep.export_options())
@@ -243,7 +254,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             predicted = table.predict(model.arch)
             measured_history.append((model.arch, cand_ms))
             table = table.calibrate(measured_history)
-            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, model, min_attn)
+            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, start, min_attn)
             candidates.append(candidate)
             _log(log_path, {
                 "round": rnd, "min_attn": min_attn, "target_ms": target_ms, "budget_ms": budget_ms,

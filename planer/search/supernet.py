@@ -284,10 +284,11 @@ class SuperNet(nn.Module):
 
 
 def inherit(baseline: LM, blocks: Sequence[BlockSpec]) -> LM:
-    """A network with `blocks` in place of the baseline's, block for block (skips drop one), each taking its
-    weights from the baseline block at its place the way the supernet's candidates do."""
-    if len(blocks) != len(baseline.arch.blocks):
-        raise ValueError(f"need one block per baseline block ({len(baseline.arch.blocks)}), got {len(blocks)}")
+    """The network of `blocks`, one per position of a supernet with len(blocks) positions (skips drop one; as
+    many as the baseline's blocks: block for block), with the weights that supernet gives its candidates before
+    any training: the baseline's, sliced, and experts upcycled from its FFN."""
+    if not blocks:
+        raise ValueError("need at least one block")
     candidates = tuple(dict.fromkeys(blocks))
     net = SuperNet(baseline, SearchSpace(len(blocks), candidates))
     return net.extract([candidates.index(b) for b in blocks])
