@@ -93,8 +93,8 @@ def main() -> None:
     heads = "its most important heads first (`--ranked-heads`)" if args.ranked_heads else "its first heads"
     lines = [f"Students inherit the baseline's weights, each attention block {heads}; batch {args.batch}; "
              "recipe as the build's (warm-up, cosine, "
-             "clip 1), with the distillation share and lr shown; the ratio is to the first continued baseline; "
-             f"latency predicted by {args.table or 'no table'}.", "",
+             "clip 1), with the distillation share and lr shown; the ratio is to the first continued baseline"
+             + (f"; latency predicted by {args.table}." if args.table else "."), "",
              "| steps | network | student | predicted ms | distill share | lr | valid loss (whole split) | "
              "/ continued baseline | periodic valid loss (first 65,536 tokens) | train s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
