@@ -5,8 +5,8 @@ At the latency of the build's result, three simpler ways to speed up the baselin
                   not enough), until it is predicted to be as fast as the result;
   narrow          every block narrowed by one factor (heads and FFN width), the widest that is as fast;
   dense-only      the same search and distillation with the MoE candidates removed from the space.
-The first two inherit the baseline's weights and are distilled from it for as many steps as the result
-saw in search and distillation together; the third goes through exactly the result's pipeline.
+All three, like the result, start from the baseline's weights and are distilled from it for as many steps
+as the search and the distillation together; the third goes through exactly the result's pipeline.
 """
 
 from __future__ import annotations

@@ -150,8 +150,8 @@ baseline and result timed interleaved in one run.
 | blocks | {' '.join(x.label() for x in base_arch.blocks)} | {' '.join(x.label() for x in result_arch.blocks)} |
 
 Accuracy on the whole validation split of {accuracy['data']}. The result has trained on more tokens than the
-baseline (search and distillation); for a fair comparison the baseline was trained further on as many tokens
-(`baseline-continued/`), and the result is judged against the better of the two.
+baseline (as many steps as the search and the distillation); for a fair comparison the baseline was trained
+further on as many tokens (`baseline-continued/`), and the result is judged against the better of the two.
 
 | | tokens trained | validation |
 |---|---|---|
