@@ -14,7 +14,7 @@ has finished; an interrupted build resumes there when run again. It holds:
     latency.json                   baseline and result timed side by side in the engine (p50/p90/p99)
     accuracy.json                  baseline and result on the same validation split
     latency_table.json             the engine-measured block latencies (calibrated)
-    search_log.jsonl               one line per derived network and per trial
+    search_log.jsonl               one line per derived network, per confirming measurement and per trial
     search/                        the search's outcome: the chosen network before distillation, every candidate
     distill/                       the distillation run (resumable training directory)
     baseline-continued/            the baseline trained on as many more tokens as the result saw
@@ -30,7 +30,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -409,8 +409,7 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
         models += [(str(export_lm(m, Path(tmp) / f"{name}.onnx", **dep.export_options())), m.arch)
                    for name, m in comparisons]
-        timing = replace(dep, min_seconds=max(dep.min_seconds, 2.0), min_iters=max(dep.min_iters, 50))
-        base_stats, result_stats, *compared_stats = measure(models, timing)
+        base_stats, result_stats, *compared_stats = measure(models, dep.verdict())
     target = target_ms if target_ms is not None else base_stats.p50 / target_speedup
     speedup = base_stats.p50 / result_stats.p50
     met = (speedup >= target_speedup) if target_speedup is not None else result_stats.p50 <= target_ms

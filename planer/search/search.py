@@ -16,6 +16,10 @@ baseline. That measurement calibrates the table and corrects the budget of
 the next round by the ratio between the target and what the engine
 measured, so the rounds close in on the target as the engine sees it.
 
+Before one is chosen, the networks that met the target are timed once more,
+together beside the baseline and as long as the build's final check, and
+each keeps the slower of its two measurements.
+
 With trials (SearchConfig.trials), networks keeping more attention blocks are
 derived after the rounds too, and a short distillation of the best per
 attention-block count (then of the runners-up) decides, since the supernet's
@@ -114,6 +118,7 @@ class Candidate:
     # start from; kept for the chosen candidate only once saved and loaded
     min_attn: int = 1  # the fewest attention blocks its derivation could keep (above 1: a trial alternative)
     trial_loss: float | None = None  # after its trial run, on held-out training data
+    onnx: str = field(default="", repr=False)  # its exported graph while the search runs (rank 0)
 
     def to_dict(self) -> dict:
         return {"round": self.round, "arch": self.arch.to_dict(), "predicted_ms": self.predicted_ms,
@@ -246,7 +251,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 start = inherit(ranked, [space.candidates[c] for c in choice]).eval()
             base_ms = cand_ms = spread = loss = 0.0
             if main:
-                path = export_lm(model, Path(tmp) / "candidate.onnx", **dep.export_options())
+                path = export_lm(model, Path(tmp) / f"candidate-{len(candidates)}.onnx", **dep.export_options())
                 base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
                 valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
                 base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, valid["loss"]
@@ -254,7 +259,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             predicted = table.predict(model.arch)
             measured_history.append((model.arch, cand_ms))
             table = table.calibrate(measured_history)
-            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, start, min_attn)
+            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, start, min_attn,
+                                  onnx=str(path) if main else "")
             candidates.append(candidate)
             _log(log_path, {
                 "round": rnd, "min_attn": min_attn, "target_ms": target_ms, "budget_ms": budget_ms,
@@ -319,6 +325,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms once the table is calibrated by "
                                    "the engine's measurements; raise the target or widen the space")
         ratio_target = target_ms / baseline_ms
+        _confirm([c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target], base_path, arch, dep,
+                 log_path)
         feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
         if not feasible:
             chosen = min(candidates, key=lambda c: c.measured_ms / c.baseline_ms)
@@ -327,6 +335,25 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         else:
             chosen = min(feasible, key=lambda c: c.valid_loss)
     return SearchOutcome(chosen, candidates, table, target_ms)
+
+
+def _confirm(candidates: list[Candidate], base_path: str, base_arch: Architecture, dep: Deployment,
+             log_path: Path | None) -> None:
+    """Time the networks that met the target once more, together beside the baseline and as long as the build's
+    final check does; each keeps the slower of its two ratios to the baseline. One measurement taken while the
+    machine was busy can put a network a few percent on the wrong side of the target (a tiny 2x build chose a
+    network measured at 0.497 of the baseline that its final check timed at 0.512)."""
+    if not candidates:
+        return
+    again = None
+    if distributed.is_main():
+        base, *stats = measure([(base_path, base_arch)] + [(c.onnx, c.arch) for c in candidates], dep.verdict())
+        again = [(base.p50, s.p50) for s in stats]
+    for i, (c, (base_ms, cand_ms)) in enumerate(zip(candidates, distributed.broadcast(again))):
+        _log(log_path, {"confirm": i, "round": c.round, "min_attn": c.min_attn, "baseline_ms": base_ms,
+                        "measured_ms": cand_ms, "first_ratio": c.measured_ms / c.baseline_ms})
+        if cand_ms / base_ms > c.measured_ms / c.baseline_ms:
+            c.measured_ms, c.baseline_ms = cand_ms, base_ms
 
 
 def _log(path: Path | None, record: dict) -> None:
