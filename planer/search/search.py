@@ -325,9 +325,12 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms once the table is calibrated by "
                                    "the engine's measurements; raise the target or widen the space")
         ratio_target = target_ms / baseline_ms
-        _confirm([c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target], base_path, arch, dep,
-                 log_path)
-        feasible = [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
+
+        def meeting() -> list[Candidate]:
+            return [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
+
+        _confirm(meeting(), base_path, arch, dep, log_path)
+        feasible = meeting()
         if not feasible:
             chosen = min(candidates, key=lambda c: c.measured_ms / c.baseline_ms)
         elif cfg.trials:
