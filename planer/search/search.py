@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from planer import distributed
-from planer.arch import Architecture
+from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write, load_model, save_weights
 from planer.data import Corpus, Segments
 from planer.errors import PlanerError
@@ -115,10 +115,11 @@ class Candidate:
     baseline_ms: float
     valid_loss: float  # with the supernet's weights, on the validation split's first tokens
     model: LM | None = field(repr=False)  # inherited weights (not the supernet's): what trials and distillation
-    # start from; kept for the chosen candidate only once saved and loaded
+    # start from; built only for the networks a trial or the result needs, and kept for the chosen one once loaded
     min_attn: int = 1  # the fewest attention blocks its derivation could keep (above 1: a trial alternative)
     trial_loss: float | None = None  # after its trial run, on held-out training data
-    onnx: str = field(default="", repr=False)  # its exported graph while the search runs (rank 0)
+    onnx: str = field(default="", repr=False)  # its exported graph while the search runs, if it met the target
+    positions: tuple[BlockSpec, ...] = field(default=(), repr=False)  # one per supernet position, skips included
 
     def to_dict(self) -> dict:
         return {"round": self.round, "arch": self.arch.to_dict(), "predicted_ms": self.predicted_ms,
@@ -246,21 +247,23 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             """Export, time beside the baseline, evaluate, calibrate the table and log the derived network."""
             nonlocal table
             model = net.extract(choice).eval()
-            with torch.random.fork_rng(devices=[]):  # the same upcycled experts on every rank, whatever came before
-                torch.manual_seed(cfg.seed)
-                start = inherit(ranked, [space.candidates[c] for c in choice]).eval()
             base_ms = cand_ms = spread = loss = 0.0
+            onnx = ""
             if main:
                 path = export_lm(model, Path(tmp) / f"candidate-{len(candidates)}.onnx", **dep.export_options())
                 base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
                 valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
                 base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, valid["loss"]
+                if cand_ms / base_ms <= target_ms / baseline_ms:  # kept for the confirming measurement
+                    onnx = str(path)
+                else:  # a deep model's graph is hundreds of MB
+                    path.unlink()
             base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
             predicted = table.predict(model.arch)
             measured_history.append((model.arch, cand_ms))
             table = table.calibrate(measured_history)
-            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, start, min_attn,
-                                  onnx=str(path) if main else "")
+            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, None, min_attn, onnx=onnx,
+                                  positions=tuple(space.candidates[c] for c in choice))
             candidates.append(candidate)
             _log(log_path, {
                 "round": rnd, "min_attn": min_attn, "target_ms": target_ms, "budget_ms": budget_ms,
@@ -332,11 +335,14 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         _confirm(meeting(), base_path, arch, dep, log_path)
         feasible = meeting()
         if not feasible:
-            chosen = min(candidates, key=lambda c: c.measured_ms / c.baseline_ms)
-        elif cfg.trials:
-            chosen = _trials(feasible, baseline, corpus, cut, cfg, Path(tmp), log_path, show_progress)
+            shortlist = [min(candidates, key=lambda c: c.measured_ms / c.baseline_ms)]
         else:
-            chosen = min(feasible, key=lambda c: c.valid_loss)
+            shortlist = _shortlist(feasible, cfg.trials) if cfg.trials else [min(feasible, key=lambda c: c.valid_loss)]
+        for c in shortlist:
+            with torch.random.fork_rng(devices=[]):  # the same upcycled experts on every rank, whatever came before
+                torch.manual_seed(cfg.seed)
+                c.model = inherit(ranked, c.positions).eval()
+        chosen = _trials(shortlist, baseline, corpus, cut, cfg, Path(tmp), log_path, show_progress)
     return SearchOutcome(chosen, candidates, table, target_ms)
 
 
@@ -365,11 +371,9 @@ def _log(path: Path | None, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _trials(feasible: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cfg: SearchConfig, tmp: Path,
-            log_path: Path | None, show_progress: bool) -> Candidate:
-    """The best of the shortlisted networks after `cfg.trial_steps` steps of distillation each (see SearchConfig).
-    They train on the weights' split and are scored on the last `cfg.trial_tokens` of the architecture split, so
-    the validation split judges only the result."""
+def _shortlist(feasible: list[Candidate], trials: int) -> list[Candidate]:
+    """The networks to try (see SearchConfig.trials): each attention-block count's best by supernet loss first
+    (that loss misjudges this trade most), then the runners-up; `trials` at most, no network twice."""
     distinct: dict[tuple, Candidate] = {}  # rounds can derive the same network
     for c in sorted(feasible, key=lambda c: c.valid_loss):
         distinct.setdefault(c.arch.blocks, c)
@@ -377,9 +381,15 @@ def _trials(feasible: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cf
     best: dict[int, Candidate] = {}  # attention blocks -> the network with the lowest supernet loss
     for c in ranked:
         best.setdefault(len(c.arch.attn_positions), c)
-    # Each attention count's best first (the supernet's loss misjudges that trade most), then the runners-up
     firsts = {id(c) for c in best.values()}
-    shortlist = [*best.values(), *(c for c in ranked if id(c) not in firsts)][:cfg.trials]
+    return [*best.values(), *(c for c in ranked if id(c) not in firsts)][:trials]
+
+
+def _trials(shortlist: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cfg: SearchConfig, tmp: Path,
+            log_path: Path | None, show_progress: bool) -> Candidate:
+    """The best of the shortlisted networks after `cfg.trial_steps` steps of distillation each (the only one
+    without a trial). They train on the weights' split and are scored on the last `cfg.trial_tokens` of the
+    architecture split, so the validation split judges only the result."""
     if len(shortlist) == 1:
         return shortlist[0]
     held_out = replace(corpus, train=corpus.train[:cut], valid=corpus.train[cut:][-cfg.trial_tokens:])
