@@ -1,4 +1,6 @@
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from planer.arch import BlockSpec
 from planer.data import load_corpus
 from planer.latency.profile import Deployment, profile
 from planer.nn import LM
+from planer.search import search as search_module
 from planer.search.search import Candidate, InfeasibleTarget, SearchConfig, _shortlist, _trials, search
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
@@ -54,6 +57,25 @@ def test_search_rounds_are_measured_and_logged(setup, tmp_path):
     assert out.logits.shape == (1, 16, 256)
     # Distillation starts from the baseline's weights, not the supernet's (which trained the embedding)
     assert torch.equal(chosen.model.embed.weight, baseline.embed.weight)
+
+
+def test_a_graph_that_missed_the_target_is_deleted_once_timed(setup, monkeypatch):
+    baseline, corpus, table = setup
+    measure, missed, gone = search_module.measure, [], []
+
+    def first_round_misses(models, dep):
+        if len(models) > 1 and missed:  # a later measurement: is round 0's graph still on disk?
+            gone.append(not Path(missed[0]).exists())
+        stats = list(measure(models, dep))
+        if len(models) == 2 and not missed:  # round 0's network, timed as slow as the baseline
+            missed.append(models[1][0])
+            stats[1] = replace(stats[1], p50=stats[0].p50)
+        return stats
+
+    monkeypatch.setattr(search_module, "measure", first_round_misses)
+    cfg = SearchConfig(rounds=2, steps=2, batch=2, valid_tokens=256)
+    outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, show_progress=False)
+    assert outcome.candidates[0].onnx == "" and gone and all(gone)
 
 
 def test_infeasible_target_stops_before_training(setup, tmp_path):
