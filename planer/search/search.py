@@ -215,6 +215,12 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             if not target_speedup or target_speedup <= 0:
                 raise PlanerError("give a latency target: --target-latency-ms X or --target-speedup S (S > 0)")
             target_ms = baseline_ms / target_speedup
+        ratio_target = target_ms / baseline_ms
+
+        def meets(c: Candidate) -> bool:
+            """Judged by the ratio to the baseline timed in the same run, so machine drift cancels."""
+            return c.measured_ms / c.baseline_ms <= ratio_target
+
         measured_history: list[tuple[Architecture, float]] = [(arch, baseline_ms)]
         table = table.calibrate(measured_history)  # the baseline's own measurement calibrates from the start
         floor = fastest_predicted(table, space)
@@ -248,22 +254,20 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             nonlocal table
             model = net.extract(choice).eval()
             base_ms = cand_ms = spread = loss = 0.0
-            onnx = ""
             if main:
                 path = export_lm(model, Path(tmp) / f"candidate-{len(candidates)}.onnx", **dep.export_options())
                 base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
                 valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
                 base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, valid["loss"]
-                if cand_ms / base_ms <= target_ms / baseline_ms:  # kept for the confirming measurement
-                    onnx = str(path)
-                else:  # a deep model's graph is hundreds of MB
-                    path.unlink()
             base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
             predicted = table.predict(model.arch)
             measured_history.append((model.arch, cand_ms))
             table = table.calibrate(measured_history)
-            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, None, min_attn, onnx=onnx,
-                                  positions=tuple(space.candidates[c] for c in choice))
+            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, None, min_attn,
+                                  onnx=str(path) if main else "", positions=tuple(space.candidates[c] for c in choice))
+            if main and not meets(candidate):  # only those that met it are timed again; a deep model's graph is
+                path.unlink()  # hundreds of MB
+                candidate.onnx = ""
             candidates.append(candidate)
             _log(log_path, {
                 "round": rnd, "min_attn": min_attn, "target_ms": target_ms, "budget_ms": budget_ms,
@@ -306,10 +310,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                 say(f"round {rnd}: after calibration no network fits {budget_ms:.2f} ms; stopping the search")
                 break
             found = assess(choice, rnd, budget_ms, derive_s, tau)
-            # Judge by the ratio to the baseline timed in the same run, so machine drift cancels; move the
-            # budget by what the engine says rather than trusting the table a second time.
+            # Move the budget by what the engine says rather than trusting the table a second time.
             measured_ratio = found.measured_ms / found.baseline_ms
-            ratio_target = target_ms / baseline_ms
             if measured_ratio > ratio_target or measured_ratio < 0.9 * ratio_target:
                 correction *= min(1.1, max(0.8, ratio_target / measured_ratio))
         if cfg.trials > 1 and candidates:
@@ -327,13 +329,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         if not candidates:
             raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms once the table is calibrated by "
                                    "the engine's measurements; raise the target or widen the space")
-        ratio_target = target_ms / baseline_ms
-
-        def meeting() -> list[Candidate]:
-            return [c for c in candidates if c.measured_ms / c.baseline_ms <= ratio_target]
-
-        _confirm(meeting(), base_path, arch, dep, log_path)
-        feasible = meeting()
+        _confirm([c for c in candidates if meets(c)], base_path, arch, dep, log_path)
+        feasible = [c for c in candidates if meets(c)]
         if not feasible:
             shortlist = [min(candidates, key=lambda c: c.measured_ms / c.baseline_ms)]
         else:
