@@ -145,7 +145,8 @@ def test_runtime_imports_without_torch():
         "        if name == 'torch' or name.startswith('torch.'):\n"
         "            raise ImportError('torch is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import planer.runtime, planer.runtime.feeds, planer.runtime.trt, planer.trt.plugin\n"
+        "import planer.metrics, planer.runtime, planer.runtime.evaluate, planer.runtime.feeds, planer.runtime.trt\n"
+        "import planer.trt.plugin\n"
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", blocker], check=True)

@@ -6,6 +6,7 @@ This package imports no torch: it is what a serving process needs.
 from typing import Any
 
 from planer.runtime.engine import Engine, EngineError
+from planer.runtime.evaluate import evaluate_engine
 from planer.runtime.ort import OrtEngine, describe as describe_ort
 from planer.runtime.timing import LatencyStats, time_engine, time_engines
 
@@ -42,5 +43,5 @@ def _unknown(name: str) -> EngineError:
     return EngineError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "Engine", "EngineError", "LatencyStats", "OrtEngine", "describe_engine", "load_engine",
-           "time_engine", "time_engines"]
+__all__ = ["ENGINES", "Engine", "EngineError", "LatencyStats", "OrtEngine", "describe_engine", "evaluate_engine",
+           "load_engine", "time_engine", "time_engines"]

@@ -4,25 +4,13 @@ so every token is scored once with up to mem_len tokens of real context."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from planer.data import Segments
+from planer.metrics import headline, scores  # headline: its users import it from here too
 from planer.nn import LM
-
-
-def scores(loss: float, unit: str) -> dict[str, float]:
-    """Mean cross-entropy (nats/token) and the metric of the corpus' unit."""
-    if unit == "byte":
-        return {"loss": loss, "bpc": loss / math.log(2)}
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
-
-
-def headline(metrics: dict[str, float]) -> str:
-    return f"bpc {metrics['bpc']:.4f}" if "bpc" in metrics else f"ppl {metrics['ppl']:.2f}"
 
 
 @torch.no_grad()
