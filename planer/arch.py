@@ -12,6 +12,11 @@ A network is an embedding, an ordered list of pre-norm residual sublayers
     ffn   Linear - activation - Linear of width d_inner
     moe   `experts` FFNs of width d_inner each, top_k routing per token
     skip  identity (a position the search left empty)
+
+Every block but skip also has a numeric precision: the engine runs its
+matrix products in fp32, or with int8 weights (per output channel) and
+dynamically quantised int8 activations; PyTorch simulates that exactly
+(planer.nn.quant), so training sees what the engine computes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ BLOCK_KINDS = ("attn", "ffn", "moe", "skip")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("relative", "rotary", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
+PRECISIONS = ("fp32", "int8")  # which of them an engine runs: planer.request
 
 # Which BlockSpec fields each kind uses; the others must stay 0.
 _KIND_FIELDS = {
@@ -53,18 +59,19 @@ class BlockSpec:
     d_inner: int = 0
     experts: int = 0
     top_k: int = 0
+    precision: str = "fp32"
 
     @staticmethod
-    def attn(heads: int, head_dim: int, kv_heads: int = 0) -> BlockSpec:
-        return BlockSpec("attn", heads=heads, head_dim=head_dim, kv_heads=kv_heads)
+    def attn(heads: int, head_dim: int, kv_heads: int = 0, precision: str = "fp32") -> BlockSpec:
+        return BlockSpec("attn", heads=heads, head_dim=head_dim, kv_heads=kv_heads, precision=precision)
 
     @staticmethod
-    def ffn(d_inner: int) -> BlockSpec:
-        return BlockSpec("ffn", d_inner=d_inner)
+    def ffn(d_inner: int, precision: str = "fp32") -> BlockSpec:
+        return BlockSpec("ffn", d_inner=d_inner, precision=precision)
 
     @staticmethod
-    def moe(experts: int, top_k: int, d_inner: int) -> BlockSpec:
-        return BlockSpec("moe", experts=experts, top_k=top_k, d_inner=d_inner)
+    def moe(experts: int, top_k: int, d_inner: int, precision: str = "fp32") -> BlockSpec:
+        return BlockSpec("moe", experts=experts, top_k=top_k, d_inner=d_inner, precision=precision)
 
     @staticmethod
     def skip() -> BlockSpec:
@@ -75,15 +82,21 @@ class BlockSpec:
         return self.kv_heads or self.heads
 
     def label(self) -> str:
-        """Short human-readable name, e.g. `attn4x64`, `ffn1024`, `moe8k2x512`."""
+        """Short human-readable name, e.g. `attn4x64`, `ffn1024`, `moe8k2x512`, `ffn1024@int8`."""
         if self.kind == "attn":
             kv = f"/kv{self.kv_heads}" if self.kv_heads and self.kv_heads != self.heads else ""
-            return f"attn{self.heads}x{self.head_dim}{kv}"
-        if self.kind == "ffn":
-            return f"ffn{self.d_inner}"
-        if self.kind == "moe":
-            return f"moe{self.experts}k{self.top_k}x{self.d_inner}"
-        return "skip"
+            shape = f"attn{self.heads}x{self.head_dim}{kv}"
+        elif self.kind == "ffn":
+            shape = f"ffn{self.d_inner}"
+        elif self.kind == "moe":
+            shape = f"moe{self.experts}k{self.top_k}x{self.d_inner}"
+        else:
+            return "skip"
+        return shape if self.precision == "fp32" else f"{shape}@{self.precision}"
+
+    def in_precision(self, precision: str) -> BlockSpec:
+        """The same block computed in `precision` (a skip stays a skip)."""
+        return self if self.kind == "skip" else replace(self, precision=precision)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind}
@@ -91,6 +104,8 @@ class BlockSpec:
             value = getattr(self, name)
             if name != "kv_heads" or value:
                 d[name] = value
+        if self.precision != "fp32":  # fp32 blocks read as they did before precision was a field
+            d["precision"] = self.precision
         return d
 
     @staticmethod
@@ -102,16 +117,23 @@ class BlockSpec:
         if unknown:
             raise ArchError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
         for name, value in d.items():
-            if name != "kind" and (not isinstance(value, int) or isinstance(value, bool)):
+            if name == "precision":
+                if value not in PRECISIONS:
+                    raise ArchError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+            elif name != "kind" and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ArchError(f"{where}: field '{name}' must be an integer, got {value!r}")
         return BlockSpec(**d)
 
     def validate(self, where: str = "block") -> None:
         if self.kind not in BLOCK_KINDS:
             raise ArchError(f"{where}: unknown kind {self.kind!r}; use one of {', '.join(BLOCK_KINDS)}")
+        if self.precision not in PRECISIONS:
+            raise ArchError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.kind == "skip" and self.precision != "fp32":
+            raise ArchError(f"{where}: a skip block computes nothing, so it has no precision")
         used = _KIND_FIELDS[self.kind]
         for f in fields(self):
-            if f.name == "kind":
+            if f.name in ("kind", "precision"):
                 continue
             value = getattr(self, f.name)
             if value < 0:

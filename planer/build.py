@@ -11,7 +11,8 @@ has finished; an interrupted build resumes there when run again. It holds:
                                    `planer bench` times the result against
     vocab.json                     word-level data only: the words by id, for `planer serve`
     tokenizer/                     an imported model's tokenizer, for `planer serve`
-    latency.json                   baseline and result timed side by side in the engine (p50/p90/p99)
+    latency.json                   baseline and result timed side by side in the engine (p50/p90/p99), in
+                                   3 confirmation runs: the median run's figures, every run under `confirmation`
     accuracy.json                  baseline and result on the same validation split
     latency_table.json             the engine-measured block latencies (calibrated)
     search_log.jsonl               one line per derived network, per confirming measurement and per trial
@@ -45,14 +46,16 @@ from planer.hf import IMPORT_FILE, import_hf, is_hf_checkpoint, write_run
 from planer.export import export_lm
 from planer.export.reference import parity
 from planer.latency import LatencyTable
-from planer.latency.profile import Deployment, measure, profile
+from planer.latency.confirm import confirm
+from planer.latency.profile import Deployment, profile
 from planer.nn import LM
+from planer.nn.model import in_precision
 from planer.report import Point, arch_plot, pareto_plot, report
-from planer.runtime import describe_engine, load_engine
+from planer.runtime import describe_engine, evaluate_engine, load_engine
 from planer.serve.text import VOCAB_FILE
 from planer.search.search import OUTCOME_FILE, SearchConfig, SearchOutcome, search
 from planer.space import SearchSpace, trainable_params_limit
-from planer.train.evaluate import evaluate, headline, scores
+from planer.train.evaluate import headline, scores
 from planer.train.presets import TrainConfig, finetune_config
 from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source, train
 
@@ -81,6 +84,7 @@ class Budget:
 
 
 CONTINUED = "baseline-continued"
+EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in PyTorch (planer.train.evaluate)
 BASELINE = "baseline"
 REQUEST_FILE = "build.json"
 BUDGETS = {
@@ -205,7 +209,7 @@ def _baseline(source: Path, work: Path, dep: Deployment, data: str | None, space
     search space this machine can train."""
     run = _imported(source, work, dep)
     baseline = load_model(run).eval()
-    return run, baseline, run_corpus(run, data, baseline.arch.vocab_size), _trainable(space, baseline.arch)
+    return run, baseline, run_corpus(run, data, baseline.arch.vocab_size), _trainable(space, baseline.arch, dep)
 
 
 def _profiled(baseline: LM, space: SearchSpace, dep: Deployment, work: Path, table_cache: Path | None,
@@ -235,10 +239,12 @@ class _Clock:
         self._last = now
 
 
-def _trainable(space: SearchSpace | None, arch: Architecture) -> SearchSpace:
-    """The given space, or the default one narrowed to what this machine's memory can train."""
+def _trainable(space: SearchSpace | None, arch: Architecture, dep: Deployment) -> SearchSpace:
+    """The given space, or the default one narrowed to what this machine's memory can train, with every block
+    in each precision the deployment allows (int8 MoE in the `ops` lowering only)."""
     limit = trainable_params_limit()
-    space = space or SearchSpace.default(arch, max_params=limit)
+    space = (space or SearchSpace.default(arch, max_params=limit)).in_precisions(dep.precisions,
+                                                                                  moe=dep.lowering == "ops")
     if space.supernet_params(arch) > limit:
         raise PlanerError(f"the search space's supernet would hold {space.supernet_params(arch) / 1e6:,.0f}M "
                           f"parameters; this machine trains at most {limit / 1e6:,.0f}M -- give fewer positions, "
@@ -365,6 +371,33 @@ def _tokens_seen(run: Path) -> int:
                           "use a run directory written by `planer train`") from None
 
 
+def _trained(run_dir: Path, base_tokens: int) -> dict:
+    """What a build's training run recorded: the tokens its network has trained on (the baseline's plus those
+    the run's own record counts, not the budget's arithmetic, which a continued baseline reused from another
+    build or a short run would belie) and its final PyTorch evaluation on the whole validation split (kept
+    beside the engine's, which it should match: int8 blocks train as the engine computes them)."""
+    record = json.loads((run_dir / EVAL_FILE).read_text())
+    return {"tokens_trained": base_tokens + int(record["tokens_seen"]), "pytorch": record["valid"]}
+
+
+def _engine_accuracy(path: str, arch: Architecture, corpus: Corpus, dep: Deployment, show_progress: bool) -> dict:
+    """The graph at `path` scored in the deployment's engine on the whole validation split, with the
+    Transformer-XL protocol of the PyTorch evaluator (its batch of streams, the architecture's lengths)."""
+    engine = load_engine(dep.engine, path, threads=dep.threads, shape=(EVAL_BATCH, arch.tgt_len, arch.mem_len))
+    return evaluate_engine(engine, corpus.valid, corpus.unit, d_model=arch.d_model, tgt_len=arch.tgt_len,
+                           mem_len=arch.mem_len, batch=EVAL_BATCH, show_progress=show_progress)
+
+
+def _check_fair(work: Path, base_tokens: int) -> None:
+    """Refuse a continued baseline that trained on fewer tokens than the result: judged against it, the result
+    would owe part of its accuracy to the extra training alone."""
+    continued, result = (_trained(work / d, base_tokens)["tokens_trained"] for d in (CONTINUED, "distill"))
+    if continued < result:
+        raise PlanerError(f"the continued baseline trained on {continued:,} tokens, fewer than the result's "
+                          f"{result:,}, so the comparison would flatter the result; build again without reusing a "
+                          "continued baseline trained with a smaller budget")
+
+
 def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, work: Path, run: Path,
             dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
             continued: Path | None, compare: bool, show_progress: bool, clock: _Clock) -> tuple[dict, dict]:
@@ -386,8 +419,9 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     if continued is not None and not (work / CONTINUED).exists() and main:
         shutil.copytree(continued, work / CONTINUED)
     distributed.barrier()
-    _train_stage(corpus, budget.recipe(budget.extra_steps, distill=0.0), work / CONTINUED, baseline,
-                 None, show_progress)  # what it scores is read from its final evaluation
+    continued_model = _train_stage(corpus, budget.recipe(budget.extra_steps, distill=0.0), work / CONTINUED,
+                                   baseline, None, show_progress)
+    _check_fair(work, base_tokens)
     clock.lap("baseline-continued")
     comparisons: list[tuple[str, LM]] = []
     if compare:
@@ -401,44 +435,58 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
     path = export_lm(result, work / "model.onnx", **dep.export_options())
     engine = load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape)
     diff = parity(result, engine, batch=dep.batch, tgt_len=dep.tgt_len, mem_len=dep.mem_len)
-    models = [(base_onnx, baseline.arch), (str(path), result.arch)]
     if corpus.vocab is not None:
         atomic_write(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
     if (run / TOKENIZER_DIR).is_dir():
         shutil.copytree(run / TOKENIZER_DIR, work / TOKENIZER_DIR, dirs_exist_ok=True)
+    timed = [(BASELINE, base_onnx, baseline), ("result", str(path), result)]
     with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
-        models += [(str(export_lm(m, Path(tmp) / f"{name}.onnx", **dep.export_options())), m.arch)
-                   for name, m in comparisons]
-        base_stats, result_stats, *compared_stats = measure(models, dep.verdict())
+        def exported(name: str, model: LM) -> tuple[str, str, LM]:
+            return name, str(export_lm(model, Path(tmp) / f"{name}.onnx", **dep.export_options())), model
+
+        timed += [exported(name, m) for name, m in comparisons]
+        # The result in fp32 too, when it has int8 blocks: what its architecture alone buys, timed alike.
+        as_fp32 = in_precision(result, "fp32")
+        decompose = as_fp32.arch != result.arch
+        confirmation = confirm([(p, m.arch) for _, p, m in timed + ([exported("result-fp32", as_fp32)]
+                                                                      if decompose else [])], dep.verdict())
+        graded = timed + [exported(CONTINUED, continued_model)]
+        scored = {name: _engine_accuracy(p, m.arch, corpus, dep, show_progress) for name, p, m in graded}
+    # Every figure below is one run's (the median run's, comparisons included); the verdict is the medians'.
+    base_stats, result_stats, *compared_stats = confirmation.median_run(1)[:len(timed)]
     target = target_ms if target_ms is not None else base_stats.p50 / target_speedup
-    speedup = base_stats.p50 / result_stats.p50
-    met = (speedup >= target_speedup) if target_speedup is not None else result_stats.p50 <= target_ms
+    speedup = confirmation.ratio(1)
+    met = (speedup >= target_speedup) if target_speedup is not None else confirmation.p50(1) <= target_ms
     latency = {
         "engine": table.provenance, "deployment": {"batch": dep.batch, "tgt_len": dep.tgt_len,
-                                                   "mem_len": dep.mem_len, "threads": dep.threads},
+                                                   "mem_len": dep.mem_len, "threads": dep.threads,
+                                                   "precisions": list(dep.precisions)},
         "baseline": base_stats.to_dict(), "result": result_stats.to_dict(), "speedup": speedup,
         "target_ms": target, "target_speedup": target_speedup, "met": met, "parity_max_abs_diff": diff,
         "comparisons": {name: s.to_dict() for (name, _), s in zip(comparisons, compared_stats)},
+        "confirmation": confirmation.to_dict([name for name, _, _ in timed] + (["result-fp32"] if decompose else [])),
     }
+    if decompose:  # both measured: the result's fp32 twin against the baseline, the result against its twin
+        architecture = confirmation.ratio(len(timed))
+        latency["decomposition"] = {"architecture": architecture, "precision": speedup / architecture}
     atomic_write(work / "latency.json", json.dumps(latency, indent=2) + "\n")
 
-    total = base_tokens + budget.extra_steps * budget.search.batch * baseline.arch.tgt_len
-
-    def trained(run_dir: Path) -> dict:
-        """The final evaluation its training wrote: the whole validation split, the protocol used here."""
-        return json.loads((run_dir / EVAL_FILE).read_text())["valid"] | {"tokens_trained": total}
-
-    baseline_scores = evaluate(baseline, corpus.valid, corpus.unit) | {"tokens_trained": base_tokens}
-    accuracy = {"data": corpus.spec, "split": "valid", "baseline": baseline_scores,
-                "baseline_continued": trained(work / CONTINUED), "result": trained(work / "distill"),
-                "comparisons": {name: trained(work / "compare" / name) for name, _ in comparisons}}
+    runs = {CONTINUED: work / CONTINUED, "result": work / "distill"}
+    runs |= {name: work / "compare" / name for name, _ in comparisons}
+    graded_scores = {name: scored[name] | _trained(runs[name], base_tokens) if name in runs
+                     else scored[name] | {"tokens_trained": base_tokens} for name in scored}
+    accuracy = {"data": corpus.spec, "split": "valid", "evaluated_in": dep.engine,
+                "baseline": graded_scores[BASELINE], "baseline_continued": graded_scores[CONTINUED],
+                "result": graded_scores["result"],
+                "comparisons": {name: graded_scores[name] for name, _ in comparisons}}
     accuracy.update(_judged_against(accuracy))
     atomic_write(work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
 
     points = [Point("baseline", base_stats.p50, accuracy["baseline"]),
               Point("baseline, continued", base_stats.p50, accuracy["baseline_continued"])]
-    points += [Point(f"{c.describe()} (supernet weights)", base_stats.p50 * c.measured_ms / c.baseline_ms,
-                     scores(c.valid_loss, corpus.unit), kind="candidate") for c in outcome.candidates]
+    points += [Point(f"{c.describe()} (supernet weights; held-out training loss)",
+                     base_stats.p50 * c.measured_ms / c.baseline_ms, scores(c.held_out_loss, corpus.unit),
+                     kind="candidate") for c in outcome.candidates]
     points += [Point(name, s.p50, accuracy["comparisons"][name], kind="comparison")
                for (name, _), s in zip(comparisons, compared_stats)]
     points.append(Point("result", result_stats.p50, accuracy["result"], kind="result"))

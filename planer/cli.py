@@ -232,6 +232,16 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
     click.echo(f"{size}; max |{name} - PyTorch| = {diff:.2e} (batch 2, {arch.tgt_len} tokens)")
 
 
+_PRECISION_HELP = ("the numeric precisions blocks may be built in, comma-separated; the search chooses one per "
+                   "block by measured latency and held-out loss (ort: fp32,int8 -- int8 is ONNX Runtime's dynamic "
+                   "quantization, simulated exactly in training; ort-cuda, trt: fp32) [default: all the engine "
+                   "runs]")
+
+
+def _precisions(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip()) if value else ()
+
+
 _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); auto: the one in which the engine runs "
                   "the space's MoE blocks fastest, timed while profiling [default: trt with --engine trt, auto with "
                   "--engine ort-cuda, ops with --engine ort, where it beat the fused op at every shape measured]")
@@ -248,20 +258,23 @@ _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); aut
 @click.option("--tgt-len", type=int, help="segment length (default: the architecture's)")
 @click.option("--mem-len", type=int, help="memory length (default: the architecture's)")
 @click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP)
+@click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="latency table JSON; if it exists, its entries are reused (same engine and shape only)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def profile(source: Path, space: Path | None, engine: str, threads: int, batch: int, tgt_len: int | None,
-            mem_len: int | None, lowering: str | None, out: Path, quiet: bool) -> None:
+            mem_len: int | None, lowering: str | None, precision: str | None, out: Path, quiet: bool) -> None:
     """Time every candidate block alone in the engine at the deployment shape: the latency table."""
     from planer.latency import LatencyTable
     from planer.latency.profile import Deployment, profile as run_profile
     from planer.space import SearchSpace
 
     arch = _load_arch(source)
-    chosen = SearchSpace.load(space) if space else SearchSpace.default(arch)
     dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
-                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering or "")
+                     mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering or "",
+                     precisions=_precisions(precision))
+    chosen = (SearchSpace.load(space) if space else SearchSpace.default(arch)).in_precisions(
+        dep.precisions, moe=dep.lowering == "ops")
     cached = LatencyTable.load(out) if out.exists() else None
     table = run_profile(arch, chosen.candidates, dep, table=cached, show_progress=not quiet)
     table.save(out)
@@ -298,6 +311,7 @@ _search_options = _options(
     click.option("--mem-len", type=int, help="deployment memory length (default: the baseline's)"),
     click.option("--threads", type=int, default=2, show_default=True, help="engine intra-op threads"),
     click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP),
+    click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP),
     click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
                  help="search rounds x steps, trial runs x steps, distillation steps beyond the search's (the "
                       "result distils for both), streams of the segment length per step: small 2x100, no trials, "
@@ -314,7 +328,7 @@ _search_options = _options(
 
 
 def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len: int | None, threads: int,
-                lowering: str | None):
+                lowering: str | None, precision: str | None):
     """The deployment asked for; lengths default to the baseline's (an import's defaults for a checkpoint)."""
     from planer.hf import IMPORT_MEM_LEN, IMPORT_TGT_LEN, is_hf_checkpoint
     from planer.latency.profile import Deployment
@@ -325,7 +339,7 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
         arch = _load_arch(run)
         tgt_len, mem_len = tgt_len or arch.tgt_len, arch.mem_len if mem_len is None else mem_len
     return Deployment(engine=engine, batch=batch, tgt_len=tgt_len, mem_len=mem_len, threads=threads,
-                      lowering=lowering or "")
+                      lowering=lowering or "", precisions=_precisions(precision))
 
 
 @main.command()
@@ -338,8 +352,9 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
 @click.option("--compare", is_flag=True, help="also train and time, at the result's latency, the baseline with "
               "attention dropped, the baseline narrowed, and the search without MoE (about 3x the build time)")
 def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
-          batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None, budget: str,
-          space: Path | None, data_spec: str | None, table_cache: Path | None, compare: bool, quiet: bool) -> None:
+          batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
+          precision: str | None, budget: str, space: Path | None, data_spec: str | None, table_cache: Path | None,
+          compare: bool, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
     from planer import distributed
@@ -352,7 +367,7 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
     if out is None:
         suffix = f"x{speedups[0]:g}" if len(speedups) == 1 else "sweep" if speedups else f"{target_latency_ms:g}ms"
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
-    dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering)
+    dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     options = dict(dep=dep, budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
                    table_cache=table_cache, compare=compare, show_progress=not quiet)
     try:
@@ -385,15 +400,16 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
                    "the calibrated latency_table.json")
 @_search_options
 def search(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path,
-           batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None, budget: str,
-           space: Path | None, data_spec: str | None, table_cache: Path | None, quiet: bool) -> None:
+           batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
+           precision: str | None, budget: str, space: Path | None, data_spec: str | None, table_cache: Path | None,
+           quiet: bool) -> None:
     """A build's profile and search stages alone: the network that meets the target, before distillation
     (`planer distill` trains it on)."""
     from planer import distributed
     from planer.build import BUDGETS, search_alone
     from planer.space import SearchSpace
 
-    dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering)
+    dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     try:
         outcome = search_alone(run, out, dep=dep, target_ms=target_latency_ms, target_speedup=target_speedup,
                                budget=BUDGETS[budget], data=data_spec,
@@ -410,7 +426,7 @@ def search(run: Path, engine: str, target_speedup: float | None, target_latency_
                f"{' '.join(b.label() for b in chosen.arch.blocks)}\n"
                f"  {chosen.measured_ms:.2f} ms beside the baseline's {chosen.baseline_ms:.2f} "
                f"(x{chosen.baseline_ms / chosen.measured_ms:.2f}; target {outcome.target_ms:.2f} ms); "
-               f"valid loss {chosen.valid_loss:.4f} with the supernet's weights{trial}\n"
+               f"held-out training loss {chosen.held_out_loss:.4f} with the supernet's weights{trial}\n"
                f"  next: planer distill --student {out} --teacher {teacher} --out DIR")
 
 

@@ -1,12 +1,17 @@
 """The comparisons that show whether the search is worth it (`planer build --compare`).
 
-At the latency of the build's result, three simpler ways to speed up the baseline:
-  drop-attention  the baseline with attention blocks removed, evenly spread (then FFN blocks, if that is
-                  not enough), until it is predicted to be as fast as the result;
-  narrow          every block narrowed by one factor (heads and FFN width), the widest that is as fast;
-  dense-only      the same search and distillation with the MoE candidates removed from the space.
-All three, like the result, start from the baseline's weights and are distilled from it for as many steps
-as the search and the distillation together; the third goes through exactly the result's pipeline.
+The simpler ways to speed up the baseline, each with the precisions the result may use:
+  fastest-precision  the baseline itself, each block in the precision the engine runs it fastest (int8
+                     for ONNX Runtime where that pays): what a user tries first, at whatever latency it has;
+  drop-attention     at the result's latency, the baseline with attention blocks removed, evenly spread (then
+                     FFN blocks, if that is not enough), until it is predicted to be as fast as the result;
+  narrow             at the result's latency, every block narrowed by one factor (heads and FFN width), the
+                     widest that is as fast;
+  dense-only         the same search and distillation with the MoE candidates removed from the space.
+drop-attention and narrow put each block in its fastest precision first. All four, like the result, start
+from the baseline's weights and are distilled from it for as many steps as the search and the distillation
+together (int8 blocks training as the engine computes them); the last goes through exactly the result's
+pipeline.
 """
 
 from __future__ import annotations
@@ -61,16 +66,25 @@ def _narrowed(spec: BlockSpec, factor: float) -> BlockSpec:
     return spec
 
 
+def fastest_precision(arch: Architecture, blocks: list[BlockSpec], table: LatencyTable, dep: Deployment,
+                      show_progress: bool = True) -> tuple[list[BlockSpec], LatencyTable]:
+    """Each of `blocks` in the precision the engine runs it fastest, and the table extended by the variants it
+    lacked (profiled in the engine now)."""
+    variants = [[b.in_precision(p) for p in dep.precisions] for b in blocks]
+    missing = list(dict.fromkeys(v for vs in variants for v in vs if v.kind != "skip" and not table.has(v.label())))
+    if missing:
+        table = profile(arch, missing, dep, table=table, show_progress=show_progress)
+    return [min(vs, key=table.block_ms) for vs in variants], table
+
+
 def narrow(arch: Architecture, table: LatencyTable, budget_ms: float, dep: Deployment,
            show_progress: bool = True) -> tuple[list[BlockSpec], LatencyTable]:
-    """The baseline's blocks narrowed by the largest factor in steps of 1/16 that fits `budget_ms`, and the
-    table extended by the narrowed blocks it lacked (profiled in the engine now)."""
+    """The baseline's blocks narrowed by the largest factor in steps of 1/16 that fits `budget_ms`, each in its
+    fastest precision, and the table extended by the blocks it lacked (profiled in the engine now)."""
     blocks: list[BlockSpec] = []
     for step in range(15, 0, -1):
-        blocks = [_narrowed(b, step / 16) for b in arch.blocks]
-        missing = [b for b in blocks if b.kind != "skip" and not table.has(b.label())]
-        if missing:
-            table = profile(arch, missing, dep, table=table, show_progress=show_progress)
+        blocks, table = fastest_precision(arch, [_narrowed(b, step / 16) for b in arch.blocks], table, dep,
+                                          show_progress)
         if table.predict(arch.with_blocks(blocks)) <= budget_ms:
             break
     return blocks, table
@@ -78,11 +92,15 @@ def narrow(arch: Architecture, table: LatencyTable, budget_ms: float, dep: Deplo
 
 def fixed_comparisons(baseline: LM, table: LatencyTable, budget_ms: float, dep: Deployment,
                       show_progress: bool = True) -> tuple[list[Comparison], LatencyTable]:
-    """drop-attention and narrow at `budget_ms` (predicted), with the baseline's weights."""
-    dropped = drop_attention(baseline.arch, table, budget_ms)
-    narrowed, table = narrow(baseline.arch, table, budget_ms, dep, show_progress)
-    return [Comparison("drop-attention", inherit(baseline, dropped)),
-            Comparison("narrow", inherit(baseline, narrowed))], table
+    """fastest-precision, and drop-attention and narrow at `budget_ms` (predicted), with the baseline's
+    weights. Without a precision other than fp32 the first is the baseline itself and is left out."""
+    arch = baseline.arch
+    cheap, table = fastest_precision(arch, list(arch.blocks), table, dep, show_progress)
+    dropped = drop_attention(arch.with_blocks(cheap), table, budget_ms)
+    narrowed, table = narrow(arch, table, budget_ms, dep, show_progress)
+    quantized = [Comparison("fastest-precision", inherit(baseline, cheap))] if cheap != list(arch.blocks) else []
+    return quantized + [Comparison("drop-attention", inherit(baseline, dropped)),
+                        Comparison("narrow", inherit(baseline, narrowed))], table
 
 
 def dense_space(space: SearchSpace) -> SearchSpace:

@@ -95,7 +95,8 @@ def _verdict(latency: dict, accuracy: dict, result_arch: Architecture) -> str:
         ms = latency["comparisons"][name]["p50"]
         if other["loss"] <= res["loss"] and ms <= res_ms:
             lines.append(f"**{name} is at least as good on both counts**: {headline(other)} at {ms:.3f} ms against "
-                         f"the result's {headline(res)} at {res_ms:.3f} ms.")
+                         f"the result's {headline(res)} at {res_ms:.3f} ms ({other['loss'] / res['loss']:.4f}x "
+                         "the result's loss).")
     dense = accuracy["comparisons"].get("dense-only")
     if dense is not None:
         ms = latency["comparisons"]["dense-only"]["p50"]
@@ -115,15 +116,25 @@ def _comparisons(latency: dict, accuracy: dict, archs: dict[str, Architecture], 
                       f"{' '.join(b.label() for b in arch.blocks) if arch else 'above'} |" for name, s, a, arch in rows)
     verdict = _verdict(latency, accuracy, result_arch)
     return f"""
-## Comparisons at the result's latency (`--compare`)
+## Comparisons (`--compare`)
 
-Each sized by the latency table to the result's predicted latency, trained on as many tokens as the result
-(search + distillation steps), and timed in the same interleaved run as the result.
+drop-attention and narrow are sized by the latency table to the result's predicted latency; fastest-precision
+is the baseline with each block in the precision the engine runs it fastest, at whatever latency that has.
+Each trained on as many tokens as the result (search + distillation steps), timed in the same interleaved
+runs as the result (the median run's figures) and scored in the engine.
 
 | network | latency p50 ms | speedup | validation | blocks |
 |---|---|---|---|---|
 {table}
 {verdict}"""
+
+
+def _decomposition(latency: dict) -> str:
+    d = latency.get("decomposition")
+    if d is None:
+        return ""
+    return (f"\nOf the speedup, the architecture bought {d['architecture']:.2f}x (the result with every block in fp32, "
+            f"timed in the same runs) and the blocks' precision {d['precision']:.2f}x.")
 
 
 def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,
@@ -140,7 +151,8 @@ def report(run: Path, base_arch: Architecture, result_arch: Architecture, latenc
 Target {latency['target_ms']:.3f} ms ({kind}): {verdict}.
 Measured in {latency['engine'].get('engine')} ({latency['engine'].get('cpu')}, {latency['deployment']['threads']} threads),
 batch {latency['deployment']['batch']}, segment {latency['deployment']['tgt_len']}, memory {latency['deployment']['mem_len']};
-baseline and result timed interleaved in one run.
+baseline and result timed interleaved in {len(latency['confirmation']['runs'])} separate runs; the speedup is the median of the runs' ratios
+(every run: `latency.json`, `confirmation`).{_decomposition(latency)}
 
 | | baseline | result |
 |---|---|---|
@@ -149,7 +161,8 @@ baseline and result timed interleaved in one run.
 | parameters total / active | {pb['total'] / 1e6:.2f}M / {pb['active'] / 1e6:.2f}M | {pr['total'] / 1e6:.2f}M / {pr['active'] / 1e6:.2f}M |
 | blocks | {' '.join(x.label() for x in base_arch.blocks)} | {' '.join(x.label() for x in result_arch.blocks)} |
 
-Accuracy on the whole validation split of {accuracy['data']}. The result has trained on more tokens than the
+Accuracy on the whole validation split of {accuracy['data']}, each network's exported graph run in
+{accuracy['evaluated_in']} (PyTorch's own evaluation of the result: {headline(res['pytorch'])}). The result has trained on more tokens than the
 baseline (as many steps as the search and the distillation); for a fair comparison the baseline was trained
 further on as many tokens (`baseline-continued/`), and the result is judged against the better of the two.
 

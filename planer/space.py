@@ -80,7 +80,7 @@ class SearchSpace:
         one attention module per head count, one FFN of the widest FFN candidate, as many experts as the
         largest MoE candidate at the widest expert width, and a router per expert count."""
         arch, norm = baseline, baseline.block_params(BlockSpec.ffn(1))[0] - baseline.ffn_params(1)
-        attns = [c for c in self.candidates if c.kind == "attn"]
+        attns = list(dict.fromkeys(c.in_precision("fp32") for c in self.candidates if c.kind == "attn"))  # shared
         ffns = [c.d_inner for c in self.candidates if c.kind == "ffn"]
         moes = [c for c in self.candidates if c.kind == "moe"]
         per = sum(arch.block_params(c)[0] - norm for c in attns) + (norm if attns else 0)
@@ -91,6 +91,15 @@ class SearchSpace:
             per += arch.d_model * sum({c.experts for c in moes})
         embedding = arch.param_counts()["total"] - arch.param_counts()["non_embedding_total"]
         return self.positions * per + embedding + norm
+
+    def in_precisions(self, precisions: tuple[str, ...], moe: bool = True) -> SearchSpace:
+        """Every candidate in each of `precisions` (MoE blocks in fp32 only unless `moe`): precision is
+        chosen per position like width. A space that names precisions itself is kept as it is."""
+        if any(c.precision != "fp32" for c in self.candidates):
+            return self
+        variants = [c.in_precision(p) for c in self.candidates for p in precisions
+                    if p == "fp32" or (c.kind != "skip" and (moe or c.kind != "moe"))]
+        return SearchSpace(self.positions, tuple(dict.fromkeys(variants))).validate()
 
     def validate(self) -> SearchSpace:
         if self.positions < 1:

@@ -146,6 +146,13 @@ def test_build_refuses_a_lowering_the_engine_cannot_run(tiny_run, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["build", "search"])
+def test_a_precision_the_engine_does_not_run_stops_before_anything(tiny_run, tmp_path, command):
+    _one_line_error(run(command, "--model", tiny_run, "--target-speedup", "2", "--out", tmp_path / "b",
+                        "--precision", "fp32,fp16"), "engine ort does not run fp16 blocks; it runs fp32, int8")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_profile_refuses_a_table_from_another_shape(tiny_run, tmp_path):
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"positions": 2, "candidates": [{"kind": "ffn", "d_inner": 16}]}))

@@ -44,3 +44,17 @@ def test_inherit_keeps_the_baseline_blocks_it_keeps(pos):
 def test_dense_space_drops_moe_only():
     space = SearchSpace(4, (BlockSpec.skip(), A, F, BlockSpec.moe(4, 1, 64)))
     assert dense_space(space).candidates == (BlockSpec.skip(), A, F)
+
+
+def test_comparisons_use_the_fastest_precision():
+    from planer.compare import fastest_precision
+    from planer.latency.profile import Deployment
+
+    a8, f8 = A.in_precision("int8"), F.in_precision("int8")
+    table = LatencyTable({}, {**TABLE.entries, a8.label(): {"p50": 1.5}, f8.label(): {"p50": 1.2}})
+    cheap, same = fastest_precision(ARCH, [A, F], table, Deployment(precisions=("fp32", "int8")))
+    assert cheap == [a8, F] and same is table  # int8 where it is faster (attention), fp32 where it is not
+    # at the same budget, int8 attention blocks let drop-attention keep one more of them
+    kept = {blocks: sum(b.kind == "attn" for b in drop_attention(ARCH.with_blocks(blocks), table, 10.5))
+            for blocks in ((A, F) * 4, (a8, F) * 4)}
+    assert kept == {(A, F) * 4: 2, (a8, F) * 4: 3}

@@ -2,6 +2,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from planer.data import load_corpus
 from planer.latency.profile import Deployment, profile
 from planer.nn import LM
 from planer.search import search as search_module
-from planer.search.search import Candidate, InfeasibleTarget, SearchConfig, _shortlist, _trials, search
+from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, _shortlist, _trials, held_out_tokens,
+                                  search)
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
 from tests.conftest import small_arch
@@ -131,3 +133,27 @@ def test_search_with_trials_logs_them_and_chooses_by_trial_loss(setup, tmp_path)
     assert [c for c in outcome.candidates if c.model is not None] == (trialled or [outcome.chosen])
     derived = [r for r in records if "trial" not in r and "confirm" not in r]
     assert [r["min_attn"] for r in derived] == [c.min_attn for c in outcome.candidates]
+
+
+class _Sealed(np.ndarray):
+    """A validation split that fails the test the moment anything reads its tokens."""
+
+    def __getitem__(self, index):
+        raise AssertionError("the search read validation tokens")
+
+    def __len__(self):
+        raise AssertionError("the search read validation tokens")
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the search read validation tokens")
+
+
+def test_selection_never_reads_the_validation_split(setup):
+    """Candidates are scored, trials judged and the result chosen on held-out training tokens only."""
+    baseline, corpus, table = setup
+    sealed = replace(corpus, valid=np.asarray(corpus.valid).view(_Sealed))
+    cfg = SearchConfig(rounds=2, steps=4, batch=2, trials=2, trial_steps=2, trial_tokens=512)
+    outcome = search(baseline, sealed, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, show_progress=False)
+    held_out = held_out_tokens(corpus, int(len(corpus.train) * (1 - cfg.arch_split)), cfg)
+    first = outcome.candidates[0]
+    assert len(held_out) == 512 and first.held_out_loss > 0

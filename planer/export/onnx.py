@@ -11,7 +11,6 @@ MAX_CONTEXT_KEY; planer's ONNX Runtime engine refuses longer inputs by name).
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import warnings
@@ -26,9 +25,12 @@ from torch import Tensor, nn
 from planer.arch import Architecture, BlockSpec
 from planer.errors import PlanerError
 from planer.export.lowering import lower
+from planer.export.quantize import digest, quantize_int8
 from planer.nn import LM
 from planer.nn.attention import Attention
 from planer.nn.model import Block, embed_tokens
+from planer.nn.moe import MoE
+from planer.nn.quant import quantized_linears, set_precision
 from planer.runtime.feeds import MAX_CONTEXT_KEY, input_names, output_names
 
 # Sample sizes avoid 0/1 and each other, so the exporter specialises on none of them.
@@ -81,7 +83,8 @@ class _FixedGraph(nn.Module):
 def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs: list[str], outputs: list[str],
             path: str | os.PathLike, original: nn.Module, context: int) -> Path:
     """Export `module` to a self-contained ONNX file, written atomically and checked to hold every
-    weight of `original` (the module before MoE lowering); `context` is recorded as its max_context."""
+    weight of `original` (the module before MoE lowering and in fp32); `context` is recorded as its
+    max_context. The projections `original` computes in int8 are then quantized with the engine's tools."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -93,6 +96,7 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs:
             program.model.metadata_props[MAX_CONTEXT_KEY] = str(context)
         program.save(str(tmp), external_data=False)
         check_weights_present(tmp, original)
+        quantize_int8(tmp, [m.weight.detach().numpy() for m in quantized_linears(original)])
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -133,8 +137,13 @@ def _axes(model: nn.Module, context: int) -> tuple[torch.export.Dim, torch.expor
 
 def _lowered(model: nn.Module, lowering: str, context: int) -> nn.Module:
     """An eval-mode copy of `model` for inference graphs: relative position keys frozen for `context`
-    positions, MoE layers in `lowering` form."""
+    positions, MoE layers in `lowering` form, every block traced in fp32 (`_export` quantizes the int8
+    ones afterwards)."""
+    if lowering != "ops" and any(quantized_linears(m) for m in model.modules() if isinstance(m, MoE)):
+        raise ExportError(f"int8 MoE blocks run only in the `ops` lowering (the {lowering} lowering's fused "
+                          "experts are fp32); use --lowering ops, or --precision fp32")
     copy_ = copy.deepcopy(model).eval()
+    set_precision(copy_, "fp32")
     for attn in _relative(copy_):
         attn.freeze_positions(context)
     lower(copy_, lowering)
@@ -199,16 +208,13 @@ def check_weights_present(onnx_path: str | os.PathLike, model: nn.Module) -> Non
     for tensor in onnx.load(str(onnx_path)).graph.initializer:
         array = numpy_helper.to_array(tensor)
         for matrix in (array,) if array.ndim == 2 else array if array.ndim == 3 else ():  # 3-D: stacked experts
-            stored.add(_digest(matrix))
-            stored.add(_digest(matrix.T))
+            stored.add(digest(matrix))
+            stored.add(digest(matrix.T))
     frozen = {id(attn.r) for attn in _relative(model) if attn.r_table is None}
     missing = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in frozen
-               and _digest(m.weight.detach().numpy()) not in stored]
+               and digest(m.weight.detach().numpy()) not in stored]
     if missing:
         raise ExportError(f"the exported graph lacks {len(missing)} weight matrices ({', '.join(missing[:3])}); "
                           "some layer was traced away — this is a planer bug, please report it")
 
 
-def _digest(array: np.ndarray) -> tuple:
-    a = np.ascontiguousarray(array, dtype=np.float32)
-    return a.shape, hashlib.sha1(a.tobytes()).hexdigest()

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from planer import __version__
 from planer.arch import Architecture, BlockSpec
 from planer.errors import PlanerError
+from planer.export.quantize import INT8_RECIPE
 from planer.latency.table import FIXED, LatencyTable
 from planer.runtime import Engine, LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
@@ -25,6 +26,9 @@ AUTO = "auto"  # the lowering whose MoE blocks the engine runs fastest, chosen w
 # Without a lowering named: TensorRT runs its plugin; ONNX Runtime on a GPU measures `ops` against the fused
 # op; on a CPU `ops` beat the fused op at every shape measured (benchmarks/RESULTS.md, dispatch_efficiency).
 _DEFAULT_LOWERING = {"trt": "trt", "ort-cuda": AUTO}
+# The precisions planer builds blocks in per engine, made with the engine's own tools. Which one is faster is
+# measured per block when profiling: int8 need not pay on a CPU without VNNI, and the table says so.
+ENGINE_PRECISIONS = {"ort": ("fp32", "int8"), "ort-cuda": ("fp32",), "trt": ("fp32",)}
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Deployment:
     mem_len: int = 128
     threads: int = 2
     lowering: str = ""  # "" = the engine's own (_DEFAULT_LOWERING, else `ops`); `auto` = measured by profile()
+    precisions: tuple[str, ...] = ()  # () = every precision the engine runs (ENGINE_PRECISIONS)
     warmup: int = 5
     min_iters: int = 30
     min_seconds: float = 0.5
@@ -48,6 +53,15 @@ class Deployment:
 
         if not self.lowering:
             object.__setattr__(self, "lowering", _DEFAULT_LOWERING.get(self.engine, "ops"))
+        runs = ENGINE_PRECISIONS.get(self.engine, ("fp32",))
+        precisions = tuple(dict.fromkeys(self.precisions or runs))
+        refused = [p for p in precisions if p not in runs]
+        if refused:
+            raise PlanerError(f"engine {self.engine} does not run {refused[0]} blocks; it runs "
+                              f"{', '.join(runs)} (--precision {','.join(runs)})")
+        if "fp32" not in precisions:
+            raise PlanerError("--precision must include fp32: the baseline and the fixed part run in it")
+        object.__setattr__(self, "precisions", precisions)
         if self.lowering not in (*LOWERINGS, AUTO):
             raise PlanerError(f"unknown MoE lowering {self.lowering!r}; use one of {', '.join(LOWERINGS)} or {AUTO}")
         engines = _LOWERING_ENGINES.get(self.lowering)
@@ -87,7 +101,8 @@ def provenance(arch: Architecture, dep: Deployment, engine_info: dict[str, Any])
         **{k: engine_info.get(k) for k in ("engine", "onnxruntime", "providers", "cpu", "opt_level", "allow_spinning")},
         **{k: engine_info[k] for k in ("gpu", "tensorrt", "precision") if k in engine_info},
         "threads": dep.threads, "batch": dep.batch, "tgt_len": dep.tgt_len, "mem_len": dep.mem_len,
-        "lowering": dep.lowering, "dtype": "float32", "machine": platform.machine(), "planer": __version__,
+        "lowering": dep.lowering, "dtype": "float32", "precisions": list(dep.precisions),
+        **({"int8": INT8_RECIPE} if "int8" in dep.precisions else {}), "machine": platform.machine(), "planer": __version__,
         **{k: getattr(arch, k) for k in ("d_model", "vocab_size", "norm", "pos", "activation", "bias",
                                          "tie_embeddings")},
     }

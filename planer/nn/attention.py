@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from planer.arch import Architecture, BlockSpec
+from planer.nn.quant import QLinear
 
 
 def sinusoid(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
@@ -58,9 +59,9 @@ class Attention(nn.Module):
         self.heads, self.head_dim, self.kv_heads = spec.heads, spec.head_dim, spec.n_kv_heads
         self.pos = arch.pos
         self.rope_base = arch.rope_base
-        self.q = nn.Linear(d, self.heads * self.head_dim, bias=arch.attn_bias)
-        self.kv = nn.Linear(d, 2 * self.kv_heads * self.head_dim, bias=arch.attn_bias)
-        self.o = nn.Linear(self.heads * self.head_dim, d, bias=arch.attn_bias)
+        self.q = QLinear(d, self.heads * self.head_dim, bias=arch.attn_bias)
+        self.kv = QLinear(d, 2 * self.kv_heads * self.head_dim, bias=arch.attn_bias)
+        self.o = QLinear(self.heads * self.head_dim, d, bias=arch.attn_bias)
         if self.pos == "relative":
             self.r = nn.Linear(d, self.heads * self.head_dim, bias=False)
             self.register_buffer("r_table", None)  # set by freeze_positions, for export

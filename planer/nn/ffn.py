@@ -7,6 +7,8 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from planer.nn.quant import QLinear, linear
+
 _ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's GELU, and the one fused MoE kernels implement
@@ -21,10 +23,10 @@ class FFN(nn.Module):
     def __init__(self, d_model: int, d_inner: int, activation: str = "gelu", bias: bool = True):
         super().__init__()
         self.activation = activation
-        self.up = nn.Linear(d_model, d_inner, bias=bias)
+        self.up = QLinear(d_model, d_inner, bias=bias)
         if activation == "swiglu":
-            self.gate = nn.Linear(d_model, d_inner, bias=bias)
-        self.down = nn.Linear(d_inner, d_model, bias=bias)
+            self.gate = QLinear(d_model, d_inner, bias=bias)
+        self.down = QLinear(d_inner, d_model, bias=bias)
 
     def forward(self, x: Tensor, width: int | None = None) -> Tensor:
         """`width` runs only the first `width` hidden units (the search's narrower candidates share one FFN)."""
@@ -33,10 +35,10 @@ class FFN(nn.Module):
             _ACTIVATIONS[self.activation](up)
         if width is None:
             return self.down(hidden)
-        return F.linear(hidden, self.down.weight[:, :width], self.down.bias)
+        return linear(hidden, self.down.weight[:, :width], self.down.bias, self.down.precision)
 
 
-def _linear(layer: nn.Linear, x: Tensor, rows: int | None) -> Tensor:
+def _linear(layer: QLinear, x: Tensor, rows: int | None) -> Tensor:
     if rows is None:
         return layer(x)
-    return F.linear(x, layer.weight[:rows], None if layer.bias is None else layer.bias[:rows])
+    return linear(x, layer.weight[:rows], None if layer.bias is None else layer.bias[:rows], layer.precision)

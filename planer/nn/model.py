@@ -18,6 +18,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
 from planer.nn.moe import MoE
+from planer.nn.quant import set_precision
 
 
 def make_norm(arch: Architecture) -> nn.Module:
@@ -42,6 +43,7 @@ class Block(nn.Module):
             self.f = FFN(arch.d_model, spec.d_inner, arch.activation, arch.bias)
         else:
             self.f = MoE(arch.d_model, spec.experts, spec.top_k, spec.d_inner, arch.activation, arch.bias)
+        set_precision(self.f, spec.precision)
 
     def forward(self, x: Tensor, mem: Tensor | None = None) -> Tensor:
         if self.kind == "skip":
@@ -105,6 +107,13 @@ class LM(nn.Module):
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
         return LMOutput(logits, new_mems, aux)
+
+
+def in_precision(model: LM, precision: str) -> LM:
+    """`model` with every block computing in `precision`, sharing nothing but equal weights."""
+    other = LM(model.arch.with_blocks([b.in_precision(precision) for b in model.arch.blocks])).eval()
+    other.load_state_dict(model.state_dict())
+    return other
 
 
 def _init(module: nn.Module) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from planer.nn.ffn import FFN
+from planer.nn.quant import quantized_linears
 
 
 def balance_loss(probs: Tensor, expert_ids: Tensor, experts: int) -> Tensor:
@@ -73,7 +74,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         probs, gates, ids = self.route(x)
         self.aux_loss = balance_loss(probs, ids, len(self.experts))
-        if x.is_cuda and x.dtype == torch.float32:
+        if x.is_cuda and x.dtype == torch.float32 and not quantized_linears(self):  # the kernel runs fp32 only
             from planer.nn import moe_kernel  # Triton: imported only where a GPU runs the block
 
             return moe_kernel.dispatch(x, gates, ids, self.experts).reshape(shape)

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -102,7 +103,7 @@ class SearchConfig:
     # 0: choose by the supernet's loss alone.
     trials: int = 0
     trial_steps: int = 300
-    trial_tokens: int = 65536  # held-out tokens (the architecture split's last) that score a trial
+    trial_tokens: int = 65536  # held-out tokens (the architecture split's last) that score candidates and trials
     seed: int = 0
 
 
@@ -113,7 +114,7 @@ class Candidate:
     predicted_ms: float
     measured_ms: float
     baseline_ms: float
-    valid_loss: float  # with the supernet's weights, on the validation split's first tokens
+    held_out_loss: float  # with the supernet's weights, on held-out training tokens (never the validation split)
     model: LM | None = field(repr=False)  # inherited weights (not the supernet's): what trials and distillation
     # start from; built only for the networks a trial or the result needs, and kept for the chosen one once loaded
     min_attn: int = 1  # the fewest attention blocks its derivation could keep (above 1: a trial alternative)
@@ -123,7 +124,7 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {"round": self.round, "arch": self.arch.to_dict(), "predicted_ms": self.predicted_ms,
-                "measured_ms": self.measured_ms, "baseline_ms": self.baseline_ms, "valid_loss": self.valid_loss,
+                "measured_ms": self.measured_ms, "baseline_ms": self.baseline_ms, "held_out_loss": self.held_out_loss,
                 "min_attn": self.min_attn, "trial_loss": self.trial_loss}
 
     def describe(self) -> str:
@@ -152,7 +153,8 @@ class SearchOutcome:
     def load(out: Path) -> SearchOutcome:
         record = json.loads((out / OUTCOME_FILE).read_text())
         candidates = [Candidate(c["round"], Architecture.from_dict(c["arch"]), c["predicted_ms"], c["measured_ms"],
-                                c["baseline_ms"], c["valid_loss"], None, c.get("min_attn", 1), c.get("trial_loss"))
+                                c["baseline_ms"], c.get("held_out_loss", c.get("valid_loss")), None,  # earlier name
+                                c.get("min_attn", 1), c.get("trial_loss"))
                       for c in record["candidates"]]
         chosen = candidates[record["chosen"]]
         chosen.model = load_model(out).eval()
@@ -174,6 +176,12 @@ def held_out_probe(corpus: Corpus, arch: Architecture, cfg: SearchConfig, stream
     probe = [arch_data[len(arch_data) - 1 - i] for i in reversed(range(min(cfg.probe_segments, len(arch_data))))]
     keep = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
     return [(x[:keep], y[:keep]) for x, y in probe]
+
+
+def held_out_tokens(corpus: Corpus, cut: int, cfg: SearchConfig) -> np.ndarray:
+    """The training tokens candidates are scored and trials judged on: the last `cfg.trial_tokens` of the
+    architecture split, which the weights never train on. The validation split judges only the result."""
+    return corpus.train[cut:][-cfg.trial_tokens:]
 
 
 def _arch_start(corpus: Corpus, cfg: SearchConfig) -> int:
@@ -230,6 +238,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                                    "raise the target or widen the space")
 
         cut = _arch_start(corpus, cfg)
+        held_out = held_out_tokens(corpus, cut, cfg)
         weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         probe = held_out_probe(corpus, arch, cfg, distributed.share(cfg.batch))
@@ -257,8 +266,8 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             if main:
                 path = export_lm(model, Path(tmp) / f"candidate-{len(candidates)}.onnx", **dep.export_options())
                 base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
-                valid = evaluate(model, corpus.valid, corpus.unit, batch=8, max_tokens=cfg.valid_tokens)
-                base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, valid["loss"]
+                scored = evaluate(model, held_out, corpus.unit, batch=8)
+                base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, scored["loss"]
             base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
             predicted = table.predict(model.arch)
             measured_history.append((model.arch, cand_ms))
@@ -272,14 +281,14 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             _log(log_path, {
                 "round": rnd, "min_attn": min_attn, "target_ms": target_ms, "budget_ms": budget_ms,
                 "baseline_ms": base_ms, "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
-                "calibration": table.scale, "valid_loss": loss, "lambda": cfg.lam, "tau": tau, "derive_s": derive_s,
+                "calibration": table.scale, "held_out_loss": loss, "lambda": cfg.lam, "tau": tau, "derive_s": derive_s,
                 "arch": [b.label() for b in model.arch.blocks], "head_orders": orders,
                 "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
             })
             say(f"{candidate.describe()}: {' '.join(b.label() for b in model.arch.blocks)}\n"
                 f"  measured {cand_ms:.2f} ms "
                 f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {target_ms:.2f}); "
-                f"valid loss {loss:.4f}; derived in {derive_s:.0f} s")
+                f"held-out loss {loss:.4f}; derived in {derive_s:.0f} s")
             return candidate
 
         def derive(budget_ms: float, start: list[int], min_attn: int = 1) -> tuple[list[int] | None, float]:
@@ -334,7 +343,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         if not feasible:
             shortlist = [min(candidates, key=lambda c: c.measured_ms / c.baseline_ms)]
         else:
-            shortlist = _shortlist(feasible, cfg.trials) if cfg.trials else [min(feasible, key=lambda c: c.valid_loss)]
+            shortlist = _shortlist(feasible, cfg.trials) if cfg.trials else [min(feasible, key=lambda c: c.held_out_loss)]
         for c in shortlist:
             with torch.random.fork_rng(devices=[]):  # the same upcycled experts on every rank, whatever came before
                 torch.manual_seed(cfg.seed)
@@ -372,7 +381,7 @@ def _shortlist(feasible: list[Candidate], trials: int) -> list[Candidate]:
     """The networks to try (see SearchConfig.trials): each attention-block count's best by supernet loss first
     (that loss misjudges this trade most), then the runners-up; `trials` at most, no network twice."""
     distinct: dict[tuple, Candidate] = {}  # rounds can derive the same network
-    for c in sorted(feasible, key=lambda c: c.valid_loss):
+    for c in sorted(feasible, key=lambda c: c.held_out_loss):
         distinct.setdefault(c.arch.blocks, c)
     ranked = list(distinct.values())
     best: dict[int, Candidate] = {}  # attention blocks -> the network with the lowest supernet loss
@@ -389,7 +398,7 @@ def _trials(shortlist: list[Candidate], teacher: LM, corpus: Corpus, cut: int, c
     architecture split, so the validation split judges only the result."""
     if len(shortlist) == 1:
         return shortlist[0]
-    held_out = replace(corpus, train=corpus.train[:cut], valid=corpus.train[cut:][-cfg.trial_tokens:])
+    held_out = replace(corpus, train=corpus.train[:cut], valid=held_out_tokens(corpus, cut, cfg))
     recipe = finetune_config(cfg.trial_steps, cfg.batch, cfg.valid_tokens, distill=0.5)
     for i, c in enumerate(shortlist):
         if show_progress and distributed.is_main():
@@ -410,13 +419,15 @@ def _derive(net: SuperNet, start: list[int], probe: list[tuple[torch.Tensor, tor
             budget_ms: float, is_attn: list[bool], shortlist: int, min_attn: int = 1) -> list[int] | None:
     """`start` (the most probable network, or the baseline's) cut to the budget by measured loss (see
     planer.search.derive.shrink), keeping at least `min_attn` attention blocks. Moves go to a position's
-    `shortlist` most probable candidates or to skip."""
+    `shortlist` most probable candidates, in any precision, or to skip."""
     logp = net.alpha.detach().log_softmax(-1)
     skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
+    # Each shortlisted block in every precision, so that "the same block in int8" is always a move to weigh.
+    moves = [list(dict.fromkeys([*(v for c in top[p] for v in net.variants(c)), *skip])) for p in range(len(top))]
     loss_of = ProbeLoss(net, probe)
-    return shrink(start, block_ms, budget_ms, is_attn, loss_of, lambda p: [*top[p], *skip],
-                  rebase=loss_of.rebase, min_attn=min_attn)
+    return shrink(start, block_ms, budget_ms, is_attn, loss_of, moves.__getitem__, rebase=loss_of.rebase,
+                  min_attn=min_attn)
 
 
 def _stream(data: Segments, step: int):

@@ -10,6 +10,9 @@ position: all FFN widths slice one FFN; every MoE candidate (E, k, width)
 uses the first E experts of one pool of upcycled experts, sliced to its
 width, with one router per E. Attention candidates do not: each head count
 has its own copy of the baseline's first heads, trained only when sampled.
+A block's fp32 and int8 candidates share its weights; an int8 candidate
+computes as the engine will (planer.nn.quant), so the derivation sees what
+int8 costs in loss and the shared weights learn to bear it.
 
 Training is single-path: each step samples one candidate per position
 (hard Gumbel-softmax with the straight-through estimator), so only sampled
@@ -32,6 +35,7 @@ from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
 from planer.nn.model import Block, embed_tokens, make_norm
 from planer.nn.moe import balance_loss, dispatch, route
+from planer.nn.quant import computing
 from planer.space import SearchSpace
 
 
@@ -88,7 +92,7 @@ class Position(nn.Module):
         super().__init__()
         self.candidates = tuple(candidates)
         d = arch.d_model
-        attns = [c for c in candidates if c.kind == "attn"]
+        attns = list(dict.fromkeys(_shape(c) for c in candidates if c.kind == "attn"))
         ffn_widths = [c.d_inner for c in candidates if c.kind == "ffn"]
         moes = [c for c in candidates if c.kind == "moe"]
         order = _importance_order(ffn_src.f) if ffn_src is not None else None
@@ -124,12 +128,16 @@ class Position(nn.Module):
     def forward(self, choice: int, x: Tensor, mem: Tensor | None) -> tuple[Tensor, Tensor]:
         """Output of candidate `choice` (residual included) and its balance loss (0 unless MoE)."""
         spec = self.candidates[choice]
-        zero = x.new_zeros(())
         if spec.kind == "skip":
-            return x, zero
+            return x, x.new_zeros(())
+        with computing(self, spec.precision):
+            return self._run(spec, x, mem)
+
+    def _run(self, spec: BlockSpec, x: Tensor, mem: Tensor | None) -> tuple[Tensor, Tensor]:
+        zero = x.new_zeros(())
         if spec.kind == "attn":
             context = x if mem is None else torch.cat([mem, x], dim=1)
-            return x + self.attn[spec.label()](self.attn_norm(context), x.shape[1]), zero
+            return x + self.attn[_shape(spec).label()](self.attn_norm(context), x.shape[1]), zero
         h = self.ffn_norm(x)
         if spec.kind == "ffn":
             return x + self.ffn(h, spec.d_inner), zero
@@ -146,7 +154,7 @@ class Position(nn.Module):
         block = Block(arch, spec)
         if spec.kind == "attn":
             block.norm.load_state_dict(self.attn_norm.state_dict())
-            block.f.load_state_dict(self.attn[spec.label()].state_dict())
+            block.f.load_state_dict(self.attn[_shape(spec).label()].state_dict())
         elif spec.kind == "ffn":
             block.norm.load_state_dict(self.ffn_norm.state_dict())
             _copy_ffn(block.f, self.ffn, torch.arange(spec.d_inner))
@@ -156,6 +164,11 @@ class Position(nn.Module):
             for dst, src in zip(block.f.experts, self.experts):
                 _copy_ffn(dst, src, torch.arange(spec.d_inner))
         return block
+
+
+def _shape(spec: BlockSpec) -> BlockSpec:
+    """The block whatever its precision: what the candidates that share weights have in common."""
+    return spec.in_precision("fp32")
 
 
 def _normal_init(module: nn.Module) -> None:
@@ -184,9 +197,9 @@ class SuperNet(nn.Module):
             self.positions.append(Position(arch, space.candidates, _nearest(blocks, source, ("attn",)),
                                            _nearest(blocks, source, ("ffn",)), perturb))
         self.alpha = nn.Parameter(torch.zeros(space.positions, len(space.candidates)))
-        with torch.no_grad():  # optionally start the search at the baseline instead of at uniform
+        with torch.no_grad():  # optionally start the search at the baseline (in any precision) instead of at uniform
             for p, c in enumerate(self.baseline_choice(baseline.arch)):
-                self.alpha[p, c] += baseline_bias
+                self.alpha[p, self.variants(c)] += baseline_bias
 
     def baseline_choice(self, arch: Architecture) -> list[int]:
         """Per position, the baseline block it inherits from when that block is a candidate (each baseline
@@ -201,6 +214,11 @@ class SuperNet(nn.Module):
             choice.append(index[spec] if b not in claimed and spec in index else fallback)
             claimed.add(b)
         return choice
+
+    def variants(self, c: int) -> list[int]:
+        """Candidate `c` and the candidates that are the same block in another precision."""
+        shape = _shape(self.space.candidates[c])
+        return [i for i, other in enumerate(self.space.candidates) if _shape(other) == shape]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name != "alpha"]

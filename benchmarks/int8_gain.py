@@ -1,0 +1,86 @@
+"""What int8 buys a network in ONNX Runtime: the same trained network exported in fp32 and with every block in
+int8 (planer's quantization: planer.export.quantize), timed interleaved in several separate runs, and both
+graphs' losses over the whole validation split run in the engine (planer.runtime.evaluate_engine).
+
+    python benchmarks/int8_gain.py runs/tiny [--runs 3] [--threads 2] [--batch 1]
+
+With `--smoke` it uses a random micro network and a few hundred tokens (seconds; for the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import record
+from planer.arch import Architecture, BlockSpec
+from planer.checkpoint import load_model
+from planer.export import export_lm
+from planer.export.reference import TorchEngine
+from planer.latency.profile import Deployment, measure
+from planer.nn import LM
+from planer.nn.model import in_precision
+from planer.runtime import evaluate_engine, load_engine
+from planer.runtime.feeds import example_feeds
+from planer.train.trainer import run_corpus
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", type=Path)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--min-seconds", type=float, default=3.0)
+    p.add_argument("--smoke", action="store_true", help="a random micro network, a few hundred tokens")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.smoke:
+        arch = Architecture(d_model=32, vocab_size=256, blocks=(BlockSpec.attn(2, 16), BlockSpec.ffn(64)),
+                            tgt_len=16, mem_len=16)
+        model, valid, unit = LM(arch).eval(), np.frombuffer(b"the quick brown fox " * 20, np.uint8), "byte"
+    else:
+        if a.run is None:
+            raise SystemExit("give a run directory (or --smoke)")
+        model = load_model(a.run).eval()
+        corpus = run_corpus(a.run, None, model.arch.vocab_size)
+        valid, unit = corpus.valid, corpus.unit
+    arch = model.arch
+    dep = Deployment(batch=a.batch, tgt_len=arch.tgt_len, mem_len=arch.mem_len, threads=a.threads,
+                     min_seconds=0.05 if a.smoke else a.min_seconds, min_iters=5 if a.smoke else 50)
+    with tempfile.TemporaryDirectory(prefix="planer-int8-") as tmp:
+        int8 = in_precision(model, "int8")
+        paths = [str(export_lm(m, Path(tmp) / f"{name}.onnx", **dep.export_options()))
+                 for name, m in (("fp32", model), ("int8", int8))]
+        runs = [measure([(paths[0], arch), (paths[1], arch)], dep) for _ in range(a.runs)]
+        ratios = [q.p50 / f.p50 for f, q in runs]
+        # the int8 graph against PyTorch's simulation of it, and against the fp32 network
+        feeds = example_feeds(arch, 1, arch.tgt_len, arch.mem_len)
+        engine8 = load_engine("ort", paths[1], threads=a.threads).run(feeds)["logits"]
+        sim = TorchEngine(int8).run(feeds)["logits"]
+        plain = TorchEngine(model).run(feeds)["logits"]
+        sim_gap, fp32_gap = float(np.abs(engine8 - sim).max()), float(np.abs(engine8 - plain).max())
+        losses = [evaluate_engine(load_engine("ort", path, threads=a.threads), valid, unit, d_model=arch.d_model,
+                                  tgt_len=arch.tgt_len, mem_len=arch.mem_len)["loss"] for path in paths]
+    lines = [f"- run {i}: fp32 {f}; int8 {q}; int8/fp32 **{q.p50 / f.p50:.3f}**" for i, (f, q) in enumerate(runs)]
+    lines += [f"- int8/fp32 latency: median **{statistics.median(ratios):.3f}** over {len(runs)} interleaved runs "
+              f"(B{a.batch} T{arch.tgt_len} M{arch.mem_len}, {a.threads} threads)",
+              f"- int8 graph in ONNX Runtime vs PyTorch's simulation of it (planer.nn.quant): max |logits diff| "
+              f"{sim_gap:.2e}; vs the fp32 network {fp32_gap:.2e}",
+              f"- validation loss in the engine, whole split: fp32 {losses[0]:.4f}, int8 {losses[1]:.4f} "
+              f"(**{losses[1] / losses[0]:.5f}x**)"]
+    print("\n".join(lines))
+    if not a.smoke:
+        record("int8_gain", {"run": str(a.run), "threads": a.threads, "batch": a.batch, "ratios": ratios,
+                             "runs": [[f.to_dict(), q.to_dict()] for f, q in runs], "loss_fp32": losses[0],
+                             "loss_int8": losses[1], "int8_vs_simulation": sim_gap, "int8_vs_fp32": fp32_gap},
+               f"The same trained network in fp32 and with every block in int8:\n\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""A build's verdict: latency confirmed over several runs, and the accuracy comparison refused when unfair."""
+
+import itertools
+import json
+
+import pytest
+
+from planer.build import BUDGETS, CONTINUED, _check_fair, _trained, build
+from planer.errors import PlanerError
+from planer.latency import confirm as confirm_module
+from planer.latency.confirm import confirm
+from planer.latency.profile import Deployment
+from planer.runtime import LatencyStats
+from tests.test_build import BUDGET, DEP, SPACE
+
+MODELS = [("baseline.onnx", None), ("result.onnx", None)]
+
+
+def stats(p50: float, spread: float = 1.05) -> LatencyStats:
+    return LatencyStats(p50, p50 * spread, p50 * spread * 1.1, p50, p50 * 0.9, 50)
+
+
+def scripted(monkeypatch, tries: list[list[LatencyStats]]) -> list[list[LatencyStats]]:
+    """measure() answers the scripted tries in turn; returns the list of what it answered."""
+    script, answered = iter(tries), []
+    monkeypatch.setattr(confirm_module, "measure", lambda models, dep: answered.append(next(script)) or answered[-1])
+    return answered
+
+
+@pytest.mark.parametrize("ratios", list(itertools.permutations([1.9, 2.2, 2.1])))
+def test_headline_is_the_median_of_per_run_ratios(monkeypatch, ratios):
+    # The baseline drifts between runs, so pooling p50s across runs (median baseline / median result) gives
+    # another figure than the median of the runs' own ratios.
+    bases = [10.0, 12.0, 8.0]
+    scripted(monkeypatch, [[stats(b), stats(b / r)] for b, r in zip(bases, ratios)])
+    confirmation = confirm(MODELS, Deployment())
+    assert confirmation.ratio(1) == pytest.approx(2.1)
+    median = ratios.index(2.1)
+    assert confirmation.median_run(1) == confirmation.runs[median]
+    assert confirmation.median_run(1)[0].p50 == bases[median]
+    saved = confirmation.to_dict(["baseline", "result"])
+    assert [run["models"]["baseline"]["p50"] for run in saved["runs"]] == bases  # every run kept
+    assert saved["speedups"] == {"result": pytest.approx(2.1)}
+
+
+def test_a_noisy_run_is_timed_again_and_the_steadier_try_kept(monkeypatch):
+    answered = scripted(monkeypatch, [
+        [stats(10), stats(5)],
+        [stats(10), stats(4, spread=1.5)],  # run 2: noisy
+        [stats(10, spread=1.3), stats(5)],  # still noisy, but less: kept
+        [stats(10), stats(3, spread=1.4)],  # noisier: dropped; the retries are spent
+        [stats(10), stats(5)],
+    ])
+    confirmation = confirm(MODELS, Deployment(max_spread=1.2, retries=2))
+    assert len(answered) == 5 and confirmation.tries == [1, 3, 1]
+    assert confirmation.runs == [answered[0], answered[2], answered[4]]
+    assert confirmation.ratio(1) == 2.0
+    saved = confirmation.to_dict(["baseline", "result"])
+    assert [run["tries"] for run in saved["runs"]] == [1, 3, 1]
+    assert saved["runs"][1]["models"]["baseline"]["spread"] == 1.3
+
+
+def test_a_steady_run_is_timed_once(monkeypatch):
+    answered = scripted(monkeypatch, [[stats(10), stats(5)]] * 3)
+    assert confirm(MODELS, Deployment(), runs=3).tries == [1, 1, 1] and len(answered) == 3
+
+
+def fake_build(tmp_path, continued_tokens: int, result_tokens: int):
+    for name, tokens in ((CONTINUED, continued_tokens), ("distill", result_tokens)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"tokens_seen": tokens, "valid": {"loss": 3.0}}))
+    return tmp_path
+
+
+def test_a_continued_baseline_trained_on_fewer_tokens_is_refused(tmp_path):
+    with pytest.raises(PlanerError, match="continued baseline trained on 1,500 tokens, fewer than the result's 1,600"):
+        _check_fair(fake_build(tmp_path, 500, 600), base_tokens=1000)
+
+
+def test_tokens_trained_are_the_runs_records(tmp_path):
+    work = fake_build(tmp_path, 600, 600)
+    _check_fair(work, base_tokens=1000)
+    budget = BUDGETS["small"]
+    formula = budget.extra_steps * budget.search.batch * 64
+    assert formula != 600
+    assert _trained(work / "distill", 1000)["tokens_trained"] == 1600  # the baseline's + the record's
+
+
+@pytest.mark.slow  # a whole build up to the check (about two minutes)
+def test_build_refuses_a_reused_continued_baseline_that_trained_less(baseline_run, tmp_path):
+    # The baseline run itself (two steps), passed as the continued baseline: fewer tokens than the result's.
+    with pytest.raises(PlanerError, match="fewer than the result's"):
+        build(baseline_run, tmp_path / "build", dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+              continued=baseline_run, show_progress=False)
+    assert not any(tmp_path.iterdir())
