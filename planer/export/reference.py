@@ -11,6 +11,7 @@ import torch
 
 from planer.errors import PlanerError
 from planer.nn import LM
+from planer.nn.quant import quantized_linears
 from planer.runtime import Engine
 from planer.runtime.feeds import example_feeds, input_names, output_names
 
@@ -47,13 +48,18 @@ def parity(model: LM, engine: Engine, *, batch: int, tgt_len: int, mem_len: int,
 
     The refusal is relative to each output's scale: deep networks carry hidden states in the hundreds
     (SmolLM2's last memories reach ~330), where float32 summed in another order differs by ~1e-4 of that,
-    while a wrong graph is off by the order of the values themselves."""
+    while a wrong graph is off by the order of the values themselves: 1e-3 of the scale, 1e-2 with int8
+    blocks (compared with PyTorch's simulation of them, planer.nn.quant)."""
     feeds = example_feeds(model.arch, batch, tgt_len, mem_len)
     got, want = engine.run(feeds), TorchEngine(model, mem_len=keep_len).run(feeds)
     diffs = {n: float(np.abs(got[n] - want[n]).max()) for n in want}
+    # int8 blocks: an input on a rounding boundary can land one quantization step apart in the engine, and a
+    # trained network carries that on (tiny, all int8: 1.4e-3 of the logits' scale); a wrong graph is still off
+    # by the order of the values
+    tolerance = 1e-2 if quantized_linears(model) else 1e-3
     for n, diff in diffs.items():
         scale = max(1.0, float(np.abs(want[n]).max()))
-        if diff > 1e-3 * scale:
+        if diff > tolerance * scale:
             raise PlanerError(f"the exported graph's {n} disagrees with PyTorch by {diff:.2e} (values up to "
                               f"{scale:.3g}); please report this")
     return max(diffs.values())
