@@ -15,7 +15,7 @@ A network is an embedding, an ordered list of pre-norm residual sublayers
 
 Every block but skip also has a numeric precision: the engine runs its
 matrix products in fp32, or with int8 weights (per output channel) and
-dynamically quantised int8 activations; PyTorch simulates that exactly
+dynamically quantised int8 activations; PyTorch simulates that
 (planer.nn.quant), so training sees what the engine computes.
 """
 
@@ -35,7 +35,7 @@ BLOCK_KINDS = ("attn", "ffn", "moe", "skip")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("relative", "rotary", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
-PRECISIONS = ("fp32", "int8")  # which of them an engine runs: planer.request
+PRECISIONS = ("fp32", "int8")  # which of them an engine runs: planer.latency.profile.ENGINE_PRECISIONS
 
 # Which BlockSpec fields each kind uses; the others must stay 0.
 _KIND_FIELDS = {

@@ -234,7 +234,7 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
 
 _PRECISION_HELP = ("the numeric precisions blocks may be built in, comma-separated; the search chooses one per "
                    "block by measured latency and held-out loss (ort: fp32,int8 -- int8 is ONNX Runtime's dynamic "
-                   "quantization, simulated exactly in training; ort-cuda, trt: fp32) [default: all the engine "
+                   "quantization, simulated in training; ort-cuda, trt: fp32) [default: all the engine "
                    "runs]")
 
 
