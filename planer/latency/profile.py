@@ -102,7 +102,8 @@ def provenance(arch: Architecture, dep: Deployment, engine_info: dict[str, Any])
         **{k: engine_info[k] for k in ("gpu", "tensorrt", "precision") if k in engine_info},
         "threads": dep.threads, "batch": dep.batch, "tgt_len": dep.tgt_len, "mem_len": dep.mem_len,
         "lowering": dep.lowering, "dtype": "float32", "precisions": list(dep.precisions),
-        **({"int8": INT8_RECIPE} if "int8" in dep.precisions else {}), "machine": platform.machine(), "planer": __version__,
+        **({"int8": INT8_RECIPE} if "int8" in dep.precisions else {}),
+        "machine": platform.machine(), "planer": __version__,
         **{k: getattr(arch, k) for k in ("d_model", "vocab_size", "norm", "pos", "activation", "bias",
                                          "tie_embeddings")},
     }
