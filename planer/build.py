@@ -53,7 +53,7 @@ from planer.nn.model import in_precision
 from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import describe_engine, evaluate_engine, load_engine
 from planer.serve.text import VOCAB_FILE
-from planer.search.search import OUTCOME_FILE, SearchConfig, SearchOutcome, search
+from planer.search.search import OUTCOME_FILE, InfeasibleTarget, SearchConfig, SearchOutcome, search
 from planer.space import SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
 from planer.train.presets import TrainConfig, finetune_config
@@ -107,7 +107,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     `compare` also trains and measures the simpler alternatives of planer.compare at the result's latency.
 
     The build is assembled in OUT.partial. A bad request or an infeasible target removes it; any other
-    interruption keeps it, and calling build again with the same request continues from the last
+    failure or interruption keeps it, and calling build again with the same request continues from the last
     completed stage (the search, each training run from its last checkpoint).
     """
     source, out = Path(run), Path(out)
@@ -131,10 +131,13 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
         clock.lap("profile")
         latency, accuracy = _stages(baseline, corpus, space, table, work, run, dep, target_ms, target_speedup,
                                     budget, continued, compare, show_progress, clock)
-    except PlanerError:
+    except InfeasibleTarget:
         if main:
             shutil.rmtree(work, ignore_errors=True)  # a bad request: nothing to resume, nothing left behind
         raise
+    except PlanerError as e:  # e.g. a graph that fails parity: the stages before it are worth keeping
+        raise PlanerError(f"{e} (the build so far is kept in {work}: run the same command again to continue "
+                          "from its last completed stage, or delete it)") from e
     if main:
         publish(work, out)
     distributed.barrier()
@@ -393,6 +396,8 @@ def _check_fair(work: Path, base_tokens: int) -> None:
     would owe part of its accuracy to the extra training alone."""
     continued, result = (_trained(work / d, base_tokens)["tokens_trained"] for d in (CONTINUED, "distill"))
     if continued < result:
+        if distributed.is_main():
+            shutil.rmtree(work / CONTINUED)  # a copy of another build's: without it, a rerun trains a fair one
         raise PlanerError(f"the continued baseline trained on {continued:,} tokens, fewer than the result's "
                           f"{result:,}, so the comparison would flatter the result; build again without reusing a "
                           "continued baseline trained with a smaller budget")

@@ -170,6 +170,19 @@ def test_build_missing_baseline(tmp_path):
                     "no such architecture file")
 
 
+def test_a_failed_stage_keeps_the_build_so_far(baseline_run, tmp_path, monkeypatch):
+    import planer.build as build_module
+
+    def failing(*a, **k):  # any stage's error other than an infeasible target, e.g. a graph failing parity
+        raise PlanerError("the exported graph computes something else")
+
+    monkeypatch.setattr(build_module, "_profiled", failing)
+    with pytest.raises(PlanerError, match="computes something else .*kept in .*build.partial.*run the same command"):
+        build(baseline_run, tmp_path / "build", dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+              show_progress=False)
+    assert (tmp_path / "build.partial").is_dir() and not (tmp_path / "build").exists()
+
+
 def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tmp_path, monkeypatch):
     import planer.build as build_module
 

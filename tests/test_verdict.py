@@ -92,4 +92,6 @@ def test_build_refuses_a_reused_continued_baseline_that_trained_less(baseline_ru
     with pytest.raises(PlanerError, match="fewer than the result's"):
         build(baseline_run, tmp_path / "build", dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
               continued=baseline_run, show_progress=False)
-    assert not any(tmp_path.iterdir())
+    # the distilled result is kept for the rerun; the unfair copy is not, so the rerun trains a fair one
+    partial = tmp_path / "build.partial"
+    assert (partial / "distill" / "eval.json").is_file() and not (partial / "baseline-continued").exists()
