@@ -244,10 +244,9 @@ class _Clock:
 
 def _trainable(space: SearchSpace | None, arch: Architecture, dep: Deployment) -> SearchSpace:
     """The given space, or the default one narrowed to what this machine's memory can train, with every block
-    in each precision the deployment allows (int8 MoE in the `ops` lowering only)."""
+    in each precision the deployment runs (Deployment.searchable)."""
     limit = trainable_params_limit()
-    space = (space or SearchSpace.default(arch, max_params=limit)).in_precisions(dep.precisions,
-                                                                                  moe=dep.lowering == "ops")
+    space = dep.searchable(space or SearchSpace.default(arch, max_params=limit))
     if space.supernet_params(arch) > limit:
         raise PlanerError(f"the search space's supernet would hold {space.supernet_params(arch) / 1e6:,.0f}M "
                           f"parameters; this machine trains at most {limit / 1e6:,.0f}M -- give fewer positions, "

@@ -273,8 +273,7 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
     dep = Deployment(engine=engine, batch=batch, tgt_len=tgt_len or arch.tgt_len,
                      mem_len=arch.mem_len if mem_len is None else mem_len, threads=threads, lowering=lowering or "",
                      precisions=_precisions(precision))
-    chosen = (SearchSpace.load(space) if space else SearchSpace.default(arch)).in_precisions(
-        dep.precisions, moe=dep.lowering == "ops")
+    chosen = dep.searchable(SearchSpace.load(space) if space else SearchSpace.default(arch))
     cached = LatencyTable.load(out) if out.exists() else None
     table = run_profile(arch, chosen.candidates, dep, table=cached, show_progress=not quiet)
     table.save(out)

@@ -19,6 +19,7 @@ from planer.export.quantize import INT8_RECIPE
 from planer.latency.table import FIXED, LatencyTable
 from planer.runtime import Engine, LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
+from planer.space import SearchSpace
 
 
 _LOWERING_ENGINES = {"trt": ("trt",), "ort-moe": ("ort", "ort-cuda")}  # `ops` runs everywhere
@@ -89,6 +90,11 @@ class Deployment:
         from planer.export.lowering import LOWERINGS
 
         return tuple(lo for lo in LOWERINGS if self.engine in _LOWERING_ENGINES.get(lo, (self.engine,)))
+
+    def searchable(self, space: SearchSpace) -> SearchSpace:
+        """`space` with every block in each precision this deployment runs. int8 MoE only in the `ops`
+        lowering: the other lowerings fuse the experts into one fp32 op."""
+        return space.in_precisions(self.precisions, moe=self.lowering == "ops")
 
     def resolved(self, table: LatencyTable) -> Deployment:
         """This deployment with `auto` replaced by the lowering `table` was profiled in."""
