@@ -11,8 +11,9 @@ from planer.data import load_corpus
 from planer.latency.profile import Deployment, profile
 from planer.nn import LM
 from planer.search import search as search_module
-from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, _shortlist, _trials, held_out_tokens,
-                                  search)
+from planer.errors import PlanerError
+from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _shortlist, _trials,
+                                  held_out_tokens, search)
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
 from tests.conftest import small_arch
@@ -157,3 +158,12 @@ def test_selection_never_reads_the_validation_split(setup):
     held_out = held_out_tokens(corpus, int(len(corpus.train) * (1 - cfg.arch_split)), cfg)
     first = outcome.candidates[0]
     assert len(held_out) == 512 and first.held_out_loss > 0
+
+
+def test_an_outcome_scored_on_validation_is_not_resumed(tmp_path):
+    # an earlier planer scored candidates on the validation split; its figures must not pass for held-out ones
+    record = {"candidates": [{"round": 0, "arch": {}, "predicted_ms": 1.0, "measured_ms": 1.0, "baseline_ms": 2.0,
+                              "valid_loss": 1.5}], "chosen": 0}
+    (tmp_path / "outcome.json").write_text(json.dumps(record))
+    with pytest.raises(PlanerError, match="scored candidates on the validation split; delete"):
+        SearchOutcome.load(tmp_path)

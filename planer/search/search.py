@@ -152,8 +152,11 @@ class SearchOutcome:
     @staticmethod
     def load(out: Path) -> SearchOutcome:
         record = json.loads((out / OUTCOME_FILE).read_text())
+        if any("held_out_loss" not in c for c in record["candidates"]):
+            raise PlanerError(f"{out / OUTCOME_FILE} is from an earlier planer, which scored candidates on the "
+                              f"validation split; delete {out} and run the search again")
         candidates = [Candidate(c["round"], Architecture.from_dict(c["arch"]), c["predicted_ms"], c["measured_ms"],
-                                c["baseline_ms"], c.get("held_out_loss", c.get("valid_loss")), None,  # earlier name
+                                c["baseline_ms"], c["held_out_loss"], None,
                                 c.get("min_attn", 1), c.get("trial_loss"))
                       for c in record["candidates"]]
         chosen = candidates[record["chosen"]]
