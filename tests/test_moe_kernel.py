@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything: the CPU has no GPU backend
 triton = pytest.importorskip("triton")
 
-from planer.nn.moe import MoE, dispatch as eager_dispatch  # noqa: E402
+from planer.nn.moe import TRITON_EXPERTS_ENV, MoE, dispatch as eager_dispatch  # noqa: E402
 from planer.nn.moe_kernel import BLOCK_M, dispatch, tiles  # noqa: E402
 from tests.conftest import routed_moe  # noqa: E402
 
@@ -39,7 +39,8 @@ def test_kernel_matches_the_eager_dispatch(activation, bias, experts, top_k, ske
 
 
 @pytest.mark.gpu
-def test_the_moe_block_uses_the_kernel_on_a_gpu():
+def test_the_moe_block_uses_the_kernel_on_a_gpu(monkeypatch):
+    monkeypatch.setenv(TRITON_EXPERTS_ENV, "1")
     torch.manual_seed(0)
     moe = MoE(64, 8, 2, 128, "gelu_tanh").cuda()
     x = torch.randn(200, 64, device="cuda")

@@ -4,7 +4,7 @@ import torch
 from planer.arch import BlockSpec
 from planer.nn import LM
 from planer.nn.attention import rel_shift
-from planer.nn.moe import MoE
+from planer.nn.moe import TRITON_EXPERTS_ENV, MoE, triton_experts_enabled
 from tests.conftest import small_arch
 
 
@@ -101,3 +101,12 @@ def test_moe_aux_loss_reaches_the_output():
     assert out.aux_loss.item() > 0
     out.aux_loss.backward()
     assert model.blocks[3].f.router.weight.grad.abs().sum() > 0
+
+
+def test_the_triton_expert_kernel_is_opt_in(monkeypatch):
+    # it has run only in Triton's CPU interpreter: CUDA training must not take it unless asked
+    monkeypatch.delenv(TRITON_EXPERTS_ENV, raising=False)
+    assert not triton_experts_enabled()
+    for value, enabled in (("0", False), ("", False), ("1", True)):
+        monkeypatch.setenv(TRITON_EXPERTS_ENV, value)
+        assert triton_experts_enabled() is enabled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -9,6 +10,16 @@ from torch import Tensor, nn
 
 from planer.nn.ffn import FFN
 from planer.nn.quant import quantized_linears
+
+# The Triton expert kernel has run only in Triton's CPU interpreter so far: CUDA uses it when asked to, until
+# benchmarks/gpu_check.sh has passed on a GPU (that check asks for it).
+TRITON_EXPERTS_ENV = "PLANER_TRITON_EXPERTS"
+
+
+def triton_experts_enabled() -> bool:
+    """Whether MoE layers on CUDA dispatch through the Triton kernel (PLANER_TRITON_EXPERTS=1) rather than
+    eager PyTorch."""
+    return os.environ.get(TRITON_EXPERTS_ENV, "") == "1"
 
 
 def balance_loss(probs: Tensor, expert_ids: Tensor, experts: int) -> Tensor:
@@ -74,7 +85,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         probs, gates, ids = self.route(x)
         self.aux_loss = balance_loss(probs, ids, len(self.experts))
-        if x.is_cuda and x.dtype == torch.float32 and not quantized_linears(self):  # the kernel runs fp32 only
+        if (x.is_cuda and x.dtype == torch.float32 and not quantized_linears(self)  # the kernel runs fp32 only
+                and triton_experts_enabled()):
             from planer.nn import moe_kernel  # Triton: imported only where a GPU runs the block
 
             return moe_kernel.dispatch(x, gates, ids, self.experts).reshape(shape)
