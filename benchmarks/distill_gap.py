@@ -34,22 +34,6 @@ from planer.train.trainer import METRICS_FILE, run_corpus, train
 RECIPES = {"build": (0.5, 1e-3), "kd-only": (1.0, 1e-3), "kd-only-lr2e-3": (1.0, 2e-3)}
 
 
-def parse_block(label: str) -> BlockSpec:
-    """The inverse of BlockSpec.label() for the labels this benchmark takes (attn/ffn/moe/skip)."""
-    if label == "skip":
-        return BlockSpec.skip()
-    if label.startswith("attn"):
-        heads, dim = label[4:].split("x")
-        return BlockSpec.attn(int(heads), int(dim))
-    if label.startswith("ffn"):
-        return BlockSpec.ffn(int(label[3:]))
-    if label.startswith("moe"):
-        experts, rest = label[3:].split("k")
-        k, width = rest.split("x")
-        return BlockSpec.moe(int(experts), int(k), int(width))
-    raise SystemExit(f"unknown block label {label!r}; use e.g. attn4x48, ffn768, moe4k1x384, skip")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="the baseline's run directory (planer train)")
@@ -71,7 +55,7 @@ def main() -> None:
     if args.ranked_heads:
         source, orders = rank_heads(baseline, held_out_probe(corpus, baseline.arch, SearchConfig(batch=args.batch)))
         print("head orders", orders, flush=True)
-    students = {s: [parse_block(b) for b in s.split()] for s in args.blocks}
+    students = {s: [BlockSpec.parse(b) for b in s.split()] for s in args.blocks}
     table = LatencyTable.load(args.table) if args.table else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="distill-gap-") as tmp:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ _KIND_FIELDS = {
     "moe": ("experts", "top_k", "d_inner"),
     "skip": (),
 }
+
+
+# label() in reverse: attn<heads>x<head_dim>[/kv<kv_heads>], ffn<d_inner>, moe<experts>k<top_k>x<d_inner>, skip.
+_LABEL = re.compile(r"attn(?P<heads>\d+)x(?P<head_dim>\d+)(?:/kv(?P<kv_heads>\d+))?|ffn(?P<d_inner>\d+)"
+                    r"|moe(?P<experts>\d+)k(?P<top_k>\d+)x(?P<moe_inner>\d+)|skip")
 
 
 class ArchError(PlanerError):
@@ -93,6 +99,20 @@ class BlockSpec:
         else:
             return "skip"
         return shape if self.precision == "fp32" else f"{shape}@{self.precision}"
+
+    @staticmethod
+    def parse(label: str) -> BlockSpec:
+        """The block a label() names, e.g. `attn4x48`, `attn8x64/kv2`, `moe8k2x512@int8`, `skip`."""
+        shape, _, precision = label.partition("@")
+        match = _LABEL.fullmatch(shape)
+        if not match or (precision and (precision not in PRECISIONS or shape == "skip")):
+            raise ArchError(f"{label!r} is not a block label; write e.g. attn4x48, attn8x64/kv2, ffn768, "
+                            f"moe8k2x512, skip, with @{'/@'.join(PRECISIONS[1:])} for another precision")
+        n = {"d_inner" if k == "moe_inner" else k: int(v) for k, v in match.groupdict().items() if v}
+        if shape == "skip":
+            return BlockSpec.skip()
+        kind = "attn" if "heads" in n else "ffn" if "experts" not in n else "moe"
+        return BlockSpec(kind, **n, precision=precision or "fp32")
 
     def in_precision(self, precision: str) -> BlockSpec:
         """The same block computed in `precision` (a skip stays a skip)."""

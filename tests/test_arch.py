@@ -76,3 +76,12 @@ def test_invalid_top_level_fields():
         Architecture.from_dict({"format": "other/2", "d_model": 32, "vocab_size": 256, "blocks": []})
     with pytest.raises(ArchError, match="not valid JSON"):
         Architecture.from_json("{")
+
+
+def test_block_labels_parse_back():
+    blocks = [BlockSpec.attn(4, 48), BlockSpec.attn(8, 64, 2, "int8"), BlockSpec.ffn(768, "int8"),
+              BlockSpec.moe(8, 2, 512), BlockSpec.moe(4, 1, 384, "int8"), BlockSpec.skip()]
+    assert [BlockSpec.parse(b.label()) for b in blocks] == blocks
+    for bad in ("attn4", "ffn", "ffn768@fp16", "skip@int8", "ffn768 "):
+        with pytest.raises(ArchError, match="not a block label"):
+            BlockSpec.parse(bad)
