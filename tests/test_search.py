@@ -167,3 +167,27 @@ def test_an_outcome_scored_on_validation_is_not_resumed(tmp_path):
     (tmp_path / "outcome.json").write_text(json.dumps(record))
     with pytest.raises(PlanerError, match="scored candidates on the validation split; delete"):
         SearchOutcome.load(tmp_path)
+
+
+def test_calibration_follows_the_ratio_to_the_baseline_not_the_machines_drift(setup, monkeypatch):
+    baseline, corpus, table = setup
+    from planer.latency.table import FIXED
+    from planer.runtime import LatencyStats
+
+    def unscaled(arch):
+        return table.entries[FIXED]["p50"] + sum(table.block_ms(b) for b in arch.blocks)
+
+    runs = []
+
+    def drifting(models, dep):  # every run on a machine 40 % slower than the one before
+        runs.append(1)
+        drift = 1.4 ** len(runs)
+        ms = [drift * (10.0 if arch == baseline.arch else 0.5 * unscaled(arch)) for _, arch in models]
+        return [LatencyStats(m, m, m, m, m, 10) for m in ms]
+
+    monkeypatch.setattr(search_module, "measure", drifting)
+    cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256)
+    outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, show_progress=False)
+    # a candidate runs at half its blocks' sum beside a 10 ms baseline in every run: so says the table, at the
+    # speed of the search's first run (1.4), whatever the machine did since (absolute times: 1.4**2 to 1.4**3)
+    assert len(runs) >= 3 and outcome.table.scale == pytest.approx(0.5 * 1.4)
