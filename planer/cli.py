@@ -7,6 +7,7 @@ imports happen inside the command so `planer --help` stays instant.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,28 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PlanerError as e:
             raise click.ClickException(str(e)) from None
+        except click.BadParameter as e:  # one line, like every other error, not the usage block
+            raise click.ClickException(e.format_message()) from None
+
+
+class _Number(click.ParamType):
+    """A finite number of at least `low` (above it, if `strict`): FloatRange lets nan and inf through."""
+
+    name = "number"
+
+    def __init__(self, low: float, strict: bool) -> None:
+        self.low, self.strict = low, strict
+
+    def convert(self, value, param, ctx) -> float:
+        x = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(x) or x < self.low or (self.strict and x == self.low):
+            self.fail(f"{value} is not a finite number {'>' if self.strict else '>='} {self.low:g}.", param, ctx)
+        return x
+
+
+# Every numeric option is checked before any work: a zero step count or batch used to start (and finish) runs.
+_COUNT, _NONNEG, _PORT = click.IntRange(min=1), click.IntRange(min=0), click.IntRange(0, 65535)
+_POSITIVE, _NONNEG_FLOAT, _AT_LEAST_ONE = _Number(0, strict=True), _Number(0, strict=False), _Number(1, strict=False)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -65,12 +88,12 @@ _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim),
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="run directory to create (assembled as OUT.partial, renamed when training finishes)")
 @click.option("--resume", is_flag=True, help="continue OUT (or an interrupted OUT.partial) from its last checkpoint")
-@click.option("--steps", type=int, help="total optimizer steps (overrides the preset)")
-@click.option("--batch", type=int, help="parallel streams per step (overrides the preset)")
-@click.option("--lr", type=float, help="peak learning rate (overrides the preset)")
-@click.option("--eval-every", type=int, help="steps between validations (overrides the preset)")
-@click.option("--ckpt-every", type=int, help="steps between checkpoints (overrides the preset)")
-@click.option("--seed", type=int, help="random seed (overrides the preset)")
+@click.option("--steps", type=_COUNT, help="total optimizer steps (overrides the preset)")
+@click.option("--batch", type=_COUNT, help="parallel streams per step (overrides the preset)")
+@click.option("--lr", type=_POSITIVE, help="peak learning rate (overrides the preset)")
+@click.option("--eval-every", type=_COUNT, help="steps between validations (overrides the preset)")
+@click.option("--ckpt-every", type=_COUNT, help="steps between checkpoints (overrides the preset)")
+@click.option("--seed", type=_NONNEG, help="random seed (overrides the preset)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: int | None, batch: int | None,
           lr: float | None, eval_every: int | None, ckpt_every: int | None, seed: int | None, quiet: bool) -> None:
@@ -112,10 +135,10 @@ def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: in
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--data", "data_spec", help="corpus to score (default: the one the run was trained on). " + _DATA_HELP)
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
-@click.option("--batch", type=int, default=8, show_default=True, help="parallel streams")
-@click.option("--tgt-len", type=int, help="segment length (default: the architecture's)")
-@click.option("--mem-len", type=int, help="memory length (default: the architecture's)")
-@click.option("--max-tokens", type=int, help="stop after this many tokens (default: the whole split)")
+@click.option("--batch", type=_COUNT, default=8, show_default=True, help="parallel streams")
+@click.option("--tgt-len", type=_COUNT, help="segment length (default: the architecture's)")
+@click.option("--mem-len", type=_NONNEG, help="memory length (default: the architecture's)")
+@click.option("--max-tokens", type=_COUNT, help="stop after this many tokens (default: the whole split)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int | None, mem_len: int | None,
           max_tokens: int | None, as_json: bool) -> None:
@@ -139,8 +162,8 @@ def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int
 @main.command("import")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="run directory to write")
-@click.option("--tgt-len", type=int, default=128, show_default=True, help="segment length the run is evaluated with")
-@click.option("--mem-len", type=int, default=128, show_default=True,
+@click.option("--tgt-len", type=_COUNT, default=128, show_default=True, help="segment length the run is evaluated with")
+@click.option("--mem-len", type=_NONNEG, default=128, show_default=True,
               help="memory length (context carried between segments)")
 def import_(source: Path, out: Path, tgt_len: int, mem_len: int) -> None:
     """Import a local Hugging Face decoder LM (a save_pretrained directory or a .gguf file) as a planer run:
@@ -171,8 +194,8 @@ def _load_arch(source: Path):
               help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, each "
                    "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
                    "(activations gelu_tanh, relu, silu); 'trt' = planer's TensorRT plugin (TensorRT only)")
-@click.option("--mem-len", type=int, help="memory length the graph keeps (default: the architecture's)")
-@click.option("--max-context", type=int, default=0,
+@click.option("--mem-len", type=_NONNEG, help="memory length the graph keeps (default: the architecture's)")
+@click.option("--max-context", type=_NONNEG, default=0,
               help="longest memory + segment the graph must accept; Transformer-XL attention keeps its relative "
                    "positions as a table of this length (default: twice the architecture's mem-len + tgt-len)")
 @click.option("--triton", "triton_repo", type=click.Path(path_type=Path),
@@ -180,9 +203,9 @@ def _load_arch(source: Path):
 @click.option("--triton-name", help="model name in the repository (default: RUN's directory name)")
 @click.option("--triton-kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Triton instance kind (ONNX Runtime backend on CPU or GPU)")
-@click.option("--triton-instances", type=int, default=1, show_default=True, help="model instances")
-@click.option("--triton-max-batch", type=int, default=8, show_default=True, help="max_batch_size")
-@click.option("--triton-max-delay-us", type=int, default=2000, show_default=True,
+@click.option("--triton-instances", type=_COUNT, default=1, show_default=True, help="model instances")
+@click.option("--triton-max-batch", type=_NONNEG, default=8, show_default=True, help="max_batch_size")
+@click.option("--triton-max-delay-us", type=_NONNEG, default=2000, show_default=True,
               help="dynamic batching: how long Triton waits for a request to batch with")
 @click.option("--overwrite", is_flag=True, help="replace the model already in the Triton repository")
 def export(run: Path, out: Path | None, lowering: str, mem_len: int | None, max_context: int,
@@ -253,10 +276,10 @@ _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); aut
 @click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
               "around the baseline: skip, attention heads, FFN widths, MoE experts/top-k/widths)")
 @click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True, help="intra-op threads of the engine")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--tgt-len", type=int, help="segment length (default: the architecture's)")
-@click.option("--mem-len", type=int, help="memory length (default: the architecture's)")
+@click.option("--threads", type=_COUNT, default=2, show_default=True, help="intra-op threads of the engine")
+@click.option("--batch", type=_COUNT, default=1, show_default=True)
+@click.option("--tgt-len", type=_COUNT, help="segment length (default: the architecture's)")
+@click.option("--mem-len", type=_NONNEG, help="memory length (default: the architecture's)")
 @click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP)
 @click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -302,13 +325,13 @@ _request_options = _options(
                       "checkpoint directory or .gguf file, imported first"),
     click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
                  help="engine the result is measured in and built for"),
-    click.option("--target-latency-ms", type=float, help="latency target in milliseconds (p50 in the engine)"),
+    click.option("--target-latency-ms", type=_POSITIVE, help="latency target in milliseconds (p50 in the engine)"),
 )
 _search_options = _options(
-    click.option("--batch", type=int, default=1, show_default=True, help="deployment batch size"),
-    click.option("--tgt-len", type=int, help="deployment segment length (default: the baseline's)"),
-    click.option("--mem-len", type=int, help="deployment memory length (default: the baseline's)"),
-    click.option("--threads", type=int, default=2, show_default=True, help="engine intra-op threads"),
+    click.option("--batch", type=_COUNT, default=1, show_default=True, help="deployment batch size"),
+    click.option("--tgt-len", type=_COUNT, help="deployment segment length (default: the baseline's)"),
+    click.option("--mem-len", type=_NONNEG, help="deployment memory length (default: the baseline's)"),
+    click.option("--threads", type=_COUNT, default=2, show_default=True, help="engine intra-op threads"),
     click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP),
     click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP),
     click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
@@ -393,7 +416,7 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
 
 @main.command()
 @_request_options
-@click.option("--target-speedup", type=float, help="latency target as baseline / result, measured side by side")
+@click.option("--target-speedup", type=_POSITIVE, help="latency target as baseline / result, measured side by side")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="directory to create: the chosen network before distillation, outcome.json, search_log.jsonl, "
                    "the calibrated latency_table.json")
@@ -435,8 +458,8 @@ def search(run: Path, engine: str, target_speedup: float | None, target_latency_
 @click.option("--teacher", required=True, type=click.Path(path_type=Path),
               help="the baseline's run directory, whose logits the student learns from")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="run directory to create")
-@click.option("--steps", type=int, default=1200, show_default=True, help="training steps (a medium build's)")
-@click.option("--batch", type=int, default=8, show_default=True, help="streams of the segment length per step")
+@click.option("--steps", type=_COUNT, default=1200, show_default=True, help="training steps (a medium build's)")
+@click.option("--batch", type=_COUNT, default=8, show_default=True, help="streams of the segment length per step")
 @click.option("--data", "data_spec", help="corpus (default: the teacher's). " + _DATA_HELP)
 @click.option("--resume", is_flag=True, help="continue the interrupted or finished run at --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
@@ -459,17 +482,17 @@ def distill(student: Path, teacher: Path, out: Path, steps: int, batch: int, dat
 @click.option("--reference", type=click.Path(path_type=Path),
               help="directory (arch.json + model.onnx) of the model timed beside the build [BUILD/baseline]")
 @click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), help="engine [the stored one, else ort]")
-@click.option("--batch", type=int, help="batch size [the stored deployment, else the build's]")
-@click.option("--tgt-len", type=int, help="tokens per call [the stored deployment, else the build's]")
-@click.option("--mem-len", type=int, help="memory length [the stored deployment, else the build's]")
-@click.option("--threads", type=int, help="engine threads [the stored deployment, else the build's]")
+@click.option("--batch", type=_COUNT, help="batch size [the stored deployment, else the build's]")
+@click.option("--tgt-len", type=_COUNT, help="tokens per call [the stored deployment, else the build's]")
+@click.option("--mem-len", type=_NONNEG, help="memory length [the stored deployment, else the build's]")
+@click.option("--threads", type=_COUNT, help="engine threads [the stored deployment, else the build's]")
 @click.option("--save", "save_to", type=click.Path(path_type=Path), help="write the measurement as a reference JSON")
 @click.option("--against", type=click.Path(path_type=Path),
               help="a reference JSON from --save: exit 1 if build/reference latency grew by more than --max-slowdown")
-@click.option("--max-slowdown", type=float, default=1.10, show_default=True,
+@click.option("--max-slowdown", type=_AT_LEAST_ONE, default=1.10, show_default=True,
               help="largest allowed growth of the build/reference latency ratio")
-@click.option("--min-seconds", type=float, default=2.0, show_default=True, help="timing time per try")
-@click.option("--tries", type=int, default=2, show_default=True,
+@click.option("--min-seconds", type=_POSITIVE, default=2.0, show_default=True, help="timing time per try")
+@click.option("--tries", type=_COUNT, default=2, show_default=True,
               help="with --against, a regression must show in every try (shared machines are noisy)")
 def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: int | None, tgt_len: int | None,
           mem_len: int | None, threads: int | None, save_to: Path | None, against: Path | None, max_slowdown: float,
@@ -516,16 +539,16 @@ def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: in
               help="engine to serve model.onnx with")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to bind; 0.0.0.0 exposes the server to the network")
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--threads", type=int, default=None, help="engine intra-op threads (default: the engine's choice)")
-@click.option("--max-batch", type=int, default=8, show_default=True,
+@click.option("--port", type=_PORT, default=8000, show_default=True)
+@click.option("--threads", type=_COUNT, default=None, help="engine intra-op threads (default: the engine's choice)")
+@click.option("--max-batch", type=_COUNT, default=8, show_default=True,
               help="decoding steps of the same shape stacked into one engine call")
-@click.option("--max-delay-ms", type=float, default=2.0, show_default=True,
+@click.option("--max-delay-ms", type=_NONNEG_FLOAT, default=2.0, show_default=True,
               help="how long a step may wait for others to batch with")
-@click.option("--max-queue", type=int, default=64, show_default=True,
+@click.option("--max-queue", type=_COUNT, default=64, show_default=True,
               help="requests in flight at once; more are answered 503 at once")
-@click.option("--max-body-kb", type=int, default=1024, show_default=True, help="largest request body (413 beyond)")
-@click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="largest max_tokens of /v1/generate")
+@click.option("--max-body-kb", type=_COUNT, default=1024, show_default=True, help="largest request body (413 beyond)")
+@click.option("--max-new-tokens", type=_COUNT, default=1024, show_default=True, help="largest max_tokens of /v1/generate")
 def serve(build_dir: Path, engine: str, host: str, port: int, threads: int | None, max_batch: int,
           max_delay_ms: float, max_queue: int, max_body_kb: int, max_new_tokens: int) -> None:
     """Serve a build over HTTP: POST /v1/score, POST /v1/generate, GET /healthz, GET /metrics.
@@ -546,8 +569,8 @@ def _speedups(text: str) -> list[float]:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise PlanerError(f"--target-speedup {text!r}: give a number or a comma-separated list (1.5,2,3)") from None
-    if any(v <= 0 for v in values) or len(set(values)) != len(values):
-        raise PlanerError(f"--target-speedup {text!r}: each speedup must be positive, each given once")
+    if not all(math.isfinite(v) and v > 0 for v in values) or len(set(values)) != len(values):
+        raise PlanerError(f"--target-speedup {text!r}: each speedup must be a finite positive number, each given once")
     return values
 
 

@@ -170,3 +170,35 @@ def test_profile_bad_space(tiny_run, tmp_path):
                                                                  "d_inner": 8}]}))
     _one_line_error(run("profile", "--model", tiny_run, "--space", space, "--out", tmp_path / "t.json"),
                     "candidate 0 (moe): moe top_k must be between")
+
+
+@pytest.mark.parametrize("args, option", [
+    (["train", "--preset", "tiny", "--steps", "0"], "--steps"),
+    (["train", "--preset", "tiny", "--batch", "-1"], "--batch"),
+    (["train", "--preset", "tiny", "--lr", "nan"], "--lr"),
+    (["train", "--preset", "tiny", "--lr", "0"], "--lr"),
+    (["train", "--preset", "tiny", "--eval-every", "0"], "--eval-every"),
+    (["train", "--preset", "tiny", "--ckpt-every", "0"], "--ckpt-every"),
+    (["build", "--model", "M", "--target-latency-ms", "0"], "--target-latency-ms"),
+    (["build", "--model", "M", "--target-latency-ms", "inf"], "--target-latency-ms"),
+    (["build", "--model", "M", "--target-speedup", "2", "--batch", "0"], "--batch"),
+    (["build", "--model", "M", "--target-speedup", "2", "--threads", "0"], "--threads"),
+    (["build", "--model", "M", "--target-speedup", "2", "--tgt-len", "0"], "--tgt-len"),
+    (["build", "--model", "M", "--target-speedup", "2", "--mem-len", "-1"], "--mem-len"),
+    (["build", "--model", "M", "--target-speedup", "nan"], "--target-speedup"),
+    (["search", "--model", "M", "--target-speedup", "-2"], "--target-speedup"),
+    (["distill", "S", "T", "--steps", "0"], "--steps"),
+    (["profile", "--model", "M", "--threads", "0"], "--threads"),
+    (["eval", "R", "--max-tokens", "0"], "--max-tokens"),
+    (["bench", "B", "--min-seconds", "0"], "--min-seconds"),
+    (["bench", "B", "--max-slowdown", "0.9"], "--max-slowdown"),
+    (["bench", "B", "--tries", "0"], "--tries"),
+    (["serve", "B", "--port", "70000"], "--port"),
+    (["serve", "B", "--max-batch", "0"], "--max-batch"),
+    (["serve", "B", "--max-delay-ms", "-1"], "--max-delay-ms"),
+])
+def test_numbers_out_of_range_are_refused_before_any_work(tmp_path, args, option):
+    # --out where the command has one: nothing may appear there
+    out = ["--out", tmp_path / "out"] if args[0] in ("train", "build", "search", "distill", "profile") else []
+    _one_line_error(run(*args, *out), option)
+    assert list(tmp_path.iterdir()) == []
