@@ -20,7 +20,8 @@ from tests.conftest import small_arch
 from tests.test_cli import _one_line_error, run
 
 # auto: the MoE lowering is measured while profiling (the baseline's exact gelu leaves `ops` alone to time)
-DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_seconds=0.1, lowering="auto")
+DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_seconds=0.1, lowering="auto",
+                 verdict_seconds=0.3)  # the micro networks time steadily enough in less than the default 2 s
 SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.ffn(64), BlockSpec.moe(2, 1, 64)))
 BUDGET = Budget(SearchConfig(rounds=2, steps=3, batch=2, valid_tokens=512), distill_steps=3)
 

@@ -147,7 +147,7 @@ def test_build_takes_a_hugging_face_checkpoint(text_file, tmp_path):
                                       num_key_value_heads=2, intermediate_size=256, vocab_size=256)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "llama"))
     space = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(2, 16, 2), BlockSpec.ffn(64), BlockSpec.moe(2, 1, 64)))
-    dep = Deployment(batch=1, tgt_len=32, mem_len=32, threads=1, min_iters=10, min_seconds=0.1)
+    dep = Deployment(batch=1, tgt_len=32, mem_len=32, threads=1, min_iters=10, min_seconds=0.1, verdict_seconds=0.3)
     budget = Budget(SearchConfig(rounds=1, steps=2, batch=2, valid_tokens=256), distill_steps=2)
     summary = build(tmp_path / "llama", tmp_path / "out", dep=dep, target_speedup=1.1, budget=budget, space=space,
                     data=f"enwik8:{text_file}", show_progress=False)

@@ -18,7 +18,7 @@ from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
 from tests.conftest import small_arch
 
-DEP = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05)
+DEP = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05, verdict_seconds=0.3)
 SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.attn(2, 16), BlockSpec.ffn(16),
                         BlockSpec.ffn(64), BlockSpec.moe(4, 1, 16)))
 

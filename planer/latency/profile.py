@@ -48,6 +48,7 @@ class Deployment:
     min_seconds: float = 0.5
     max_spread: float = 1.2  # p90/p50 above this means a noisy measurement: time again
     retries: int = 2
+    verdict_seconds: float = 2.0  # at least this long per run for the measurements that decide the target
 
     def __post_init__(self) -> None:
         from planer.export.lowering import LOWERINGS
@@ -83,7 +84,8 @@ class Deployment:
 
     def verdict(self) -> Deployment:
         """Timed longer, for the measurements that decide whether a target is met."""
-        return replace(self, min_seconds=max(self.min_seconds, 2.0), min_iters=max(self.min_iters, 50))
+        return replace(self, min_seconds=max(self.min_seconds, self.verdict_seconds),
+                       min_iters=max(self.min_iters, 50))
 
     def lowerings(self) -> tuple[str, ...]:
         """The lowerings this engine runs, for `auto` to choose from."""
