@@ -63,7 +63,8 @@ def write_repository(build_dir: str | os.PathLike, repo: str | os.PathLike, *, n
 
     out = Path(repo) / name
     if out.exists() and not overwrite:
-        raise TritonError(f"{out} already exists; choose another model name, or overwrite it (overwrite=True)")
+        raise TritonError(f"{out} already exists; choose another model name (--triton-name), or replace it "
+                          "(--overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Assembled beside its final place so the rename stays on one file system; a unique hidden
     # name keeps concurrent writers apart, and a failure removes it.
