@@ -549,8 +549,11 @@ def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: in
               help="requests in flight at once; more are answered 503 at once")
 @click.option("--max-body-kb", type=_COUNT, default=1024, show_default=True, help="largest request body (413 beyond)")
 @click.option("--max-new-tokens", type=_COUNT, default=1024, show_default=True, help="largest max_tokens of /v1/generate")
+@click.option("--body-timeout-s", type=_POSITIVE, default=10.0, show_default=True,
+              help="a request body not received in full by then is answered 408 (slow uploads hold no place in "
+                   "the queue meanwhile)")
 def serve(build_dir: Path, engine: str, host: str, port: int, threads: int | None, max_batch: int,
-          max_delay_ms: float, max_queue: int, max_body_kb: int, max_new_tokens: int) -> None:
+          max_delay_ms: float, max_queue: int, max_body_kb: int, max_new_tokens: int, body_timeout_s: float) -> None:
     """Serve a build over HTTP: POST /v1/score, POST /v1/generate, GET /healthz, GET /metrics.
 
     \b
@@ -560,7 +563,8 @@ def serve(build_dir: Path, engine: str, host: str, port: int, threads: int | Non
     from planer.serve import ServeConfig, serve as run_server
 
     config = ServeConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                         max_body_bytes=max_body_kb * 1024, max_new_tokens=max_new_tokens)
+                         max_body_bytes=max_body_kb * 1024, max_new_tokens=max_new_tokens,
+                         body_timeout_s=body_timeout_s)
     run_server(build_dir, engine=engine, threads=threads, host=host, port=port, config=config)
 
 

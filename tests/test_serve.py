@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import subprocess
@@ -192,3 +193,120 @@ def test_a_model_with_its_own_tokenizer_is_scored_in_perplexity(tmp_path):
         g = client.post("/v1/generate", json={"prompt": "the dog", "max_tokens": 4}).json()
     assert s["tokens"] == 6 and abs(s["ppl"] - math.exp(ref_loss)) < 1e-3 * math.exp(ref_loss)
     assert len(g["tokens"]) == 4 and all(w in words for w in g["text"].split())
+
+
+def _raw(url: str, request: bytes) -> socket.socket:
+    """A connection that has sent `request` (perhaps only part of one) and stays open."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    conn.sendall(request)
+    return conn
+
+
+def test_slow_uploads_are_answered_408_and_hold_no_place_in_the_queue(build_dir):
+    build, _ = build_dir
+    with running(build, max_queue=2, body_timeout_s=1.5) as url, httpx.Client(base_url=url, timeout=30) as client:
+        started = time.monotonic()
+        slow = [_raw(url, b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 40\r\n\r\n{\"text\": \"trick") for _ in range(4)]
+        time.sleep(0.2)  # the server has accepted them and is waiting for the rest of their bodies
+        codes = [client.post("/v1/score", json={"text": f"real request {i}"}).status_code for i in range(3)]
+        assert codes == [200, 200, 200], codes
+        assert time.monotonic() - started < 1.5, "the real requests waited for the slow ones"
+        answers = []
+        for conn in slow:
+            answers.append(b"".join(iter(lambda: conn.recv(4096), b"")))  # the server closes the connection
+            conn.close()
+    assert all(a.startswith(b"HTTP/1.1 408") and b"not received within 1.5 s" in a for a in answers), answers
+
+
+def test_a_client_that_disconnects_stops_its_generation(build_dir):
+    build, _ = build_dir
+    with running(build, max_new_tokens=20000) as url, httpx.Client(base_url=url, timeout=30) as client:
+        def steps() -> float:
+            return _metric(client.get("/metrics").text, "planer_batch_size_sum")
+
+        body = b'{"prompt": "going away", "max_tokens": 20000}'
+        conn = _raw(url, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 20
+        while steps() < 20:  # generation is under way
+            assert time.monotonic() < deadline, "generation did not start"
+            time.sleep(0.02)
+        conn.close()
+        deadline = time.monotonic() + 5
+        while _metric(client.get("/metrics").text, "planer_requests_total", 'code="499"') < 1:
+            assert time.monotonic() < deadline, f"generation went on after the client left ({steps():.0f} steps)"
+            time.sleep(0.05)
+        stopped = steps()
+        time.sleep(0.5)
+        assert steps() == stopped < 20000
+        assert client.post("/v1/generate", json={"prompt": "still here", "max_tokens": 3}).status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_json_and_are_counted(build_dir):
+    build, _ = build_dir
+    with running(build) as url, httpx.Client(base_url=url, timeout=30) as client:
+        missing = client.get("/v1/nothing")
+        wrong = client.get("/v1/score")
+        counted = client.get("/metrics").text
+    assert missing.status_code == 404 and "/v1/nothing" in missing.json()["error"]
+    assert wrong.status_code == 405 and "GET /v1/score" in wrong.json()["error"] and wrong.headers["allow"] == "POST"
+    assert _metric(counted, "planer_requests_total", 'code="404"') == 1
+    assert _metric(counted, "planer_requests_total", 'code="405",route="/v1/score"') == 1
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"text": "lone \\ud800 surrogate"}', "Unicode text"),  # valid JSON, not encodable text
+    (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"text": "' + b"9" * 5000 + b'"}', None),  # a long string is fine; scored
+])
+def test_pathological_scoring_input_is_answered_without_a_500(build_dir, body, words):
+    build, _ = build_dir
+    with running(build) as url, httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == (200 if words is None else 400), r.text
+    assert words is None or words in r.json()["error"]
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30, 100])
+def test_every_temperature_in_the_documented_range_generates(build_dir, temperature):
+    build, _ = build_dir
+    with running(build) as url, httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/generate", json={"prompt": "warm", "max_tokens": 4, "temperature": temperature,
+                                              "top_p": 5e-324 if temperature == 100 else 1, "seed": 2**63 - 1})
+        greedy = client.post("/v1/generate", json={"prompt": "warm", "max_tokens": 4}).json()["tokens"]
+    assert r.status_code == 200, r.text
+    assert temperature > 1 or r.json()["tokens"] == greedy  # near 0 is greedy
+
+
+def test_generated_requests_get_200_400_or_413_never_500(build_dir):
+    """Property-based: bodies built from the API's fields with any JSON values, and arbitrary bytes."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    build, _ = build_dir
+    text = st.text(st.characters(exclude_categories=()), max_size=40)  # surrogates included
+    scalar = st.none() | st.booleans() | st.integers() | st.floats() | text
+    anything = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(text, inner, max_size=3), max_leaves=8)
+    fields = ["text", "prompt", "max_tokens", "temperature", "top_p", "seed"]
+    loose = st.dictionaries(st.sampled_from(fields + ["extra"]), anything, max_size=4)
+    valid = st.fixed_dictionaries({"prompt": text}, optional={
+        "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 100), "top_p": st.floats(0, 1, exclude_min=True),
+        "seed": st.integers(0, 2**63 - 1) | st.none()})
+    bodies = (loose | valid).map(lambda d: json.dumps(d).encode()) | st.binary(max_size=200)
+    answered = []
+    with running(build, max_new_tokens=8, max_body_bytes=4096) as url, \
+            httpx.Client(base_url=url, timeout=30) as client:
+        @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(route=st.sampled_from(["/v1/score", "/v1/generate"]), body=bodies)
+        def answers_sanely(route: str, body: bytes) -> None:
+            r = client.post(route, content=body, headers={"content-type": "application/json"})
+            assert r.status_code in (200, 400, 413), (route, body[:80], r.status_code, r.text)
+            assert "error" in r.json() or r.status_code == 200
+            answered.append(r.status_code)
+
+        answers_sanely()
+        assert client.get("/healthz").json()["status"] == "ok"
+    assert 200 in answered and 400 in answered

@@ -6,14 +6,19 @@
     GET  /healthz      the model, the engine and its settings
     GET  /metrics      Prometheus text: requests, latencies, batch sizes, queue depth
 
-Errors are JSON {"error": "..."}: 400 for malformed or out-of-range input, 413
-for a body over the limit, 503 when `max_queue` requests are already in flight
-(the request was not started; retry later).
+Errors are JSON {"error": "..."}: 400 for malformed or out-of-range input, 404/405
+for an unknown route or method, 408 for a body not received within `body_timeout_s`,
+413 for a body over the limit, 503 when `max_queue` requests are already in flight
+(the request was not started; retry later). A request counts against `max_queue`
+only once its whole body has arrived, so slow uploads cannot crowd out the rest,
+and a client that disconnects stops its request (counted as code 499 in /metrics).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +29,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -45,14 +51,21 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_input_tokens: int = 65536  # of a text to score or a prompt
     max_new_tokens: int = 1024
+    body_timeout_s: float = 10.0  # a body not received in full by then is answered 408
 
     def validate(self) -> ServeConfig:
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_input_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise PlanerError(f"{name.replace('_', '-')} must be at least 1")
-        if self.max_delay_ms < 0:
+        if not self.max_delay_ms >= 0:
             raise PlanerError("max-delay-ms must be 0 or more")
+        if not 0 < self.body_timeout_s < float("inf"):
+            raise PlanerError("body-timeout-s must be a positive number of seconds")
         return self
+
+
+log = logging.getLogger("planer.serve")
+CLIENT_CLOSED = 499  # nginx's code for a request whose client went away before the answer
 
 
 class _HttpError(Exception):
@@ -91,6 +104,18 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_text(v: Any) -> bool:
+    """A non-empty string every tokenizer can encode: JSON's \\ud800-style escapes can carry lone surrogates,
+    which are not Unicode text."""
+    if not isinstance(v, str) or v == "":
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 Spec = dict[str, tuple[Any, Callable[[Any], bool], str]]  # name -> (default, or ... if required; valid; meaning)
 
 
@@ -109,6 +134,44 @@ def _fields(body: dict[str, Any], spec: Spec) -> dict[str, Any]:
     return values
 
 
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if status == 503:
+        headers["Retry-After"] = "1"
+    if status == 408:  # the rest of the body may still be on its way: do not read it as the next request
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, config: ServeConfig) -> dict[str, Any]:
+    try:
+        return await asyncio.wait_for(_body(request, config.max_body_bytes), config.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise _HttpError(408, f"request body not received within {config.body_timeout_s:g} s") from None
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> dict:
+    """`work`'s answer, or a 499 once the client has gone: its steps still queued are then dropped
+    (planer.serve.batcher) rather than computed for nobody."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+    if task.cancelled():
+        raise _HttpError(CLIENT_CLOSED, "the client closed the connection")
+    return task.result()
+
+
 async def _body(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -122,6 +185,8 @@ async def _body(request: Request, limit: int) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise _HttpError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise _HttpError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise _HttpError(400, "the body must be a JSON object")
     return body
@@ -144,43 +209,43 @@ def create_app(build_dir: str | Path, *, engine: str = "ort", threads: int | Non
     lm = ServedLM(arch, batcher, load_tokenizer(build, arch.vocab_size), max_input_tokens=config.max_input_tokens)
     in_flight = 0
 
-    def endpoint(route: str, handler: Callable[[Request], Awaitable[dict]], *, admit: bool) -> Route:
+    def endpoint(route: str, handler: Callable[[dict[str, Any]], Awaitable[dict]]) -> Route:
         async def answer(request: Request) -> Response:
             nonlocal in_flight
             start = time.perf_counter()
             try:
-                if admit and in_flight >= config.max_queue:
+                body = await _read_body(request, config)
+                if in_flight >= config.max_queue:
                     raise _HttpError(503, f"server busy: {in_flight} requests in flight (max-queue "
                                           f"{config.max_queue}); retry later")
-                in_flight += int(admit)
+                in_flight += 1
                 metrics.in_flight.set(in_flight)
                 try:
-                    response = JSONResponse(await handler(request))
+                    response = JSONResponse(await _unless_disconnected(request, handler(body)))
                 finally:
-                    in_flight -= int(admit)
+                    in_flight -= 1
                     metrics.in_flight.set(in_flight)
             except _HttpError as e:
-                headers = {"Retry-After": "1"} if e.status == 503 else None
-                response = JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+                response = _error(e.status, str(e))
             except BadRequest as e:
-                response = JSONResponse({"error": str(e)}, status_code=400)
+                response = _error(400, str(e))
             except Exception as e:  # an engine failure answers this request and leaves the server up
-                response = JSONResponse({"error": f"engine failed: {e}"}, status_code=500)
+                log.exception("%s answered 500", route)
+                response = _error(500, f"engine failed: {e}")
             metrics.requests.labels(route, str(response.status_code)).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)
             return response
 
-        return Route(route, answer, methods=["POST"] if admit else ["GET"])
+        return Route(route, answer, methods=["POST"])
 
-    async def score(request: Request) -> dict:
-        body = _fields(await _body(request, config.max_body_bytes), {
-            "text": (..., lambda v: isinstance(v, str) and v != "", "a non-empty string")})
+    async def score(body: dict[str, Any]) -> dict:
+        body = _fields(body, {"text": (..., _is_text, "a non-empty string of Unicode text")})
         async with batcher.stream():
             return await lm.score(body["text"])
 
-    async def generate(request: Request) -> dict:
-        body = _fields(await _body(request, config.max_body_bytes), {
-            "prompt": (..., lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    async def generate(body: dict[str, Any]) -> dict:
+        body = _fields(body, {
+            "prompt": (..., _is_text, "a non-empty string of Unicode text"),
             "max_tokens": (64, lambda v: _is_int(v) and 1 <= v <= config.max_new_tokens,
                            f"an integer from 1 to {config.max_new_tokens}"),
             "temperature": (0.0, lambda v: _is_number(v) and 0 <= v <= 100, "a number from 0 (greedy) to 100"),
@@ -194,9 +259,17 @@ def create_app(build_dir: str | Path, *, engine: str = "ort", threads: int | Non
         metrics.generated.inc(len(result["tokens"]))
         return result
 
-    async def healthz(request: Request) -> dict:
-        return {"status": "ok", "planer": __version__, "model": str(build), "arch": arch.summary(),
-                "engine": eng.provenance(), "config": config.__dict__}
+    async def healthz(request: Request) -> Response:
+        metrics.requests.labels("/healthz", "200").inc()
+        return JSONResponse({"status": "ok", "planer": __version__, "model": str(build), "arch": arch.summary(),
+                             "engine": eng.provenance(), "config": config.__dict__})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 and 405, answered as JSON like every other error and counted."""
+        assert isinstance(exc, HTTPException)
+        known = exc.status_code == 405  # the path exists: its label is bounded, an unknown path's is not
+        metrics.requests.labels(request.url.path if known else "unmatched", str(exc.status_code)).inc()
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", exc.headers)
 
     async def prometheus(request: Request) -> Response:
         metrics.queued_steps.set(batcher.pending)
@@ -208,6 +281,6 @@ def create_app(build_dir: str | Path, *, engine: str = "ort", threads: int | Non
         yield
         await batcher.stop()
 
-    return Starlette(routes=[endpoint("/v1/score", score, admit=True), endpoint("/v1/generate", generate, admit=True),
-                             endpoint("/healthz", healthz, admit=False), Route("/metrics", prometheus)],
-                     lifespan=lifespan)
+    return Starlette(routes=[endpoint("/v1/score", score), endpoint("/v1/generate", generate),
+                             Route("/healthz", healthz), Route("/metrics", prometheus)],
+                     exception_handlers={404: http_error, 405: http_error}, lifespan=lifespan)

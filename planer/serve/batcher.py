@@ -104,7 +104,7 @@ class Batcher:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     pass
                 continue
             taken = {id(s) for s in batch}

@@ -96,7 +96,11 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     smallest set of most probable tokens whose probability reaches top_p (nucleus sampling)."""
     if temperature == 0:
         return int(np.argmax(logits))
-    p = np.exp(log_softmax(logits / temperature))
+    # Scaled after subtracting the maximum: the most probable token stays at 0, so a temperature near 0
+    # sends the rest to -inf (greedy) instead of turning every logit into inf and the softmax into nan.
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):
+        p = np.exp(log_softmax((z - z.max(axis=-1, keepdims=True)) / temperature))
     if top_p < 1:
         order = np.argsort(-p, kind="stable")
         keep = order[:int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
