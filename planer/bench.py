@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from planer.errors import PlanerError
-from planer.files import atomic_write, exported_model
+from planer.files import atomic_write, exported_model, file_digest
 from planer.runtime import LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
 
@@ -34,6 +34,7 @@ class Measurement:
     deployment: dict[str, int]
     build: LatencyStats
     reference: LatencyStats
+    digests: dict[str, str]  # "build", "reference" -> SHA-256 of the model.onnx timed
 
     @property
     def ratio(self) -> float:
@@ -45,8 +46,8 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "ratio": self.ratio, "engine": self.engine, "deployment": self.deployment,
-                "build": self.build.to_dict() | {"tokens_per_s": self.tokens_per_s(self.build)},
-                "reference": self.reference.to_dict() | {"tokens_per_s": self.tokens_per_s(self.reference)}}
+                **{name: stats.to_dict() | {"tokens_per_s": self.tokens_per_s(stats), "sha256": self.digests[name]}
+                   for name, stats in (("build", self.build), ("reference", self.reference))}}
 
     def table(self) -> str:
         d = self.deployment
@@ -78,15 +79,16 @@ def measure(build_dir: str | os.PathLike, reference_dir: str | os.PathLike | Non
     reference = build / REFERENCE_DIR if reference_dir is None else Path(reference_dir)
     if min(batch, tgt_len) < 1 or mem_len < 0:
         raise PlanerError("batch and tgt-len must be at least 1, mem-len at least 0")
-    runs = []
+    runs, digests = [], {}
     for directory, what in ((build, "build"), (reference, "reference")):
         path, arch = exported_model(directory, what)
+        digests[what] = file_digest(path)
         runs.append((load_engine(engine, str(path), threads=threads, shape=(batch, tgt_len, mem_len)),
                      example_feeds(arch, batch, tgt_len, mem_len)))
     build_stats, reference_stats = time_engines(runs, min_seconds=min_seconds, min_iters=min_iters)
     return Measurement(describe_engine(engine, threads=threads),
                        {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads or 0},
-                       build_stats, reference_stats)
+                       build_stats, reference_stats, digests)
 
 
 def save(measurement: Measurement, path: str | os.PathLike) -> None:
@@ -111,6 +113,16 @@ def gate(now: Measurement, stored: dict[str, Any], max_slowdown: float) -> tuple
     if stored["deployment"] != now.deployment:
         raise PlanerError(f"the reference was measured at {stored['deployment']}, this run at {now.deployment}; "
                           "measure the same deployment (omit the shape options to use the stored one)")
+    before = stored["reference"].get("sha256")
+    if before is None:
+        raise PlanerError("the stored reference does not say which reference model it was measured on (written by "
+                          "an older planer); write it again with `planer bench BUILD --save`")
+    if before != now.digests["reference"]:
+        # The gate's ratio is only comparable against the same reference: another one would hide (or invent)
+        # a change of the build's own latency.
+        raise PlanerError(f"the reference model timed now (sha256 {now.digests['reference'][:12]}) is not the one "
+                          f"the stored ratio was measured against ({before[:12]}); pass that model with "
+                          "--reference, or store a new reference with --save")
     change = now.ratio / stored["ratio"]
     ok = change <= max_slowdown
     rows = [f"{'':20}{'stored':>9}{'now':>9}{'change':>9}",
@@ -119,6 +131,8 @@ def gate(now: Measurement, stored: dict[str, Any], max_slowdown: float) -> tuple
             f"{'reference p50 ms':20}{stored['reference']['p50']:9.3f}{now.reference.p50:9.3f}",
             f"limit {(max_slowdown - 1) * 100:+.1f}% (max-slowdown {max_slowdown:g}): "
             + ("pass" if ok else "REGRESSED: the build is slower relative to the reference than when stored")]
+    if stored["build"].get("sha256") == now.digests["build"]:
+        rows.append("build model: the one stored")
     if stored["engine"].get("cpu") != now.engine.get("cpu"):
         rows.append(f"note: stored on {stored['engine'].get('cpu')}, measured on {now.engine.get('cpu')}")
     return ok, "\n".join(rows)

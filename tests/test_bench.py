@@ -72,5 +72,13 @@ def test_bad_references_and_mismatched_deployments_get_one_line_errors(models, t
     assert bench(models["build"], "--save", ref, "--batch", "2").exit_code == 0
     other = bench(models["build"], "--against", ref, "--batch", "1")
     assert other.exit_code != 0 and "measured at" in other.output
+    # A heavier reference makes any build look fast: the gate must not compare ratios to different models.
+    swapped = bench(models["build"], "--reference", models["slowed"], "--against", ref, "--batch", "2")
+    assert swapped.exit_code != 0 and "not the one the stored ratio was measured against" in swapped.output
+    old = json.loads(ref.read_text())
+    del old["reference"]["sha256"]
+    ref.write_text(json.dumps(old))
+    unknown = bench(models["build"], "--against", ref, "--batch", "2")
+    assert unknown.exit_code != 0 and "write it again" in unknown.output
     no_ref = bench(models["slowed"])  # no baseline/ beside it and no --reference
     assert no_ref.exit_code != 0 and "the reference must be a build directory" in no_ref.output
