@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from planer.errors import PlanerError
+from planer.errors import PlanerError, not_found
 
 FORMAT = "planer.arch/1"
 BLOCK_KINDS = ("attn", "ffn", "moe", "skip")
@@ -290,7 +290,7 @@ class Architecture:
     def load(path: str | os.PathLike) -> Architecture:
         p = Path(path)
         if not p.is_file():
-            raise ArchError(f"{p}: no such architecture file; pass a run directory or an arch.json")
+            raise ArchError(f"{not_found(p, 'architecture file')}; pass a run directory or an arch.json")
         try:
             return Architecture.from_json(p.read_text())
         except UnicodeDecodeError:

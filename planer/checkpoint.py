@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from planer.arch import ArchError, Architecture
-from planer.errors import PlanerError
+from planer.errors import PlanerError, not_found
 from planer.files import ARCH_FILE, atomic_write, publish, staging_dir
 from planer.nn import LM
 
@@ -34,7 +34,7 @@ def load_model(run_dir: str | os.PathLike, **model_kwargs: float) -> LM:
     """Build the LM described by RUN/arch.json and load RUN/model.safetensors into it."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise PlanerError(f"{run}: no such run directory; pass the --out directory of `planer train`")
+        raise PlanerError(f"{not_found(run, 'run directory')}; pass the --out directory of `planer train`")
     arch_path, weights_path = run / ARCH_FILE, run / WEIGHTS_FILE
     if not arch_path.is_file():
         raise PlanerError(f"{run}: no {ARCH_FILE}; this is not a planer run directory")

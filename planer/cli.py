@@ -10,6 +10,9 @@ import json
 import math
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -28,6 +31,11 @@ class _Group(click.Group):
             raise click.ClickException(str(e)) from None
         except click.BadParameter as e:  # one line, like every other error, not the usage block
             raise click.ClickException(e.format_message()) from None
+        except OSError as e:  # a path the user named cannot be created, read or written
+            if e.filename is None:
+                raise
+            raise click.ClickException(f"{e.filename}: {e.strerror or e}; check that the path exists, is the "
+                                       "kind expected, and that you may write where outputs go") from None
 
 
 class _Number(click.ParamType):
@@ -44,6 +52,42 @@ class _Number(click.ParamType):
             self.fail(f"{value} is not a finite number {'>' if self.strict else '>='} {self.low:g}.", param, ctx)
         return x
 
+
+@contextmanager
+def _resumable(out: Path) -> Iterator[None]:
+    """Ctrl-C during a training run says what was kept and how to go on."""
+    from planer.files import staging_dir
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        if staging_dir(out).is_dir():
+            raise PlanerError(f"interrupted; {staging_dir(out)} keeps the last checkpoint: run the same command "
+                              "with --resume to continue from it") from None
+        raise PlanerError("interrupted before the first checkpoint; nothing was kept") from None
+
+
+class _OutputPath(click.Path):
+    """A path to write: checked before any work by creating a file beside it (a profile used to time every block
+    for minutes, then fail to save); missing parent directories are fine where they can be created."""
+
+    def convert(self, value, param, ctx) -> Path:
+        path = Path(super().convert(value, param, ctx))
+        ancestor = path.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        try:
+            if not ancestor.is_dir():
+                raise NotADirectoryError(f"{ancestor} is not a directory")
+            with tempfile.TemporaryFile(dir=ancestor):
+                pass
+        except OSError as e:
+            self.fail(f"cannot write {value}: {e.strerror or e} in {ancestor}; choose a path in a directory "
+                      "you can write", param, ctx)
+        return path
+
+
+_OUTPUT = _OutputPath(path_type=Path)
 
 # Every numeric option is checked before any work: a zero step count or batch used to start (and finish) runs.
 _COUNT, _NONNEG, _PORT = click.IntRange(min=1), click.IntRange(min=0), click.IntRange(0, 65535)
@@ -85,7 +129,7 @@ _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim),
 @click.option("--preset", help="baseline to train: tiny, txl-enwik8-base, txl-wt103-base "
               "(not needed with --resume)")
 @click.option("--data", "data_spec", default="sample", show_default=True, help=_DATA_HELP)
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=_OUTPUT,
               help="run directory to create (assembled as OUT.partial, renamed when training finishes)")
 @click.option("--resume", is_flag=True, help="continue OUT (or an interrupted OUT.partial) from its last checkpoint")
 @click.option("--steps", type=_COUNT, help="total optimizer steps (overrides the preset)")
@@ -123,8 +167,9 @@ def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: in
 
     if arch is not None and distributed.is_main():  # under torchrun only rank 0 reports
         click.echo(arch.summary())
-    result = run_training(corpus, cfg, out, arch=arch, preset=preset or "", resume=resume,
-                          show_progress=not quiet)
+    with _resumable(out):
+        result = run_training(corpus, cfg, out, arch=arch, preset=preset or "", resume=resume,
+                              show_progress=not quiet)
     if distributed.is_main():
         click.echo(f"{out}: step {result['step']}, {result['tokens_per_second']:.0f} tokens/s over "
                    f"{result['train_seconds']:.0f} s; valid {headline(result['valid'])}, "
@@ -150,7 +195,7 @@ def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int
     model = load_model(run)
     corpus = run_corpus(run, data_spec, model.arch.vocab_size)
     result = evaluate(model, corpus.split(split), corpus.unit, batch=batch, tgt_len=tgt_len, mem_len=mem_len,
-                      max_tokens=max_tokens)
+                      max_tokens=max_tokens, progress=f"eval {split}")
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -161,7 +206,7 @@ def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int
 
 @main.command("import")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="run directory to write")
+@click.option("--out", required=True, type=_OUTPUT, help="run directory to write")
 @click.option("--tgt-len", type=_COUNT, default=128, show_default=True, help="segment length the run is evaluated with")
 @click.option("--mem-len", type=_NONNEG, default=128, show_default=True,
               help="memory length (context carried between segments)")
@@ -189,7 +234,7 @@ def _load_arch(source: Path):
 
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="ONNX file to write (default: RUN/model.onnx)")
+@click.option("--out", type=_OUTPUT, help="ONNX file to write (default: RUN/model.onnx)")
 @click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt"]), default="ops", show_default=True,
               help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, each "
                    "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
@@ -246,8 +291,9 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
     if lowering == "trt":
         try:
             engine, name = load_engine("trt", str(path), shape=(2, arch.tgt_len, mem)), "TensorRT"
-        except EngineError as e:
-            click.echo(f"{size}; not checked against PyTorch: {e}")
+        except EngineError as e:  # its remedy names --engine, which export does not have
+            click.echo(f"{size}; not checked against PyTorch: {e.reason}. The trt lowering runs only in TensorRT: "
+                       "run this export where TensorRT runs to check it")
             return
     else:
         engine, name = OrtEngine(path), "ONNX Runtime"
@@ -282,7 +328,7 @@ _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); aut
 @click.option("--mem-len", type=_NONNEG, help="memory length (default: the architecture's)")
 @click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP)
 @click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP)
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=_OUTPUT,
               help="latency table JSON; if it exists, its entries are reused (same engine and shape only)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def profile(source: Path, space: Path | None, engine: str, threads: int, batch: int, tgt_len: int | None,
@@ -342,7 +388,7 @@ _search_options = _options(
                  "around the baseline)"),
     click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for "
                  "an imported model, which reads it through its own tokenizer). " + _DATA_HELP),
-    click.option("--table", "table_cache", type=click.Path(path_type=Path),
+    click.option("--table", "table_cache", type=_OUTPUT,
                  help="latency table file to reuse (same engine and shape only) and update; by default the "
                       "blocks are profiled afresh"),
     click.option("--quiet", is_flag=True, help="no progress bars"),
@@ -368,7 +414,7 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
 @_request_options
 @click.option("--target-speedup", metavar="S[,S...]", help="latency target as baseline / result, measured side by side; a list "
               "(1.5,2,3) sweeps: one build per target under --out and one pareto.png across them")
-@click.option("--out", type=click.Path(path_type=Path),
+@click.option("--out", type=_OUTPUT,
               help="build directory to create (default: builds/<model>-x<speedup>, -<ms>ms or -sweep)")
 @_search_options
 @click.option("--compare", is_flag=True, help="also train and time, at the result's latency, the baseline with "
@@ -417,7 +463,7 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
 @main.command()
 @_request_options
 @click.option("--target-speedup", type=_POSITIVE, help="latency target as baseline / result, measured side by side")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=_OUTPUT,
               help="directory to create: the chosen network before distillation, outcome.json, search_log.jsonl, "
                    "the calibrated latency_table.json")
 @_search_options
@@ -457,7 +503,7 @@ def search(run: Path, engine: str, target_speedup: float | None, target_latency_
               help="network to train: a directory with arch.json and model.safetensors (`planer search --out`)")
 @click.option("--teacher", required=True, type=click.Path(path_type=Path),
               help="the baseline's run directory, whose logits the student learns from")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="run directory to create")
+@click.option("--out", required=True, type=_OUTPUT, help="run directory to create")
 @click.option("--steps", type=_COUNT, default=1200, show_default=True, help="training steps (a medium build's)")
 @click.option("--batch", type=_COUNT, default=8, show_default=True, help="streams of the segment length per step")
 @click.option("--data", "data_spec", help="corpus (default: the teacher's). " + _DATA_HELP)
@@ -471,8 +517,9 @@ def distill(student: Path, teacher: Path, out: Path, steps: int, batch: int, dat
     from planer.build import distill as run_distill
     from planer.train.evaluate import headline
 
-    final = run_distill(student, teacher, out, steps=steps, batch=batch, data=data_spec, resume=resume,
-                        show_progress=not quiet)
+    with _resumable(out):
+        final = run_distill(student, teacher, out, steps=steps, batch=batch, data=data_spec, resume=resume,
+                            show_progress=not quiet)
     if distributed.is_main():
         click.echo(f"{out}: valid {headline(final['valid'])} after {final['step']} steps")
 
@@ -486,7 +533,7 @@ def distill(student: Path, teacher: Path, out: Path, steps: int, batch: int, dat
 @click.option("--tgt-len", type=_COUNT, help="tokens per call [the stored deployment, else the build's]")
 @click.option("--mem-len", type=_NONNEG, help="memory length [the stored deployment, else the build's]")
 @click.option("--threads", type=_COUNT, help="engine threads [the stored deployment, else the build's]")
-@click.option("--save", "save_to", type=click.Path(path_type=Path), help="write the measurement as a reference JSON")
+@click.option("--save", "save_to", type=_OUTPUT, help="write the measurement as a reference JSON")
 @click.option("--against", type=click.Path(path_type=Path),
               help="a reference JSON from --save: exit 1 if build/reference latency grew by more than --max-slowdown")
 @click.option("--max-slowdown", type=_AT_LEAST_ONE, default=1.10, show_default=True,

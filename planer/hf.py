@@ -46,6 +46,10 @@ class Imported:
     model_type: str
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def _unsupported(what: str) -> HFImportError:
     return HFImportError(f"{what}; planer imports decoder-only LMs of types {', '.join(SUPPORTED)} "
                         "(Llama, SmolLM, Mistral, GPT-2)")
@@ -71,10 +75,12 @@ def _load(source: Path) -> tuple[Any, Any, Any]:
     else:
         raise HFImportError(f"{source}: expected a checkpoint directory with config.json (save_pretrained's "
                            "layout) or a .gguf file")
+    # transformers' readers fail on a damaged file with whatever error its bytes cause (struct.error from a
+    # truncated .gguf, TypeError from a config field of the wrong type): each is the user's file, not a bug here.
     try:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=True, **extra)
-    except (ValueError, KeyError, OSError) as e:
-        raise _unsupported(f"{source}: transformers cannot read its config ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise _unsupported(f"{source}: transformers cannot read its config ({_first_line(e)})") from None
     if config.model_type not in SUPPORTED:
         kind = ("an encoder-decoder model" if getattr(config, "is_encoder_decoder", False) else
                 f"model_type {config.model_type!r}")
@@ -82,8 +88,8 @@ def _load(source: Path) -> tuple[Any, Any, Any]:
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=torch.float32,
                                                                   **extra)
-    except (OSError, ValueError, ImportError) as e:
-        raise HFImportError(f"{source}: transformers cannot load the weights ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise HFImportError(f"{source}: transformers cannot load the weights ({_first_line(e)})") from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError, TypeError):

@@ -32,7 +32,7 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from planer.arch import Architecture
-from planer.errors import PlanerError
+from planer.errors import PlanerError, not_found
 from planer.files import ARCH_FILE, MODEL_FILE, publish
 from planer.runtime.feeds import input_names, output_names
 
@@ -153,7 +153,7 @@ def _model_name(build: Path, name: str | None) -> str:
 def _load_build(build: Path) -> Architecture:
     """The build's architecture, after checking that its model.onnx has the signature that goes with it."""
     if not build.is_dir():
-        raise TritonError(f"{build}: no such build directory; pass the --out directory of `planer build`")
+        raise TritonError(f"{not_found(build, 'build directory')}; pass the --out directory of `planer build`")
     model_path = build / MODEL_FILE
     if not model_path.is_file():
         raise TritonError(f"{build}: no {MODEL_FILE}; export one with `planer export {build}`")

@@ -38,7 +38,7 @@ def test_train_and_eval(tmp_path, text_file):
     assert "bpc" in result.output
     scored = run("eval", out, "--max-tokens", 512, "--json")
     assert scored.exit_code == 0, scored.output
-    assert json.loads(scored.output)["tokens"] >= 512
+    assert json.loads(scored.stdout)["tokens"] >= 512  # the progress bar goes to stderr
     _one_line_error(run("train", "--preset", "tiny", "--data", f"enwik8:{text_file}", "--out", out),
                     "already exists; pass --resume")
 
@@ -131,6 +131,7 @@ def test_export_trt_lowering_says_it_is_unchecked_without_tensorrt(tiny_run, tmp
     result = run("export", tiny_run, "--out", tmp_path / "m.onnx", "--lowering", "trt")
     assert result.exit_code == 0, result.output
     assert "not checked against PyTorch: TensorRT is not installed here" in result.output
+    assert "--engine" not in result.output  # export has no such option
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
@@ -202,3 +203,90 @@ def test_numbers_out_of_range_are_refused_before_any_work(tmp_path, args, option
     out = ["--out", tmp_path / "out"] if args[0] in ("train", "build", "search", "distill", "profile") else []
     _one_line_error(run(*args, *out), option)
     assert list(tmp_path.iterdir()) == []
+
+
+def _unwritable(tmp_path):
+    """Output paths no one can write: under a regular file, and under /proc (refused even to root)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return [blocker / "out", "/proc/planer-no-such-dir/out"]
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--preset", "tiny", "--out"],
+    ["profile", "--model", "M", "--out"],
+    ["build", "--model", "M", "--target-speedup", "2", "--out"],
+    ["search", "--model", "M", "--target-speedup", "2", "--out"],
+    ["distill", "S", "T", "--out"],
+    ["import", "M", "--out"],
+    ["export", "R", "--out"],
+    ["bench", "B", "--save"],
+    ["build", "--model", "M", "--target-speedup", "2", "--table"],
+])
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, args):
+    for out in _unwritable(tmp_path):
+        _one_line_error(run(*args, out), "cannot write")
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_files_that_are_not_what_they_should_be_get_one_line_errors(tmp_path):
+    from planer.checkpoint import save_weights
+    from planer.nn import LM
+
+    run_dir = _fake_run(tmp_path, weights=None)
+    save_weights(LM(small_arch()), run_dir / "model.safetensors")
+    (run_dir / "config.json").write_text("[1, 2]")
+    _one_line_error(run("eval", run_dir / "arch.json"), "a file, not a run directory")
+    _one_line_error(run("eval", run_dir, "--max-tokens", 8), "config.json: unreadable or not written by")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00junk")
+    _one_line_error(run("import", gguf, "--out", tmp_path / "imported"), "transformers cannot read")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "wide"}))
+    _one_line_error(run("import", hf, "--out", tmp_path / "imported"), "transformers cannot read")
+    assert not (tmp_path / "imported").exists()
+
+
+def test_a_resume_from_a_damaged_checkpoint_says_so(tmp_path, text_file):
+    out = tmp_path / "run"
+    assert run("train", "--preset", "tiny", "--data", f"enwik8:{text_file}", "--out", out, "--steps", 1,
+               "--batch", 1, "--quiet").exit_code == 0
+    (out / "train_state.pt").write_bytes(b"junk\n")  # torch.load raised KeyError on this
+    _one_line_error(run("train", "--data", f"enwik8:{text_file}", "--out", out, "--resume", "--steps", 2),
+                    "cannot resume, checkpoint unreadable")
+
+
+def test_a_new_run_that_stops_before_its_first_checkpoint_leaves_nothing(tmp_path, text_file, monkeypatch):
+    import planer.train.trainer as trainer
+
+    real = trainer.lr_at
+    stop_at = {"step": 1}  # lr_at(1) runs for the second step, before the checkpoint after it
+
+    def failing(step, cfg):
+        if step == stop_at["step"]:
+            raise KeyboardInterrupt
+        return real(step, cfg)
+
+    monkeypatch.setattr(trainer, "lr_at", failing)
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", f"enwik8:{text_file}", "--out", out, "--steps", 4, "--batch", 1,
+            "--ckpt-every", 2, "--quiet"]
+    def stopped(result, fragment):  # after the architecture's summary: one error line, no traceback
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        assert result.output.strip().splitlines()[-1].startswith("Error: ") and fragment in result.output
+
+    stopped(run(*args), "interrupted before the first checkpoint; nothing was kept")
+    assert list(tmp_path.iterdir()) == []  # the same command can start again
+    stop_at["step"] = 3  # after the checkpoint at step 2
+    stopped(run(*args), "keeps the last checkpoint: run the same command with --resume")
+    monkeypatch.setattr(trainer, "lr_at", real)
+    resumed = run(*args, "--resume")
+    assert resumed.exit_code == 0 and "step 4" in resumed.output, resumed.output
+
+
+def test_a_training_runs_final_evaluation_shows_progress(tmp_path, text_file):
+    result = CliRunner().invoke(main, ["train", "--preset", "tiny", "--data", f"enwik8:{text_file}", "--out",
+                                       tmp_path / "run", "--steps", 1, "--batch", 1])
+    assert result.exit_code == 0, result.output
+    assert "final eval: valid" in result.output and "final eval: test" in result.output

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planer.errors import PlanerError
+from planer.errors import PlanerError, not_found
 
 SAMPLE_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 UNK, EOS = "<unk>", "<eos>"
@@ -83,7 +83,7 @@ def load_bytes(spec: str, raw: bytes) -> Corpus:
 
 def load_enwik8(path: Path, spec: str) -> Corpus:
     if not path.is_file():
-        raise DataError(f"{path}: no such file; {spec.partition(':')[0]}:PATH needs a raw (unzipped) file")
+        raise DataError(f"{not_found(path, 'file')}; {spec.partition(':')[0]}:PATH needs a raw (unzipped) file")
     raw = path.read_bytes()
     if raw[:2] == b"PK" or raw[:3] == b"BZh" or raw[:2] == b"\x1f\x8b":
         raise DataError(f"{path}: this is a compressed archive; unpack it and pass the raw file")
@@ -114,7 +114,7 @@ def encode(words: list[str], index: dict[str, int]) -> np.ndarray:
 
 def load_wikitext(directory: Path, spec: str) -> Corpus:
     if not directory.is_dir():
-        raise DataError(f"{directory}: no such directory; wikitext103:DIR needs the folder with wiki.*.tokens")
+        raise DataError(f"{not_found(directory, 'directory')}; wikitext103:DIR needs the folder with wiki.*.tokens")
     paths = {s: directory / f"wiki.{s}.tokens" for s in SPLITS}
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:

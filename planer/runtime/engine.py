@@ -11,7 +11,12 @@ from planer.errors import PlanerError
 
 
 class EngineError(PlanerError):
-    """An engine that cannot be loaded or run as asked (the message says why and what to do)."""
+    """An engine that cannot be loaded or run as asked (the message says why and what to do). `remedy` is kept
+    apart from `reason` because it names command-line options some commands do not have."""
+
+    def __init__(self, reason: str, remedy: str = ""):
+        super().__init__(f"{reason}; {remedy}" if remedy else reason)
+        self.reason = reason
 
 
 @runtime_checkable

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from planer.errors import not_found
 from planer.runtime.engine import EngineError, check_context, require_inputs
 from planer.runtime.feeds import MAX_CONTEXT_KEY
 
@@ -77,7 +78,7 @@ class OrtEngine:
         self._provenance = describe(device, threads, opt_level, allow_spinning)
         path = Path(model)
         if not path.is_file():
-            raise EngineError(f"{path}: no such ONNX model; export one first (`planer export`)")
+            raise EngineError(f"{not_found(path, 'ONNX model')}; export one first (`planer export`)")
         options = ort.SessionOptions()
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

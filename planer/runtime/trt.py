@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from planer.errors import not_found
 from planer.runtime.engine import EngineError, require_inputs
 from planer.runtime.ort import gpu_model
 
@@ -31,16 +32,16 @@ def describe(fp16: bool = False) -> dict[str, Any]:
         import tensorrt as trt
     except ImportError:
         raise EngineError("TensorRT is not installed here (`pip install planer[trt]` needs NVIDIA's package "
-                          "index and a machine with an NVIDIA GPU); use --engine ort, or --engine ort-cuda on a "
-                          "GPU") from None
+                          "index and a machine with an NVIDIA GPU)",
+                          "use --engine ort, or --engine ort-cuda on a GPU") from None
     version = tuple(int(p) for p in trt.__version__.split(".")[:2])
     if version < TENSORRT_MIN:
         raise EngineError(f"TensorRT {trt.__version__} is too old: planer's MoE plugin needs TensorRT >= "
-                          f"{'.'.join(map(str, TENSORRT_MIN))}; upgrade it or use --engine ort-cuda")
+                          f"{'.'.join(map(str, TENSORRT_MIN))}", "upgrade it or use --engine ort-cuda")
     try:
         trt.Builder(trt.Logger(trt.Logger.ERROR))
     except Exception:  # no driver or no device: TensorRT's bindings raise untyped errors
-        raise EngineError("TensorRT is installed but no NVIDIA GPU is usable here; use --engine ort") from None
+        raise EngineError("TensorRT is installed but no NVIDIA GPU is usable here", "use --engine ort") from None
     return {"engine": "trt", "tensorrt": trt.__version__, "gpu": gpu_model(), "precision": "fp16" if fp16 else "fp32",
             "threads": 0}
 
@@ -109,7 +110,7 @@ class TrtEngine:
         self._provenance = describe(fp16)
         path = Path(model)
         if not path.is_file():
-            raise EngineError(f"{path}: no such model; export one first (`planer export`)")
+            raise EngineError(f"{not_found(path, 'model file')}; export one first (`planer export`)")
         if path.suffix == ".plan":
             data = path.read_bytes()
         elif shape is None:

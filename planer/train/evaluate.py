@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from planer.data import Segments
 from planer.metrics import headline, scores  # headline: its users import it from here too
@@ -15,8 +16,10 @@ from planer.nn import LM
 
 @torch.no_grad()
 def evaluate(model: LM, data: np.ndarray, unit: str, *, batch: int = 8, tgt_len: int | None = None,
-             mem_len: int | None = None, max_tokens: int | None = None) -> dict[str, float]:
-    """Score `data`; max_tokens stops early (for quick periodic checks)."""
+             mem_len: int | None = None, max_tokens: int | None = None, progress: str | None = None
+             ) -> dict[str, float]:
+    """Score `data`; max_tokens stops early (for quick periodic checks). `progress` names a progress bar
+    (a whole split takes minutes on a CPU)."""
     arch = model.arch
     tgt_len = tgt_len or arch.tgt_len
     mem_len = arch.mem_len if mem_len is None else mem_len
@@ -24,7 +27,9 @@ def evaluate(model: LM, data: np.ndarray, unit: str, *, batch: int = 8, tgt_len:
     model.eval()
     total, count = 0.0, 0
     mems = None
-    for x, y in Segments(data, batch, tgt_len):
+    segments = Segments(data, batch, tgt_len)
+    for x, y in tqdm(segments, desc=progress, disable=progress is None, unit="segment", dynamic_ncols=True,
+                     leave=False):
         out = model(x, mems, mem_len)
         mems = out.mems
         total += F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1),

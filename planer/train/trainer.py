@@ -75,10 +75,14 @@ def run_corpus(run: Path, data: str | None, vocab_size: int) -> Corpus:
         raise PlanerError(f"{run} was imported, so no training data is on record; pass --data (e.g. --data sample, "
                           "read through the model's own tokenizer)")
     if data is None:
+        path = run / CONFIG_FILE
+        if not path.is_file():
+            raise PlanerError(f"{run}: no {CONFIG_FILE} says which data it was trained on; pass --data")
         try:
-            data = json.loads((run / CONFIG_FILE).read_text())["data"]
-        except (OSError, ValueError, KeyError):
-            raise PlanerError(f"{run}: no {CONFIG_FILE} says which data it was trained on; pass --data") from None
+            data = json.loads(path.read_text())["data"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PlanerError(f"{path}: unreadable or not written by `planer train` ({type(e).__name__}: {e}), so "
+                              "it does not say which data the run was trained on; pass --data") from None
     corpus = load_corpus(data)
     if (run / TOKENIZER_DIR).is_dir():  # an imported model reads text through its own tokenizer
         corpus = tokenize_corpus(corpus, run / TOKENIZER_DIR)
@@ -104,7 +108,7 @@ def saved_config(out: str | os.PathLike) -> tuple[TrainConfig, str]:
     try:
         config = json.loads((source / CONFIG_FILE).read_text())
         return TrainConfig.from_dict(config["train"]), config.get("preset", "")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise PlanerError(f"{source}: no readable {CONFIG_FILE} ({e}); it cannot be resumed") from None
 
 
@@ -136,9 +140,13 @@ def _load_checkpoint(work: Path, corpus: Corpus, cfg: TrainConfig) -> tuple[LM, 
     config_path = work / CONFIG_FILE
     try:
         config = json.loads(config_path.read_text())
+        # A damaged file fails inside torch's unpickler with whatever error its bytes happen to cause.
         state = torch.load(work / STATE_FILE, weights_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise PlanerError(f"{work}: cannot resume, checkpoint unreadable ({e}); delete it and train again") from None
+        if not (isinstance(config, dict) and isinstance(state, dict)):
+            raise ValueError("not the layout planer writes")
+    except Exception as e:
+        raise PlanerError(f"{work}: cannot resume, checkpoint unreadable ({type(e).__name__}: {e}); "
+                          "delete it and train again") from None
     if config.get("data") != corpus.spec:
         raise PlanerError(f"{work} was trained on --data {config.get('data')}, not {corpus.spec}; "
                           "resume with the same data")
@@ -167,8 +175,22 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
     A new run needs `arch`, or `init`, a model whose weights it starts from. With a
     `teacher`, the loss blends cross-entropy with distillation from the teacher's
     logits (cfg.distill is the distillation share); resume passes the teacher again.
+    A new run that fails or is interrupted before its first checkpoint leaves nothing behind
+    (there is nothing to resume, and a leftover OUT.partial would stop the same command).
     """
-    out = Path(out)
+    work = staging_dir(Path(out))
+    fresh = not resume and not work.exists()
+    try:
+        return _train(corpus, cfg, Path(out), arch=arch, init=init, teacher=teacher, preset=preset, resume=resume,
+                      show_progress=show_progress)
+    except BaseException:
+        if fresh and distributed.is_main() and work.is_dir() and not (work / CONFIG_FILE).exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _train(corpus: Corpus, cfg: TrainConfig, out: Path, *, arch: Architecture | None, init: LM | None,
+           teacher: LM | None, preset: str, resume: bool, show_progress: bool) -> dict:
     work = staging_dir(out)
     main = distributed.is_main()
     torch.manual_seed(cfg.seed)
@@ -270,10 +292,12 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
         "step": progress.step, "tokens_seen": progress.tokens, "train_seconds": round(progress.seconds, 1),
         "tokens_per_second": round(progress.tokens / max(progress.seconds, 1e-9), 1),
         "params": arch.param_counts(),
-        "valid": evaluate(model, corpus.valid, corpus.unit, batch=cfg.eval_batch),
+        "valid": evaluate(model, corpus.valid, corpus.unit, batch=cfg.eval_batch,
+                          progress="final eval: valid" if show_progress else None),
     }
     if cfg.test_split:
-        final["test"] = evaluate(model, corpus.test, corpus.unit, batch=cfg.eval_batch)
+        final["test"] = evaluate(model, corpus.test, corpus.unit, batch=cfg.eval_batch,
+                                 progress="final eval: test" if show_progress else None)
     atomic_write(work / EVAL_FILE, json.dumps(final, indent=2) + "\n")
     publish(work, out)
     distributed.barrier()
