@@ -310,3 +310,32 @@ def test_generated_requests_get_200_400_or_413_never_500(build_dir):
         answers_sanely()
         assert client.get("/healthz").json()["status"] == "ok"
     assert 200 in answered and 400 in answered
+
+
+def test_an_engine_failure_answers_500_logs_its_cause_and_the_server_goes_on(build_dir, monkeypatch, caplog):
+    import planer.serve.app as app
+
+    real = app.load_engine
+
+    def flaky(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        run, calls = engine.run, {"n": 0}
+
+        def run_once_failing(feeds):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("device lost (injected)")
+            return run(feeds)
+
+        engine.run = run_once_failing
+        return engine
+
+    monkeypatch.setattr(app, "load_engine", flaky)
+    build, _ = build_dir
+    with running(build) as url, httpx.Client(base_url=url, timeout=30) as client:
+        failed = client.post("/v1/score", json={"text": "first"})
+        after = client.post("/v1/score", json={"text": "second"})
+    assert failed.status_code == 500 and "device lost (injected)" in failed.json()["error"]
+    assert after.status_code == 200
+    assert any(r.name == "planer.serve" and r.exc_info and "device lost" in str(r.exc_info[1])
+               for r in caplog.records), caplog.records

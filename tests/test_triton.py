@@ -119,7 +119,7 @@ def test_existing_model_needs_overwrite(build_dir, tmp_path):
     repo = tmp_path / "repo"
     out = write_repository(build_dir, repo, name="lm")
     (out / "stale.txt").write_text("from an older build")
-    with pytest.raises(PlanerError, match="already exists.*overwrite"):
+    with pytest.raises(PlanerError, match="already exists.*--triton-name.*--overwrite"):  # the options, not keywords
         write_repository(build_dir, repo, name="lm", max_batch=2)
     assert (out / "stale.txt").exists()
     write_repository(build_dir, repo, name="lm", max_batch=2, overwrite=True)
