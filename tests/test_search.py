@@ -127,11 +127,13 @@ def test_search_with_trials_logs_them_and_chooses_by_trial_loss(setup, tmp_path)
                      show_progress=False)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     trialled = [c for c in outcome.candidates if c.trial_loss is not None]
+    # the two rounds derive two different networks, both well under the target (about 0.58 of the baseline's
+    # time against 0.79): the choice must be made by trial, and be the best trial's
+    assert len(trialled) >= 2, [(c.measured_ms / c.baseline_ms, c.describe()) for c in outcome.candidates]
     assert len([r for r in records if "trial" in r]) == len(trialled)
-    if trialled:
-        assert outcome.chosen is min(trialled, key=lambda c: c.trial_loss)
+    assert outcome.chosen is min(trialled, key=lambda c: c.trial_loss)
     # only the networks that could become the result get their inherited start built
-    assert [c for c in outcome.candidates if c.model is not None] == (trialled or [outcome.chosen])
+    assert [c for c in outcome.candidates if c.model is not None] == trialled
     derived = [r for r in records if "trial" not in r and "confirm" not in r]
     assert [r["min_attn"] for r in derived] == [c.min_attn for c in outcome.candidates]
 
