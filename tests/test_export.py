@@ -170,3 +170,45 @@ def test_parity_on_onnx_runtime_cuda(tmp_path, lowering):
         got = engine.run(feeds)
         for want, name in zip(_reference(model, feeds), engine.output_names):
             assert np.abs(got[name] - want).max() < 1e-4, (lowering, batch, tgt_len, name)
+
+
+def test_each_expert_receives_only_the_rows_routed_to_it(tmp_path):
+    """Run the exported graph with each expert's first product's input exposed: its row count must be the number
+    of slots the router sent that expert (PyTorch eager, counted with hooks), for k=1 and k=2, with an expert that
+    receives nothing. A graph that ran every expert on every token and kept the routed rows has the same outputs
+    (parity cannot tell) but not these row counts."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.moe(4, 1, 32), BlockSpec.attn(2, 16), BlockSpec.moe(4, 2, 24)])
+    torch.manual_seed(3)
+    model = LM(arch).eval()
+    idle = {1: 3, 3: 0}  # block -> an expert its router never picks
+    with torch.no_grad():
+        for b, e in idle.items():
+            model.blocks[b].norm.bias[0] = 50.0  # a large constant feature only the idle expert's logit reads
+            model.blocks[b].f.router.weight[:, 0] = 0.0
+            model.blocks[b].f.router.weight[e, 0] = -1.0
+    graph = onnx.load(str(export_lm(model, tmp_path / "model.onnx", lowering="ops")))
+    routed = {}
+    for b in idle:  # hooks only after the export, which would trace them
+        for e, expert in enumerate(model.blocks[b].f.experts):
+            routed[(b, e)] = 0
+            expert.register_forward_hook(lambda m, i, o, key=(b, e): routed.__setitem__(key, i[0].shape[0]))
+    feeds = example_feeds(arch, 2, 16, arch.mem_len, seed=5)
+    _reference(model, feeds)
+    assert all(routed[(b, e)] == 0 for b, e in idle.items()) and sum(routed.values()) == 32 * (1 + 2)
+    weights = {numpy_helper.to_array(t).tobytes(): t.name for t in graph.graph.initializer}
+    exposed = {}
+    for b in idle:
+        for e, expert in enumerate(model.blocks[b].f.experts):
+            w = expert.up.weight.detach().numpy()
+            names = {weights.get(np.ascontiguousarray(w.T).tobytes()), weights.get(w.tobytes())} - {None}
+            nodes = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in names]
+            assert len(nodes) == 1, f"block {b} expert {e}: {len(nodes)} products by its first weight"
+            exposed[(b, e)] = nodes[0].input[0]
+            graph.graph.output.append(helper.make_tensor_value_info(nodes[0].input[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    rows = {key: got[name].reshape(-1, arch.d_model).shape[0] for key, name in exposed.items()}
+    assert rows == routed
