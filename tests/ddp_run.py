@@ -1,7 +1,9 @@
-"""Run under torchrun by tests/test_distributed.py: a build, data-parallel over gloo.
+"""Run under torchrun by tests/test_distributed.py: a build, data-parallel over gloo, then one plain training run.
 
-Each rank writes what its search derived and a digest of the supernet weights it chose, so the test can
-check that the processes stayed in step; only rank 0 may write the build directory.
+Each rank writes what its search derived and a digest of the weights each of its training runs ended with
+(the distillation, the continued baseline, the plain run), so the test can check that the processes stayed in
+step through training, not only that they started alike; only rank 0 may write the build directory. The plain
+run's loss is compared by the test with one process training on the same global batch.
 """
 
 import hashlib
@@ -12,8 +14,11 @@ from pathlib import Path
 import torch
 
 import planer.build
+import planer.train.trainer as trainer
 from planer import distributed
+from planer.data import load_corpus
 from tests.test_build import BUDGET, DEP, SPACE
+from tests.test_distributed import PLAIN_ARCH, PLAIN_RECIPE
 
 
 def digest(model: torch.nn.Module) -> str:
@@ -27,19 +32,33 @@ def digest(model: torch.nn.Module) -> str:
 def main() -> None:
     run, text, out = (Path(a) for a in sys.argv[1:4])
     distributed.setup()
-    searched = []
-    search_stage = planer.build._search_stage
+    searched, made, trained = [], [], {}
+    search_stage, make_lm, train = planer.build._search_stage, trainer.LM, trainer.train
 
     def observed(*args, **kwargs):  # each rank's own search outcome, which the build keeps in memory only
         searched.append(search_stage(*args, **kwargs))
         return searched[-1]
 
+    def made_here(*args, **kwargs):  # the module a training run trains (only rank 0 saves it)
+        made.append(make_lm(*args, **kwargs))
+        return made[-1]
+
+    def recorded(corpus, cfg, out_dir, **kwargs):
+        result = train(corpus, cfg, out_dir, **kwargs)
+        trained[Path(out_dir).name] = digest(made[-1])
+        return result
+
     planer.build._search_stage = observed
+    trainer.LM = made_here
+    planer.build.train = recorded
     summary = planer.build.build(run, out / "build", dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
                                  data=f"enwik8:{text}", show_progress=False)
+    plain = recorded(load_corpus(f"enwik8:{text}"), PLAIN_RECIPE, out / "plain", arch=PLAIN_ARCH,
+                     show_progress=False)
     outcome, = searched
     record = {"world": distributed.world(), "archs": [[b.label() for b in c.arch.blocks] for c in outcome.candidates],
-              "chosen": digest(outcome.chosen.model), "speedup": summary["speedup"]}
+              "chosen": digest(outcome.chosen.model), "speedup": summary["speedup"], "trained": trained,
+              "plain_loss": plain["valid"]["loss"]}
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(record))
 
 
