@@ -37,11 +37,11 @@ from typing import Any
 
 from planer import __version__, distributed
 from planer.arch import Architecture
-from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write, load_model, publish, staging_dir
+from planer.checkpoint import WEIGHTS_FILE, load_model
 from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus
 from planer.errors import PlanerError
-from planer.files import TOKENIZER_DIR
+from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
 from planer.hf import IMPORT_FILE, import_hf, is_hf_checkpoint, write_run
 from planer.export import export_lm
 from planer.export.reference import parity
@@ -52,7 +52,6 @@ from planer.nn import LM
 from planer.nn.model import in_precision
 from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import describe_engine, evaluate_engine, load_engine
-from planer.serve.text import VOCAB_FILE
 from planer.search.search import OUTCOME_FILE, InfeasibleTarget, SearchConfig, SearchOutcome, search
 from planer.space import SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores

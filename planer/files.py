@@ -13,6 +13,7 @@ from planer.errors import PlanerError
 ARCH_FILE = "arch.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_DIR = "tokenizer"  # an imported model's Hugging Face tokenizer (tokenizer.json)
+VOCAB_FILE = "vocab.json"  # word-level data: the words by id (training writes it, builds copy it, serving reads it)
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

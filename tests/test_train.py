@@ -63,4 +63,9 @@ def test_word_level_training_reports_perplexity(tmp_path):
     result = train(corpus, cfg, tmp_path / "run", arch=small_arch(vocab_size=corpus.vocab_size),
                    show_progress=False)
     assert "ppl" in result["valid"] and result["valid"]["ppl"] < corpus.vocab_size
-    assert (tmp_path / "run" / "vocab.txt").read_text().split("\n")[:-1] == corpus.vocab
+    assert json.loads((tmp_path / "run" / "vocab.json").read_text()) == corpus.vocab
+    # the run serves as it is (after `planer export`): the server reads the words from the same file
+    from planer.serve.text import WordTokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(tmp_path / "run", corpus.vocab_size)
+    assert isinstance(tokenizer, WordTokenizer) and tokenizer.vocab == corpus.vocab

@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from planer.errors import PlanerError
-from planer.files import TOKENIZER_DIR
-
-VOCAB_FILE = "vocab.json"  # word-level builds: the words by id (planer build writes it)
+from planer.files import TOKENIZER_DIR, VOCAB_FILE
 
 
 class ByteTokenizer:
@@ -80,8 +78,8 @@ def load_tokenizer(build_dir: Path, vocab_size: int) -> Tokenizer:
                               "rebuild, or remove the file if the model reads bytes")
         return WordTokenizer(vocab)
     if vocab_size != 256:
-        raise PlanerError(f"{build_dir}: a {vocab_size}-token model needs its words in {VOCAB_FILE}; builds of "
-                          "word-level data write it -- rebuild with this planer")
+        raise PlanerError(f"{build_dir}: a {vocab_size}-token model needs its words in {VOCAB_FILE}; runs and "
+                          "builds of word-level data write it -- train or build it again with this planer")
     return ByteTokenizer()
 
 

@@ -9,7 +9,7 @@ Run directory (OUT):
     train_state.pt     optimizer, RNG and memories, to resume exactly (tensors and numbers only)
     metrics.jsonl      one line per validation
     eval.json          final validation and test scores
-    vocab.txt          word vocabulary (word corpora only)
+    vocab.json         word vocabulary by id (word corpora only; planer serve reads it)
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from tqdm import tqdm
 
 from planer import __version__, distributed
 from planer.arch import Architecture
-from planer.checkpoint import (ARCH_FILE, WEIGHTS_FILE, atomic_write, load_model, publish, save_weights,
-                               staging_dir)
+from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.data import Corpus, Segments, load_corpus
 from planer.data.corpus import tokenize_corpus
 from planer.errors import PlanerError
-from planer.files import TOKENIZER_DIR
+from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
 from planer.nn import LM
 from planer.train.evaluate import evaluate, headline
 from planer.train.presets import TrainConfig
@@ -42,7 +41,6 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
-VOCAB_FILE = "vocab.txt"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -150,7 +148,7 @@ def _load_checkpoint(work: Path, corpus: Corpus, cfg: TrainConfig) -> tuple[LM, 
     if config.get("data") != corpus.spec:
         raise PlanerError(f"{work} was trained on --data {config.get('data')}, not {corpus.spec}; "
                           "resume with the same data")
-    if corpus.vocab is not None and (work / VOCAB_FILE).read_text().split("\n")[:-1] != corpus.vocab:
+    if corpus.vocab is not None and json.loads((work / VOCAB_FILE).read_text()) != corpus.vocab:
         raise PlanerError(f"{work}: the vocabulary of {corpus.spec} changed since training; resume with the same files")
     if config["step"] != state["step"]:
         raise PlanerError(f"{work}: checkpoint files disagree on the step (interrupted while saving); "
@@ -219,7 +217,7 @@ def _train(corpus: Corpus, cfg: TrainConfig, out: Path, *, arch: Architecture | 
             work.mkdir(parents=True)
             arch.save(work / ARCH_FILE)
             if corpus.vocab is not None:
-                (work / VOCAB_FILE).write_text("\n".join(corpus.vocab) + "\n")
+                atomic_write(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
     arch = model.arch
     distributed.same_start(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
