@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from planer import __version__
+from planer.choices import ENGINES, LOWERINGS
 from planer.errors import PlanerError
 
 
@@ -235,7 +236,7 @@ def _load_arch(source: Path):
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=_OUTPUT, help="ONNX file to write (default: RUN/model.onnx)")
-@click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt"]), default="ops", show_default=True,
+@click.option("--lowering", type=click.Choice(LOWERINGS), default="ops", show_default=True,
               help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, each "
                    "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
                    "(activations gelu_tanh, relu, silu); 'trt' = planer's TensorRT plugin (TensorRT only)")
@@ -321,12 +322,12 @@ _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); aut
               help="run directory or arch.json of the baseline whose blocks define the default space")
 @click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
               "around the baseline: skip, attention heads, FFN widths, MoE experts/top-k/widths)")
-@click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True)
+@click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True)
 @click.option("--threads", type=_COUNT, default=2, show_default=True, help="intra-op threads of the engine")
 @click.option("--batch", type=_COUNT, default=1, show_default=True)
 @click.option("--tgt-len", type=_COUNT, help="segment length (default: the architecture's)")
 @click.option("--mem-len", type=_NONNEG, help="memory length (default: the architecture's)")
-@click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP)
+@click.option("--lowering", type=click.Choice([*LOWERINGS, "auto"]), help=_LOWERING_HELP)
 @click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP)
 @click.option("--out", required=True, type=_OUTPUT,
               help="latency table JSON; if it exists, its entries are reused (same engine and shape only)")
@@ -369,7 +370,7 @@ _request_options = _options(
     click.option("--model", "run", required=True, type=click.Path(path_type=Path),
                  help="baseline: a run directory (from `planer train` or `planer import`), or a Hugging Face "
                       "checkpoint directory or .gguf file, imported first"),
-    click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
+    click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True,
                  help="engine the result is measured in and built for"),
     click.option("--target-latency-ms", type=_POSITIVE, help="latency target in milliseconds (p50 in the engine)"),
 )
@@ -378,7 +379,7 @@ _search_options = _options(
     click.option("--tgt-len", type=_COUNT, help="deployment segment length (default: the baseline's)"),
     click.option("--mem-len", type=_NONNEG, help="deployment memory length (default: the baseline's)"),
     click.option("--threads", type=_COUNT, default=2, show_default=True, help="engine intra-op threads"),
-    click.option("--lowering", type=click.Choice(["ops", "ort-moe", "trt", "auto"]), help=_LOWERING_HELP),
+    click.option("--lowering", type=click.Choice([*LOWERINGS, "auto"]), help=_LOWERING_HELP),
     click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP),
     click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
                  help="search rounds x steps, trial runs x steps, distillation steps beyond the search's (the "
@@ -528,7 +529,7 @@ def distill(student: Path, teacher: Path, out: Path, steps: int, batch: int, dat
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path),
               help="directory (arch.json + model.onnx) of the model timed beside the build [BUILD/baseline]")
-@click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), help="engine [the stored one, else ort]")
+@click.option("--engine", type=click.Choice(ENGINES), help="engine [the stored one, else ort]")
 @click.option("--batch", type=_COUNT, help="batch size [the stored deployment, else the build's]")
 @click.option("--tgt-len", type=_COUNT, help="tokens per call [the stored deployment, else the build's]")
 @click.option("--mem-len", type=_NONNEG, help="memory length [the stored deployment, else the build's]")
@@ -582,7 +583,7 @@ def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: in
 
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--engine", type=click.Choice(["ort", "ort-cuda", "trt"]), default="ort", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True,
               help="engine to serve model.onnx with")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to bind; 0.0.0.0 exposes the server to the network")

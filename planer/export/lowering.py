@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from planer.choices import LOWERINGS
 from planer.errors import PlanerError
 from planer.nn.moe import MoE
 
-LOWERINGS = ("ops", "ort-moe", "trt")
 _ORT_ACTIVATIONS = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}
 
 

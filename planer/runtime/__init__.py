@@ -5,12 +5,12 @@ This package imports no torch: it is what a serving process needs.
 
 from typing import Any
 
+from planer.choices import ENGINES
 from planer.runtime.engine import Engine, EngineError
 from planer.runtime.evaluate import evaluate_engine
 from planer.runtime.ort import OrtEngine, describe as describe_ort
 from planer.runtime.timing import LatencyStats, time_engine, time_engines
 
-ENGINES = ("ort", "ort-cuda", "trt")
 _ORT_DEVICES = {"ort": "cpu", "ort-cuda": "cuda"}
 
 
