@@ -1,16 +1,27 @@
-"""What every benchmark shares: the machine description and how results are recorded."""
+"""What every benchmark shares: the machine description, how results are recorded, and the tiny inputs of
+`--smoke` (tests/test_benchmarks.py runs each benchmark with it, so that none stops working unseen)."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import bz2
+import functools
 import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from planer.arch import Architecture
+    from planer.space import SearchSpace
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -27,6 +38,79 @@ def dispatch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=200)
 
 
+def smoke_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--smoke", action="store_true",
+                   help="run end to end on tiny inputs in seconds and record nothing (its figures mean nothing)")
+
+
+def smoke_shapes(a: argparse.Namespace) -> None:
+    """Shrink the layer options a dispatch benchmark sweeps (the names of `dispatch_options`) to one tiny case."""
+    a.d_model, a.width, a.experts, a.batches, a.tgt_len, a.iters = 32, 64, "2", "1", 16, 3
+
+
+def tiny_arch() -> Architecture:
+    """The network of every smoke run: one attention block of two heads and one FFN, 16-token segments."""
+    from planer.arch import Architecture, BlockSpec
+
+    return Architecture(d_model=32, vocab_size=256, blocks=(BlockSpec.attn(2, 16), BlockSpec.ffn(64)), tgt_len=16,
+                        mem_len=16).validate()
+
+
+def smoke_space(arch: Architecture) -> SearchSpace:
+    """PLANER's default space around `arch` with a single MoE candidate, so that profiling it takes seconds."""
+    from planer.space import SearchSpace
+
+    return SearchSpace.default(arch, experts=(2,), top_k=(1,), widths=(1.0,))
+
+
+@functools.cache
+def tiny_text() -> Path:
+    """40 kB of the bundled sample as an enwik8-format file, in a folder removed when the process exits."""
+    from planer.data.corpus import sample_path
+
+    root = Path(tempfile.mkdtemp(prefix="planer-smoke-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    text = root / "enwik8_head"
+    text.write_bytes(bz2.decompress(sample_path().read_bytes())[:40_000])
+    return text
+
+
+@functools.cache
+def tiny_run() -> Path:
+    """A run directory of `tiny_arch()` trained two steps on `tiny_text()` (its config.json names that file, so
+    run_corpus reads it again)."""
+    from planer.data import load_corpus
+    from planer.train.presets import TrainConfig
+    from planer.train.trainer import train
+
+    run = tiny_text().parent / "run"
+    train(load_corpus(f"enwik8:{tiny_text()}"), TrainConfig(steps=2, batch=2, eval_every=2, ckpt_every=2,
+                                                            eval_tokens=256), run, arch=tiny_arch(), show_progress=False)
+    return run
+
+
+@functools.cache
+def tiny_build() -> Path:
+    """`tiny_run()` with its model.onnx, laid out as a build directory (a step of its own: exporting takes seconds and
+    only the benchmarks of builds need it)."""
+    from planer.checkpoint import load_model
+    from planer.export import export_lm
+
+    run = tiny_run()
+    export_lm(load_model(run).eval(), run / "model.onnx")
+    return run
+
+
+def given_or_tiny(p: argparse.ArgumentParser, given: Path | None, smoke: bool, *, build: bool = False) -> Path:
+    """The run (or with `build`, build) directory a benchmark measures: the one given, else under --smoke a tiny
+    one made here."""
+    if given is not None:
+        return given
+    if not smoke:
+        p.error("give the directory to measure (or --smoke)")
+    return tiny_build() if build else tiny_run()
+
+
 def machine() -> str:
     from planer.runtime.ort import cpu_model
 
@@ -41,8 +125,13 @@ def commit() -> str:
         return "unknown"
 
 
-def record(name: str, data: dict, markdown: str) -> None:
-    """Write benchmarks/results/NAME.json and append a dated section to RESULTS.md."""
+def record(name: str, data: dict, markdown: str, *, smoke: bool = False) -> None:
+    """Write benchmarks/results/NAME.json and append a dated section to RESULTS.md; a smoke run only prints its
+    table (after checking its data would serialise), since tiny inputs' figures must not pass for results."""
+    if smoke:
+        json.dumps(data)
+        print(f"smoke run of {name}, nothing recorded:\n\n{markdown.strip()}")
+        return
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

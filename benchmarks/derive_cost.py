@@ -5,6 +5,7 @@ they ran (each reuses the blocks in front of its move) and the wall time, lazy a
 the search's per-round cost for a baseline like SmolLM2 is known before a 2-hour build.
 
     python benchmarks/derive_cost.py RUN --table LATENCY_TABLE.json [--fraction 0.75] [--data sample]
+    python benchmarks/derive_cost.py --smoke     # a micro run and a table profiled here, in seconds
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from common import record
+from common import given_or_tiny, record, smoke_option, smoke_space
 from planer.checkpoint import load_model
 from planer.data import Segments
 from planer.latency import LatencyTable
+from planer.latency.profile import Deployment, profile
 from planer.latency.table import FIXED
 from planer.search.probe import ProbeLoss
-from planer.search.search import SearchConfig, _derive, candidate_latencies
+from planer.search.search import SearchConfig, candidate_latencies, derive_network
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace, trainable_params_limit
 from planer.train.trainer import run_corpus
@@ -29,19 +31,27 @@ from planer.train.trainer import run_corpus
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path)
-    p.add_argument("--table", type=Path, required=True, help="a latency table of the run's space (planer profile)")
+    p.add_argument("run", type=Path, nargs="?")
+    p.add_argument("--table", type=Path, help="a latency table of the run's space (planer profile)")
     p.add_argument("--fraction", type=float, default=0.75, help="budget as a fraction of the baseline's prediction")
     p.add_argument("--data", default="sample")
     p.add_argument("--threads", type=int, default=2)
+    smoke_option(p)
     a = p.parse_args()
+    if a.table is None and not a.smoke:
+        p.error("give --table (or --smoke)")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    a.run = given_or_tiny(p, a.run, a.smoke)
     baseline = load_model(a.run).eval()
     arch, cfg = baseline.arch, SearchConfig()
-    space = SearchSpace.default(arch, max_params=trainable_params_limit())
-    table = LatencyTable.load(a.table)
-    corpus = run_corpus(a.run, a.data, arch.vocab_size)
+    space = smoke_space(arch) if a.smoke else SearchSpace.default(arch, max_params=trainable_params_limit())
+    if a.table is None:  # --smoke: a table of this space timed as briefly as the engine allows
+        table = profile(arch, space.candidates, Deployment(tgt_len=arch.tgt_len, mem_len=arch.mem_len,
+                        threads=a.threads, precisions=("fp32",), min_iters=3, min_seconds=0.0), show_progress=False)
+    else:
+        table = LatencyTable.load(a.table)
+    corpus = run_corpus(a.run, None if a.smoke else a.data, arch.vocab_size)
     net = SuperNet(baseline, space, baseline_bias=cfg.baseline_bias).eval()
     data = Segments(corpus.train[int(len(corpus.train) * (1 - cfg.arch_split)):], cfg.batch, arch.tgt_len)
     probe = [data[len(data) - 1 - i] for i in reversed(range(cfg.probe_segments))]
@@ -61,8 +71,8 @@ def main() -> None:
     net.run_positions = counted
     t0 = time.perf_counter()
     with torch.no_grad():
-        choice = _derive(net, probe, block_ms, a.fraction * baseline_ms, [c.kind == "attn" for c in space.candidates],
-                         cfg.shortlist)
+        choice = derive_network(net, net.argmax(), probe, block_ms, a.fraction * baseline_ms,
+                                [c.kind == "attn" for c in space.candidates], cfg.shortlist)
     wall = time.perf_counter() - t0
     measurements = passes // len(probe)
     share = positions_run / max(1, passes * space.positions)
@@ -82,7 +92,7 @@ def main() -> None:
     record("derive_cost", {"run": str(a.run), "positions": space.positions, "streams": streams,
                            "measurements": measurements, "share_of_positions_run": share, "wall_s": wall,
                            "start_loss": start_loss, "derived_loss": derived_loss, "baseline_ms": baseline_ms,
-                           "budget_ms": a.fraction * baseline_ms, "derived_ms": got_ms}, text)
+                           "budget_ms": a.fraction * baseline_ms, "derived_ms": got_ms}, text, smoke=a.smoke)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import record
+from common import record, smoke_option, smoke_shapes
 from planer.arch import Architecture, BlockSpec
 from planer.export import export_block
 from planer.runtime import load_engine, time_engines
@@ -37,7 +37,11 @@ def main() -> None:
     p.add_argument("--engine", choices=("ort", "ort-cuda"), default="ort")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-seconds", type=float, default=2.0)
+    smoke_option(p)
     a = p.parse_args()
+    if a.smoke:
+        smoke_shapes(a)
+        a.min_seconds = 0.0
     arch = Architecture(d_model=a.d_model, vocab_size=256, blocks=(BlockSpec.ffn(a.width),), activation=a.activation)
     rng = np.random.default_rng(0)
     rows, data = [], []
@@ -65,7 +69,7 @@ def main() -> None:
                                    "activation": a.activation, "threads": a.threads, "rows": data},
            f"ONNX Runtime {device}; d_model {a.d_model}, expert width {a.width}, "
            f"activation {a.activation}; "
-           f"random router (near-uniform routing).\n\n{table}")
+           f"random router (near-uniform routing).\n\n{table}", smoke=a.smoke)
 
 
 if __name__ == "__main__":

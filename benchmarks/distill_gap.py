@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common import record
+from common import given_or_tiny, record, smoke_option
 
 from planer.arch import BlockSpec
 from planer.checkpoint import load_model
@@ -36,8 +36,8 @@ RECIPES = {"build": (0.5, 1e-3), "kd-only": (1.0, 1e-3), "kd-only-lr2e-3": (1.0,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="the baseline's run directory (planer train)")
-    p.add_argument("--blocks", required=True, action="append",
+    p.add_argument("run", type=Path, nargs="?", help="the baseline's run directory (planer train)")
+    p.add_argument("--blocks", action="append",
                    help="a student, one label per baseline block (skip drops one); repeat for more students")
     p.add_argument("--steps", default="1200", help="comma-separated step counts")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
@@ -47,10 +47,16 @@ def main() -> None:
     p.add_argument("--ranked-heads", action="store_true",
                    help="students inherit each attention block's most important heads, as the search's supernet "
                         "does (planer.search.heads, ranked on the search's probe), not its first")
+    smoke_option(p)
     args = p.parse_args()
+    if args.smoke:  # one student of the tiny run: its attention cut to one head, its FFN halved
+        args.blocks, args.steps, args.batch = args.blocks or ["attn1x16 ffn32"], "2", 2
+    if not args.blocks:
+        p.error("give at least one student with --blocks (or --smoke)")
+    args.run = given_or_tiny(p, args.run, args.smoke)
 
     baseline = load_model(args.run)
-    corpus = run_corpus(Path(args.run), None, baseline.arch.vocab_size)
+    corpus = run_corpus(args.run, None, baseline.arch.vocab_size)
     source = baseline
     if args.ranked_heads:
         source, orders = rank_heads(baseline, held_out_probe(corpus, baseline.arch, SearchConfig(batch=args.batch)))
@@ -89,7 +95,7 @@ def main() -> None:
         lines.append(f"| {r['steps']} | {r['name']} | {r['student']} | {ms} | {r['distill']} | {r['lr']:g} | "
                      f"{r['valid']['loss']:.4f} | **{r['valid']['loss'] / ref['valid']['loss']:.3f}** | {curve} | "
                      f"{r['seconds']:.0f} |")
-    record("distill_gap", {"rows": rows}, "\n".join(lines))
+    record("distill_gap", {"rows": rows}, "\n".join(lines), smoke=args.smoke)
 
 
 if __name__ == "__main__":

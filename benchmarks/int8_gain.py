@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import record
-from planer.arch import Architecture, BlockSpec
+from common import record, smoke_option, tiny_arch
 from planer.checkpoint import load_model
 from planer.export import export_lm
 from planer.export.reference import TorchEngine
@@ -37,13 +36,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--min-seconds", type=float, default=3.0)
-    p.add_argument("--smoke", action="store_true", help="a random micro network, a few hundred tokens")
+    smoke_option(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.smoke:
-        arch = Architecture(d_model=32, vocab_size=256, blocks=(BlockSpec.attn(2, 16), BlockSpec.ffn(64)),
-                            tgt_len=16, mem_len=16)
-        model, valid, unit = LM(arch).eval(), np.frombuffer(b"the quick brown fox " * 20, np.uint8), "byte"
+        a.runs = 1
+        model, valid, unit = LM(tiny_arch()).eval(), np.frombuffer(b"the quick brown fox " * 20, np.uint8), "byte"
     else:
         if a.run is None:
             raise SystemExit("give a run directory (or --smoke)")
@@ -74,12 +72,10 @@ def main() -> None:
               f"{sim_gap:.2e}; vs the fp32 network {fp32_gap:.2e}",
               f"- validation loss in the engine, whole split: fp32 {losses[0]:.4f}, int8 {losses[1]:.4f} "
               f"(**{losses[1] / losses[0]:.5f}x**)"]
-    print("\n".join(lines))
-    if not a.smoke:
-        record("int8_gain", {"run": str(a.run), "threads": a.threads, "batch": a.batch, "ratios": ratios,
-                             "runs": [[f.to_dict(), q.to_dict()] for f, q in runs], "loss_fp32": losses[0],
-                             "loss_int8": losses[1], "int8_vs_simulation": sim_gap, "int8_vs_fp32": fp32_gap},
-               f"The same trained network in fp32 and with every block in int8:\n\n" + "\n".join(lines))
+    record("int8_gain", {"run": str(a.run), "threads": a.threads, "batch": a.batch, "ratios": ratios,
+                         "runs": [[f.to_dict(), q.to_dict()] for f, q in runs], "loss_fp32": losses[0],
+                         "loss_int8": losses[1], "int8_vs_simulation": sim_gap, "int8_vs_fp32": fp32_gap},
+           f"The same trained network in fp32 and with every block in int8:\n\n" + "\n".join(lines), smoke=a.smoke)
 
 
 if __name__ == "__main__":

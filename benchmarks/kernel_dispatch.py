@@ -15,13 +15,13 @@ import argparse
 import os
 import sys
 
-from common import dispatch_options, record
+from common import dispatch_options, record, smoke_option, smoke_shapes
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dispatch_options(p)
-    p.add_argument("--smoke", action="store_true")
+    smoke_option(p)
     a = p.parse_args()
     if a.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -36,7 +36,7 @@ def main() -> None:
     if device == "cpu" and not a.smoke:
         sys.exit("no CUDA device: run this on a GPU, or pass --smoke to check the script in Triton's interpreter")
     if a.smoke:
-        a.d_model, a.width, a.experts, a.batches, a.tgt_len, a.iters = 32, 64, "4", "1", 16, 3
+        smoke_shapes(a)
 
     class Call:
         """A CUDA computation behind the engine interface, so the one timing function times it; each call
@@ -76,17 +76,15 @@ def main() -> None:
                 rows.append(f"| {e} | {k} | B{b} T{a.tgt_len} | {ffn_ms:.3f} | {kernel_ms:.3f} | {eager_ms:.3f} | "
                             f"**{ratio:.2f}** |")
                 print(rows[-1], flush=True)
-    if a.smoke:
-        print("smoke run: the script works; nothing recorded")
-        return
 
     table = ("| E | k | shape | dense FFN ms | kernel MoE ms | eager MoE ms | kernel / (k x FFN) |\n"
              "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-    record("kernel_dispatch", {"device": torch.cuda.get_device_name(), "d_model": a.d_model, "width": a.width,
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton's interpreter)"
+    record("kernel_dispatch", {"device": gpu, "d_model": a.d_model, "width": a.width,
                                "activation": a.activation, "rows": data},
-           f"PyTorch {torch.__version__} on {torch.cuda.get_device_name()}, fp32; d_model {a.d_model}, expert "
+           f"PyTorch {torch.__version__} on {gpu}, fp32; d_model {a.d_model}, expert "
            f"width {a.width}, {a.activation}; random router; p50 of at least {a.iters} synchronised calls, the three "
-           f"timed interleaved.\n\n{table}")
+           f"timed interleaved.\n\n{table}", smoke=a.smoke)
 
 
 if __name__ == "__main__":

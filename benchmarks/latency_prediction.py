@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import record
+from common import record, smoke_option, smoke_space, tiny_arch
 from planer.arch import Architecture
 from planer.export import export_lm
 from planer.export.reference import TorchEngine
@@ -46,11 +46,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--passes", type=int, default=3, help="timing passes over all networks (median taken)")
+    smoke_option(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    base = get_preset("tiny").architecture(256)
-    space = SearchSpace.default(base)
-    dep = Deployment(batch=a.batch, tgt_len=base.tgt_len, mem_len=base.mem_len, threads=a.threads, min_seconds=1.0)
+    if a.smoke:  # one network to calibrate, one held out, around the smoke runs' network
+        a.archs, a.calibrate, a.passes = 1, 1, 1
+        base = tiny_arch()
+        space = smoke_space(base)
+    else:
+        base = get_preset("tiny").architecture(256)
+        space = SearchSpace.default(base)
+    timing = {"min_seconds": 0.0, "min_iters": 3} if a.smoke else {"min_seconds": 1.0}
+    dep = Deployment(batch=a.batch, tgt_len=base.tgt_len, mem_len=base.mem_len, threads=a.threads,
+                     precisions=("fp32",) if a.smoke else (), **timing)
     table = profile(base, space.candidates, dep)
     rng = np.random.default_rng(a.seed)
     archs = [base] + [random_arch(base, space, rng) for _ in range(a.archs + a.calibrate)]
@@ -66,7 +74,7 @@ def main() -> None:
             print(f"exported {i + 1}/{len(archs)}", flush=True)
         passes = []
         for n in range(a.passes):
-            passes.append([time_engines(pair, min_seconds=1.0) for pair in runs])
+            passes.append([time_engines(pair, **timing) for pair in runs])
             print(f"pass {n + 1}/{a.passes} timed", flush=True)
     for i, arch in enumerate(archs):
         ort = min((p[i][0] for p in passes), key=lambda s: abs(s.p50 - np.median([q[i][0].p50 for q in passes])))
@@ -100,7 +108,7 @@ def main() -> None:
           "|---|---|---|---|---|\n"
           + rows)
     record("latency_prediction", {"table": table.to_dict(), "results": results,
-                                  "calibrated_error": cal.tolist(), "raw_error": raw.tolist()}, md)
+                                  "calibrated_error": cal.tolist(), "raw_error": raw.tolist()}, md, smoke=a.smoke)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ difference is float32 summed in another order, not a wrong graph.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
-from common import record
+from common import given_or_tiny, record, smoke_option
 
 from planer.checkpoint import load_model
 from planer.export.reference import TorchEngine
@@ -22,11 +23,15 @@ from planer.runtime.feeds import example_feeds
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("build", help="a build directory (model.onnx, arch.json, model.safetensors)")
+    p.add_argument("build", type=Path, nargs="?", help="a build directory (model.onnx, arch.json, model.safetensors)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tgt-len", type=int, default=128)
     p.add_argument("--mem-len", type=int, default=128)
+    smoke_option(p)
     args = p.parse_args()
+    if args.smoke:
+        args.tgt_len, args.mem_len = 16, 16
+    args.build = given_or_tiny(p, args.build, args.smoke, build=True)
 
     model = load_model(args.build)
     feeds = example_feeds(model.arch, args.batch, args.tgt_len, args.mem_len)
@@ -43,7 +48,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {r['output']} | {r['scale']:.1f} | {r['ort_vs_f32']:.2e} | {r['ort_vs_f64']:.2e} | "
               f"{r['f32_vs_f64']:.2e} |" for r in rows]
-    record("parity_f64", {"build": args.build, "rows": rows}, "\n".join(lines))
+    record("parity_f64", {"build": str(args.build), "rows": rows}, "\n".join(lines), smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,21 @@ another's: near 0 means a network's error does not repeat, i.e. it is timing noi
 
 from __future__ import annotations
 
+import argparse
 import json
 from itertools import combinations
 
 import numpy as np
 
-from common import RESULTS
+from common import RESULTS, smoke_option
 
 CALIBRATE = 5  # as latency_prediction.py: networks 1..5 fit the scale, the rest are held out
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    smoke_option(p)  # accepted like every benchmark's; this one reads a recorded file, writes nothing, in a second
+    p.parse_args()
     data = json.loads((RESULTS.parent / "results" / "latency_prediction.json").read_text())
     results = data["results"]
     passes = np.array([r["ort_passes"] for r in results])

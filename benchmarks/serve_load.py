@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import record
+from common import given_or_tiny, record, smoke_option
 
 
 def _free_port() -> int:
@@ -36,7 +36,7 @@ def _metric(text: str, name: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("build", type=Path)
+    p.add_argument("build", type=Path, nargs="?")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
@@ -44,7 +44,11 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--max-queue", type=int, default=64, help="the server's limit of requests in flight")
+    smoke_option(p)
     a = p.parse_args()
+    if a.smoke:
+        a.concurrency, a.requests, a.max_tokens = "1,2", 2, 2
+    a.build = given_or_tiny(p, a.build, a.smoke, build=True)
     port = _free_port()
     server_cmd = [sys.executable, "-m", "planer", "serve", str(a.build), "--port", str(port), "--threads",
                   str(a.threads), "--max-batch", str(a.max_batch), "--max-delay-ms", str(a.max_delay_ms), "--max-queue", str(a.max_queue)]
@@ -103,7 +107,7 @@ def main() -> None:
             f"client-side, over the requests answered 200; requests/s and tokens/s count those too. "
             f"Health check after the last level: {'200' if healthy else 'FAILED'}.\n\n" + "\n".join(rows))
     record("serve_load", {"build": str(a.build), "server": server_cmd[1:], "levels": data,
-                               "healthy_after": healthy}, text)
+                               "healthy_after": healthy}, text, smoke=a.smoke)
 
 
 if __name__ == "__main__":

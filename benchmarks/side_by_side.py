@@ -9,19 +9,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import record
+from common import given_or_tiny, record, smoke_option
 from planer.bench import default_deployment, measure
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("build", type=Path)
+    p.add_argument("build", type=Path, nargs="?")
     p.add_argument("--reference", type=Path, help="model directory to time beside the build [BUILD/baseline]")
     p.add_argument("--engine", default="ort")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-seconds", type=float, default=5.0)
+    smoke_option(p)
     a = p.parse_args()
+    a.build = given_or_tiny(p, a.build, a.smoke, build=True)
+    if a.smoke:  # the tiny build has no baseline/: timed against itself
+        a.reference, a.batches, a.min_seconds = a.reference or a.build, "1", 0.0
     dep = default_deployment(a.build)
     rows = ["| batch | model | p50 ms | p90 ms | p99 ms | spread | tokens/s | build / reference |",
             "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -38,7 +42,7 @@ def main() -> None:
     text = (f"Build `{a.build}` against `{reference}`, {a.engine}, {a.threads} threads, "
             f"{dep['tgt_len']} tokens per call with {dep['mem_len']} of memory; each batch size is one "
             f"interleaved run.\n\n" + "\n".join(rows))
-    record("side_by_side", {"build": str(a.build), "reference": str(reference), "runs": data}, text)
+    record("side_by_side", {"build": str(a.build), "reference": str(reference), "runs": data}, text, smoke=a.smoke)
 
 
 if __name__ == "__main__":

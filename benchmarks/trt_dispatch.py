@@ -15,14 +15,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import dispatch_options, record
+from common import dispatch_options, record, smoke_option, smoke_shapes
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dispatch_options(p)
     p.add_argument("--fp16", action="store_true")
+    smoke_option(p)
     a = p.parse_args()
+    if a.smoke:
+        smoke_shapes(a)
     import numpy as np
     import torch
 
@@ -74,7 +77,7 @@ def main() -> None:
                             "rows": data},
            f"TensorRT {info['tensorrt']} on {info['gpu']}, {info['precision']}; d_model {a.d_model}, expert width "
            f"{a.width}, {a.activation}; random router; p50 of at least {a.iters} calls (host copies included), "
-           f"FFN and MoE timed interleaved.\n\n{table}")
+           f"FFN and MoE timed interleaved.\n\n{table}", smoke=a.smoke)
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
             seconds it took."""
             began = time.perf_counter()
             blocks_ms = (1 - cfg.margin) * target_ms / table.scale - table.entries[FIXED]["p50"]
-            choice = _derive(net, start, probe, block_ms, blocks_ms, is_attn, cfg.shortlist, min_attn)
+            choice = derive_network(net, start, probe, block_ms, blocks_ms, is_attn, cfg.shortlist, min_attn)
             return distributed.broadcast(choice), time.perf_counter() - began
 
         for rnd in range(cfg.rounds):
@@ -420,11 +420,13 @@ def _trials(shortlist: list[Candidate], teacher: LM, corpus: Corpus, cut: int, c
 
 
 @torch.no_grad()
-def _derive(net: SuperNet, start: list[int], probe: list[tuple[torch.Tensor, torch.Tensor]], block_ms: torch.Tensor,
-            budget_ms: float, is_attn: list[bool], shortlist: int, min_attn: int = 1) -> list[int] | None:
+def derive_network(net: SuperNet, start: list[int], probe: list[tuple[torch.Tensor, torch.Tensor]],
+                   block_ms: torch.Tensor, budget_ms: float, is_attn: list[bool], shortlist: int, min_attn: int = 1
+                   ) -> list[int] | None:
     """`start` (the most probable network, or the baseline's) cut to the budget by measured loss (see
     planer.search.derive.shrink), keeping at least `min_attn` attention blocks. Moves go to a position's
-    `shortlist` most probable candidates, in any precision, or to skip."""
+    `shortlist` most probable candidates, in any precision, or to skip. Public because a derivation's cost on
+    a deep baseline decides a build's per-round time, and benchmarks/derive_cost.py times it alone."""
     logp = net.alpha.detach().log_softmax(-1)
     skip = [i for i, c in enumerate(net.space.candidates) if c.kind == "skip"]
     top = logp.topk(min(shortlist, logp.shape[1]), dim=-1).indices.tolist()
