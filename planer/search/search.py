@@ -50,10 +50,11 @@ from tqdm import tqdm
 
 from planer import distributed
 from planer.arch import Architecture, BlockSpec
-from planer.checkpoint import ARCH_FILE, WEIGHTS_FILE, atomic_write, load_model, save_weights
+from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.data import Corpus, Segments
 from planer.errors import PlanerError
 from planer.export import export_lm
+from planer.files import ARCH_FILE, atomic_write
 from planer.latency import LatencyTable
 from planer.latency.profile import Deployment, measure
 from planer.latency.table import FIXED
@@ -341,8 +342,10 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
                     assess(choice, candidates[-1].round, derive_s, tau, n)
         bar.close()
         if not candidates:
-            raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms once the table is calibrated by "
-                                   "the engine's measurements; raise the target or widen the space")
+            raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms less the {cfg.margin:.0%} margin "
+                                   f"kept for the machine's noise ({(1 - cfg.margin) * target_ms:.2f} ms) once the "
+                                   "table is calibrated by the engine's measurements; raise the target or widen the "
+                                   "space")
         _confirm([c for c in candidates if meets(c)], base_path, arch, dep, log_path)
         feasible = [c for c in candidates if meets(c)]
         if not feasible:
