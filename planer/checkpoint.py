@@ -17,17 +17,16 @@ from safetensors.torch import load_file, save_file
 
 from planer.arch import ArchError, Architecture
 from planer.errors import PlanerError, not_found
-from planer.files import ARCH_FILE, atomic_write, publish, staging_dir
+from planer.files import ARCH_FILE, replacing
 from planer.nn import LM
 
 WEIGHTS_FILE = "model.safetensors"
 
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def load_model(run_dir: str | os.PathLike, **model_kwargs: float) -> LM:
@@ -60,5 +59,4 @@ def load_model(run_dir: str | os.PathLike, **model_kwargs: float) -> LM:
     return model
 
 
-__all__ = ["ARCH_FILE", "WEIGHTS_FILE", "ArchError", "atomic_write", "load_model", "publish",
-           "save_weights", "staging_dir"]
+__all__ = ["WEIGHTS_FILE", "ArchError", "load_model", "save_weights"]

@@ -228,7 +228,7 @@ def import_(source: Path, out: Path, tgt_len: int, mem_len: int) -> None:
 def _load_arch(source: Path):
     """An architecture from a run/build directory or an arch.json file."""
     from planer.arch import Architecture
-    from planer.checkpoint import ARCH_FILE
+    from planer.files import ARCH_FILE
 
     return Architecture.load(source / ARCH_FILE if source.is_dir() else source)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from planer.arch import Architecture
@@ -16,14 +18,25 @@ TOKENIZER_DIR = "tokenizer"  # an imported model's Hugging Face tokenizer (token
 VOCAB_FILE = "vocab.json"  # word-level data: the words by id (training writes it, builds copy it, serving reads it)
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` whole or not at all: readers never see a half-written file."""
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer to fill; renamed onto `path` only when the block finishes, and
+    removed if it fails, so readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` whole or not at all."""
+    with replacing(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
 
 
 def file_digest(path: Path) -> str:

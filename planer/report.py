@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from planer.arch import Architecture
+from planer.files import replacing
 from planer.latency import LatencyTable
 from planer.latency.table import FIXED
 from planer.train.evaluate import headline
@@ -35,9 +35,8 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def pareto_plot(points: list[Point], path: Path, *, title: str) -> None:

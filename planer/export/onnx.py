@@ -26,6 +26,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.errors import PlanerError
 from planer.export.lowering import lower
 from planer.export.quantize import digest, quantize_int8
+from planer.files import replacing
 from planer.nn import LM
 from planer.nn.attention import Attention
 from planer.nn.model import Block, embed_tokens
@@ -86,8 +87,7 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs:
     weight of `original` (the module before MoE lowering and in fp32); `context` is recorded as its
     max_context. The projections `original` computes in int8 are then quantized with the engine's tools."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path) as tmp:
         with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, input_names=inputs,
@@ -97,9 +97,6 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs:
         program.save(str(tmp), external_data=False)
         check_weights_present(tmp, original)
         quantize_int8(tmp, [m.weight.detach().numpy() for m in quantized_linears(original)])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

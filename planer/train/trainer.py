@@ -32,7 +32,7 @@ from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.data import Corpus, Segments, load_corpus
 from planer.data.corpus import tokenize_corpus
 from planer.errors import PlanerError
-from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
+from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, replacing, staging_dir
 from planer.nn import LM
 from planer.train.evaluate import evaluate, headline
 from planer.train.presets import TrainConfig
@@ -121,10 +121,9 @@ def _save_checkpoint(work: Path, model: LM, opt: torch.optim.Optimizer, mems: li
         "rng": torch.get_rng_state(),
         "mems": mems,
     }
-    tmp = work / f".{STATE_FILE}.tmp"
-    torch.save(state, tmp)
-    save_weights(model, work / WEIGHTS_FILE, metadata={"step": str(progress.step)})
-    os.replace(tmp, work / STATE_FILE)
+    with replacing(work / STATE_FILE) as tmp:  # the state lands after the weights it goes with
+        torch.save(state, tmp)
+        save_weights(model, work / WEIGHTS_FILE, metadata={"step": str(progress.step)})
     config = {
         "planer_version": __version__, "preset": preset, "data": corpus.spec, "unit": corpus.unit,
         "train": cfg.to_dict(), "step": progress.step, "tokens_seen": progress.tokens,
