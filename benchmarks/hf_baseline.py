@@ -26,7 +26,7 @@ from planer.hf import import_hf, write_run
 from planer.checkpoint import load_model
 from planer.runtime import load_engine, time_engine
 from planer.runtime.feeds import example_feeds
-from planer.train.evaluate import evaluate
+from planer.train.evaluate import evaluate, headline
 from planer.train.trainer import run_corpus
 
 
@@ -92,8 +92,8 @@ def main() -> None:
             f"| measure | value |\n|---|---|\n"
             f"| max abs logit difference, planer vs transformers ({imported['tokens_checked']} tokens) | "
             f"{imported['max_abs_logit_difference']:.2e} |\n"
-            f"| perplexity, `{a.data}` valid split through the model's tokenizer ({valid['tokens']:,} tokens, "
-            f"segments {arch.tgt_len} / memory {arch.mem_len}, {eval_s:.0f} s) | {valid['ppl']:.2f} |\n"
+            f"| `{a.data}` valid split, through the model's tokenizer if it has one ({valid['tokens']:,} tokens, "
+            f"segments {arch.tgt_len} / memory {arch.mem_len}, {eval_s:.0f} s) | {headline(valid)} |\n"
             f"| max abs difference, ONNX Runtime vs PyTorch, logits and memories (B1, T{a.tgt_len}, M{a.mem_len}, random memories) | {diff:.2e} |\n"
             f"| ONNX Runtime latency, B1 T{a.tgt_len} M{a.mem_len}, {a.threads} threads | {stats} |\n")
     record("hf_baseline", {"source": str(source), "import": imported, "valid": valid, "parity_onnx": diff,
