@@ -29,7 +29,7 @@ from planer.export.quantize import digest, quantize_int8
 from planer.files import replacing
 from planer.nn import LM
 from planer.nn.attention import Attention
-from planer.nn.model import Block, embed_tokens
+from planer.nn.model import Block, embed_tokens, head_logits, next_memory
 from planer.nn.moe import MoE
 from planer.nn.quant import quantized_linears, set_precision
 from planer.runtime.feeds import MAX_CONTEXT_KEY, input_names, output_names
@@ -64,8 +64,7 @@ class _AttnGraph(nn.Module):
         self.mem_len = mem_len
 
     def forward(self, x: Tensor, mem: Tensor) -> tuple[Tensor, Tensor]:
-        seen = torch.cat([mem, x], dim=1)
-        return self.block(x, mem), seen[:, seen.shape[1] - min(self.mem_len, seen.shape[1]):]
+        return self.block(x, mem), next_memory(x, mem, self.mem_len)
 
 
 class _FixedGraph(nn.Module):
@@ -77,8 +76,7 @@ class _FixedGraph(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         m = self.model
-        x = m.norm(embed_tokens(m, tokens, 0))
-        return x @ m.embed.weight.t() if m.head is None else m.head(x)
+        return head_logits(m, m.norm(embed_tokens(m, tokens, 0)))
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs: list[str], outputs: list[str],

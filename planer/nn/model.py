@@ -70,6 +70,28 @@ def embed_tokens(model: nn.Module, idx: Tensor, offset: int) -> Tensor:
     return x
 
 
+def head_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits of the final hidden states `x` (already normalised), for a model (LM or supernet) with `embed` and
+    `head`: the output head, or the input embedding transposed when the two are tied."""
+    return x @ model.embed.weight.t() if model.head is None else model.head(x)
+
+
+def next_memory(x: Tensor, mem: Tensor | None, mem_len: int) -> Tensor:
+    """What an attention block keeps for the next segment: the last `mem_len` positions of its memory followed by
+    this segment's input `x`."""
+    seen = x if mem is None else torch.cat([mem, x], dim=1)
+    return seen[:, seen.shape[1] - min(mem_len, seen.shape[1]):]
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation (normal, std 0.02; zero biases), for a new model and for a supernet's new
+    candidates alike; apply it with `module.apply`."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class LM(nn.Module):
     def __init__(self, arch: Architecture, dropout: float = 0.0, dropatt: float = 0.0):
         super().__init__()
@@ -81,7 +103,7 @@ class LM(nn.Module):
         self.blocks = nn.ModuleList(Block(arch, spec, dropout, dropatt) for spec in arch.blocks)
         self.norm = make_norm(arch)
         self.head = None if arch.tie_embeddings else nn.Linear(arch.d_model, arch.vocab_size, bias=False)
-        self.apply(_init)
+        self.apply(init_weights)
 
     def forward(self, idx: Tensor, mems: list[Tensor] | None = None, mem_len: int | None = None) -> LMOutput:
         """idx (B, T) token ids; mems from the previous call (None at the start of a stream)."""
@@ -97,16 +119,13 @@ class LM(nn.Module):
             if block.kind == "attn":
                 mem = None if mems is None else mems[j]
                 j += 1
-                seen = x if mem is None else torch.cat([mem, x], dim=1)
-                new_mems.append(seen[:, seen.shape[1] - min(mem_len, seen.shape[1]):].detach())
+                new_mems.append(next_memory(x, mem, mem_len).detach())
                 x = block(x, mem)
             else:
                 x = block(x)
                 if block.kind == "moe":
                     aux = aux + block.f.aux_loss
-        x = self.norm(x)
-        logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
-        return LMOutput(logits, new_mems, aux)
+        return LMOutput(head_logits(self, self.norm(x)), new_mems, aux)
 
 
 def in_precision(model: LM, precision: str) -> LM:
@@ -114,10 +133,3 @@ def in_precision(model: LM, precision: str) -> LM:
     other = LM(model.arch.with_blocks([b.in_precision(precision) for b in model.arch.blocks])).eval()
     other.load_state_dict(model.state_dict())
     return other
-
-
-def _init(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)

@@ -33,7 +33,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.nn import LM, LMOutput
 from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
-from planer.nn.model import Block, embed_tokens, make_norm
+from planer.nn.model import Block, embed_tokens, head_logits, init_weights, make_norm, next_memory
 from planer.nn.moe import balance_loss, dispatch, route
 from planer.nn.quant import computing
 from planer.space import SearchSpace
@@ -100,14 +100,14 @@ class Position(nn.Module):
             self.attn_norm = copy.deepcopy(attn_src.norm) if attn_src is not None else make_norm(arch)
             self.attn = nn.ModuleDict({c.label(): Attention(arch, c) for c in attns})
             for module in self.attn.values():
-                module.apply(_normal_init)
+                module.apply(init_weights)
                 if attn_src is not None:
                     _copy_attention(module, attn_src.f)
         if ffn_widths or moes:
             self.ffn_norm = copy.deepcopy(ffn_src.norm) if ffn_src is not None else make_norm(arch)
         if ffn_widths:
             self.ffn = FFN(d, max(ffn_widths), arch.activation, arch.bias)
-            self.ffn.apply(_normal_init)
+            self.ffn.apply(init_weights)
             if ffn_src is not None:
                 _copy_ffn(self.ffn, ffn_src.f, order)
         if moes:
@@ -115,7 +115,7 @@ class Position(nn.Module):
             self.experts = nn.ModuleList(FFN(d, width, arch.activation, arch.bias)
                                          for _ in range(max(c.experts for c in moes)))
             for expert in self.experts:
-                expert.apply(_normal_init)
+                expert.apply(init_weights)
                 if ffn_src is not None:
                     _copy_ffn(expert, ffn_src.f, order)
                     with torch.no_grad():
@@ -123,7 +123,7 @@ class Position(nn.Module):
                             p.add_(torch.randn_like(p) * perturb * (p.std() if p.numel() > 1 else 0.0))
             self.routers = nn.ModuleDict({str(e): nn.Linear(d, e, bias=False)
                                           for e in sorted({c.experts for c in moes})})
-            self.routers.apply(_normal_init)
+            self.routers.apply(init_weights)
 
     def forward(self, choice: int, x: Tensor, mem: Tensor | None) -> tuple[Tensor, Tensor]:
         """Output of candidate `choice` (residual included) and its balance loss (0 unless MoE)."""
@@ -169,13 +169,6 @@ class Position(nn.Module):
 def _shape(spec: BlockSpec) -> BlockSpec:
     """The block whatever its precision: what the candidates that share weights have in common."""
     return spec.in_precision("fp32")
-
-
-def _normal_init(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 class SuperNet(nn.Module):
@@ -250,16 +243,14 @@ class SuperNet(nn.Module):
             if inputs is not None:
                 inputs.append(x)
             mem = None if mems is None else mems[p]
-            seen = x if mem is None else torch.cat([mem, x], dim=1)
-            new_mems.append(seen[:, seen.shape[1] - min(mem_len, seen.shape[1]):].detach())
+            new_mems.append(next_memory(x, mem, mem_len).detach())
             y, block_aux = self.positions[p](choice[p], x, mem)
             x = y if weights is None else x + weights[p] * (y - x)
             aux = aux + block_aux
         return x, new_mems, aux
 
     def logits(self, x: Tensor) -> Tensor:
-        x = self.norm(x)
-        return x @ self.embed.weight.t() if self.head is None else self.head(x)
+        return head_logits(self, self.norm(x))
 
     def probabilities(self) -> Tensor:
         return self.alpha.softmax(dim=-1)
