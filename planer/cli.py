@@ -126,7 +126,7 @@ _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim),
               "(raw bytes or UTF-8 text, split 90/5/5) or 'wikitext103:DIR' (wiki.{train,valid,test}.tokens)")
 
 
-@main.command()
+@main.command("train")
 @click.option("--preset", help="baseline to train: tiny, txl-enwik8-base, txl-wt103-base "
               "(not needed with --resume)")
 @click.option("--data", "data_spec", default="sample", show_default=True, help=_DATA_HELP)
@@ -140,13 +140,14 @@ _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim),
 @click.option("--ckpt-every", type=_COUNT, help="steps between checkpoints (overrides the preset)")
 @click.option("--seed", type=_NONNEG, help="random seed (overrides the preset)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: int | None, batch: int | None,
-          lr: float | None, eval_every: int | None, ckpt_every: int | None, seed: int | None, quiet: bool) -> None:
+def train_command(preset: str | None, data_spec: str, out: Path, resume: bool, steps: int | None, batch: int | None,
+                  lr: float | None, eval_every: int | None, ckpt_every: int | None, seed: int | None,
+                  quiet: bool) -> None:
     """Train a baseline language model (Transformer-XL style, with segment memory)."""
     from planer.data import load_corpus
     from planer.train.evaluate import headline
     from planer.train.presets import get_preset, with_overrides
-    from planer.train.trainer import check_new_run, saved_config, train as run_training
+    from planer.train.trainer import check_new_run, saved_config, train
 
     if resume:
         cfg, saved_preset = saved_config(out)
@@ -169,7 +170,7 @@ def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: in
     if arch is not None and distributed.is_main():  # under torchrun only rank 0 reports
         click.echo(arch.summary())
     with _resumable(out):
-        result = run_training(corpus, cfg, out, arch=arch, preset=preset or "", resume=resume,
+        result = train(corpus, cfg, out, arch=arch, preset=preset or "", resume=resume,
                               show_progress=not quiet)
     if distributed.is_main():
         click.echo(f"{out}: step {result['step']}, {result['tokens_per_second']:.0f} tokens/s over "
@@ -186,8 +187,8 @@ def train(preset: str | None, data_spec: str, out: Path, resume: bool, steps: in
 @click.option("--mem-len", type=_NONNEG, help="memory length (default: the architecture's)")
 @click.option("--max-tokens", type=_COUNT, help="stop after this many tokens (default: the whole split)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int | None, mem_len: int | None,
-          max_tokens: int | None, as_json: bool) -> None:
+def eval_command(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int | None, mem_len: int | None,
+                 max_tokens: int | None, as_json: bool) -> None:
     """Score a run on a split with the Transformer-XL protocol (memory carried through the split)."""
     from planer.checkpoint import load_model
     from planer.train.evaluate import evaluate, headline
@@ -211,7 +212,7 @@ def eval_(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int
 @click.option("--tgt-len", type=_COUNT, default=128, show_default=True, help="segment length the run is evaluated with")
 @click.option("--mem-len", type=_NONNEG, default=128, show_default=True,
               help="memory length (context carried between segments)")
-def import_(source: Path, out: Path, tgt_len: int, mem_len: int) -> None:
+def import_command(source: Path, out: Path, tgt_len: int, mem_len: int) -> None:
     """Import a local Hugging Face decoder LM (a save_pretrained directory or a .gguf file) as a planer run:
     Llama, SmolLM, Mistral or GPT-2.
 
@@ -233,7 +234,7 @@ def _load_arch(source: Path):
     return Architecture.load(source / ARCH_FILE if source.is_dir() else source)
 
 
-@main.command()
+@main.command("export")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=_OUTPUT, help="ONNX file to write (default: RUN/model.onnx)")
 @click.option("--lowering", type=click.Choice(LOWERINGS), default="ops", show_default=True,
@@ -254,10 +255,9 @@ def _load_arch(source: Path):
 @click.option("--triton-max-delay-us", type=_NONNEG, default=2000, show_default=True,
               help="dynamic batching: how long Triton waits for a request to batch with")
 @click.option("--overwrite", is_flag=True, help="replace the model already in the Triton repository")
-def export(run: Path, out: Path | None, lowering: str, mem_len: int | None, max_context: int,
-           triton_repo: Path | None,
-           triton_name: str | None, triton_kind: str, triton_instances: int, triton_max_batch: int,
-           triton_max_delay_us: int, overwrite: bool) -> None:
+def export_command(run: Path, out: Path | None, lowering: str, mem_len: int | None, max_context: int,
+                   triton_repo: Path | None, triton_name: str | None, triton_kind: str, triton_instances: int,
+                   triton_max_batch: int, triton_max_delay_us: int, overwrite: bool) -> None:
     """Export a trained model to ONNX (memories as inputs/outputs, dynamic batch and lengths) and check
     it against PyTorch; with --triton, also as an NVIDIA Triton Inference Server model.
 
@@ -317,7 +317,7 @@ _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); aut
                   "--engine ort-cuda, ops with --engine ort, where it beat the fused op at every shape measured]")
 
 
-@main.command()
+@main.command("profile")
 @click.option("--model", "source", required=True, type=click.Path(path_type=Path),
               help="run directory or arch.json of the baseline whose blocks define the default space")
 @click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
@@ -332,11 +332,11 @@ _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); aut
 @click.option("--out", required=True, type=_OUTPUT,
               help="latency table JSON; if it exists, its entries are reused (same engine and shape only)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def profile(source: Path, space: Path | None, engine: str, threads: int, batch: int, tgt_len: int | None,
-            mem_len: int | None, lowering: str | None, precision: str | None, out: Path, quiet: bool) -> None:
+def profile_command(source: Path, space: Path | None, engine: str, threads: int, batch: int, tgt_len: int | None,
+                    mem_len: int | None, lowering: str | None, precision: str | None, out: Path, quiet: bool) -> None:
     """Time every candidate block alone in the engine at the deployment shape: the latency table."""
     from planer.latency import LatencyTable
-    from planer.latency.profile import Deployment, profile as run_profile
+    from planer.latency.profile import Deployment, profile
     from planer.space import SearchSpace
 
     arch = _load_arch(source)
@@ -345,7 +345,7 @@ def profile(source: Path, space: Path | None, engine: str, threads: int, batch: 
                      precisions=_precisions(precision))
     chosen = dep.searchable(SearchSpace.load(space) if space else SearchSpace.default(arch))
     cached = LatencyTable.load(out) if out.exists() else None
-    table = run_profile(arch, chosen.candidates, dep, table=cached, show_progress=not quiet)
+    table = profile(arch, chosen.candidates, dep, table=cached, show_progress=not quiet)
     table.save(out)
     worst = max(table.entries.items(), key=lambda kv: kv[1]["spread"])
     trials = table.provenance.get("lowering_trials")
@@ -411,23 +411,24 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
                       lowering=lowering or "", precisions=_precisions(precision))
 
 
-@main.command()
+@main.command("build")
 @_request_options
-@click.option("--target-speedup", metavar="S[,S...]", help="latency target as baseline / result, measured side by side; a list "
-              "(1.5,2,3) sweeps: one build per target under --out and one pareto.png across them")
+@click.option("--target-speedup", metavar="S[,S...]",
+              help="latency target as baseline / result, measured side by side; a list (1.5,2,3) sweeps: one build per "
+                   "target under --out and one pareto.png across them")
 @click.option("--out", type=_OUTPUT,
               help="build directory to create (default: builds/<model>-x<speedup>, -<ms>ms or -sweep)")
 @_search_options
 @click.option("--compare", is_flag=True, help="also train and time, at the result's latency, the baseline with "
               "attention dropped, the baseline narrowed, and the search without MoE (about 3x the build time)")
-def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
-          batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
-          precision: str | None, budget: str, space: Path | None, data_spec: str | None, table_cache: Path | None,
-          compare: bool, quiet: bool) -> None:
+def build_command(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
+                  batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
+                  precision: str | None, budget: str, space: Path | None, data_spec: str | None,
+                  table_cache: Path | None, compare: bool, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
     from planer import distributed
-    from planer.build import BUDGETS, build as run_build, sweep
+    from planer.build import BUDGETS, build, sweep
     from planer.space import SearchSpace
 
     if (target_speedup is None) == (target_latency_ms is None):
@@ -443,7 +444,7 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
         if len(speedups) > 1:
             summaries = sweep(run, out, speedups, **options)
         else:
-            summary = run_build(run, out, target_ms=target_latency_ms,
+            summary = build(run, out, target_ms=target_latency_ms,
                                 target_speedup=speedups[0] if speedups else None, **options)
     except KeyboardInterrupt:
         raise PlanerError(f"interrupted; {out}.partial keeps the finished stages: run the same command again "
@@ -461,17 +462,17 @@ def build(run: Path, engine: str, target_speedup: str | None, target_latency_ms:
                           "raise --budget or relax the target")
 
 
-@main.command()
+@main.command("search")
 @_request_options
 @click.option("--target-speedup", type=_POSITIVE, help="latency target as baseline / result, measured side by side")
 @click.option("--out", required=True, type=_OUTPUT,
               help="directory to create: the chosen network before distillation, outcome.json, search_log.jsonl, "
                    "the calibrated latency_table.json")
 @_search_options
-def search(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path,
-           batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
-           precision: str | None, budget: str, space: Path | None, data_spec: str | None, table_cache: Path | None,
-           quiet: bool) -> None:
+def search_command(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path,
+                   batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
+                   precision: str | None, budget: str, space: Path | None, data_spec: str | None,
+                   table_cache: Path | None, quiet: bool) -> None:
     """A build's profile and search stages alone: the network that meets the target, before distillation
     (`planer distill` trains it on)."""
     from planer import distributed
@@ -499,7 +500,7 @@ def search(run: Path, engine: str, target_speedup: float | None, target_latency_
                f"  next: planer distill --student {out} --teacher {teacher} --out DIR")
 
 
-@main.command()
+@main.command("distill")
 @click.option("--student", required=True, type=click.Path(path_type=Path),
               help="network to train: a directory with arch.json and model.safetensors (`planer search --out`)")
 @click.option("--teacher", required=True, type=click.Path(path_type=Path),
@@ -510,22 +511,22 @@ def search(run: Path, engine: str, target_speedup: float | None, target_latency_
 @click.option("--data", "data_spec", help="corpus (default: the teacher's). " + _DATA_HELP)
 @click.option("--resume", is_flag=True, help="continue the interrupted or finished run at --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def distill(student: Path, teacher: Path, out: Path, steps: int, batch: int, data_spec: str | None, resume: bool,
-            quiet: bool) -> None:
+def distill_command(student: Path, teacher: Path, out: Path, steps: int, batch: int, data_spec: str | None,
+                    resume: bool, quiet: bool) -> None:
     """A build's distillation stage alone: train a network with cross-entropy and distillation from the
     baseline's logits (the recipe a build uses), then score it on the whole validation split."""
     from planer import distributed
-    from planer.build import distill as run_distill
+    from planer.build import distill
     from planer.train.evaluate import headline
 
     with _resumable(out):
-        final = run_distill(student, teacher, out, steps=steps, batch=batch, data=data_spec, resume=resume,
+        final = distill(student, teacher, out, steps=steps, batch=batch, data=data_spec, resume=resume,
                             show_progress=not quiet)
     if distributed.is_main():
         click.echo(f"{out}: valid {headline(final['valid'])} after {final['step']} steps")
 
 
-@main.command()
+@main.command("bench")
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path),
               help="directory (arch.json + model.onnx) of the model timed beside the build [BUILD/baseline]")
@@ -542,9 +543,9 @@ def distill(student: Path, teacher: Path, out: Path, steps: int, batch: int, dat
 @click.option("--min-seconds", type=_POSITIVE, default=2.0, show_default=True, help="timing time per try")
 @click.option("--tries", type=_COUNT, default=2, show_default=True,
               help="with --against, a regression must show in every try (shared machines are noisy)")
-def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: int | None, tgt_len: int | None,
-          mem_len: int | None, threads: int | None, save_to: Path | None, against: Path | None, max_slowdown: float,
-          min_seconds: float, tries: int) -> None:
+def bench_command(build_dir: Path, reference: Path | None, engine: str | None, batch: int | None, tgt_len: int | None,
+                  mem_len: int | None, threads: int | None, save_to: Path | None, against: Path | None,
+                  max_slowdown: float, min_seconds: float, tries: int) -> None:
     """Time a build beside a reference model (both in the engine, interleaved) and report the ratio;
     with --against, gate on it.
 
@@ -552,10 +553,10 @@ def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: in
       planer bench builds/tiny-x2 --save latency-reference.json
       planer bench builds/tiny-x2 --against latency-reference.json --max-slowdown 1.10
     """
-    from planer import bench as api
+    from planer import bench
 
-    stored = api.load_reference(against) if against is not None else None
-    dep = dict(stored["deployment"]) if stored else api.default_deployment(build_dir)
+    stored = bench.load_reference(against) if against is not None else None
+    dep = dict(stored["deployment"]) if stored else bench.default_deployment(build_dir)
     given = {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads}
     dep.update({k: v for k, v in given.items() if v is not None})
     engine = engine or (stored["engine"]["engine"] if stored else "ort")
@@ -563,25 +564,25 @@ def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: in
         raise PlanerError("--max-slowdown must be at least 1 and --tries at least 1")
     ok = True
     for attempt in range(tries if stored else 1):
-        m = api.measure(build_dir, reference, engine=engine, batch=dep["batch"], tgt_len=dep["tgt_len"],
+        m = bench.measure(build_dir, reference, engine=engine, batch=dep["batch"], tgt_len=dep["tgt_len"],
                         mem_len=dep["mem_len"], threads=dep["threads"] or None, min_seconds=min_seconds)
         click.echo(m.table())
         if stored:
-            ok, diff = api.gate(m, stored, max_slowdown)
+            ok, diff = bench.gate(m, stored, max_slowdown)
             click.echo(diff)
             if ok:
                 break
             if attempt + 1 < tries:
                 click.echo(f"try {attempt + 1} of {tries} regressed; timing again")
     if save_to is not None:
-        api.save(m, save_to)
+        bench.save(m, save_to)
         click.echo(f"wrote {save_to}")
     if not ok:
         raise PlanerError(f"latency regression: build/reference grew {m.ratio / stored['ratio']:.3f}x "
                           f"(allowed {max_slowdown:g}x) in all {tries} tries")
 
 
-@main.command()
+@main.command("serve")
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True,
               help="engine to serve model.onnx with")
@@ -596,24 +597,26 @@ def bench(build_dir: Path, reference: Path | None, engine: str | None, batch: in
 @click.option("--max-queue", type=_COUNT, default=64, show_default=True,
               help="requests in flight at once; more are answered 503 at once")
 @click.option("--max-body-kb", type=_COUNT, default=1024, show_default=True, help="largest request body (413 beyond)")
-@click.option("--max-new-tokens", type=_COUNT, default=1024, show_default=True, help="largest max_tokens of /v1/generate")
+@click.option("--max-new-tokens", type=_COUNT, default=1024, show_default=True,
+              help="largest max_tokens of /v1/generate")
 @click.option("--body-timeout-s", type=_POSITIVE, default=10.0, show_default=True,
               help="a request body not received in full by then is answered 408 (slow uploads hold no place in "
                    "the queue meanwhile)")
-def serve(build_dir: Path, engine: str, host: str, port: int, threads: int | None, max_batch: int,
-          max_delay_ms: float, max_queue: int, max_body_kb: int, max_new_tokens: int, body_timeout_s: float) -> None:
+def serve_command(build_dir: Path, engine: str, host: str, port: int, threads: int | None, max_batch: int,
+                  max_delay_ms: float, max_queue: int, max_body_kb: int, max_new_tokens: int,
+                  body_timeout_s: float) -> None:
     """Serve a build over HTTP: POST /v1/score, POST /v1/generate, GET /healthz, GET /metrics.
 
     \b
       planer serve builds/tiny-x2 --port 8000
       curl -s localhost:8000/v1/generate -d '{"prompt": "The ", "max_tokens": 40}'
     """
-    from planer.serve import ServeConfig, serve as run_server
+    from planer.serve import ServeConfig, serve
 
     config = ServeConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                          max_body_bytes=max_body_kb * 1024, max_new_tokens=max_new_tokens,
                          body_timeout_s=body_timeout_s)
-    run_server(build_dir, engine=engine, threads=threads, host=host, port=port, config=config)
+    serve(build_dir, engine=engine, threads=threads, host=host, port=port, config=config)
 
 
 def _speedups(text: str) -> list[float]:
