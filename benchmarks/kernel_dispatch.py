@@ -29,7 +29,7 @@ def main() -> None:
 
     from planer.nn.ffn import FFN
     from planer.nn.moe import MoE, dispatch as eager_dispatch
-    from planer.nn.moe_kernel import dispatch as kernel_dispatch
+    from planer.kernels.dispatch import dispatch as kernel_dispatch
     from planer.runtime import time_engines
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

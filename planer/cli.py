@@ -268,7 +268,7 @@ def export_command(run: Path, out: Path | None, lowering: str, mem_len: int | No
     if triton_repo is None or not (run / "model.onnx").is_file():
         _export_onnx(run, out, lowering, mem_len, max_context)
     if triton_repo is not None:
-        from planer.triton import write_repository
+        from planer.serve.triton_repository import write_repository
 
         model_dir = write_repository(run, triton_repo, name=triton_name, kind=triton_kind,
                                      instances=triton_instances, max_batch=triton_max_batch,

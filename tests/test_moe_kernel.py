@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anythin
 triton = pytest.importorskip("triton")
 
 from planer.nn.moe import TRITON_EXPERTS_ENV, MoE, dispatch as eager_dispatch  # noqa: E402
-from planer.nn.moe_kernel import BLOCK_M, dispatch, tiles  # noqa: E402
+from planer.kernels.dispatch import BLOCK_M, dispatch, tiles  # noqa: E402
 from tests.conftest import routed_moe  # noqa: E402
 
 

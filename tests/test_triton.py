@@ -16,8 +16,8 @@ from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.nn import LM
 from planer.runtime.feeds import example_feeds
-from planer import triton
-from planer.triton import config_text, validate_config, write_repository
+from planer.serve import triton_repository as triton
+from planer.serve.triton_repository import config_text, validate_config, write_repository
 from tests.conftest import small_arch
 
 ARCH = small_arch([BlockSpec.attn(2, 8), BlockSpec.ffn(16), BlockSpec.attn(2, 8), BlockSpec.moe(2, 1, 16)],
@@ -145,7 +145,8 @@ def test_model_of_another_architecture_is_refused(build_dir, tmp_path):
 
 
 def test_module_imports_no_torch():
-    code = "import sys, planer.triton; assert 'torch' not in sys.modules, 'planer.triton imports torch'"
+    code = ("import sys, planer.serve.triton_repository; "
+            "assert 'torch' not in sys.modules, 'planer.serve.triton_repository imports torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

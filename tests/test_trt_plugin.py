@@ -25,7 +25,7 @@ from planer.nn import LM  # noqa: E402
 from planer.nn.moe import MoE, dispatch  # noqa: E402
 from planer.runtime.feeds import example_feeds  # noqa: E402
 from planer.trt import plugin  # noqa: E402
-from planer.trt.kernel import routed_experts  # noqa: E402
+from planer.kernels.experts import routed_experts  # noqa: E402
 from tests.conftest import routed_moe, small_arch  # noqa: E402
 
 CASES = [  # activation, bias, experts, top_k, tokens, skew

@@ -63,7 +63,7 @@ def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[Callable[[
 
 class MoE(nn.Module):
     """Top-k routed FFN experts with dropless sparse dispatch (see `dispatch`; on a GPU the grouped Triton
-    kernel of planer.nn.moe_kernel, forward and backward).
+    kernel of planer.kernels.dispatch, forward and backward).
 
     The load-balancing loss of the last call is kept in `aux_loss` for the trainer.
     """
@@ -87,7 +87,7 @@ class MoE(nn.Module):
         self.aux_loss = balance_loss(probs, ids, len(self.experts))
         if (x.is_cuda and x.dtype == torch.float32 and not quantized_linears(self)  # the kernel runs fp32 only
                 and triton_experts_enabled()):
-            from planer.nn import moe_kernel  # Triton: imported only where a GPU runs the block
+            from planer.kernels.dispatch import dispatch as kernel_dispatch  # Triton: only where a GPU runs it
 
-            return moe_kernel.dispatch(x, gates, ids, self.experts).reshape(shape)
+            return kernel_dispatch(x, gates, ids, self.experts).reshape(shape)
         return dispatch(x, gates, ids, self.experts).reshape(shape)

@@ -1,5 +1,5 @@
 """The MoE layer as a TensorRT plugin: `planer::moe_experts`, implemented ahead of time by the Triton kernel
-of planer.trt.kernel, so an engine runs its experts without a Python callback (and loads in C++ alone).
+of planer.kernels.experts, so an engine runs its experts without a Python callback (and loads in C++ alone).
 
 The ONNX export (lowering `trt`) keeps the router, softmax and top-k as standard operators, which TensorRT runs
 natively, and emits one `moe_experts` node per MoE layer: inputs x (tokens, d), ids (tokens, k) int32,
@@ -70,7 +70,7 @@ class Launch:
         return self.experts, cdiv(slots, BLOCK_M), _cdiv(self.d_model, self.block_d)
 
     def constexprs(self) -> dict[str, int]:
-        from planer.trt.kernel import ACTIVATIONS as CODES
+        from planer.kernels.experts import ACTIVATIONS as CODES
 
         return {"ACTIVATION": CODES[self.activation], "BLOCK_M": BLOCK_M, "BLOCK_S": BLOCK_S, "BLOCK_K": BLOCK_K,
                 "BLOCK_F": BLOCK_F, "BLOCK_D": self.block_d}
@@ -135,7 +135,7 @@ def compile_kernel(launch: Launch, capability: int | None = None) -> tuple[str, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from planer.trt.kernel import routed_experts
+    from planer.kernels.experts import routed_experts
 
     if capability is None:
         target = triton.runtime.driver.active.get_current_target()

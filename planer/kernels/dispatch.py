@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from planer.nn.ffn import FFN
-from planer.trt.kernel import ACTIVATIONS, activate
+from planer.kernels.experts import ACTIVATIONS, activate
 
 BLOCK_M = 16  # tl.dot's smallest tile; routed rows are padded to it per expert, never across experts
 
