@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from planer.nn.ffn import FFN
-from planer.kernels.experts import ACTIVATIONS, activate
+from planer.kernels import ACTIVATION_CODES
+from planer.nn.ffn import ACTIVATIONS, FFN
+from planer.kernels.experts import activate
 
 BLOCK_M = 16  # tl.dot's smallest tile; routed rows are padded to it per expert, never across experts
 
@@ -90,9 +91,7 @@ def tiles(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return expert.to(torch.int32), start.to(torch.int32), ends[expert].to(torch.int32)
 
 
-_TORCH_ACTIVATIONS = {"none": lambda z: z, "relu": torch.relu, "silu": torch.nn.functional.silu,
-                      "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
-                      "gelu": torch.nn.functional.gelu}
+_TORCH_ACTIVATIONS = {"none": lambda z: z, **ACTIVATIONS}  # the FFN's own, so the gradients are the eager ones
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -162,7 +161,7 @@ def _launch(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, tile_p
     grid = (len(expert), triton.cdiv(n_out, block_n))
     _grouped_linear[grid](a, rows.to(torch.int32).contiguous(), weight, bias if bias is not None else weight, out,
                           expert, start, end, k_in, n_out, a.stride(0), weight.stride(0), weight.stride(1),
-                          out.stride(0), HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
+                          out.stride(0), HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
                           BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 

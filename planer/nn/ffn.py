@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from planer.nn.quant import QLinear, linear
 
-_ACTIVATIONS = {
+ACTIVATIONS = {  # elementwise; swiglu gates with a second projection instead
     "gelu": F.gelu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's GELU, and the one fused MoE kernels implement
     "relu": F.relu,
@@ -32,7 +32,7 @@ class FFN(nn.Module):
         """`width` runs only the first `width` hidden units (the search's narrower candidates share one FFN)."""
         up = _linear(self.up, x, width)
         hidden = F.silu(_linear(self.gate, x, width)) * up if self.activation == "swiglu" else \
-            _ACTIVATIONS[self.activation](up)
+            ACTIVATIONS[self.activation](up)
         if width is None:
             return self.down(hidden)
         return linear(hidden, self.down.weight[:, :width], self.down.bias, self.down.precision)

@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 
 from planer.errors import PlanerError
+from planer.kernels import ACTIVATION_CODES
 
 NAMESPACE, NAME = "planer", "moe_experts"
 PLUGIN_ID = f"{NAMESPACE}::{NAME}"
 INPUTS = ("x", "ids", "gates", "w_up", "b_up", "w_gate", "b_gate", "w_down", "b_down")
-ACTIVATIONS = ("relu", "silu", "gelu_tanh", "gelu", "swiglu")
 BLOCK_M, BLOCK_S, BLOCK_K, BLOCK_F = 16, 128, 64, 32
 NUM_WARPS = 4
+ACTIVATIONS = tuple(a for a in ACTIVATION_CODES if a != "none")
 DTYPES = ("fp32", "fp16")
 
 
@@ -70,10 +71,8 @@ class Launch:
         return self.experts, cdiv(slots, BLOCK_M), _cdiv(self.d_model, self.block_d)
 
     def constexprs(self) -> dict[str, int]:
-        from planer.kernels.experts import ACTIVATIONS as CODES
-
-        return {"ACTIVATION": CODES[self.activation], "BLOCK_M": BLOCK_M, "BLOCK_S": BLOCK_S, "BLOCK_K": BLOCK_K,
-                "BLOCK_F": BLOCK_F, "BLOCK_D": self.block_d}
+        return {"ACTIVATION": ACTIVATION_CODES[self.activation], "BLOCK_M": BLOCK_M, "BLOCK_S": BLOCK_S,
+                "BLOCK_K": BLOCK_K, "BLOCK_F": BLOCK_F, "BLOCK_D": self.block_d}
 
     def signature(self) -> dict[str, str]:
         """Triton's signature of the kernel: inputs, then int32 scalars, then the output (TensorRT's order)."""
