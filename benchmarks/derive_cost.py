@@ -19,8 +19,9 @@ import torch
 from common import given_or_tiny, record, smoke_option, smoke_space
 from planer.checkpoint import load_model
 from planer.data import Segments
+from planer.deployment import Deployment
 from planer.latency import LatencyTable
-from planer.latency.profile import Deployment, profile
+from planer.latency.profile import profile
 from planer.latency.table import FIXED
 from planer.search.probe import ProbeLoss
 from planer.search.search import SearchConfig, candidate_latencies, derive_network

@@ -19,9 +19,10 @@ import torch
 
 from common import record, smoke_option, tiny_arch
 from planer.checkpoint import load_model
+from planer.deployment import Deployment
 from planer.export import export_lm
 from planer.export.reference import TorchEngine
-from planer.latency.profile import Deployment, measure
+from planer.latency.profile import measure
 from planer.nn import LM
 from planer.nn.model import in_precision
 from planer.runtime import evaluate_engine, load_engine

@@ -21,9 +21,10 @@ import torch
 
 from common import record, smoke_option, smoke_space, tiny_arch
 from planer.arch import Architecture
+from planer.deployment import Deployment
 from planer.export import export_lm
 from planer.export.reference import TorchEngine
-from planer.latency.profile import Deployment, profile
+from planer.latency.profile import profile
 from planer.nn import LM
 from planer.runtime import load_engine, time_engines
 from planer.runtime.feeds import example_feeds

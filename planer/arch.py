@@ -36,7 +36,7 @@ BLOCK_KINDS = ("attn", "ffn", "moe", "skip")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("relative", "rotary", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
-PRECISIONS = ("fp32", "int8")  # which of them an engine runs: planer.latency.profile.ENGINE_PRECISIONS
+PRECISIONS = ("fp32", "int8")  # which of them an engine runs: planer.deployment.ENGINE_PRECISIONS
 
 # Which BlockSpec fields each kind uses; the others must stay 0.
 _KIND_FIELDS = {

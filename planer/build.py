@@ -40,14 +40,15 @@ from planer.arch import Architecture
 from planer.checkpoint import WEIGHTS_FILE, load_model
 from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus
+from planer.deployment import Deployment
 from planer.errors import PlanerError
-from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
-from planer.hf import IMPORT_FILE, import_hf, is_hf_checkpoint, write_run
 from planer.export import export_lm
 from planer.export.reference import parity
+from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
+from planer.hf import IMPORT_FILE, import_hf, is_hf_checkpoint, write_run
 from planer.latency import LatencyTable
 from planer.latency.confirm import confirm
-from planer.latency.profile import Deployment, profile
+from planer.latency.profile import profile
 from planer.nn import LM
 from planer.nn.model import in_precision
 from planer.report import Point, arch_plot, pareto_plot, report

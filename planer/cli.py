@@ -336,7 +336,8 @@ def profile_command(source: Path, space: Path | None, engine: str, threads: int,
                     mem_len: int | None, lowering: str | None, precision: str | None, out: Path, quiet: bool) -> None:
     """Time every candidate block alone in the engine at the deployment shape: the latency table."""
     from planer.latency import LatencyTable
-    from planer.latency.profile import Deployment, profile
+    from planer.deployment import Deployment
+    from planer.latency.profile import profile
     from planer.space import SearchSpace
 
     arch = _load_arch(source)
@@ -400,7 +401,7 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
                 lowering: str | None, precision: str | None):
     """The deployment asked for; lengths default to the baseline's (an import's defaults for a checkpoint)."""
     from planer.hf import IMPORT_MEM_LEN, IMPORT_TGT_LEN, is_hf_checkpoint
-    from planer.latency.profile import Deployment
+    from planer.deployment import Deployment
 
     if is_hf_checkpoint(run):  # imported first, with the deployment's lengths
         tgt_len, mem_len = tgt_len or IMPORT_TGT_LEN, IMPORT_MEM_LEN if mem_len is None else mem_len

@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from planer.arch import Architecture, BlockSpec
+from planer.deployment import Deployment
 from planer.latency import LatencyTable
-from planer.latency.profile import Deployment, profile
+from planer.latency.profile import profile
 from planer.nn import LM
 from planer.search.supernet import inherit
 from planer.space import SearchSpace

@@ -9,8 +9,8 @@ import pytest
 from planer.arch import BlockSpec
 from planer.build import Budget, build, search_alone, sweep
 from planer.checkpoint import load_model, save_weights
+from planer.deployment import Deployment
 from planer.errors import PlanerError
-from planer.latency.profile import Deployment
 from planer.nn import LM
 from planer.search.search import SearchConfig
 from planer.space import SearchSpace

@@ -48,7 +48,7 @@ def test_dense_space_drops_moe_only():
 
 def test_comparisons_use_the_fastest_precision():
     from planer.compare import fastest_precision
-    from planer.latency.profile import Deployment
+    from planer.deployment import Deployment
 
     a8, f8 = A.in_precision("int8"), F.in_precision("int8")
     table = LatencyTable({}, {**TABLE.entries, a8.label(): {"p50": 1.5}, f8.label(): {"p50": 1.2}})

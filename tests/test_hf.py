@@ -138,7 +138,7 @@ def test_an_imported_tokenizer_reads_byte_corpora_as_tokens(text_file, tmp_path)
 def test_build_takes_a_hugging_face_checkpoint(text_file, tmp_path):
     from planer.arch import BlockSpec
     from planer.build import Budget, build
-    from planer.latency.profile import Deployment
+    from planer.deployment import Deployment
     from planer.search.search import SearchConfig
     from planer.space import SearchSpace
 

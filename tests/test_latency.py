@@ -3,10 +3,11 @@ import json
 import pytest
 
 from planer.arch import BlockSpec
+from planer.deployment import Deployment
 from planer.latency import LatencyTable, TableError
-from planer.latency.profile import Deployment, profile
-from planer.space import SearchSpace
+from planer.latency.profile import profile
 from planer.runtime import LatencyStats, time_engine, time_engines
+from planer.space import SearchSpace
 from tests.conftest import small_arch
 
 DEP = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from planer.arch import ArchError, Architecture, BlockSpec
+from planer.deployment import Deployment
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.export.reference import TorchEngine
-from planer.latency.profile import Deployment, profile
+from planer.latency.profile import profile
 from planer.nn import LM
 from planer.nn.model import Block
 from planer.nn.quant import quantized_linears

@@ -8,10 +8,11 @@ import torch
 
 from planer.arch import BlockSpec
 from planer.data import load_corpus
-from planer.latency.profile import Deployment, profile
+from planer.deployment import Deployment
+from planer.errors import PlanerError
+from planer.latency.profile import profile
 from planer.nn import LM
 from planer.search import search as search_module
-from planer.errors import PlanerError
 from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _shortlist, _trials,
                                   held_out_tokens, search)
 from planer.space import SearchSpace

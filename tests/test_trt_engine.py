@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from planer.arch import BlockSpec
+from planer.deployment import Deployment
 from planer.errors import PlanerError
 from planer.export import export_block, export_lm
-from planer.latency.profile import Deployment
 from planer.nn import LM
 from planer.runtime import EngineError
 from planer.runtime.feeds import example_feeds

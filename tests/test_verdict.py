@@ -6,10 +6,10 @@ import json
 import pytest
 
 from planer.build import BUDGETS, CONTINUED, _check_fair, _trained, build
+from planer.deployment import Deployment
 from planer.errors import PlanerError
 from planer.latency import confirm as confirm_module
 from planer.latency.confirm import confirm
-from planer.latency.profile import Deployment
 from planer.runtime import LatencyStats
 from tests.test_build import BUDGET, DEP, SPACE
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from planer.arch import Architecture
-from planer.latency.profile import Deployment, measure
+from planer.deployment import Deployment
+from planer.latency.profile import measure
 from planer.runtime import LatencyStats
 
 

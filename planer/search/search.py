@@ -52,11 +52,12 @@ from planer import distributed
 from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.data import Corpus, Segments
+from planer.deployment import Deployment
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.files import ARCH_FILE, atomic_write
 from planer.latency import LatencyTable
-from planer.latency.profile import Deployment, measure
+from planer.latency.profile import measure
 from planer.latency.table import FIXED
 from planer.nn import LM
 from planer.search.derive import shrink
