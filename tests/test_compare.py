@@ -58,3 +58,25 @@ def test_comparisons_use_the_fastest_precision():
     kept = {blocks: sum(b.kind == "attn" for b in drop_attention(ARCH.with_blocks(blocks), table, 10.5))
             for blocks in ((A, F) * 4, (a8, F) * 4)}
     assert kept == {(A, F) * 4: 2, (a8, F) * 4: 3}
+
+
+def test_narrow_finds_the_widest_factor_that_fits_in_few_profiles(monkeypatch):
+    import planer.compare as compare
+    from planer.deployment import Deployment
+
+    factors = [step / 16 for step in range(1, 16)]
+    blocks = {_narrowed(b, f) for f in factors for b in (A, F)}
+    # latency grows with width (heads x 16 or FFN width, over 32)
+    entries = {b.label(): {"p50": (b.heads * 16 if b.kind == "attn" else b.d_inner) / 32} for b in blocks}
+    table = LatencyTable({}, {FIXED: {"p50": 1.0}, **entries})
+    tried = []
+    original = compare.fastest_precision
+    monkeypatch.setattr(compare, "fastest_precision", lambda arch, bs, *a, **k: (tried.append(bs),
+                                                                                original(arch, bs, *a, **k))[1])
+    dep = Deployment(precisions=("fp32",))
+    for budget in (1.0 + 4 * (32 + 40) / 32, 1.0 + 4 * (48 + 48) / 32, 100.0, 0.5):
+        tried.clear()
+        narrowed, _ = compare.narrow(ARCH, table, budget, dep)
+        fits = [f for f in factors if table.predict(ARCH.with_blocks([_narrowed(b, f) for b in ARCH.blocks])) <= budget]
+        assert narrowed == [_narrowed(b, max(fits, default=1 / 16)) for b in ARCH.blocks]
+        assert len(tried) <= 4
