@@ -131,3 +131,19 @@ def test_int8_block_export_alone(tmp_path):
     path = export_block(arch, BlockSpec.ffn(64, precision="int8"), tmp_path / "b.onnx")
     assert sum(n.op_type == "MatMulInteger" for n in onnx.load(str(path)).graph.node) == 2
     assert quantized_linears(Block(arch, BlockSpec.ffn(64, precision="int8")))
+
+
+@pytest.mark.parametrize("spec", [BlockSpec.ffn(64, precision="int8"), BlockSpec.attn(2, 16, precision="int8"),
+                                  BlockSpec.moe(4, 2, 32, precision="int8")])
+def test_int8_block_from_its_fp32_twin_is_the_traced_one(tmp_path, spec):
+    """Profiling quantizes a block's fp32 graph instead of tracing its int8 twin again: the same graph."""
+    from planer.export import export_block
+
+    arch = small_arch()
+    twin = export_block(arch, spec.in_precision("fp32"), tmp_path / "fp32.onnx")
+    traced = onnx.load(str(export_block(arch, spec, tmp_path / "traced.onnx")))
+    reused = onnx.load(str(export_block(arch, spec, tmp_path / "reused.onnx", fp32_twin=twin)))
+    assert any(n.op_type == "MatMulInteger" for n in reused.graph.node)
+    assert reused.SerializeToString() == traced.SerializeToString()
+    with pytest.raises(PlanerError, match="no MatMul"):  # another block's graph is refused, not timed
+        export_block(small_arch(d_model=48), spec, tmp_path / "other.onnx", fp32_twin=twin)

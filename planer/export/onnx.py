@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -168,15 +169,27 @@ def export_lm(model: LM, path: str | os.PathLike, *, lowering: str = "ops", mem_
 
 
 def export_block(arch: Architecture, spec: BlockSpec, path: str | os.PathLike, *, lowering: str = "ops",
-                 mem_len: int | None = None, min_context: int = 0) -> Path:
-    """One block alone, randomly initialised, as the LM runs it: inputs `x` (and `mem` for attention),
-    outputs `y` (and `new_mem`). Used to profile a block's latency."""
+                 mem_len: int | None = None, min_context: int = 0, fp32_twin: str | os.PathLike | None = None
+                 ) -> Path:
+    """One block alone, randomly initialised (the same way every time), as the LM runs it: inputs `x` (and
+    `mem` for attention), outputs `y` (and `new_mem`). Used to profile a block's latency.
+
+    `fp32_twin` is this block's fp32 graph, exported before with the same options: an int8 block is that
+    graph quantized, so it is copied and quantized instead of traced again (a trace takes seconds)."""
     if spec.kind == "skip":
         raise ExportError("a skip block is the identity; there is nothing to export")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        original = Block(arch, spec).eval()
     mem_len = arch.mem_len if mem_len is None else mem_len
     context = max_context(arch, mem_len, min_context)
-    original = Block(arch, spec).eval()
     block = _lowered(original, lowering, context)
+    if fp32_twin is not None:
+        path = Path(path)
+        with replacing(path) as tmp:
+            shutil.copyfile(fp32_twin, tmp)
+            quantize_int8(tmp, [m.weight.detach().numpy() for m in quantized_linears(original)])
+        return path
     batch, seq, mem = _axes(original, context)
     x = torch.randn(_B, _T, arch.d_model)
     if spec.kind == "attn":

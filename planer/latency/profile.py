@@ -108,13 +108,18 @@ def _time_blocks(arch: Architecture, specs: list[BlockSpec | None], dep: Deploym
         return {}
     rng = np.random.default_rng(0)
     runs = []
+    specs = sorted(specs, key=lambda s: s is not None and s.precision != "fp32")  # fp32 first: int8 reuses them
+    fp32: dict[BlockSpec, Path] = {}
     for i, spec in enumerate(tqdm(specs, desc=desc, unit="block", disable=not show_progress)):
         path = tmp / f"block{i}.onnx"
         if spec is None:
             export_fixed(arch, path)
             feeds = {"tokens": rng.integers(0, arch.vocab_size, (dep.batch, dep.tgt_len), dtype=np.int64)}
         else:
-            export_block(arch, spec, path, mem_len=dep.mem_len, **dep.export_options())
+            export_block(arch, spec, path, mem_len=dep.mem_len, fp32_twin=fp32.get(spec.in_precision("fp32")),
+                         **dep.export_options())
+            if spec.precision == "fp32":
+                fp32[spec] = path
             feeds = _block_feeds(arch, spec, dep, rng)
         runs.append((load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape), feeds))
     labels = [FIXED if s is None else s.label() for s in specs]
