@@ -7,6 +7,7 @@ batch sizes: p50/p90/p99, spread, tokens/s and the latency ratio.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from common import given_or_tiny, record, smoke_option
@@ -26,13 +27,12 @@ def main() -> None:
     a.build = given_or_tiny(p, a.build, a.smoke, build=True)
     if a.smoke:  # the tiny build has no baseline/: timed against itself
         a.reference, a.batches, a.min_seconds = a.reference or a.build, "1", 0.0
-    dep = default_deployment(a.build)
+    dep = replace(default_deployment(a.build), engine=a.engine, threads=a.threads, min_seconds=a.min_seconds)
     rows = ["| batch | model | p50 ms | p90 ms | p99 ms | spread | tokens/s | build / reference |",
             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     data = []
     for batch in map(int, a.batches.split(",")):
-        m = measure(a.build, a.reference, engine=a.engine, batch=batch, tgt_len=dep["tgt_len"],
-                    mem_len=dep["mem_len"], threads=a.threads, min_seconds=a.min_seconds)
+        m = measure(a.build, a.reference, dep=replace(dep, batch=batch))
         data.append(m.to_dict())
         for name, s in (("build", m.build), ("reference", m.reference)):
             ratio = f"{m.ratio:.3f}" if name == "build" else ""
@@ -40,7 +40,7 @@ def main() -> None:
                         f"{m.tokens_per_s(s):,.0f} | {ratio} |")
     reference = a.reference or a.build / "baseline"
     text = (f"Build `{a.build}` against `{reference}`, {a.engine}, {a.threads} threads, "
-            f"{dep['tgt_len']} tokens per call with {dep['mem_len']} of memory; each batch size is one "
+            f"{dep.tgt_len} tokens per call with {dep.mem_len} of memory; each batch size is one "
             f"interleaved run.\n\n" + "\n".join(rows))
     record("side_by_side", {"build": str(a.build), "reference": str(reference), "runs": data}, text, smoke=a.smoke)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planer.deployment import Deployment
 from planer.errors import PlanerError
 from planer.files import atomic_write, exported_model, file_digest
 from planer.runtime import LatencyStats, describe_engine, load_engine, time_engines
@@ -25,13 +26,14 @@ from planer.runtime.feeds import example_feeds
 
 FORMAT = "planer.bench/1"
 REFERENCE_DIR = "baseline"
-_DEPLOYMENT = ("batch", "tgt_len", "mem_len", "threads")
+_STORED = ("batch", "tgt_len", "mem_len", "threads")  # what a reference records of its deployment (0 threads: the
+# engine's default)
 
 
 @dataclass(frozen=True)
 class Measurement:
-    engine: dict[str, Any]
-    deployment: dict[str, int]
+    engine: dict[str, Any]  # describe_engine's: name, version, CPU
+    deployment: Deployment
     build: LatencyStats
     reference: LatencyStats
     digests: dict[str, str]  # "build", "reference" -> SHA-256 of the model.onnx timed
@@ -42,17 +44,20 @@ class Measurement:
         return self.build.p50 / self.reference.p50
 
     def tokens_per_s(self, stats: LatencyStats) -> float:
-        return self.deployment["batch"] * self.deployment["tgt_len"] / stats.p50 * 1e3
+        return self.deployment.batch * self.deployment.tgt_len / stats.p50 * 1e3
+
+    def stored_deployment(self) -> dict[str, int]:
+        return {k: getattr(self.deployment, k) for k in _STORED}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "ratio": self.ratio, "engine": self.engine, "deployment": self.deployment,
+        return {"format": FORMAT, "ratio": self.ratio, "engine": self.engine, "deployment": self.stored_deployment(),
                 **{name: stats.to_dict() | {"tokens_per_s": self.tokens_per_s(stats), "sha256": self.digests[name]}
                    for name, stats in (("build", self.build), ("reference", self.reference))}}
 
     def table(self) -> str:
         d = self.deployment
-        rows = [f"{d['batch']} x {d['tgt_len']} tokens, memory {d['mem_len']}, {self.engine['engine']} "
-                f"({d['threads'] or 'default'} threads), timed interleaved",
+        rows = [f"{d.batch} x {d.tgt_len} tokens, memory {d.mem_len}, {self.engine['engine']} "
+                f"({d.threads or 'default'} threads), timed interleaved",
                 f"{'':12}{'p50 ms':>9}{'p90':>9}{'p99':>9}{'spread':>8}{'tokens/s':>11}"]
         for name, s in (("build", self.build), ("reference", self.reference)):
             rows.append(f"{name:12}{s.p50:9.3f}{s.p90:9.3f}{s.p99:9.3f}{s.spread:8.2f}{self.tokens_per_s(s):11.0f}")
@@ -60,35 +65,36 @@ class Measurement:
         return "\n".join(rows)
 
 
-def default_deployment(build_dir: str | os.PathLike) -> dict[str, int | None]:
-    """The deployment the build was made for (build.json), else the architecture's segment lengths at batch 1."""
+def default_deployment(build_dir: str | os.PathLike, stored: dict[str, Any] | None = None) -> Deployment:
+    """The deployment of a stored reference, else the one the build was made for (build.json), else ONNX Runtime
+    at the architecture's segment lengths, batch 1, the engine's default threads; timed 2 s per try."""
+    timing = {"min_seconds": 2.0, "min_iters": 50}
+    if stored is not None:
+        return Deployment(engine=stored["engine"]["engine"], **stored["deployment"], **timing)
     build = Path(build_dir)
     request = build / "build.json"
     if request.is_file():
         dep = json.loads(request.read_text())["deployment"]
-        return {k: dep[k] for k in _DEPLOYMENT}
+        return Deployment(engine=dep.get("engine", "ort"), **{k: dep[k] for k in _STORED}, **timing)
     arch = exported_model(build, "build")[1]
-    return {"batch": 1, "tgt_len": arch.tgt_len, "mem_len": arch.mem_len, "threads": None}
+    return Deployment(tgt_len=arch.tgt_len, mem_len=arch.mem_len, threads=0, **timing)
 
 
-def measure(build_dir: str | os.PathLike, reference_dir: str | os.PathLike | None = None, *, engine: str = "ort",
-            batch: int = 1, tgt_len: int, mem_len: int, threads: int | None = None, min_seconds: float = 2.0,
-            min_iters: int = 50) -> Measurement:
-    """Times BUILD/model.onnx and the reference's model.onnx interleaved, on the same-shaped random inputs."""
+def measure(build_dir: str | os.PathLike, reference_dir: str | os.PathLike | None = None, *,
+            dep: Deployment) -> Measurement:
+    """Times BUILD/model.onnx and the reference's model.onnx interleaved, on the same-shaped random inputs, as
+    `dep` says (its shape, threads (0: the engine's default) and timing)."""
     build = Path(build_dir)
     reference = build / REFERENCE_DIR if reference_dir is None else Path(reference_dir)
-    if min(batch, tgt_len) < 1 or mem_len < 0:
-        raise PlanerError("batch and tgt-len must be at least 1, mem-len at least 0")
+    threads = dep.threads or None
     runs, digests = [], {}
     for directory, what in ((build, "build"), (reference, "reference")):
         path, arch = exported_model(directory, what)
         digests[what] = file_digest(path)
-        runs.append((load_engine(engine, str(path), threads=threads, shape=(batch, tgt_len, mem_len)),
-                     example_feeds(arch, batch, tgt_len, mem_len)))
-    build_stats, reference_stats = time_engines(runs, min_seconds=min_seconds, min_iters=min_iters)
-    return Measurement(describe_engine(engine, threads=threads),
-                       {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads or 0},
-                       build_stats, reference_stats, digests)
+        runs.append((load_engine(dep.engine, str(path), threads=threads, shape=dep.shape),
+                     example_feeds(arch, *dep.shape)))
+    build_stats, reference_stats = time_engines(runs, min_seconds=dep.min_seconds, min_iters=dep.min_iters)
+    return Measurement(describe_engine(dep.engine, threads=threads), dep, build_stats, reference_stats, digests)
 
 
 def save(measurement: Measurement, path: str | os.PathLike) -> None:
@@ -110,8 +116,9 @@ def load_reference(path: str | os.PathLike) -> dict[str, Any]:
 
 def gate(now: Measurement, stored: dict[str, Any], max_slowdown: float) -> tuple[bool, str]:
     """Whether the build / reference ratio stayed within max_slowdown x the stored one, and a readable diff."""
-    if stored["deployment"] != now.deployment:
-        raise PlanerError(f"the reference was measured at {stored['deployment']}, this run at {now.deployment}; "
+    if stored["deployment"] != now.stored_deployment():
+        raise PlanerError(f"the reference was measured at {stored['deployment']}, this run at "
+                          f"{now.stored_deployment()}; "
                           "measure the same deployment (omit the shape options to use the stored one)")
     before = stored["reference"].get("sha256")
     if before is None:

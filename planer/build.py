@@ -40,7 +40,7 @@ from planer.arch import Architecture
 from planer.checkpoint import WEIGHTS_FILE, load_model
 from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus
-from planer.deployment import Deployment
+from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.export.reference import parity
@@ -95,8 +95,8 @@ BUDGETS = {
 }
 
 
-def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float | None = None,
-          target_speedup: float | None = None, budget: Budget = BUDGETS["medium"], data: str | None = None,
+def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
+          budget: Budget = BUDGETS["medium"], data: str | None = None,
           space: SearchSpace | None = None, table_cache: Path | None = None, continued: Path | None = None,
           compare: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Build a faster sparse network from the baseline run `run`; returns the summary in latency.json.
@@ -111,14 +111,14 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     completed stage (the search, each training run from its last checkpoint).
     """
     source, out = Path(run), Path(out)
-    _check_request(out, target_ms, target_speedup, dep)
+    _check_request(out, dep)
     work = staging_dir(out)
     fresh = not work.exists()
     main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
     try:
         run, baseline, corpus, space = _baseline(source, work, dep, data, space)
-        request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target_ms,
-                   "target_speedup": target_speedup, "deployment": asdict(dep), "budget": asdict(budget),
+        request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target.ms,
+                   "target_speedup": target.speedup, "deployment": asdict(dep), "budget": asdict(budget),
                    "space": space.to_dict(), "compare": compare, "planer": __version__}
         _start_or_resume(work, request)
     except PlanerError:
@@ -129,8 +129,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
         clock = _Clock()
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
         clock.lap("profile")
-        latency, accuracy = _stages(baseline, corpus, space, table, work, run, dep, target_ms, target_speedup,
-                                    budget, continued, compare, show_progress, clock)
+        latency, accuracy = _stages(baseline, corpus, space, table, work, run, dep, target, budget, continued, compare, show_progress, clock)
     except InfeasibleTarget:
         if main:
             shutil.rmtree(work, ignore_errors=True)  # a bad request: nothing to resume, nothing left behind
@@ -144,8 +143,8 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float
     return latency | {"accuracy": accuracy}
 
 
-def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target_ms: float | None = None,
-                 target_speedup: float | None = None, budget: Budget = BUDGETS["medium"], data: str | None = None,
+def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
+                 budget: Budget = BUDGETS["medium"], data: str | None = None,
                  space: SearchSpace | None = None, table_cache: Path | None = None,
                  show_progress: bool = True) -> SearchOutcome:
     """`planer search`: a build's profile and search stages alone. OUT receives the chosen network before
@@ -154,7 +153,7 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target_ms
     goes to OUT/imported. Assembled in OUT.partial and renamed at the end; a failed or interrupted search
     leaves nothing (run it again to start over)."""
     source, out = Path(run), Path(out)
-    _check_request(out, target_ms, target_speedup, dep)
+    _check_request(out, dep)
     work = staging_dir(out)
     main = distributed.is_main()
     if main:
@@ -164,8 +163,7 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target_ms
     try:
         _, baseline, corpus, space = _baseline(source, work, dep, data, space)
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
-        outcome = search(baseline, corpus, space, table, dep, target_ms=target_ms, target_speedup=target_speedup,
-                         cfg=budget.search, log_path=work / "search_log.jsonl", show_progress=show_progress)
+        outcome = search(baseline, corpus, space, table, dep, target, cfg=budget.search, log_path=work / "search_log.jsonl", show_progress=show_progress)
         if main:
             outcome.save(work)
     except BaseException:
@@ -198,11 +196,9 @@ def distill(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
     return final
 
 
-def _check_request(out: Path, target_ms: float | None, target_speedup: float | None, dep: Deployment) -> None:
+def _check_request(out: Path, dep: Deployment) -> None:
     if out.exists():
         raise PlanerError(f"{out} already exists; choose another --out or delete it")
-    if (target_ms is None) == (target_speedup is None):
-        raise PlanerError("give exactly one target: --target-latency-ms X or --target-speedup S")
     describe_engine(dep.engine, threads=dep.threads)  # an engine missing here fails before any import or training
 
 
@@ -308,7 +304,7 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
         done = work / f"x{s:g}"
         continued = work / f"x{speedups[0]:g}" / CONTINUED if summaries else None
         summaries.append(_finished(done, options) if done.is_dir() else
-                         build(run, done, target_speedup=s, continued=continued, **options))
+                         build(run, done, target=Target(speedup=s), continued=continued, **options))
     if distributed.is_main():
         _sweep_summary(run, work, summaries)
         publish(work, out)
@@ -403,12 +399,11 @@ def _check_fair(work: Path, base_tokens: int) -> None:
 
 
 def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, work: Path, run: Path,
-            dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
-            continued: Path | None, compare: bool, show_progress: bool, clock: _Clock) -> tuple[dict, dict]:
+            dep: Deployment, target: Target, budget: Budget, continued: Path | None, compare: bool, show_progress: bool, clock: _Clock) -> tuple[dict, dict]:
     base_tokens = _tokens_seen(run)
     base_onnx = _export_baseline(baseline, work / BASELINE, dep)
     outcome = _search_stage(work / "search", work / "search_log.jsonl", baseline, corpus, space, table, dep,
-                            target_ms, target_speedup, budget, show_progress, base_onnx)
+                            target, budget, show_progress, base_onnx)
     table = outcome.table
     clock.lap("search")
     result = _train_stage(corpus, budget.recipe(budget.extra_steps, distill=0.5), work / "distill",
@@ -458,15 +453,14 @@ def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTabl
         scored = {name: _engine_accuracy(p, m.arch, corpus, dep, show_progress) for name, p, m in graded}
     # Every figure below is one run's (the median run's, comparisons included); the verdict is the medians'.
     base_stats, result_stats, *compared_stats = confirmation.median_run(1)[:len(timed)]
-    target = target_ms if target_ms is not None else base_stats.p50 / target_speedup
     speedup = confirmation.ratio(1)
-    met = (speedup >= target_speedup) if target_speedup is not None else confirmation.p50(1) <= target_ms
     latency = {
         "engine": table.provenance, "deployment": {"batch": dep.batch, "tgt_len": dep.tgt_len,
                                                    "mem_len": dep.mem_len, "threads": dep.threads,
                                                    "precisions": list(dep.precisions)},
         "baseline": base_stats.to_dict(), "result": result_stats.to_dict(), "speedup": speedup,
-        "target_ms": target, "target_speedup": target_speedup, "met": met, "parity_max_abs_diff": diff,
+        "target_ms": target.ms_for(base_stats.p50), "target_speedup": target.speedup,
+        "met": target.met(speedup, confirmation.p50(1)), "parity_max_abs_diff": diff,
         "comparisons": {name: s.to_dict() for (name, _), s in zip(comparisons, compared_stats)},
         "confirmation": confirmation.to_dict([name for name, _, _ in timed] + (["result-fp32"] if decompose else [])),
     }
@@ -516,16 +510,15 @@ def _export_baseline(baseline: LM, out: Path, dep: Deployment) -> str:
 
 
 def _search_stage(out: Path, log: Path, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable,
-                  dep: Deployment, target_ms: float | None, target_speedup: float | None, budget: Budget,
-                  show_progress: bool, base_onnx: str) -> SearchOutcome:
+                  dep: Deployment, target: Target, budget: Budget, show_progress: bool, base_onnx: str
+                  ) -> SearchOutcome:
     """The search, or its saved outcome when an earlier, interrupted build completed it."""
     if (out / OUTCOME_FILE).exists():
         return SearchOutcome.load(out)
     distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
     if distributed.is_main():
         log.unlink(missing_ok=True)  # an interrupted search starts over
-    outcome = search(baseline, corpus, space, table, dep, target_ms=target_ms, target_speedup=target_speedup,
-                     cfg=budget.search, log_path=log, show_progress=show_progress, baseline_onnx=base_onnx)
+    outcome = search(baseline, corpus, space, table, dep, target, cfg=budget.search, log_path=log, show_progress=show_progress, baseline_onnx=base_onnx)
     if distributed.is_main():
         staging = staging_dir(out)
         shutil.rmtree(staging, ignore_errors=True)
@@ -555,7 +548,7 @@ def _compare(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTab
     trained = [(c.name, _train_stage(corpus, recipe, root / c.name, c.model, baseline, show_progress))
                for c in fixed]
     dense = _search_stage(root / "dense-only-search", root / "dense-only-search_log.jsonl", baseline, corpus,
-                          dense_space(space), table, dep, target_ms, None, budget, show_progress, base_onnx)
+                          dense_space(space), table, dep, Target(ms=target_ms), budget, show_progress, base_onnx)
     trained.append(("dense-only", _train_stage(corpus, recipe, root / "dense-only", dense.chosen.model, baseline,
                                                show_progress)))
     return trained, table

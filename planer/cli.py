@@ -430,29 +430,28 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
     profile, search, distill, export, verify."""
     from planer import distributed
     from planer.build import BUDGETS, build, sweep
+    from planer.deployment import Target
     from planer.space import SearchSpace
 
-    if (target_speedup is None) == (target_latency_ms is None):
-        raise PlanerError("give exactly one target: --target-speedup S or --target-latency-ms X")
-    speedups = _speedups(target_speedup) if target_speedup is not None else []
+    speedups = _speedups(target_speedup) if target_speedup is not None else [None]
+    targets = [Target(ms=target_latency_ms, speedup=s) for s in speedups]
     if out is None:
-        suffix = f"x{speedups[0]:g}" if len(speedups) == 1 else "sweep" if speedups else f"{target_latency_ms:g}ms"
+        suffix = "sweep" if len(targets) > 1 else targets[0].label()
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     options = dict(dep=dep, budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
                    table_cache=table_cache, compare=compare, show_progress=not quiet)
     try:
-        if len(speedups) > 1:
+        if len(targets) > 1:
             summaries = sweep(run, out, speedups, **options)
         else:
-            summary = build(run, out, target_ms=target_latency_ms,
-                                target_speedup=speedups[0] if speedups else None, **options)
+            summary = build(run, out, target=targets[0], **options)
     except KeyboardInterrupt:
         raise PlanerError(f"interrupted; {out}.partial keeps the finished stages: run the same command again "
                           "to continue") from None
     if not distributed.is_main():  # under torchrun only rank 0 reports
         return
-    if len(speedups) > 1:
+    if len(targets) > 1:
         click.echo((out / "sweep.md").read_text())
         missed = [f"x{s['target_speedup']:g}" for s in summaries if not s["met"]]
     else:
@@ -478,12 +477,13 @@ def search_command(run: Path, engine: str, target_speedup: float | None, target_
     (`planer distill` trains it on)."""
     from planer import distributed
     from planer.build import BUDGETS, search_alone
+    from planer.deployment import Target
     from planer.space import SearchSpace
 
+    target = Target(ms=target_latency_ms, speedup=target_speedup)
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     try:
-        outcome = search_alone(run, out, dep=dep, target_ms=target_latency_ms, target_speedup=target_speedup,
-                               budget=BUDGETS[budget], data=data_spec,
+        outcome = search_alone(run, out, dep=dep, target=target, budget=BUDGETS[budget], data=data_spec,
                                space=SearchSpace.load(space) if space else None, table_cache=table_cache,
                                show_progress=not quiet)
     except KeyboardInterrupt:
@@ -554,19 +554,17 @@ def bench_command(build_dir: Path, reference: Path | None, engine: str | None, b
       planer bench builds/tiny-x2 --save latency-reference.json
       planer bench builds/tiny-x2 --against latency-reference.json --max-slowdown 1.10
     """
+    from dataclasses import replace
+
     from planer import bench
 
     stored = bench.load_reference(against) if against is not None else None
-    dep = dict(stored["deployment"]) if stored else bench.default_deployment(build_dir)
-    given = {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads}
-    dep.update({k: v for k, v in given.items() if v is not None})
-    engine = engine or (stored["engine"]["engine"] if stored else "ort")
-    if max_slowdown < 1 or tries < 1:
-        raise PlanerError("--max-slowdown must be at least 1 and --tries at least 1")
+    given = {"engine": engine, "batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads}
+    dep = replace(bench.default_deployment(build_dir, stored), min_seconds=min_seconds,
+                  **{k: v for k, v in given.items() if v is not None})
     ok = True
     for attempt in range(tries if stored else 1):
-        m = bench.measure(build_dir, reference, engine=engine, batch=dep["batch"], tgt_len=dep["tgt_len"],
-                        mem_len=dep["mem_len"], threads=dep["threads"] or None, min_seconds=min_seconds)
+        m = bench.measure(build_dir, reference, dep=dep)
         click.echo(m.table())
         if stored:
             ok, diff = bench.gate(m, stored, max_slowdown)

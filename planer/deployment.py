@@ -1,11 +1,13 @@
-"""What a user deploys to and asks a build for: the engine, its settings and the shape of a call, checked once.
+"""What a user deploys to and asks a build for: the engine, its settings and the shape of a call (Deployment),
+and the latency target (Target), each checked once when made.
 
 Everything that carries a deployment (profiling, the search, a build, its verdict, `planer bench`'s stored
-reference) takes this one type. Torch-free, like the runtime it describes.
+reference) takes these types. Torch-free, like the runtime they describe.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,6 +45,9 @@ class Deployment:
     verdict_seconds: float = 2.0  # at least this long per run for the measurements that decide the target
 
     def __post_init__(self) -> None:
+        if min(self.batch, self.tgt_len) < 1 or min(self.mem_len, self.threads) < 0:
+            raise PlanerError(f"batch {self.batch}, tgt-len {self.tgt_len}, mem-len {self.mem_len}, threads "
+                              f"{self.threads}: batch and tgt-len must be at least 1, mem-len and threads at least 0")
         if not self.lowering:
             object.__setattr__(self, "lowering", _DEFAULT_LOWERING.get(self.engine, "ops"))
         runs = ENGINE_PRECISIONS.get(self.engine, ("fp32",))
@@ -89,3 +94,30 @@ class Deployment:
     def resolved(self, table: LatencyTable) -> Deployment:
         """This deployment with `auto` replaced by the lowering `table` was profiled in."""
         return replace(self, lowering=table.provenance["lowering"]) if self.lowering == AUTO else self
+
+
+@dataclass(frozen=True)
+class Target:
+    """A latency target: `ms` in the engine, or `speedup` over the baseline timed beside the network. Exactly one."""
+
+    ms: float | None = None
+    speedup: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ms is None) == (self.speedup is None):
+            raise PlanerError("give exactly one target: --target-speedup S or --target-latency-ms X")
+        option, value = ("--target-latency-ms", self.ms) if self.ms is not None else ("--target-speedup", self.speedup)
+        if not (math.isfinite(value) and value > 0):
+            raise PlanerError(f"{option} {value:g}: the target must be a finite number above 0")
+
+    def ms_for(self, baseline_ms: float) -> float:
+        """The target in milliseconds, for a baseline that measured `baseline_ms`."""
+        return self.ms if self.ms is not None else baseline_ms / self.speedup
+
+    def met(self, speedup: float, result_ms: float) -> bool:
+        """Whether a result measured at `result_ms`, `speedup` times faster than the baseline beside it, meets it."""
+        return speedup >= self.speedup if self.speedup is not None else result_ms <= self.ms
+
+    def label(self) -> str:
+        """Its part of a build's default directory name: x2, 4ms."""
+        return f"x{self.speedup:g}" if self.speedup is not None else f"{self.ms:g}ms"

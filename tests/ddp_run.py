@@ -17,6 +17,7 @@ import planer.build
 import planer.train.trainer as trainer
 from planer import distributed
 from planer.data import load_corpus
+from planer.deployment import Target
 from tests.test_build import BUDGET, DEP, SPACE
 from tests.test_distributed import PLAIN_ARCH, PLAIN_RECIPE
 
@@ -51,7 +52,7 @@ def main() -> None:
     planer.build._search_stage = observed
     trainer.LM = made_here
     planer.build.train = recorded
-    summary = planer.build.build(run, out / "build", dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+    summary = planer.build.build(run, out / "build", dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
                                  data=f"enwik8:{text}", show_progress=False)
     plain = recorded(load_corpus(f"enwik8:{text}"), PLAIN_RECIPE, out / "plain", arch=PLAIN_ARCH,
                      show_progress=False)

@@ -9,7 +9,7 @@ import pytest
 from planer.arch import BlockSpec
 from planer.build import Budget, build, search_alone, sweep
 from planer.checkpoint import load_model, save_weights
-from planer.deployment import Deployment
+from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.nn import LM
 from planer.search.search import SearchConfig
@@ -33,7 +33,7 @@ def table_file(tmp_path_factory):
 
 def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_file, tmp_path):
     out = tmp_path / "build"
-    summary = build(baseline_run, out, dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+    summary = build(baseline_run, out, dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
                     table_cache=table_file, compare=True, show_progress=False)
     assert table_file.is_file()
     names = {p.name for p in out.iterdir()}
@@ -121,7 +121,7 @@ def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_pa
 
 def test_search_and_distill_alone(baseline_run, table_file, tmp_path):
     out = tmp_path / "search"
-    outcome = search_alone(baseline_run, out, dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+    outcome = search_alone(baseline_run, out, dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
                            table_cache=table_file, show_progress=False)
     assert {p.name for p in out.iterdir()} == {"arch.json", "model.safetensors", "outcome.json", "latency_table.json",
                                                "search_log.jsonl"}
@@ -157,13 +157,24 @@ def test_search_alone_infeasible_target_leaves_nothing(baseline_run, table_file,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.json"]
 
 
+@pytest.mark.parametrize("command", ["build", "search"])
 @pytest.mark.parametrize("args, fragment", [
     (["--target-speedup", 2, "--target-latency-ms", 3], "exactly one target"),
     ([], "exactly one target"),
 ])
-def test_build_bad_targets(baseline_run, tmp_path, args, fragment):
-    _one_line_error(run("build", "--model", baseline_run, "--out", tmp_path / "b", *args), fragment)
+def test_bad_targets(baseline_run, tmp_path, command, args, fragment):
+    _one_line_error(run(command, "--model", baseline_run, "--out", tmp_path / "b", *args), fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_target_is_checked_when_made():
+    with pytest.raises(PlanerError, match="above 0"):
+        Target(ms=0.0)
+    with pytest.raises(PlanerError, match="above 0"):
+        Target(speedup=float("nan"))
+    assert Target(speedup=2).ms_for(10.0) == 5.0 and Target(ms=4.0).ms_for(10.0) == 4.0
+    assert Target(speedup=2).met(2.0, 99.0) and not Target(speedup=2).met(1.99, 0.1)
+    assert Target(ms=4.0).met(1.0, 4.0) and not Target(ms=4.0).met(9.0, 4.1)
 
 
 def test_build_missing_baseline(tmp_path):
@@ -179,7 +190,7 @@ def test_a_failed_stage_keeps_the_build_so_far(baseline_run, tmp_path, monkeypat
 
     monkeypatch.setattr(build_module, "_profiled", failing)
     with pytest.raises(PlanerError, match="computes something else .*kept in .*build.partial.*run the same command"):
-        build(baseline_run, tmp_path / "build", dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+        build(baseline_run, tmp_path / "build", dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
               show_progress=False)
     assert (tmp_path / "build.partial").is_dir() and not (tmp_path / "build").exists()
 
@@ -188,7 +199,8 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     import planer.build as build_module
 
     out = tmp_path / "build"
-    args = dict(dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE, table_cache=table_file, show_progress=False)
+    args = dict(dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE, table_cache=table_file,
+                show_progress=False)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -202,7 +214,7 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     log = (partial / "search_log.jsonl").read_text()
 
     with pytest.raises(PlanerError, match="differs in: target_speedup"):
-        build(baseline_run, out, **(args | {"target_speedup": 1.2}))
+        build(baseline_run, out, **(args | {"target": Target(speedup=1.2)}))
 
     def no_search(*a, **k):
         raise AssertionError("the finished search ran again")
@@ -221,6 +233,6 @@ def test_build_refuses_a_space_this_machine_cannot_train(baseline_run, tmp_path,
 
     monkeypatch.setattr(planer.build, "trainable_params_limit", lambda: 1000)
     with pytest.raises(PlanerError, match="supernet would hold"):
-        build(baseline_run, tmp_path / "big", dep=DEP, target_speedup=1.5, budget=BUDGET, space=SPACE,
+        build(baseline_run, tmp_path / "big", dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
               show_progress=False)
     assert not (tmp_path / "big.partial").exists()

@@ -138,7 +138,7 @@ def test_an_imported_tokenizer_reads_byte_corpora_as_tokens(text_file, tmp_path)
 def test_build_takes_a_hugging_face_checkpoint(text_file, tmp_path):
     from planer.arch import BlockSpec
     from planer.build import Budget, build
-    from planer.deployment import Deployment
+    from planer.deployment import Deployment, Target
     from planer.search.search import SearchConfig
     from planer.space import SearchSpace
 
@@ -149,7 +149,7 @@ def test_build_takes_a_hugging_face_checkpoint(text_file, tmp_path):
     space = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(2, 16, 2), BlockSpec.ffn(64), BlockSpec.moe(2, 1, 64)))
     dep = Deployment(batch=1, tgt_len=32, mem_len=32, threads=1, min_iters=10, min_seconds=0.1, verdict_seconds=0.3)
     budget = Budget(SearchConfig(rounds=1, steps=2, batch=2, valid_tokens=256), distill_steps=2)
-    summary = build(tmp_path / "llama", tmp_path / "out", dep=dep, target_speedup=1.1, budget=budget, space=space,
+    summary = build(tmp_path / "llama", tmp_path / "out", dep=dep, target=Target(speedup=1.1), budget=budget, space=space,
                     data=f"enwik8:{text_file}", show_progress=False)
     out = tmp_path / "out"
     assert (out / "imported" / "import.json").is_file() and (out / "model.onnx").is_file()

@@ -8,7 +8,7 @@ import torch
 
 from planer.arch import BlockSpec
 from planer.data import load_corpus
-from planer.deployment import Deployment
+from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.latency.profile import profile
 from planer.nn import LM
@@ -38,7 +38,7 @@ def test_search_rounds_are_measured_and_logged(setup, tmp_path):
     log = tmp_path / "search_log.jsonl"
     # probe_flops=1: the derivation measures on one stream, as it does for deep baselines
     cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256, probe_flops=1.0)
-    outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, log_path=log,
+    outcome = search(baseline, corpus, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, log_path=log,
                      show_progress=False)
     chosen, candidates = outcome.chosen, outcome.candidates
     assert outcome.table.scale != 1.0  # calibrated by the measurements
@@ -81,14 +81,14 @@ def test_a_graph_that_missed_the_target_is_deleted_once_timed(setup, monkeypatch
     monkeypatch.setattr(search_module, "measure", first_round_misses)
     monkeypatch.setattr(search_module, "_confirm", confirm_and_look)
     cfg = SearchConfig(rounds=1, steps=2, batch=2, valid_tokens=256)
-    outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, show_progress=False)
+    outcome = search(baseline, corpus, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
     assert outcome.candidates[0].onnx == "" and gone == [True]
 
 
 def test_infeasible_target_stops_before_training(setup, tmp_path):
     baseline, corpus, table = setup
     with pytest.raises(InfeasibleTarget, match="below the fastest network in the space"):
-        search(baseline, corpus, SPACE, table, DEP, target_ms=1e-4, cfg=SearchConfig(rounds=1, steps=1),
+        search(baseline, corpus, SPACE, table, DEP, Target(ms=1e-4), cfg=SearchConfig(rounds=1, steps=1),
                show_progress=False)
 
 
@@ -124,7 +124,7 @@ def test_search_with_trials_logs_them_and_chooses_by_trial_loss(setup, tmp_path)
     baseline, corpus, table = setup
     log = tmp_path / "search_log.jsonl"
     cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256, trials=3, trial_steps=2, trial_tokens=512)
-    outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, log_path=log,
+    outcome = search(baseline, corpus, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, log_path=log,
                      show_progress=False)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     trialled = [c for c in outcome.candidates if c.trial_loss is not None]
@@ -157,7 +157,7 @@ def test_selection_never_reads_the_validation_split(setup):
     baseline, corpus, table = setup
     sealed = replace(corpus, valid=np.asarray(corpus.valid).view(_Sealed))
     cfg = SearchConfig(rounds=2, steps=4, batch=2, trials=2, trial_steps=2, trial_tokens=512)
-    outcome = search(baseline, sealed, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, show_progress=False)
+    outcome = search(baseline, sealed, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
     held_out = held_out_tokens(corpus, int(len(corpus.train) * (1 - cfg.arch_split)), cfg)
     first = outcome.candidates[0]
     assert len(held_out) == 512 and first.held_out_loss > 0
@@ -190,7 +190,7 @@ def test_calibration_follows_the_ratio_to_the_baseline_not_the_machines_drift(se
 
     monkeypatch.setattr(search_module, "measure", drifting)
     cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256)
-    outcome = search(baseline, corpus, SPACE, table, DEP, target_speedup=1.2, cfg=cfg, show_progress=False)
+    outcome = search(baseline, corpus, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
     # a candidate runs at half its blocks' sum beside a 10 ms baseline in every run: so says the table, at the
     # speed of the search's first run (1.4), whatever the machine did since (absolute times: 1.4**2 to 1.4**3)
     assert len(runs) >= 3 and outcome.table.scale == pytest.approx(0.5 * 1.4)

@@ -52,7 +52,7 @@ from planer import distributed
 from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.data import Corpus, Segments
-from planer.deployment import Deployment
+from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.files import ARCH_FILE, atomic_write
@@ -213,8 +213,8 @@ def fastest_predicted(table: LatencyTable, space: SearchSpace) -> float:
     return table.scale * (table.entries[FIXED]["p50"] + cheapest_attn + rest)
 
 
-def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, *,
-           target_ms: float | None = None, target_speedup: float | None = None, cfg: SearchConfig = SearchConfig(),
+def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, target: Target, *,
+           cfg: SearchConfig = SearchConfig(),
            log_path: Path | None = None, show_progress: bool = True, baseline_onnx: str | None = None
            ) -> SearchOutcome:
     """Search for a network that meets the target (see SearchOutcome for what is chosen). `baseline_onnx` is the
@@ -228,10 +228,7 @@ def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable
         base_path = "" if not main else baseline_onnx or str(export_lm(baseline, Path(tmp) / "baseline.onnx",
                                                                         **dep.export_options()))
         baseline_ms = distributed.broadcast(measure([(base_path, arch)], dep)[0].p50 if main else None)
-        if target_ms is None:
-            if not target_speedup or target_speedup <= 0:
-                raise PlanerError("give a latency target: --target-latency-ms X or --target-speedup S (S > 0)")
-            target_ms = baseline_ms / target_speedup
+        target_ms = target.ms_for(baseline_ms)
         ratio_target = target_ms / baseline_ms
 
         def meets(c: Candidate) -> bool:
