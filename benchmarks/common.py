@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,30 @@ def dispatch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--tgt-len", type=int, default=128)
     p.add_argument("--iters", type=int, default=200)
+
+
+class TorchCall:
+    """A PyTorch computation behind the engine interface, so the one timing function times it; each call waits
+    for the device (on CUDA), or the clock would stop before the kernels do."""
+
+    name, input_names, output_names = "torch", [], []
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+
+    def run(self, feeds: dict) -> dict:
+        import torch
+
+        with torch.no_grad():
+            self.fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return {}
+
+    def provenance(self) -> dict:
+        import torch
+
+        return {"engine": self.name, "torch": torch.__version__}
 
 
 def smoke_option(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,9 @@
-"""The Triton expert-dispatch kernel on a GPU: one MoE layer (route + grouped GEMMs + un-permute) against k x one
-dense FFN of the expert's width, in PyTorch on CUDA, at B1 T128 and B8 T128 for E in {2, 4, 8, 16}. A ratio
-near 1 means the layer pays only for the experts each token was routed to. The eager dispatch (a Python loop
-over experts) is timed beside it.
+"""The Triton expert kernels on a GPU: one MoE layer's dispatch against k x one dense FFN of the expert's width,
+in PyTorch on CUDA, at B1 T128 and B8 T128 for E in {2, 4, 8, 16}. A ratio near 1 means the layer pays only for
+the experts each token was routed to. Timed side by side: the MoE block's grouped kernel (planer.kernels.dispatch:
+sort, tile plan, grouped GEMMs, un-permute; what training on a GPU runs, weights stacked per call), the TensorRT
+plugin's single launch (planer.kernels.experts via planer.trt.plugin.run, weights stacked once, as an engine
+holds them; plus the graph's sum over k) and the eager dispatch (a Python loop over experts).
 
     python benchmarks/kernel_dispatch.py [--d-model 512 --width 2048 --activation gelu_tanh]
 
@@ -15,7 +17,7 @@ import argparse
 import os
 import sys
 
-from common import dispatch_options, record, smoke_option, smoke_shapes
+from common import TorchCall, dispatch_options, record, smoke_option, smoke_shapes
 
 
 def main() -> None:
@@ -29,7 +31,9 @@ def main() -> None:
 
     from planer.nn.ffn import FFN
     from planer.nn.moe import MoE, dispatch as eager_dispatch
+    from planer.export.lowering import stacked_experts
     from planer.kernels.dispatch import dispatch as kernel_dispatch
+    from planer.trt import plugin
     from planer.runtime import time_engines
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,52 +42,35 @@ def main() -> None:
     if a.smoke:
         smoke_shapes(a)
 
-    class Call:
-        """A CUDA computation behind the engine interface, so the one timing function times it; each call
-        waits for the device, or the clock would stop before the kernels do."""
-
-        name, input_names, output_names = "torch-cuda", [], []
-
-        def __init__(self, fn):
-            self.fn = fn
-
-        def run(self, feeds):
-            with torch.no_grad():
-                self.fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return {}
-
-        def provenance(self):
-            return {"engine": self.name, "torch": torch.__version__}
-
     rows, data = [], []
     torch.manual_seed(0)
     dense = FFN(a.d_model, a.width, a.activation).to(device).eval()
     for e in map(int, a.experts.split(",")):
         for k in (1, 2):
             moe = MoE(a.d_model, e, k, a.width, a.activation).to(device).eval()
+            weights = stacked_experts(moe)
             for b in map(int, a.batches.split(",")):
                 x = torch.randn(b * a.tgt_len, a.d_model, device=device)
                 _, gates, ids = moe.route(x)
-                calls = [Call(lambda: dense(x)), Call(lambda: kernel_dispatch(x, gates, ids, moe.experts)),
-                         Call(lambda: eager_dispatch(x, gates, ids, moe.experts))]
-                ffn_ms, kernel_ms, eager_ms = (s.p50 for s in time_engines([(c, {}) for c in calls],
-                                                                          min_iters=a.iters, min_seconds=0.0))
-                ratio = kernel_ms / (k * ffn_ms)
+                calls = [TorchCall(lambda: dense(x)), TorchCall(lambda: kernel_dispatch(x, gates, ids, moe.experts)),
+                         TorchCall(lambda: plugin.run(x, ids, gates, weights, a.activation).sum(dim=1)),
+                         TorchCall(lambda: eager_dispatch(x, gates, ids, moe.experts))]
+                ffn_ms, kernel_ms, plugin_ms, eager_ms = (
+                    s.p50 for s in time_engines([(c, {}) for c in calls], min_iters=a.iters, min_seconds=0.0))
                 data.append({"experts": e, "top_k": k, "batch": b, "ffn_ms": ffn_ms, "kernel_ms": kernel_ms,
-                             "eager_ms": eager_ms, "ratio": ratio})
-                rows.append(f"| {e} | {k} | B{b} T{a.tgt_len} | {ffn_ms:.3f} | {kernel_ms:.3f} | {eager_ms:.3f} | "
-                            f"**{ratio:.2f}** |")
+                             "plugin_ms": plugin_ms, "eager_ms": eager_ms, "ratio": kernel_ms / (k * ffn_ms),
+                             "plugin_ratio": plugin_ms / (k * ffn_ms)})
+                rows.append(f"| {e} | {k} | B{b} T{a.tgt_len} | {ffn_ms:.3f} | {kernel_ms:.3f} | {plugin_ms:.3f} | "
+                            f"{eager_ms:.3f} | **{data[-1]['ratio']:.2f}** | **{data[-1]['plugin_ratio']:.2f}** |")
                 print(rows[-1], flush=True)
 
-    table = ("| E | k | shape | dense FFN ms | kernel MoE ms | eager MoE ms | kernel / (k x FFN) |\n"
-             "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    table = ("| E | k | shape | dense FFN ms | grouped kernel ms | plugin kernel ms | eager ms | grouped / (k x FFN) "
+             "| plugin / (k x FFN) |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton's interpreter)"
     record("kernel_dispatch", {"device": gpu, "d_model": a.d_model, "width": a.width,
                                "activation": a.activation, "rows": data},
            f"PyTorch {torch.__version__} on {gpu}, fp32; d_model {a.d_model}, expert "
-           f"width {a.width}, {a.activation}; random router; p50 of at least {a.iters} synchronised calls, the three "
+           f"width {a.width}, {a.activation}; random router; p50 of at least {a.iters} synchronised calls, the four "
            f"timed interleaved.\n\n{table}", smoke=a.smoke)
 
 

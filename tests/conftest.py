@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import bz2
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def run_compiled(code: str) -> str:
+    """Run `code` in a fresh Python with Triton compiling (for the GPU), and return what it printed: the kernel
+    tests' modules ask for Triton's CPU interpreter when imported, and Triton reads that once, per kernel."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
 
 def routed_moe(activation: str, bias: bool, experts: int, top_k: int, tokens: int = 37, skew: bool = False,

@@ -12,7 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "common")
-NEEDS = {"hf_baseline": "transformers", "kernel_dispatch": "triton", "serve_load": "httpx", "trt_dispatch": "tensorrt"}
+NEEDS = {"expert_kernel_tiles": "triton", "hf_baseline": "transformers", "kernel_dispatch": "triton",
+         "serve_load": "httpx", "trt_dispatch": "tensorrt"}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

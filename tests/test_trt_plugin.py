@@ -5,8 +5,6 @@ compiled PTX, shape and type rules as plain functions."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -25,8 +23,7 @@ from planer.nn import LM  # noqa: E402
 from planer.nn.moe import MoE, dispatch  # noqa: E402
 from planer.runtime.feeds import example_feeds  # noqa: E402
 from planer.trt import plugin  # noqa: E402
-from planer.kernels.experts import routed_experts  # noqa: E402
-from tests.conftest import routed_moe, small_arch  # noqa: E402
+from tests.conftest import routed_moe, run_compiled, small_arch  # noqa: E402
 
 CASES = [  # activation, bias, experts, top_k, tokens, skew
     ("gelu", True, 4, 1, 37, False),
@@ -41,17 +38,10 @@ def _kernel(moe: MoE, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     """The MoE layer as the plugin computes it: the kernel's slots, summed over each token's k; routed in
     fp32, the experts run in `dtype`."""
     _, gates, ids = moe.route(x)
-    x, gates = x.to(dtype), gates.to(dtype)
-    w = {name: t.to(dtype) for name, t in stacked_experts(moe).items()}
-    experts, d_inner, d_model = w["w_up"].shape
-    launch = plugin.Launch(experts, d_model, d_inner, moe.experts[0].activation)
-    tokens, k = ids.shape
-    out = torch.full((tokens * k, d_model), float("nan"), dtype=dtype, device=x.device)
-    routed_experts[launch.grid(tokens * k)](
-        x.contiguous(), ids.to(torch.int32).contiguous(), gates.contiguous(),
-        *(w[name].contiguous() for name in plugin.INPUTS[3:]), tokens * k, k, d_model, d_inner, out,
-        **launch.constexprs())
-    return out.view(tokens, k, d_model).float().sum(dim=1)
+    weights = {name: t.to(dtype) for name, t in stacked_experts(moe).items()}
+    unwritten = torch.full((ids.numel(), x.shape[1]), float("nan"), dtype=dtype, device=x.device)
+    slots = plugin.run(x.to(dtype), ids, gates.to(dtype), weights, moe.experts[0].activation, unwritten)
+    return slots.float().sum(dim=1)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -131,9 +121,7 @@ def test_kernel_compiles_to_ptx_tensorrt_can_launch(activation, dtype):
     passes no more; shared memory within the 48 KiB a launch gets without opt-in."""
     code = ("import json; from planer.trt import plugin; "
             f"print(json.dumps(plugin.compile_kernel(plugin.Launch(8, 576, 1536, {activation!r}, {dtype!r}), 90)))")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # in this process the interpreter replaced compilation
-    name, ptx, shared = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                                  text=True, check=True).stdout)
+    name, ptx, shared = json.loads(run_compiled(code))
     params = re.search(rf"\.entry {name}\((.*?)\)", ptx, re.S).group(1).split(",")
     kinds = [p.split()[1] for p in params]
     assert kinds == [".u64"] * 9 + [".u32"] * 4 + [".u64"]
@@ -178,5 +166,4 @@ def test_kernel_matches_the_eager_moe_on_a_gpu():
         "            got = _kernel(moe, x, dtype)\n"
         "            assert (got - want).abs().max().item() < tol * max(1.0, want.abs().max().item()), (case, dtype)\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    run_compiled(code)

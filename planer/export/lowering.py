@@ -127,7 +127,7 @@ def stacked_experts(moe: MoE) -> dict[str, Tensor]:
         tensors = [getattr(getattr(e, layer), part) for e in moe.experts]
         if tensors[0] is None:
             weight = getattr(moe.experts[0], layer).weight
-            return torch.zeros(len(tensors), weight.shape[0], dtype=weight.dtype)
+            return torch.zeros(len(tensors), weight.shape[0], dtype=weight.dtype, device=weight.device)
         return torch.stack(tensors).detach()
 
     gate = "gate" if moe.experts[0].activation == "swiglu" else "up"

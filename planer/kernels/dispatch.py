@@ -14,6 +14,7 @@ against the eager dispatch on machines without a GPU, values and gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -42,7 +43,8 @@ def _grouped_linear(a_ptr, rows_ptr, w_ptr, bias_ptr, out_ptr, tile_expert_ptr, 
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_stop = tl.where(start < end, K, 0)  # a padding tile of the plan (start == end) reads no weights
+    for k0 in range(0, k_stop, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         a = tl.load(a_ptr + src[:, None] * stride_a + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -79,16 +81,36 @@ def _grouped_weight_grad(a_ptr, rows_ptr, g_ptr, out_ptr, starts_ptr, ends_ptr, 
              mask=n_ok[:, None] & k_ok[None, :])
 
 
-def tiles(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per tile of BLOCK_M sorted rows: its expert, first row and end row (exclusive). Tiles stop at each
-    expert's last row, so no tile mixes experts; an expert with no rows has no tile."""
-    ends = counts.cumsum(0)
-    starts = ends - counts
+class TilePlan(NamedTuple):
+    """Where each expert's sorted rows are, and the tiles of BLOCK_M rows the kernel's programs take."""
+
+    expert: Tensor  # per tile (int32): the expert whose weight it multiplies by
+    start: Tensor  # per tile (int32): its first sorted row
+    end: Tensor  # per tile (int32): its expert's end row (exclusive); start == end marks a padding tile
+    row_start: Tensor  # per expert: its first sorted row
+    row_end: Tensor  # per expert: its end row (exclusive)
+
+
+def tiles(counts: Tensor, rows: int) -> TilePlan:
+    """The plan for `rows` sorted rows, `counts` of them per expert. Tiles stop at each expert's last row, so no
+    tile mixes experts, and an expert with no rows has none. The number of tiles is the bound
+    ceil(rows / BLOCK_M) + min(E, rows) - 1, known without reading `counts` back from the device (a GPU would
+    wait for it); the tiles past the real ones are padding (start == end) and do no work."""
+    experts = len(counts)
+    row_end = counts.cumsum(0)
+    row_start = row_end - counts
     per = (counts + BLOCK_M - 1) // BLOCK_M
-    expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), per)
-    first = torch.repeat_interleave(per.cumsum(0) - per, per)
-    start = starts[expert] + (torch.arange(len(expert), device=counts.device) - first) * BLOCK_M
-    return expert.to(torch.int32), start.to(torch.int32), ends[expert].to(torch.int32)
+    last = per.cumsum(0)  # one past each expert's last tile
+    bound = max(1, -(-rows // BLOCK_M) + min(experts, rows) - 1)
+    tile = torch.arange(bound, device=counts.device)
+    owner = torch.searchsorted(last, tile, right=True)  # == experts for a padding tile
+    real = owner < experts
+    e = owner.clamp(max=experts - 1)
+    start = row_start[e] + (tile - (last - per)[e]) * BLOCK_M
+    end = row_end[e]
+    start, end = torch.where(real, start, 0), torch.where(real, end, 0)
+    return TilePlan(torch.where(real, e, 0).to(torch.int32), start.to(torch.int32), end.to(torch.int32),
+                    row_start, row_end)
 
 
 _TORCH_ACTIVATIONS = {"none": lambda z: z, **ACTIVATIONS}  # the FFN's own, so the gradients are the eager ones
@@ -108,37 +130,32 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        a, rows, weight, pre, expert, start, end = ctx.saved_tensors
+        a, rows, weight, pre, *saved = ctx.saved_tensors
+        plan = TilePlan(*saved)
         with torch.enable_grad():
             z = pre.detach().requires_grad_()
             (grad_pre,) = torch.autograd.grad(_TORCH_ACTIVATIONS[ctx.activation](z), z, grad_out)
         grad_pre = grad_pre.contiguous()
-        plan = (expert, start, end)
         identity = torch.arange(len(rows), device=a.device)
         grad_rows = _launch(grad_pre, identity, weight.transpose(1, 2).contiguous(), None, plan, "none")
         grad_a = torch.zeros_like(a).index_add_(0, rows.long(), grad_rows)
         experts, n_out, k_in = weight.shape
-        # Each expert's rows, from its tiles (an expert without tiles gets the empty range 0..0).
-        row_end = torch.zeros(experts, dtype=torch.long, device=a.device).scatter_reduce_(
-            0, expert.long(), end.long(), "amax")
-        row_start = row_end.clone().scatter_reduce_(0, expert.long(), start.long(), "amin")
-        counts = row_end - row_start
         grad_w = torch.zeros_like(weight)
         block_n = min(64, max(16, triton.next_power_of_2(n_out)))
         block_k = min(64, max(16, triton.next_power_of_2(k_in)))
         grid = (experts, triton.cdiv(n_out, block_n), triton.cdiv(k_in, block_k))
         _grouped_weight_grad[grid](a.contiguous(), rows.to(torch.int32).contiguous(), grad_pre, grad_w,
-                                   row_start.to(torch.int32), row_end.to(torch.int32), k_in, n_out,
+                                   plan.row_start.to(torch.int32), plan.row_end.to(torch.int32), k_in, n_out,
                                    a.stride(0), grad_pre.stride(0), grad_w.stride(0), grad_w.stride(1),
                                    BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
         grad_b = None
         if ctx.has_bias:
-            owner = torch.repeat_interleave(torch.arange(experts, device=a.device), counts)
+            owner = torch.searchsorted(plan.row_end, identity, right=True)  # each sorted row's expert
             grad_b = torch.zeros(experts, n_out, dtype=grad_pre.dtype, device=a.device).index_add_(0, owner, grad_pre)
         return grad_a, None, grad_w, grad_b, None, None
 
 
-def grouped_linear(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, tile_plan: tuple[Tensor, ...],
+def grouped_linear(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, tile_plan: TilePlan,
                    activation: str = "none") -> Tensor:
     """out[i] = act(a[rows[i]] @ weight[e(i)].T + bias[e(i)]) for the sorted rows i, e(i) the expert owning
     row i's tile. a (R, K) float32, rows (M,), weight (E, N, K) in nn.Linear layout, bias (E, N) or None.
@@ -148,20 +165,19 @@ def grouped_linear(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None,
     return _launch(a, rows, weight, bias, tile_plan, activation)
 
 
-def _launch(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, tile_plan: tuple[Tensor, ...],
+def _launch(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, plan: TilePlan,
             activation: str) -> Tensor:
-    expert, start, end = tile_plan
     n_out, k_in = weight.shape[1], weight.shape[2]
     out = a.new_empty(rows.shape[0], n_out)
-    if len(expert) == 0:
+    if rows.shape[0] == 0:
         return out
     a, weight = a.contiguous(), weight.contiguous()
     block_n = min(64, max(16, triton.next_power_of_2(n_out)))
     block_k = min(64, max(16, triton.next_power_of_2(k_in)))
-    grid = (len(expert), triton.cdiv(n_out, block_n))
+    grid = (len(plan.expert), triton.cdiv(n_out, block_n))
     _grouped_linear[grid](a, rows.to(torch.int32).contiguous(), weight, bias if bias is not None else weight, out,
-                          expert, start, end, k_in, n_out, a.stride(0), weight.stride(0), weight.stride(1),
-                          out.stride(0), HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
+                          plan.expert, plan.start, plan.end, k_in, n_out, a.stride(0), weight.stride(0),
+                          weight.stride(1), out.stride(0), HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
                           BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
@@ -177,7 +193,8 @@ def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[FFN]) -> T
     n, k = ids.shape
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)
-    plan = tiles(torch.bincount(flat, minlength=len(experts)))
+    counts = torch.zeros(len(experts), dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+    plan = tiles(counts, len(flat))
     tokens = torch.div(order, k, rounding_mode="floor")  # sorted row -> token: the gather happens in the kernel
     activation = experts[0].activation
     up_w, up_b = _stacked(experts, "up")

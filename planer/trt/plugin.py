@@ -125,6 +125,27 @@ def reference(x: np.ndarray, ids: np.ndarray, gates: np.ndarray, w_up: np.ndarra
     return out.astype(dtype)
 
 
+def run(x: Any, ids: Any, gates: Any, weights: dict[str, Any], activation: str, out: Any = None) -> Any:
+    """What the plugin's enqueue runs, from PyTorch: the kernel over torch tensors on one device (CUDA, or the
+    CPU under TRITON_INTERPRET=1), x (tokens, d) and the stacked `weights` (planer.export.lowering's
+    stacked_experts, in x's dtype). Writes `out` (tokens * k, d) as TensorRT's output buffer, a new one if
+    None, and returns it as (tokens, k, d): each slot's gated expert output, in one launch."""
+    import torch
+
+    from planer.kernels.experts import routed_experts
+
+    experts, d_inner, d_model = weights["w_up"].shape
+    launch = Launch(experts, d_model, d_inner, activation, {torch.float32: "fp32", torch.float16: "fp16"}[x.dtype])
+    tokens, k = ids.shape
+    if out is None:
+        out = torch.empty((tokens * k, d_model), dtype=x.dtype, device=x.device)
+    routed_experts[launch.grid(tokens * k)](
+        x.contiguous(), ids.to(torch.int32).contiguous(), gates.contiguous(),
+        *(weights[name].contiguous() for name in INPUTS[3:]), tokens * k, k, d_model, d_inner, out,
+        **launch.constexprs())
+    return out.view(tokens, k, d_model)
+
+
 @functools.lru_cache(maxsize=None)
 def compile_kernel(launch: Launch, capability: int | None = None) -> tuple[str, str, int]:
     """The kernel compiled for `launch` to PTX: (kernel name, PTX, shared memory bytes). `capability` is the
