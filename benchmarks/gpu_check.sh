@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The prepared check for a machine with one NVIDIA GPU, in under 8 minutes, with nothing from the network:
+# The prepared check for a machine with one NVIDIA GPU, in under 10 minutes, with nothing from the network:
 #   1. versions: GPU, torch/CUDA, Triton, ONNX Runtime providers
 #   2. every test marked `gpu`: the Triton expert-dispatch kernels (the MoE block's and the TensorRT plugin's)
 #      on CUDA against the eager dispatch, and ONNX Runtime's CUDA provider against PyTorch (both lowerings)
 #   3. benchmarks/kernel_dispatch.py: the MoE block's grouped kernel and the TensorRT plugin's one-launch kernel
-#      vs k x dense FFN, E in {2, 4, 8, 16}, B1/B8 T128 (recorded),
+#      vs k x dense FFN, E in {2, 4, 8, 16}, B1/B8 T128 (recorded); benchmarks/expert_kernel_tiles.py: the
+#      plugin kernel's tile shapes in fp32 and fp16 and the grouped dispatch as a CUDA graph (recorded),
 #      and benchmarks/dispatch_efficiency.py --engine ort-cuda: the same in ONNX Runtime's CUDA provider for
 #      both lowerings, `ops` and the fused com.microsoft::MoE (what `--lowering auto` chooses between)
 #   4. where TensorRT is importable: its tests (the plugin's kernel compiled for this GPU, engines built from
@@ -32,6 +33,7 @@ PYEOF
 timeout 180 "$PY" -m pytest -q -m gpu tests/test_moe_kernel.py tests/test_export.py tests/test_trt_plugin.py \
     tests/test_trt_engine.py -rs || status=1
 timeout 120 "$PY" benchmarks/kernel_dispatch.py || status=1
+timeout 150 "$PY" benchmarks/expert_kernel_tiles.py || status=1
 if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
     timeout 120 "$PY" benchmarks/dispatch_efficiency.py --engine ort-cuda --min-seconds 0.5 || status=1
 else
