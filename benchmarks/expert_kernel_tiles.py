@@ -1,8 +1,9 @@
 """Where the expert kernels' GPU time goes: the TensorRT plugin's one-launch kernel (planer.kernels.experts) over
-a grid of tile shapes, in fp32 and fp16, and the MoE block's grouped dispatch (planer.kernels.dispatch) replayed
-as a CUDA graph (no host work: the device's own time), each against k x one dense FFN of the expert's width in
-the same precision. It answers whether a tile shape, the precision or the host side is what keeps a kernel from
-paying only for the routed experts; benchmarks/kernel_dispatch.py times the same layers as callers see them.
+a grid of tile shapes, in fp32 and fp16, and the MoE block's grouped dispatch (planer.kernels.dispatch, fp32),
+each against k x one dense FFN of the expert's width in the same precision. Everything is captured once as a CUDA
+graph and timed replaying it: the device's own time, no host work. It answers whether a tile shape, the
+precision or the host side keeps a kernel from paying only for the routed experts; benchmarks/kernel_dispatch.py
+times the same layers as callers see them, host work included.
 
     python benchmarks/expert_kernel_tiles.py [--experts 8,16 --batches 1,8 --d-model 512 --width 2048]
 
@@ -53,8 +54,8 @@ def main() -> None:
     tiles = [ours] + [t for t in TILES if t != ours][:1 if a.smoke else None]  # what the plugin ships, first
 
     def time_all(fns: list) -> list[float]:
-        stats = time_engines([(TorchCall(fn), {}) for fn in fns], min_iters=a.iters, min_seconds=0.0)
-        return [s.p50 for s in stats]
+        calls = [TorchCall(as_graph(fn) if cuda else fn) for fn in fns]
+        return [s.p50 for s in time_engines([(c, {}) for c in calls], min_iters=a.iters, min_seconds=0.0)]
 
     def as_graph(fn):
         """fn captured once as a CUDA graph, so that replaying it costs the device's time alone."""
@@ -79,9 +80,7 @@ def main() -> None:
                     x = torch.randn(b * a.tgt_len, a.d_model, device=device)
                     _, gates, ids = moe.route(x)
                     slots, ids32 = ids.numel(), ids.to(torch.int32).contiguous()
-                    graph_ms = None
-                    if cuda:
-                        (graph_ms,) = time_all([as_graph(lambda: grouped(x, gates, ids, moe.experts))])
+                    (grouped_ms,) = time_all([lambda: grouped(x, gates, ids, moe.experts)])
                     for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16")):
                         dense = FFN(a.d_model, a.width, a.activation).to(device, dtype).eval()
                         xd, gd = x.to(dtype), gates.to(dtype).contiguous()
@@ -99,25 +98,26 @@ def main() -> None:
                         ffn_ms, *tile_ms = time_all([lambda: dense(xd)] + [launch(*t) for t in tiles])
                         best = min(range(len(tiles)), key=tile_ms.__getitem__)
                         row = {"experts": e, "top_k": k, "batch": b, "dtype": name, "ffn_ms": ffn_ms,
-                               "grouped_graph_ms": graph_ms if name == "fp32" else None,
+                               "grouped_ms": grouped_ms if name == "fp32" else None,
                                "tiles": {"/".join(map(str, t)): ms for t, ms in zip(tiles, tile_ms)},
                                "best_tiles": "/".join(map(str, tiles[best])), "best_ms": tile_ms[best],
                                "shipped_ms": tile_ms[0]}
                         data.append(row)
-                        graph = f"{graph_ms:.3f}" if name == "fp32" and graph_ms is not None else "—"
-                        rows.append(f"| {e} | {k} | B{b} T{a.tgt_len} | {name} | {k * ffn_ms:.3f} | {graph} | "
+                        grouped_cell = f"{grouped_ms:.3f}" if name == "fp32" else "—"
+                        rows.append(f"| {e} | {k} | B{b} T{a.tgt_len} | {name} | {k * ffn_ms:.3f} | {grouped_cell} | "
                                     f"{tile_ms[0]:.3f} | {row['best_ms']:.3f} ({row['best_tiles']}) | "
                                     f"**{row['best_ms'] / (k * ffn_ms):.2f}** |")
                         print(rows[-1], flush=True)
 
-    table = ("| E | k | shape | precision | k x dense FFN ms | grouped, CUDA graph ms | plugin kernel ms (shipped "
+    table = ("| E | k | shape | precision | k x dense FFN ms | grouped dispatch ms | plugin kernel ms (shipped "
              "tiles) | plugin kernel ms, best tiles (D/warps/F/K) | best plugin / (k x FFN) |\n"
              "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     gpu = torch.cuda.get_device_name() if cuda else "CPU (Triton's interpreter)"
     record("expert_kernel_tiles", {"device": gpu, "d_model": a.d_model, "width": a.width,
                                    "activation": a.activation, "rows": data},
            f"PyTorch {torch.__version__} on {gpu}; d_model {a.d_model}, expert width {a.width}, {a.activation}; "
-           f"random router; p50 of at least {a.iters} synchronised calls, all of a row's timed interleaved. Tile "
+           f"random router; p50 of at least {a.iters} synchronised replays of each one's CUDA graph"
+           f"{'' if cuda else ' (here: plain calls)'}, all of a row's timed interleaved. Tile "
            f"shapes tried: {', '.join('/'.join(map(str, t)) for t in tiles)}. The grouped dispatch runs fp32 only."
            f"\n\n{table}", smoke=a.smoke)
 
