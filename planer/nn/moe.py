@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from planer.nn.ffn import FFN
 from planer.nn.quant import quantized_linears
 
-# The Triton expert kernel has run only in Triton's CPU interpreter so far: CUDA uses it when asked to, until
-# benchmarks/gpu_check.sh has passed on a GPU (that check asks for it).
+# The Triton expert kernel is right on CUDA (benchmarks/gpu_check.sh, on an H200) but not faster than the eager
+# dispatch there at B8 or at few experts (benchmarks/RESULTS.md, "GPU check"): CUDA uses it only when asked to.
 TRITON_EXPERTS_ENV = "PLANER_TRITON_EXPERTS"
 
 
