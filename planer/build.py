@@ -129,7 +129,8 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
         clock = _Clock()
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
         clock.lap("profile")
-        latency, accuracy = _stages(baseline, corpus, space, table, work, run, dep, target, budget, continued, compare, show_progress, clock)
+        stages = _Build(run, work, baseline, corpus, space, table, dep, target, budget, show_progress, clock)
+        latency, accuracy = stages.finish(continued, compare)
     except InfeasibleTarget:
         if main:
             shutil.rmtree(work, ignore_errors=True)  # a bad request: nothing to resume, nothing left behind
@@ -163,7 +164,8 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: T
     try:
         _, baseline, corpus, space = _baseline(source, work, dep, data, space)
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
-        outcome = search(baseline, corpus, space, table, dep, target, cfg=budget.search, log_path=work / "search_log.jsonl", show_progress=show_progress)
+        outcome = search(baseline, corpus, space, table, dep, target, cfg=budget.search,
+                         log_path=work / "search_log.jsonl", show_progress=show_progress)
         if main:
             outcome.save(work)
     except BaseException:
@@ -398,157 +400,198 @@ def _check_fair(work: Path, base_tokens: int) -> None:
                           "continued baseline trained with a smaller budget")
 
 
-def _stages(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, work: Path, run: Path,
-            dep: Deployment, target: Target, budget: Budget, continued: Path | None, compare: bool, show_progress: bool, clock: _Clock) -> tuple[dict, dict]:
-    base_tokens = _tokens_seen(run)
-    base_onnx = _export_baseline(baseline, work / BASELINE, dep)
-    outcome = _search_stage(work / "search", work / "search_log.jsonl", baseline, corpus, space, table, dep,
-                            target, budget, show_progress, base_onnx)
-    table = outcome.table
-    clock.lap("search")
-    result = _train_stage(corpus, budget.recipe(budget.extra_steps, distill=0.5), work / "distill",
-                          outcome.chosen.model, baseline, show_progress)
-    main = distributed.is_main()
-    if main:
-        shutil.copy(work / "distill" / ARCH_FILE, work / ARCH_FILE)
-        shutil.copy(work / "distill" / WEIGHTS_FILE, work / WEIGHTS_FILE)
-    # Fairness: the result has seen the baseline's tokens plus as many as the search and distillation
-    # steps, so the baseline it is judged against trains on as many more tokens, with the same recipe.
-    clock.lap("distill")
-    if continued is not None and not (work / CONTINUED).exists() and main:
-        shutil.copytree(continued, work / CONTINUED)
-    distributed.barrier()
-    continued_model = _train_stage(corpus, budget.recipe(budget.extra_steps, distill=0.0), work / CONTINUED,
-                                   baseline, None, show_progress)
-    _check_fair(work, base_tokens)
-    clock.lap("baseline-continued")
-    comparisons: list[tuple[str, LM]] = []
-    if compare:
-        comparisons, table = _compare(baseline, corpus, space, table, work / "compare", dep, outcome.target_ms,
-                                      table.predict(result.arch), budget, show_progress, base_onnx)
-        clock.lap("compare")
-    if not main:
-        return distributed.broadcast(None)
-    table.save(work / "latency_table.json")
+@dataclass
+class _Build:
+    """A build past profiling: what every later stage reads, settled once (the baseline's run and model, the
+    corpus, the space, the latency table, the deployment with its lowering resolved, the target and budget), and
+    the stages as methods named for what they leave in WORK. Every rank trains; rank 0 alone measures and writes,
+    and what it measured reaches the other ranks by one broadcast at the end."""
 
-    path = export_lm(result, work / "model.onnx", **dep.export_options())
-    engine = load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape)
-    diff = parity(result, engine, batch=dep.batch, tgt_len=dep.tgt_len, mem_len=dep.mem_len)
-    if corpus.vocab is not None:
-        atomic_write(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
-    if (run / TOKENIZER_DIR).is_dir():
-        shutil.copytree(run / TOKENIZER_DIR, work / TOKENIZER_DIR, dirs_exist_ok=True)
-    timed = [(BASELINE, base_onnx, baseline), ("result", str(path), result)]
-    with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
-        def exported(name: str, model: LM) -> tuple[str, str, LM]:
-            return name, str(export_lm(model, Path(tmp) / f"{name}.onnx", **dep.export_options())), model
+    run: Path
+    work: Path
+    baseline: LM
+    corpus: Corpus
+    space: SearchSpace
+    table: LatencyTable
+    dep: Deployment
+    target: Target
+    budget: Budget
+    show_progress: bool
+    clock: _Clock
 
-        timed += [exported(name, m) for name, m in comparisons]
-        # The result in fp32 too, when it has int8 blocks: what its architecture alone buys, timed alike.
-        as_fp32 = in_precision(result, "fp32")
-        decompose = as_fp32.arch != result.arch
-        confirmation = confirm([(p, m.arch) for _, p, m in timed + ([exported("result-fp32", as_fp32)]
-                                                                      if decompose else [])], dep.verdict())
-        graded = timed + [exported(CONTINUED, continued_model)]
-        scored = {name: _engine_accuracy(p, m.arch, corpus, dep, show_progress) for name, p, m in graded}
-    # Every figure below is one run's (the median run's, comparisons included); the verdict is the medians'.
-    base_stats, result_stats, *compared_stats = confirmation.median_run(1)[:len(timed)]
-    speedup = confirmation.ratio(1)
-    latency = {
-        "engine": table.provenance, "deployment": {"batch": dep.batch, "tgt_len": dep.tgt_len,
-                                                   "mem_len": dep.mem_len, "threads": dep.threads,
-                                                   "precisions": list(dep.precisions)},
-        "baseline": base_stats.to_dict(), "result": result_stats.to_dict(), "speedup": speedup,
-        "target_ms": target.ms_for(base_stats.p50), "target_speedup": target.speedup,
-        "met": target.met(speedup, confirmation.p50(1)), "parity_max_abs_diff": diff,
-        "comparisons": {name: s.to_dict() for (name, _), s in zip(comparisons, compared_stats)},
-        "confirmation": confirmation.to_dict([name for name, _, _ in timed] + (["result-fp32"] if decompose else [])),
-    }
-    if decompose:  # both measured: the result's fp32 twin against the baseline, the result against its twin
-        architecture = confirmation.ratio(len(timed))
-        latency["decomposition"] = {"architecture": architecture, "precision": speedup / architecture}
-    atomic_write(work / "latency.json", json.dumps(latency, indent=2) + "\n")
+    def finish(self, continued: Path | None, compare: bool) -> tuple[dict, dict]:
+        """Search, distil, continue the baseline, compare, then export, time and score: latency.json's and
+        accuracy.json's contents, on every rank."""
+        base_tokens = _tokens_seen(self.run)
+        base_onnx = self.exported_baseline()
+        outcome = self.searched(self.work / "search", self.space, self.target, base_onnx)
+        self.table = outcome.table
+        self.clock.lap("search")
+        result = self.distilled(outcome.chosen.model)
+        self.clock.lap("distill")
+        continued_model = self.continued_baseline(continued, base_tokens)
+        self.clock.lap("baseline-continued")
+        comparisons: list[tuple[str, LM]] = []
+        if compare:
+            comparisons = self.compared(outcome.target_ms, self.table.predict(result.arch), base_onnx)
+            self.clock.lap("compare")
+        if not distributed.is_main():
+            return distributed.broadcast(None)
+        self.table.save(self.work / "latency_table.json")
+        path, diff = self.exported(result)
+        with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
+            def graph(name: str, model: LM) -> tuple[str, str, LM]:
+                return name, str(export_lm(model, Path(tmp) / f"{name}.onnx", **self.dep.export_options())), model
 
-    runs = {CONTINUED: work / CONTINUED, "result": work / "distill"}
-    runs |= {name: work / "compare" / name for name, _ in comparisons}
-    graded_scores = {name: scored[name] | _trained(runs[name], base_tokens) if name in runs
-                     else scored[name] | {"tokens_trained": base_tokens} for name in scored}
-    accuracy = {"data": corpus.spec, "split": "valid", "evaluated_in": dep.engine,
-                "baseline": graded_scores[BASELINE], "baseline_continued": graded_scores[CONTINUED],
-                "result": graded_scores["result"],
-                "comparisons": {name: graded_scores[name] for name, _ in comparisons}}
-    accuracy.update(_judged_against(accuracy))
-    atomic_write(work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
+            timed = [(BASELINE, base_onnx, self.baseline), ("result", str(path), result)]
+            timed += [graph(name, m) for name, m in comparisons]
+            as_fp32 = in_precision(result, "fp32")
+            twin = [graph("result-fp32", as_fp32)] if as_fp32.arch != result.arch else []
+            latency = self.verdict(timed, twin, diff)
+            scored = {name: _engine_accuracy(p, m.arch, self.corpus, self.dep, self.show_progress)
+                      for name, p, m in timed + [graph(CONTINUED, continued_model)]}
+        accuracy = self.judged(scored, [name for name, _ in comparisons], base_tokens)
+        self.figures(outcome, result, comparisons, latency, accuracy)
+        return distributed.broadcast((latency, accuracy))
 
-    points = [Point("baseline", base_stats.p50, accuracy["baseline"]),
-              Point("baseline, continued", base_stats.p50, accuracy["baseline_continued"])]
-    points += [Point(f"{c.describe()} (supernet weights; held-out training loss)",
-                     base_stats.p50 * c.measured_ms / c.baseline_ms, scores(c.held_out_loss, corpus.unit),
-                     kind="candidate") for c in outcome.candidates]
-    points += [Point(name, s.p50, accuracy["comparisons"][name], kind="comparison")
-               for (name, _), s in zip(comparisons, compared_stats)]
-    points.append(Point("result", result_stats.p50, accuracy["result"], kind="result"))
-    pareto_plot(points, work / "pareto.png", title=f"{run.name}: latency vs accuracy ({dep.engine})")
-    arch_plot([("baseline", baseline.arch), ("result", result.arch)] + [(n, m.arch) for n, m in comparisons],
-              table, work / "arch.png")
-    clock.lap("export, verify, time, evaluate")
-    atomic_write(work / "timings.json", json.dumps(clock.laps, indent=2) + "\n")
-    atomic_write(work / "report.md", report(run, baseline.arch, result.arch, latency, accuracy,
-                                            {n: m.arch for n, m in comparisons}, budget.describe(), clock.laps))
-    return distributed.broadcast((latency, accuracy))
+    def exported_baseline(self) -> str:
+        """BUILD/baseline/: the baseline exported once for the build, timed beside every candidate and the
+        result (and by `planer bench` later). Rank 0's path; other ranks never time."""
+        if not distributed.is_main():
+            return ""
+        out = self.work / BASELINE
+        out.mkdir(exist_ok=True)
+        self.baseline.arch.save(out / ARCH_FILE)
+        path = out / "model.onnx"
+        return str(path if path.is_file() else export_lm(self.baseline, path, **self.dep.export_options()))
+
+    def searched(self, out: Path, space: SearchSpace, target: Target, base_onnx: str) -> SearchOutcome:
+        """The search's outcome in OUT, or the one an earlier, interrupted build saved there."""
+        if (out / OUTCOME_FILE).exists():
+            return SearchOutcome.load(out)
+        log = out.with_name(f"{out.name}_log.jsonl")
+        distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
+        if distributed.is_main():
+            log.unlink(missing_ok=True)  # an interrupted search starts over
+        outcome = search(self.baseline, self.corpus, space, self.table, self.dep, target, cfg=self.budget.search,
+                         log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx)
+        if distributed.is_main():
+            staging = staging_dir(out)
+            shutil.rmtree(staging, ignore_errors=True)
+            outcome.save(staging)
+            publish(staging, out)
+        distributed.barrier()
+        return outcome
+
+    def trained(self, out: Path, init: LM, distill: float) -> LM:
+        """`init` trained with the budget's recipe in OUT (distilled from the baseline unless `distill` is 0),
+        an interrupted run there continued, or a finished one loaded."""
+        if not (out / EVAL_FILE).exists():
+            train(self.corpus, self.budget.recipe(self.budget.extra_steps, distill=distill), out, init=init,
+                  teacher=self.baseline if distill else None, resume=run_source(out) is not None,
+                  show_progress=self.show_progress)
+        return load_model(out).eval()
+
+    def distilled(self, chosen: LM) -> LM:
+        """The chosen network distilled from the baseline (distill/), its weights and architecture in WORK."""
+        result = self.trained(self.work / "distill", chosen, distill=0.5)
+        if distributed.is_main():
+            shutil.copy(self.work / "distill" / ARCH_FILE, self.work / ARCH_FILE)
+            shutil.copy(self.work / "distill" / WEIGHTS_FILE, self.work / WEIGHTS_FILE)
+        return result
+
+    def continued_baseline(self, reuse: Path | None, base_tokens: int) -> LM:
+        """Fairness: the result has seen the baseline's tokens plus as many as the search and distillation
+        steps, so the baseline it is judged against trains on as many more tokens, with the same recipe
+        (or `reuse`s copy, when it trained on as many)."""
+        if reuse is not None and not (self.work / CONTINUED).exists() and distributed.is_main():
+            shutil.copytree(reuse, self.work / CONTINUED)
+        distributed.barrier()
+        model = self.trained(self.work / CONTINUED, self.baseline, distill=0.0)
+        _check_fair(self.work, base_tokens)
+        return model
+
+    def compared(self, target_ms: float, budget_ms: float, base_onnx: str) -> list[tuple[str, LM]]:
+        """The --compare networks in compare/, trained with the result's recipe (see planer.compare)."""
+        root = self.work / "compare"
+        if distributed.is_main():
+            root.mkdir(exist_ok=True)
+        fixed, self.table = fixed_comparisons(self.baseline, self.table, budget_ms, self.dep, self.show_progress)
+        trained = [(c.name, self.trained(root / c.name, c.model, distill=0.5)) for c in fixed]
+        dense = self.searched(root / "dense-only-search", dense_space(self.space), Target(ms=target_ms), base_onnx)
+        return trained + [("dense-only", self.trained(root / "dense-only", dense.chosen.model, distill=0.5))]
+
+    def exported(self, result: LM) -> tuple[Path, float]:
+        """model.onnx and the largest difference of its outputs from PyTorch's, with what serving reads beside
+        it (the vocabulary, an imported model's tokenizer)."""
+        path = export_lm(result, self.work / "model.onnx", **self.dep.export_options())
+        engine = load_engine(self.dep.engine, str(path), threads=self.dep.threads, shape=self.dep.shape)
+        diff = parity(result, engine, batch=self.dep.batch, tgt_len=self.dep.tgt_len, mem_len=self.dep.mem_len)
+        if self.corpus.vocab is not None:
+            atomic_write(self.work / VOCAB_FILE, json.dumps(self.corpus.vocab) + "\n")
+        if (self.run / TOKENIZER_DIR).is_dir():
+            shutil.copytree(self.run / TOKENIZER_DIR, self.work / TOKENIZER_DIR, dirs_exist_ok=True)
+        return path, diff
+
+    def verdict(self, timed: list[tuple[str, str, LM]], twin: list[tuple[str, str, LM]], diff: float) -> dict:
+        """latency.json: the baseline, the result and the comparisons (`timed`) in interleaved confirmation
+        runs, with the result's fp32 `twin` when it has int8 blocks (what its architecture alone buys). Every
+        figure is the median run's; the verdict is the medians'."""
+        names = [name for name, _, _ in timed + twin]
+        confirmation = confirm([(p, m.arch) for _, p, m in timed + twin], self.dep.verdict())
+        base_stats, result_stats, *compared_stats = confirmation.median_run(1)[:len(timed)]
+        speedup = confirmation.ratio(1)
+        dep = self.dep
+        latency = {
+            "engine": self.table.provenance, "deployment": {"batch": dep.batch, "tgt_len": dep.tgt_len,
+                                                            "mem_len": dep.mem_len, "threads": dep.threads,
+                                                            "precisions": list(dep.precisions)},
+            "baseline": base_stats.to_dict(), "result": result_stats.to_dict(), "speedup": speedup,
+            "target_ms": self.target.ms_for(base_stats.p50), "target_speedup": self.target.speedup,
+            "met": self.target.met(speedup, confirmation.p50(1)), "parity_max_abs_diff": diff,
+            "comparisons": {name: s.to_dict() for (name, _, _), s in zip(timed[2:], compared_stats)},
+            "confirmation": confirmation.to_dict(names),
+        }
+        if twin:  # both measured: the result's fp32 twin against the baseline, the result against its twin
+            architecture = confirmation.ratio(len(timed))
+            latency["decomposition"] = {"architecture": architecture, "precision": speedup / architecture}
+        atomic_write(self.work / "latency.json", json.dumps(latency, indent=2) + "\n")
+        return latency
+
+    def judged(self, scored: dict[str, dict], compared: list[str], base_tokens: int) -> dict:
+        """accuracy.json: each graph's engine score, with the tokens each network trained on, and the reference
+        the result is judged against."""
+        runs = {CONTINUED: self.work / CONTINUED, "result": self.work / "distill"}
+        runs |= {name: self.work / "compare" / name for name in compared}
+        graded = {name: scored[name] | (_trained(runs[name], base_tokens) if name in runs
+                                        else {"tokens_trained": base_tokens}) for name in scored}
+        accuracy = {"data": self.corpus.spec, "split": "valid", "evaluated_in": self.dep.engine,
+                    "baseline": graded[BASELINE], "baseline_continued": graded[CONTINUED],
+                    "result": graded["result"], "comparisons": {name: graded[name] for name in compared}}
+        accuracy.update(_judged_against(accuracy))
+        atomic_write(self.work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
+        return accuracy
+
+    def figures(self, outcome: SearchOutcome, result: LM, comparisons: list[tuple[str, LM]], latency: dict,
+                accuracy: dict) -> None:
+        """pareto.png, arch.png, timings.json and report.md."""
+        base_ms = latency["baseline"]["p50"]
+        points = [Point("baseline", base_ms, accuracy["baseline"]),
+                  Point("baseline, continued", base_ms, accuracy["baseline_continued"])]
+        points += [Point(f"{c.describe()} (supernet weights; held-out training loss)",
+                         base_ms * c.measured_ms / c.baseline_ms, scores(c.held_out_loss, self.corpus.unit),
+                         kind="candidate") for c in outcome.candidates]
+        points += [Point(name, latency["comparisons"][name]["p50"], accuracy["comparisons"][name],
+                         kind="comparison") for name, _ in comparisons]
+        points.append(Point("result", latency["result"]["p50"], accuracy["result"], kind="result"))
+        pareto_plot(points, self.work / "pareto.png",
+                    title=f"{self.run.name}: latency vs accuracy ({self.dep.engine})")
+        archs = [("baseline", self.baseline.arch), ("result", result.arch)] + [(n, m.arch) for n, m in comparisons]
+        arch_plot(archs, self.table, self.work / "arch.png")
+        self.clock.lap("export, verify, time, evaluate")
+        atomic_write(self.work / "timings.json", json.dumps(self.clock.laps, indent=2) + "\n")
+        atomic_write(self.work / "report.md", report(self.run, self.baseline.arch, result.arch, latency, accuracy,
+                                                     {n: m.arch for n, m in comparisons}, self.budget.describe(),
+                                                     self.clock.laps))
 
 
-def _export_baseline(baseline: LM, out: Path, dep: Deployment) -> str:
-    """BUILD/baseline/: the baseline exported once for the build, timed beside every candidate and the result
-    (and by `planer bench` later). Rank 0's path; other ranks never time."""
-    if not distributed.is_main():
-        return ""
-    out.mkdir(exist_ok=True)
-    baseline.arch.save(out / ARCH_FILE)
-    path = out / "model.onnx"
-    return str(path if path.is_file() else export_lm(baseline, path, **dep.export_options()))
-
-
-def _search_stage(out: Path, log: Path, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable,
-                  dep: Deployment, target: Target, budget: Budget, show_progress: bool, base_onnx: str
-                  ) -> SearchOutcome:
-    """The search, or its saved outcome when an earlier, interrupted build completed it."""
-    if (out / OUTCOME_FILE).exists():
-        return SearchOutcome.load(out)
-    distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
-    if distributed.is_main():
-        log.unlink(missing_ok=True)  # an interrupted search starts over
-    outcome = search(baseline, corpus, space, table, dep, target, cfg=budget.search, log_path=log, show_progress=show_progress, baseline_onnx=base_onnx)
-    if distributed.is_main():
-        staging = staging_dir(out)
-        shutil.rmtree(staging, ignore_errors=True)
-        outcome.save(staging)
-        publish(staging, out)
-    distributed.barrier()
-    return outcome
-
-
-def _train_stage(corpus: Corpus, cfg: TrainConfig, out: Path, init: LM, teacher: LM | None,
-                 show_progress: bool) -> LM:
-    """Train from `init` (distilling from `teacher`, if given), continue an interrupted run, or load a finished one."""
-    if not (out / EVAL_FILE).exists():
-        train(corpus, cfg, out, init=init, teacher=teacher, resume=run_source(out) is not None,
-              show_progress=show_progress)
-    return load_model(out).eval()
-
-
-def _compare(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, root: Path, dep: Deployment,
-             target_ms: float, budget_ms: float, budget: Budget, show_progress: bool,
-             base_onnx: str) -> tuple[list[tuple[str, LM]], LatencyTable]:
-    """The --compare networks, trained with the result's budget (see planer.compare)."""
-    if distributed.is_main():
-        root.mkdir(exist_ok=True)
-    fixed, table = fixed_comparisons(baseline, table, budget_ms, dep, show_progress)
-    recipe = budget.recipe(budget.extra_steps, distill=0.5)  # the result's
-    trained = [(c.name, _train_stage(corpus, recipe, root / c.name, c.model, baseline, show_progress))
-               for c in fixed]
-    dense = _search_stage(root / "dense-only-search", root / "dense-only-search_log.jsonl", baseline, corpus,
-                          dense_space(space), table, dep, Target(ms=target_ms), budget, show_progress, base_onnx)
-    trained.append(("dense-only", _train_stage(corpus, recipe, root / "dense-only", dense.chosen.model, baseline,
-                                               show_progress)))
-    return trained, table

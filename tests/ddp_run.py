@@ -34,7 +34,7 @@ def main() -> None:
     run, text, out = (Path(a) for a in sys.argv[1:4])
     distributed.setup()
     searched, made, trained = [], [], {}
-    search_stage, make_lm, train = planer.build._search_stage, trainer.LM, trainer.train
+    search_stage, make_lm, train = planer.build._Build.searched, trainer.LM, trainer.train
 
     def observed(*args, **kwargs):  # each rank's own search outcome, which the build keeps in memory only
         searched.append(search_stage(*args, **kwargs))
@@ -49,11 +49,11 @@ def main() -> None:
         trained[Path(out_dir).name] = digest(made[-1])
         return result
 
-    planer.build._search_stage = observed
+    planer.build._Build.searched = observed
     trainer.LM = made_here
     planer.build.train = recorded
-    summary = planer.build.build(run, out / "build", dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
-                                 data=f"enwik8:{text}", show_progress=False)
+    summary = planer.build.build(run, out / "build", dep=DEP, target=Target(speedup=1.5), budget=BUDGET,
+                                 space=SPACE, data=f"enwik8:{text}", show_progress=False)
     plain = recorded(load_corpus(f"enwik8:{text}"), PLAIN_RECIPE, out / "plain", arch=PLAIN_ARCH,
                      show_progress=False)
     outcome, = searched

@@ -177,8 +177,8 @@ def _launch(a: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, plan: 
     grid = (len(plan.expert), triton.cdiv(n_out, block_n))
     _grouped_linear[grid](a, rows.to(torch.int32).contiguous(), weight, bias if bias is not None else weight, out,
                           plan.expert, plan.start, plan.end, k_in, n_out, a.stride(0), weight.stride(0),
-                          weight.stride(1), out.stride(0), HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
-                          BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
+                          weight.stride(1), out.stride(0), HAS_BIAS=bias is not None,
+                          ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
