@@ -191,32 +191,7 @@ def _train(corpus: Corpus, cfg: TrainConfig, out: Path, *, arch: Architecture | 
     work = staging_dir(out)
     main = distributed.is_main()
     torch.manual_seed(cfg.seed)
-    if resume:
-        source = run_source(out)
-        if source is None:
-            raise PlanerError(f"--resume: nothing to resume at {out}; drop --resume to start a new run")
-        model, state, progress = _load_checkpoint(source, corpus, cfg)
-        preset = preset or json.loads((source / CONFIG_FILE).read_text()).get("preset", "")
-        distributed.barrier()  # everyone has read the checkpoint before it moves
-        if source != work and main:
-            shutil.copytree(source, work)
-    else:
-        check_new_run(out)
-        distributed.barrier()  # every process checked before any creates it
-        if init is not None:
-            arch = init.arch
-            model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
-            model.load_state_dict(init.state_dict())
-        elif arch is not None:
-            model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
-        else:
-            raise PlanerError("a new run needs an architecture (a --preset)")
-        state, progress = None, Progress()
-        if main:
-            work.mkdir(parents=True)
-            arch.save(work / ARCH_FILE)
-            if corpus.vocab is not None:
-                atomic_write(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
+    model, state, progress, preset = _started(corpus, cfg, out, arch, init, preset, resume)
     arch = model.arch
     distributed.same_start(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
@@ -242,23 +217,7 @@ def _train(corpus: Corpus, cfg: TrainConfig, out: Path, *, arch: Architecture | 
             mems = teacher_mems = None  # a new pass starts every stream afresh
         x, y = segments[index]
         lr = lr_at(progress.step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        result = model(x, mems)
-        mems = result.mems
-        loss = F.cross_entropy(result.logits.reshape(-1, arch.vocab_size).float(), y.reshape(-1))
-        objective = loss
-        if teacher is not None and cfg.distill > 0:
-            with torch.no_grad():
-                taught = teacher(x, teacher_mems)
-            teacher_mems = taught.mems
-            objective = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(result.logits, taught.logits)
-        opt.zero_grad(set_to_none=True)
-        (objective + cfg.aux_weight * result.aux_loss).backward()
-        distributed.average_gradients(model.parameters())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-
+        loss, mems, teacher_mems = _step(model, opt, x, y, mems, teacher, teacher_mems, lr, cfg)
         progress.step += 1
         progress.tokens += y.numel() * distributed.world()
         now = time.perf_counter()
@@ -284,18 +243,82 @@ def _train(corpus: Corpus, cfg: TrainConfig, out: Path, *, arch: Architecture | 
         distributed.barrier()  # rank 0 evaluates and publishes
         return distributed.broadcast(None)
     metrics_file.close()
+    final = _final_evaluation(model, corpus, cfg, progress, show_progress)
+    atomic_write(work / EVAL_FILE, json.dumps(final, indent=2) + "\n")
+    publish(work, out)
+    distributed.barrier()
+    return distributed.broadcast(final)
 
+
+def _started(corpus: Corpus, cfg: TrainConfig, out: Path, arch: Architecture | None, init: LM | None, preset: str,
+             resume: bool) -> tuple[LM, dict | None, Progress, str]:
+    """The model to train, the optimiser state to restore (None for a new run), the progress so far and the
+    preset: from OUT's last checkpoint (copied into the staging directory), or a new run's staging directory
+    with its arch.json (and vocabulary)."""
+    work = staging_dir(out)
+    main = distributed.is_main()
+    if resume:
+        source = run_source(out)
+        if source is None:
+            raise PlanerError(f"--resume: nothing to resume at {out}; drop --resume to start a new run")
+        model, state, progress = _load_checkpoint(source, corpus, cfg)
+        preset = preset or json.loads((source / CONFIG_FILE).read_text()).get("preset", "")
+        distributed.barrier()  # everyone has read the checkpoint before it moves
+        if source != work and main:
+            shutil.copytree(source, work)
+        return model, state, progress, preset
+    check_new_run(out)
+    distributed.barrier()  # every process checked before any creates it
+    if init is not None:
+        arch = init.arch
+        model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
+        model.load_state_dict(init.state_dict())
+    elif arch is not None:
+        model = LM(arch, dropout=cfg.dropout, dropatt=cfg.dropatt)
+    else:
+        raise PlanerError("a new run needs an architecture (a --preset)")
+    if main:
+        work.mkdir(parents=True)
+        arch.save(work / ARCH_FILE)
+        if corpus.vocab is not None:
+            atomic_write(work / VOCAB_FILE, json.dumps(corpus.vocab) + "\n")
+    return model, None, Progress(), preset
+
+
+def _step(model: LM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, mems: list | None,
+          teacher: LM | None, teacher_mems: list | None, lr: float, cfg: TrainConfig
+          ) -> tuple[torch.Tensor, list, list | None]:
+    """One optimisation step on segment (x, y): the cross-entropy (blended with distillation from `teacher`'s
+    logits), the MoE balance loss, gradients averaged over processes and clipped. Returns the cross-entropy and
+    both networks' new memories."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    result = model(x, mems)
+    loss = F.cross_entropy(result.logits.reshape(-1, model.arch.vocab_size).float(), y.reshape(-1))
+    objective = loss
+    if teacher is not None and cfg.distill > 0:
+        with torch.no_grad():
+            taught = teacher(x, teacher_mems)
+        teacher_mems = taught.mems
+        objective = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(result.logits, taught.logits)
+    opt.zero_grad(set_to_none=True)
+    (objective + cfg.aux_weight * result.aux_loss).backward()
+    distributed.average_gradients(model.parameters())
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    opt.step()
+    return loss, result.mems, teacher_mems
+
+
+def _final_evaluation(model: LM, corpus: Corpus, cfg: TrainConfig, progress: Progress, show_progress: bool) -> dict:
+    """eval.json: the run's totals and its model on the whole validation split (and the test split, if asked)."""
     final = {
         "step": progress.step, "tokens_seen": progress.tokens, "train_seconds": round(progress.seconds, 1),
         "tokens_per_second": round(progress.tokens / max(progress.seconds, 1e-9), 1),
-        "params": arch.param_counts(),
+        "params": model.arch.param_counts(),
         "valid": evaluate(model, corpus.valid, corpus.unit, batch=cfg.eval_batch,
                           progress="final eval: valid" if show_progress else None),
     }
     if cfg.test_split:
         final["test"] = evaluate(model, corpus.test, corpus.unit, batch=cfg.eval_batch,
                                  progress="final eval: test" if show_progress else None)
-    atomic_write(work / EVAL_FILE, json.dumps(final, indent=2) + "\n")
-    publish(work, out)
-    distributed.barrier()
-    return distributed.broadcast(final)
+    return final
