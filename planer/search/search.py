@@ -213,149 +213,187 @@ def fastest_predicted(table: LatencyTable, space: SearchSpace) -> float:
     return table.scale * (table.entries[FIXED]["p50"] + cheapest_attn + rest)
 
 
-def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, target: Target, *,
-           cfg: SearchConfig = SearchConfig(),
-           log_path: Path | None = None, show_progress: bool = True, baseline_onnx: str | None = None
-           ) -> SearchOutcome:
+def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, target: Target,
+           *, cfg: SearchConfig = SearchConfig(), log_path: Path | None = None, show_progress: bool = True,
+           baseline_onnx: str | None = None) -> SearchOutcome:
     """Search for a network that meets the target (see SearchOutcome for what is chosen). `baseline_onnx` is the
     baseline already exported for this deployment (exported here otherwise); candidates are timed beside it."""
     torch.manual_seed(cfg.seed)
-    dep = dep.resolved(table)  # --lowering auto: the one the table was profiled in
-    baseline = baseline.eval()
-    arch = baseline.arch
-    main = distributed.is_main()  # under torchrun rank 0 alone exports, times, evaluates and writes
     with tempfile.TemporaryDirectory(prefix="planer-search-") as tmp:
-        base_path = "" if not main else baseline_onnx or str(export_lm(baseline, Path(tmp) / "baseline.onnx",
-                                                                        **dep.export_options()))
-        baseline_ms = distributed.broadcast(measure([(base_path, arch)], dep)[0].p50 if main else None)
-        target_ms = target.ms_for(baseline_ms)
-        ratio_target = target_ms / baseline_ms
+        run = _Search(baseline.eval(), corpus, space, table, dep.resolved(table), target, cfg, Path(tmp), log_path,
+                      show_progress, baseline_onnx)
+        run.rounds()
+        run.alternatives()
+        chosen = run.choice()
+    return SearchOutcome(chosen, run.candidates, run.table, run.target_ms)
 
-        def meets(c: Candidate) -> bool:
-            """Judged by the ratio to the baseline timed in the same run, so machine drift cancels."""
-            return c.measured_ms / c.baseline_ms <= ratio_target
 
+class _Search:
+    """One search: the baseline timed once, the supernet with its weight and architecture optimisers, the latency
+    table (calibrated as candidates are timed) and the candidates derived so far. Its steps are the rounds (train,
+    then derive and assess a network), the alternatives with more attention blocks, and the choice among the
+    networks that met the target. Under torchrun every rank trains; rank 0 alone exports, times, evaluates and
+    writes, and broadcasts what it measured."""
+
+    def __init__(self, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment,
+                 target: Target, cfg: SearchConfig, tmp: Path, log_path: Path | None, show_progress: bool,
+                 baseline_onnx: str | None):
+        self.baseline, self.corpus, self.space, self.dep, self.cfg = baseline, corpus, space, dep, cfg
+        self.tmp, self.log_path = tmp, log_path
+        self.arch = arch = baseline.arch
+        self.main = main = distributed.is_main()
+        self.base_path = "" if not main else baseline_onnx or str(export_lm(baseline, tmp / "baseline.onnx",
+                                                                             **dep.export_options()))
+        self.baseline_ms = distributed.broadcast(measure([(self.base_path, arch)], dep)[0].p50 if main else None)
+        self.target_ms = target.ms_for(self.baseline_ms)
         # Each candidate's time as it would have measured beside this first baseline measurement: the machine
         # drifts between runs (a small tiny build's baseline measured 8.9, 9.5 and 11.1 ms in three of them),
         # the ratio to the baseline timed in the same run does not. Until a candidate is timed, the baseline
         # calibrates; then the candidates alone, which are near the target's size (the sum of blocks misses
         # a per-graph cost that weighs more in small networks: tiny's 2x candidates ran 20 % above it).
-        measured_history: list[tuple[Architecture, float]] = []
-        table = table.calibrate([(arch, baseline_ms)])
-        floor = fastest_predicted(table, space)
-        if target_ms < floor:
-            raise InfeasibleTarget(f"target {target_ms:.2f} ms is below the fastest network in the space "
-                                   f"(predicted {floor:.2f} ms; the baseline measures {baseline_ms:.2f} ms); "
+        self.measured: list[tuple[Architecture, float]] = []
+        self.table = table.calibrate([(arch, self.baseline_ms)])
+        floor = fastest_predicted(self.table, space)
+        if self.target_ms < floor:
+            raise InfeasibleTarget(f"target {self.target_ms:.2f} ms is below the fastest network in the space "
+                                   f"(predicted {floor:.2f} ms; the baseline measures {self.baseline_ms:.2f} ms); "
                                    "raise the target or widen the space")
-
-        cut = _arch_start(corpus, cfg)
-        held_out = held_out_tokens(corpus, cut, cfg)
-        weight_data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
-        arch_data = Segments(corpus.train[cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
-        probe = held_out_probe(corpus, arch, cfg, distributed.share(cfg.batch))
+        self.cut = _arch_start(corpus, cfg)
+        self.held_out = held_out_tokens(corpus, self.cut, cfg)
+        self.weight_data = Segments(corpus.train[:self.cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
+        self.arch_data = Segments(corpus.train[self.cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
+        self.probe = held_out_probe(corpus, arch, cfg, distributed.share(cfg.batch))
         # The same function with each attention block's best heads first, so narrow candidates inherit those.
-        ranked, orders = rank_heads(baseline, probe)
-        net = SuperNet(ranked, space, baseline_bias=cfg.baseline_bias)
-        distributed.same_start(net)
-        weight_opt = torch.optim.AdamW(net.weight_parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-        arch_opt = torch.optim.Adam([net.alpha], lr=cfg.arch_lr, betas=(0.5, 0.999))
-        block_ms = candidate_latencies(table, space)
-        is_attn = [c.kind == "attn" for c in space.candidates]
-        total = cfg.rounds * cfg.steps
-        state = {"w_mems": None, "t_mems": None, "a_mems": None}
-        candidates: list[Candidate] = []
-        bar = tqdm(total=total, desc="search", unit="step", disable=not (show_progress and main), dynamic_ncols=True)
-        say = bar.write if main else (lambda _: None)
+        self.ranked, self.orders = rank_heads(baseline, self.probe)
+        self.net = SuperNet(self.ranked, space, baseline_bias=cfg.baseline_bias)
+        distributed.same_start(self.net)
+        self.weight_opt = torch.optim.AdamW(self.net.weight_parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+        self.arch_opt = torch.optim.Adam([self.net.alpha], lr=cfg.arch_lr, betas=(0.5, 0.999))
+        self.block_ms = candidate_latencies(self.table, space)
+        self.is_attn = [c.kind == "attn" for c in space.candidates]
+        self.mems = {"w_mems": None, "t_mems": None, "a_mems": None}
+        self.candidates: list[Candidate] = []
+        self.tau = cfg.tau_start
+        self.bar = tqdm(total=cfg.rounds * cfg.steps, desc="search", unit="step",
+                        disable=not (show_progress and main), dynamic_ncols=True)
+        self.show_progress = show_progress
 
-        def assess(choice: list[int], rnd: int, derive_s: float, tau: float, min_attn: int = 1) -> Candidate:
-            """Export, time beside the baseline, evaluate, calibrate the table and log the derived network."""
-            nonlocal table
-            model = net.extract(choice).eval()
-            base_ms = cand_ms = spread = loss = 0.0
-            if main:
-                path = export_lm(model, Path(tmp) / f"candidate-{len(candidates)}.onnx", **dep.export_options())
-                base_stats, cand_stats = measure([(base_path, arch), (str(path), model.arch)], dep)
-                scored = evaluate(model, held_out, corpus.unit, batch=8)
-                base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, scored["loss"]
-            base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
-            predicted = table.predict(model.arch)
-            measured_history.append((model.arch, cand_ms * baseline_ms / base_ms))
-            table = table.calibrate(measured_history)
-            candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, None, min_attn,
-                                  onnx=str(path) if main else "", positions=tuple(space.candidates[c] for c in choice))
-            if main and not meets(candidate):  # only those that met it are timed again; a deep model's graph is
-                path.unlink()  # hundreds of MB
-                candidate.onnx = ""
-            candidates.append(candidate)
-            _log(log_path, {
-                "round": rnd, "min_attn": min_attn, "target_ms": target_ms,
-                "baseline_ms": base_ms, "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
-                "calibration": table.scale, "held_out_loss": loss, "lambda": cfg.lam, "tau": tau, "derive_s": derive_s,
-                "arch": [b.label() for b in model.arch.blocks], "head_orders": orders,
-                "probabilities": [[round(p, 4) for p in row] for row in net.probabilities().tolist()],
-            })
-            say(f"{candidate.describe()}: {' '.join(b.label() for b in model.arch.blocks)}\n"
-                f"  measured {cand_ms:.2f} ms "
-                f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {target_ms:.2f}); "
-                f"held-out loss {loss:.4f}; derived in {derive_s:.0f} s")
-            return candidate
+    def say(self, text: str) -> None:
+        if self.main:
+            self.bar.write(text)
 
-        def derive(start: list[int], min_attn: int = 1) -> tuple[list[int] | None, float]:
-            """The network derived from `start` under the target less the margin (the same on every rank) and the
-            seconds it took."""
-            began = time.perf_counter()
-            blocks_ms = (1 - cfg.margin) * target_ms / table.scale - table.entries[FIXED]["p50"]
-            choice = derive_network(net, start, probe, block_ms, blocks_ms, is_attn, cfg.shortlist, min_attn)
-            return distributed.broadcast(choice), time.perf_counter() - began
+    def meets(self, c: Candidate) -> bool:
+        """Judged by the ratio to the baseline timed in the same run, so machine drift cancels."""
+        return c.measured_ms / c.baseline_ms <= self.target_ms / self.baseline_ms
 
+    def rounds(self) -> None:
+        """Train the supernet's weights (and, after the warm-up, its architecture weights) for each round, then
+        derive the most probable network that fits and assess it; stop early when none fits."""
+        cfg, total = self.cfg, self.cfg.rounds * self.cfg.steps
         for rnd in range(cfg.rounds):
             for i in range(cfg.steps):
                 step = rnd * cfg.steps + i
-                tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, total - 1))
-                _weight_step(net, baseline, weight_data, step, weight_opt, cfg, tau, state)
+                self.tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, total - 1))
+                _weight_step(self.net, self.baseline, self.weight_data, step, self.weight_opt, cfg, self.tau,
+                             self.mems)
                 if step >= cfg.warmup * total:
-                    e_lat = _arch_step(net, arch_data, step, arch_opt, block_ms, table, target_ms, cfg.lam, tau,
-                                       state)
+                    e_lat = _arch_step(self.net, self.arch_data, step, self.arch_opt, self.block_ms, self.table,
+                                       self.target_ms, cfg.lam, self.tau, self.mems)
                 else:
-                    e_lat = float(table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"]).detach())
-                bar.update(1)
+                    e_lat = float(self.table.scale * self.net.expected_latency(
+                        self.block_ms, self.table.entries[FIXED]["p50"]).detach())
+                self.bar.update(1)
                 if i % 10 == 0:
-                    bar.set_postfix(tau=f"{tau:.2f}", E_lat=f"{e_lat:.2f}ms")
-            bar.set_description(f"search: round {rnd}, deriving a network")  # minutes on deep baselines
-            choice, derive_s = derive(net.argmax())
-            bar.set_description("search")
+                    self.bar.set_postfix(tau=f"{self.tau:.2f}", E_lat=f"{e_lat:.2f}ms")
+            self.bar.set_description(f"search: round {rnd}, deriving a network")  # minutes on deep baselines
+            choice, derive_s = self.derive(self.net.argmax())
+            self.bar.set_description("search")
             if choice is None:
-                say(f"round {rnd}: after calibration no network fits {target_ms:.2f} ms; stopping the search")
+                self.say(f"round {rnd}: after calibration no network fits {self.target_ms:.2f} ms; stopping the "
+                         "search")
                 break
-            assess(choice, rnd, derive_s, tau)
-        if cfg.trials > 1 and candidates:
-            # From the baseline's own blocks: the most probable network may hold fewer attention blocks.
-            start = net.baseline_choice(arch)
-            kept = len(candidates[-1].arch.attn_positions)
-            most = sum(is_attn[c] for c in start)
-            for n in range(kept + 1, min(most, kept + cfg.trials - 1) + 1):
-                bar.set_description(f"search: deriving a network with at least {n} attention blocks")
-                choice, derive_s = derive(start, n)
-                if choice is not None:
-                    assess(choice, candidates[-1].round, derive_s, tau, n)
-        bar.close()
+            self.assess(choice, rnd, derive_s)
+
+    def alternatives(self) -> None:
+        """From the baseline's own blocks, networks with more attention blocks than the last derived one (the
+        most probable network may hold fewer than the target affords), up to cfg.trials - 1 of them."""
+        if self.cfg.trials <= 1 or not self.candidates:
+            return
+        start = self.net.baseline_choice(self.arch)
+        kept = len(self.candidates[-1].arch.attn_positions)
+        most = sum(self.is_attn[c] for c in start)
+        for n in range(kept + 1, min(most, kept + self.cfg.trials - 1) + 1):
+            self.bar.set_description(f"search: deriving a network with at least {n} attention blocks")
+            choice, derive_s = self.derive(start, n)
+            if choice is not None:
+                self.assess(choice, self.candidates[-1].round, derive_s, n)
+
+    def choice(self) -> Candidate:
+        """The network to distil: the networks that met the target timed again together, then the best of a
+        shortlist after short trial trainings (or the best held-out loss without trials)."""
+        self.bar.close()
+        cfg, candidates = self.cfg, self.candidates
         if not candidates:
-            raise InfeasibleTarget(f"no network fits the target {target_ms:.2f} ms less the {cfg.margin:.0%} margin "
-                                   f"kept for the machine's noise ({(1 - cfg.margin) * target_ms:.2f} ms) once the "
-                                   "table is calibrated by the engine's measurements; raise the target or widen the "
-                                   "space")
-        _confirm([c for c in candidates if meets(c)], base_path, arch, dep, log_path)
-        feasible = [c for c in candidates if meets(c)]
+            raise InfeasibleTarget(f"no network fits the target {self.target_ms:.2f} ms less the {cfg.margin:.0%} "
+                                   f"margin kept for the machine's noise ({(1 - cfg.margin) * self.target_ms:.2f} "
+                                   "ms) once the table is calibrated by the engine's measurements; raise the target "
+                                   "or widen the space")
+        _confirm([c for c in candidates if self.meets(c)], self.base_path, self.arch, self.dep, self.log_path)
+        feasible = [c for c in candidates if self.meets(c)]
         if not feasible:
             shortlist = [min(candidates, key=lambda c: c.measured_ms / c.baseline_ms)]
+        elif cfg.trials:
+            shortlist = _shortlist(feasible, cfg.trials)
         else:
-            shortlist = _shortlist(feasible, cfg.trials) if cfg.trials else [min(feasible, key=lambda c: c.held_out_loss)]
+            shortlist = [min(feasible, key=lambda c: c.held_out_loss)]
         for c in shortlist:
             with torch.random.fork_rng(devices=[]):  # the same upcycled experts on every rank, whatever came before
                 torch.manual_seed(cfg.seed)
-                c.model = inherit(ranked, c.positions).eval()
-        chosen = _trials(shortlist, baseline, corpus, cut, cfg, Path(tmp), log_path, show_progress)
-    return SearchOutcome(chosen, candidates, table, target_ms)
+                c.model = inherit(self.ranked, c.positions).eval()
+        return _trials(shortlist, self.baseline, self.corpus, self.cut, cfg, self.tmp, self.log_path,
+                       self.show_progress)
+
+    def derive(self, start: list[int], min_attn: int = 1) -> tuple[list[int] | None, float]:
+        """The network derived from `start` under the target less the margin (the same on every rank) and the
+        seconds it took."""
+        began = time.perf_counter()
+        blocks_ms = (1 - self.cfg.margin) * self.target_ms / self.table.scale - self.table.entries[FIXED]["p50"]
+        choice = derive_network(self.net, start, self.probe, self.block_ms, blocks_ms, self.is_attn,
+                                self.cfg.shortlist, min_attn)
+        return distributed.broadcast(choice), time.perf_counter() - began
+
+    def assess(self, choice: list[int], rnd: int, derive_s: float, min_attn: int = 1) -> Candidate:
+        """Export, time beside the baseline, evaluate, calibrate the table and log the derived network."""
+        model = self.net.extract(choice).eval()
+        base_ms = cand_ms = spread = loss = 0.0
+        if self.main:
+            path = export_lm(model, self.tmp / f"candidate-{len(self.candidates)}.onnx", **self.dep.export_options())
+            base_stats, cand_stats = measure([(self.base_path, self.arch), (str(path), model.arch)], self.dep)
+            scored = evaluate(model, self.held_out, self.corpus.unit, batch=8)
+            base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, scored["loss"]
+        base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
+        predicted = self.table.predict(model.arch)
+        self.measured.append((model.arch, cand_ms * self.baseline_ms / base_ms))
+        self.table = self.table.calibrate(self.measured)
+        candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, None, min_attn,
+                              onnx=str(path) if self.main else "",
+                              positions=tuple(self.space.candidates[c] for c in choice))
+        if self.main and not self.meets(candidate):  # only those that met it are timed again; a deep model's graph
+            path.unlink()  # is hundreds of MB
+            candidate.onnx = ""
+        self.candidates.append(candidate)
+        _log(self.log_path, {
+            "round": rnd, "min_attn": min_attn, "target_ms": self.target_ms,
+            "baseline_ms": base_ms, "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
+            "calibration": self.table.scale, "held_out_loss": loss, "lambda": self.cfg.lam, "tau": self.tau,
+            "derive_s": derive_s, "arch": [b.label() for b in model.arch.blocks], "head_orders": self.orders,
+            "probabilities": [[round(p, 4) for p in row] for row in self.net.probabilities().tolist()],
+        })
+        self.say(f"{candidate.describe()}: {' '.join(b.label() for b in model.arch.blocks)}\n"
+                 f"  measured {cand_ms:.2f} ms "
+                 f"(predicted {predicted:.2f}, baseline {base_ms:.2f}, target {self.target_ms:.2f}); "
+                 f"held-out loss {loss:.4f}; derived in {derive_s:.0f} s")
+        return candidate
 
 
 def _confirm(candidates: list[Candidate], base_path: str, base_arch: Architecture, dep: Deployment,
