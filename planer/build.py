@@ -138,9 +138,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
     except PlanerError as e:  # e.g. a graph that fails parity: the stages before it are worth keeping
         raise PlanerError(f"{e} (the build so far is kept in {work}: run the same command again to continue "
                           "from its last completed stage, or delete it)") from e
-    if main:
-        publish(work, out)
-    distributed.barrier()
+    distributed.main_writes(lambda: publish(work, out))
     return latency | {"accuracy": accuracy}
 
 
@@ -157,10 +155,12 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: T
     _check_request(out, dep)
     work = staging_dir(out)
     main = distributed.is_main()
-    if main:
-        shutil.rmtree(work, ignore_errors=True)  # what an interrupted search left: it starts over
+
+    def start_over() -> None:  # what an interrupted search left goes
+        shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-    distributed.barrier()
+
+    distributed.main_writes(start_over)
     try:
         _, baseline, corpus, space = _baseline(source, work, dep, data, space)
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
@@ -172,9 +172,7 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: T
         if main:
             shutil.rmtree(work, ignore_errors=True)
         raise
-    if main:
-        publish(work, out)
-    distributed.barrier()
+    distributed.main_writes(lambda: publish(work, out))
     return outcome
 
 
@@ -258,10 +256,13 @@ def _imported(source: Path, work: Path, dep: Deployment) -> Path:
     if not is_hf_checkpoint(source):
         return source
     imported = work / "imported"
-    if distributed.is_main() and not imported.is_dir():
-        work.mkdir(parents=True, exist_ok=True)
-        write_run(import_hf(source, tgt_len=dep.tgt_len, mem_len=dep.mem_len), source, imported)
-    distributed.barrier()
+
+    def import_once() -> None:  # a resumed build finds it there
+        if not imported.is_dir():
+            work.mkdir(parents=True, exist_ok=True)
+            write_run(import_hf(source, tgt_len=dep.tgt_len, mem_len=dep.mem_len), source, imported)
+
+    distributed.main_writes(import_once)
     return imported
 
 
@@ -277,11 +278,12 @@ def _start_or_resume(work: Path, request: dict[str, Any]) -> None:
             raise PlanerError(f"{work} holds an interrupted build of something else (differs in: "
                               f"{', '.join(changed)}); repeat its arguments to resume it, or delete it")
         return
-    distributed.barrier()  # every rank saw no staging directory before rank 0 makes one
-    if distributed.is_main():
+    def start() -> None:
         work.mkdir(parents=True, exist_ok=True)  # it may hold the baseline's import already
         atomic_write(work / REQUEST_FILE, json.dumps(request, indent=2) + "\n")
-    distributed.barrier()
+
+    distributed.barrier()  # every rank saw no staging directory before rank 0 makes one
+    distributed.main_writes(start)
 
 
 def _summary(build_dir: Path) -> dict[str, Any]:
@@ -307,10 +309,11 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
         continued = work / f"x{speedups[0]:g}" / CONTINUED if summaries else None
         summaries.append(_finished(done, options) if done.is_dir() else
                          build(run, done, target=Target(speedup=s), continued=continued, **options))
-    if distributed.is_main():
+    def finish() -> None:
         _sweep_summary(run, work, summaries)
         publish(work, out)
-    distributed.barrier()
+
+    distributed.main_writes(finish)
     return summaries
 
 
@@ -475,12 +478,13 @@ class _Build:
             log.unlink(missing_ok=True)  # an interrupted search starts over
         outcome = search(self.baseline, self.corpus, space, self.table, self.dep, target, cfg=self.budget.search,
                          log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx)
-        if distributed.is_main():
+        def save() -> None:
             staging = staging_dir(out)
             shutil.rmtree(staging, ignore_errors=True)
             outcome.save(staging)
             publish(staging, out)
-        distributed.barrier()
+
+        distributed.main_writes(save)
         return outcome
 
     def trained(self, out: Path, init: LM, distill: float) -> LM:
@@ -504,9 +508,11 @@ class _Build:
         """Fairness: the result has seen the baseline's tokens plus as many as the search and distillation
         steps, so the baseline it is judged against trains on as many more tokens, with the same recipe
         (or `reuse`s copy, when it trained on as many)."""
-        if reuse is not None and not (self.work / CONTINUED).exists() and distributed.is_main():
-            shutil.copytree(reuse, self.work / CONTINUED)
-        distributed.barrier()
+        def copy_reused() -> None:
+            if reuse is not None and not (self.work / CONTINUED).exists():
+                shutil.copytree(reuse, self.work / CONTINUED)
+
+        distributed.main_writes(copy_reused)
         model = self.trained(self.work / CONTINUED, self.baseline, distill=0.0)
         _check_fair(self.work, base_tokens)
         return model

@@ -12,7 +12,7 @@ the same decisions. Without torchrun everything here is a no-op.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
@@ -46,6 +46,14 @@ def is_main() -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def main_writes(write: Callable[[], object]) -> None:
+    """Rank 0 calls `write`; then every rank waits until it has, so that what it wrote may be read. The one
+    pattern for files a multi-process stage shares (in a single process: just the call)."""
+    if is_main():
+        write()
+    barrier()
 
 
 def broadcast(value: T) -> T:
