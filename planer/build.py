@@ -309,6 +309,7 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
         continued = work / f"x{speedups[0]:g}" / CONTINUED if summaries else None
         summaries.append(_finished(done, options) if done.is_dir() else
                          build(run, done, target=Target(speedup=s), continued=continued, **options))
+
     def finish() -> None:
         _sweep_summary(run, work, summaries)
         publish(work, out)
@@ -478,6 +479,7 @@ class _Build:
             log.unlink(missing_ok=True)  # an interrupted search starts over
         outcome = search(self.baseline, self.corpus, space, self.table, self.dep, target, cfg=self.budget.search,
                          log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx)
+
         def save() -> None:
             staging = staging_dir(out)
             shutil.rmtree(staging, ignore_errors=True)
