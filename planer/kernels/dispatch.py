@@ -23,6 +23,7 @@ from torch import Tensor
 
 from planer.kernels import ACTIVATION_CODES
 from planer.nn.ffn import ACTIVATIONS, FFN
+from planer.nn.moe import routed_counts
 from planer.kernels.experts import activate
 
 BLOCK_M = 16  # tl.dot's smallest tile; routed rows are padded to it per expert, never across experts
@@ -193,8 +194,7 @@ def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[FFN]) -> T
     n, k = ids.shape
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.zeros(len(experts), dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
-    plan = tiles(counts, len(flat))
+    plan = tiles(routed_counts(flat, len(experts)), len(flat))
     tokens = torch.div(order, k, rounding_mode="floor")  # sorted row -> token: the gather happens in the kernel
     activation = experts[0].activation
     up_w, up_b = _stacked(experts, "up")

@@ -22,6 +22,13 @@ def triton_experts_enabled() -> bool:
     return os.environ.get(TRITON_EXPERTS_ENV, "") == "1"
 
 
+def routed_counts(ids: Tensor, experts: int, dtype: torch.dtype = torch.long) -> Tensor:
+    """How many (token, slot) pairs each of the experts was sent, on ids' device: unlike bincount on CUDA, no
+    wait for the host, so the grouped dispatch stays capturable in a CUDA graph."""
+    flat = ids.reshape(-1)
+    return torch.zeros(experts, dtype=dtype, device=ids.device).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+
+
 def balance_loss(probs: Tensor, expert_ids: Tensor, experts: int) -> Tensor:
     """Switch Transformer load-balancing loss: E * sum_e f_e * P_e.
 
@@ -29,9 +36,7 @@ def balance_loss(probs: Tensor, expert_ids: Tensor, experts: int) -> Tensor:
     slots count), P_e the mean router probability of e. It is 1 when routing
     is uniform and grows as tokens pile onto few experts.
     """
-    counts = torch.zeros(experts, dtype=probs.dtype, device=probs.device)
-    counts = counts.index_add(0, expert_ids.reshape(-1), torch.ones_like(expert_ids.reshape(-1), dtype=probs.dtype))
-    fraction = counts / expert_ids.numel()
+    fraction = routed_counts(expert_ids, experts, probs.dtype) / expert_ids.numel()
     return experts * (fraction * probs.mean(dim=0)).sum()
 
 
@@ -55,7 +60,7 @@ def dispatch(x: Tensor, gates: Tensor, ids: Tensor, experts: Sequence[Callable[[
     flat_ids = ids.reshape(-1)  # slot order: token-major
     order = flat_ids.argsort(stable=True)
     routed = x[order // k]
-    counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
+    counts = routed_counts(flat_ids, len(experts)).tolist()
     outputs = [expert(chunk) if chunk.shape[0] else chunk for expert, chunk in zip(experts, routed.split(counts))]
     by_slot = torch.cat(outputs)[order.argsort()]
     return (by_slot.view(n, k, -1) * gates[:, :, None]).sum(dim=1)
