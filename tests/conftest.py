@@ -74,6 +74,13 @@ def text_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def table_file(tmp_path_factory) -> Path:
+    """Where the build tests keep their latency table: the first build profiles it, the later ones (the
+    processes of the distributed build too) reuse its entries instead of timing every block again."""
+    return tmp_path_factory.mktemp("tables") / "latency_table.json"
+
+
+@pytest.fixture(scope="session")
 def baseline_run(tmp_path_factory, text_file) -> Path:
     """A micro baseline run directory (two training steps), for the build tests."""
     from planer.data import load_corpus

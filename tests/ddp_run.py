@@ -9,6 +9,7 @@ run's loss is compared by the test with one process training on the same global 
 import hashlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ import torch
 import planer.build
 import planer.train.trainer as trainer
 from planer import distributed
+from planer.build import Budget
 from planer.data import load_corpus
 from planer.deployment import Target
 from tests.test_build import BUDGET, DEP, SPACE
@@ -31,7 +33,7 @@ def digest(model: torch.nn.Module) -> str:
 
 
 def main() -> None:
-    run, text, out = (Path(a) for a in sys.argv[1:4])
+    run, text, out, table = (Path(a) for a in sys.argv[1:5])
     distributed.setup()
     searched, made, trained = [], [], {}
     search_stage, make_lm, train = planer.build._Build.searched, trainer.LM, trainer.train
@@ -52,8 +54,10 @@ def main() -> None:
     planer.build._Build.searched = observed
     trainer.LM = made_here
     planer.build.train = recorded
-    summary = planer.build.build(run, out / "build", dep=DEP, target=Target(speedup=1.5), budget=BUDGET,
-                                 space=SPACE, data=f"enwik8:{text}", show_progress=False)
+    # two rounds: the second derives from what rank 0 measured in the first, which every rank must receive
+    budget = Budget(replace(BUDGET.search, rounds=2), BUDGET.distill_steps)
+    summary = planer.build.build(run, out / "build", dep=DEP, target=Target(speedup=1.5), budget=budget,
+                                 space=SPACE, data=f"enwik8:{text}", table_cache=table, show_progress=False)
     plain = recorded(load_corpus(f"enwik8:{text}"), PLAIN_RECIPE, out / "plain", arch=PLAIN_ARCH,
                      show_progress=False)
     outcome, = searched

@@ -23,12 +23,8 @@ from tests.test_cli import _one_line_error, run
 DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_seconds=0.1, lowering="auto",
                  verdict_seconds=0.3)  # the micro networks time steadily enough in less than the default 2 s
 SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.ffn(64), BlockSpec.moe(2, 1, 64)))
-BUDGET = Budget(SearchConfig(rounds=2, steps=3, batch=2, valid_tokens=512), distill_steps=3)
-
-
-@pytest.fixture(scope="module")
-def table_file(tmp_path_factory):
-    return tmp_path_factory.mktemp("tables") / "latency_table.json"
+# one round: the rounds' calibration is tests/test_search.py's to check; every round costs a graph export here
+BUDGET = Budget(SearchConfig(rounds=1, steps=3, batch=2, valid_tokens=512), distill_steps=3)
 
 
 def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_file, tmp_path):
@@ -79,7 +75,8 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     for scored in (accuracy["result"], accuracy["baseline_continued"], *accuracy["comparisons"].values()):
         assert scored["pytorch"]["loss"] == pytest.approx(scored["loss"], rel=1e-5)
     assert "test" not in json.loads((out / "distill" / "eval.json").read_text())  # a build judges on valid alone
-    assert sum('"confirm"' not in line for line in (out / "search_log.jsonl").read_text().splitlines()) == 2
+    log = (out / "search_log.jsonl").read_text().splitlines()
+    assert sum('"confirm"' not in line for line in log) == BUDGET.search.rounds
     report = (out / "report.md").read_text()
     assert "met" in report and "the dense-only search" in report
     # --compare: the baseline in its fastest precisions, three alternatives at the result's latency, trained and
@@ -93,8 +90,7 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
 
 def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp_path):
     out = tmp_path / "sweep"
-    one_round = Budget(SearchConfig(rounds=1, steps=3, batch=2, valid_tokens=512), distill_steps=3)
-    summaries = sweep(baseline_run, out, [1.2, 1.5], dep=DEP, budget=one_round, space=SPACE, table_cache=table_file,
+    summaries = sweep(baseline_run, out, [1.2, 1.5], dep=DEP, budget=BUDGET, space=SPACE, table_cache=table_file,
                       show_progress=False)
     assert [s["target_speedup"] for s in summaries] == [1.2, 1.5]
     assert {p.name for p in out.iterdir()} >= {"x1.2", "x1.5", "pareto.png", "sweep.md"}
@@ -105,8 +101,9 @@ def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp
     # An interrupted sweep reuses its finished builds only when asked for the same way.
     again = tmp_path / "again"
     shutil.copytree(out / "x1.2", tmp_path / "again.partial" / "x1.2")
+    longer = Budget(BUDGET.search, distill_steps=BUDGET.distill_steps + 1)
     with pytest.raises(PlanerError, match="x1.2 was built with another budget"):
-        sweep(baseline_run, again, [1.2, 1.5], dep=DEP, budget=BUDGET, space=SPACE, show_progress=False)
+        sweep(baseline_run, again, [1.2, 1.5], dep=DEP, budget=longer, space=SPACE, show_progress=False)
 
 
 def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_path):
@@ -215,6 +212,11 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
 
     with pytest.raises(PlanerError, match="differs in: target_speedup"):
         build(baseline_run, out, **(args | {"target": Target(speedup=1.2)}))
+    # fairness by the runs' records: the baseline run itself (two steps) as the continued baseline trained on
+    # fewer tokens than the result; the distilled result is kept, the unfair copy is not, so the rerun trains one
+    with pytest.raises(PlanerError, match="fewer than the result's"):
+        build(baseline_run, out, **(args | {"continued": baseline_run}))
+    assert (partial / "distill" / "eval.json").is_file() and not (partial / "baseline-continued").exists()
 
     def no_search(*a, **k):
         raise AssertionError("the finished search ran again")
