@@ -31,7 +31,7 @@ from planer.train.presets import finetune_config
 from planer.train.trainer import METRICS_FILE, run_corpus, train
 
 # name -> (distillation share, learning rate)
-RECIPES = {"build": (0.5, 1e-3), "kd-only": (1.0, 1e-3), "kd-only-lr2e-3": (1.0, 2e-3)}
+RECIPES = {"build": (0.5, 1e-3), "build-lr3e-4": (0.5, 3e-4), "kd-only": (1.0, 1e-3), "kd-only-lr2e-3": (1.0, 2e-3)}
 
 
 def main() -> None:
