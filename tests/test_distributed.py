@@ -24,7 +24,8 @@ def test_two_processes_stay_in_step_and_train_as_one_does(baseline_run, text_fil
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            "2", str(ROOT / "tests" / "ddp_run.py"), str(baseline_run),
-                           str(text_file), str(tmp_path), str(table_file)], env=env, capture_output=True, text=True, timeout=600)
+                           str(text_file), str(tmp_path), str(table_file)],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2

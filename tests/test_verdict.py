@@ -83,4 +83,3 @@ def test_tokens_trained_are_the_runs_records(tmp_path):
     formula = budget.extra_steps * budget.search.batch * 64
     assert formula != 600
     assert _trained(work / "distill", 1000)["tokens_trained"] == 1600  # the baseline's + the record's
-
