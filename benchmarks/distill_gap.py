@@ -36,7 +36,7 @@ from planer.train.trainer import METRICS_FILE, run_corpus, train
 # name -> (distillation share, learning rate, teacher: the baseline, or the first baseline continued for as many steps)
 RECIPES = {"build": (0.5, 1e-3, "baseline"), "build-lr3e-4": (0.5, 3e-4, "baseline"),
            "kd-only": (1.0, 1e-3, "baseline"), "kd-only-lr2e-3": (1.0, 2e-3, "baseline"),
-           "build-from-continued": (0.5, 1e-3, "continued"), "ce-only": (0.0, 1e-3, "")}
+           "build-from-continued": (0.5, 1e-3, "continued"), "ce-only": (0.0, 1e-3, None)}
 
 
 def main() -> None:
@@ -80,7 +80,8 @@ def main() -> None:
                 out = Path(tmp) / str(len(rows))
                 init = inherit(source, students[student[0]]) if student else baseline
                 final = train(corpus, cfg, out, init=init, teacher=teachers[teacher] if share else None)
-                teachers.setdefault("continued", load_model(out).eval())  # the first run continues the baseline
+                if "continued" not in teachers:  # the first run continues the baseline: loaded once, as a teacher
+                    teachers["continued"] = load_model(out).eval()
                 curve = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
                 rows.append({"steps": steps, "name": name, "student": student[0] if student else "", "distill": share,
                              "teacher": teacher if share else "",
@@ -102,8 +103,8 @@ def main() -> None:
         curve = " ".join(f"{loss:.3f}" for _, loss in r["curve"])
         ms = f"{r['predicted_ms']:.2f}" if r["predicted_ms"] else ""
         lines.append(f"| {r['steps']} | {r['name']} | {r['student']} | {ms} | {r['distill']} | {r['teacher']} | "
-                     f"{r['lr']:g} | {r['valid']['loss']:.4f} | **{r['valid']['loss'] / ref['valid']['loss']:.3f}** | {curve} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['lr']:g} | {r['valid']['loss']:.4f} | **{r['valid']['loss'] / ref['valid']['loss']:.3f}** | "
+                     f"{curve} | {r['seconds']:.0f} |")
     record("distill_gap", {"rows": rows}, "\n".join(lines), smoke=args.smoke)
 
 
