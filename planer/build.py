@@ -43,7 +43,7 @@ from planer.data import Corpus
 from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
-from planer.export.reference import parity
+from planer.export.reference import parity, quantized_agreement
 from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
 from planer.hf import IMPORT_FILE, import_hf, is_hf_checkpoint, write_run
 from planer.latency import LatencyTable
@@ -52,7 +52,7 @@ from planer.latency.profile import profile
 from planer.nn import LM
 from planer.nn.model import in_precision
 from planer.report import Point, arch_plot, pareto_plot, report
-from planer.runtime import describe_engine, evaluate_engine, load_engine
+from planer.runtime import Engine, describe_engine, evaluate_engine, load_engine
 from planer.search.search import OUTCOME_FILE, InfeasibleTarget, SearchConfig, SearchOutcome, search
 from planer.space import SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
@@ -442,15 +442,15 @@ class _Build:
         if not distributed.is_main():
             return distributed.broadcast(None)
         self.table.save(self.work / "latency_table.json")
-        path, diff = self.exported(result)
         with tempfile.TemporaryDirectory(prefix="planer-build-") as tmp:
             def graph(name: str, model: LM) -> tuple[str, str, LM]:
                 return name, str(export_lm(model, Path(tmp) / f"{name}.onnx", **self.dep.export_options())), model
 
-            timed = [(BASELINE, base_onnx, self.baseline), ("result", str(path), result)]
-            timed += [graph(name, m) for name, m in comparisons]
             as_fp32 = in_precision(result, "fp32")
             twin = [graph("result-fp32", as_fp32)] if as_fp32.arch != result.arch else []
+            path, diff = self.exported(result, twin)
+            timed = [(BASELINE, base_onnx, self.baseline), ("result", str(path), result)]
+            timed += [graph(name, m) for name, m in comparisons]
             latency = self.verdict(timed, twin, diff)
             scored = {name: _engine_accuracy(p, m.arch, self.corpus, self.dep, self.show_progress)
                       for name, p, m in timed + [graph(CONTINUED, continued_model)]}
@@ -529,12 +529,23 @@ class _Build:
         dense = self.searched(root / "dense-only-search", dense_space(self.space), Target(ms=target_ms), base_onnx)
         return trained + [("dense-only", self.trained(root / "dense-only", dense.chosen.model, distill=0.5))]
 
-    def exported(self, result: LM) -> tuple[Path, float]:
+    def exported(self, result: LM, twin: list[tuple[str, str, LM]]) -> tuple[Path, float]:
         """model.onnx and the largest difference of its outputs from PyTorch's, with what serving reads beside
-        it (the vocabulary, an imported model's tokenizer)."""
+        it (the vocabulary, an imported model's tokenizer). With int8 blocks the outputs are compared on the
+        result's exported fp32 `twin` (the graph's structure), and the int8 graph by its loss on real tokens
+        (planer.export.reference.quantized_agreement says why)."""
+        def loaded(graph: str) -> Engine:
+            return load_engine(self.dep.engine, graph, threads=self.dep.threads, shape=self.dep.shape)
+
         path = export_lm(result, self.work / "model.onnx", **self.dep.export_options())
-        engine = load_engine(self.dep.engine, str(path), threads=self.dep.threads, shape=self.dep.shape)
-        diff = parity(result, engine, batch=self.dep.batch, tgt_len=self.dep.tgt_len, mem_len=self.dep.mem_len)
+        engine = loaded(str(path))
+        shape = {"batch": self.dep.batch, "tgt_len": self.dep.tgt_len, "mem_len": self.dep.mem_len}
+        if twin:
+            _, twin_path, twin_model = twin[0]
+            diff = parity(twin_model, loaded(twin_path), **shape)
+            quantized_agreement(result, engine, self.corpus.valid, self.corpus.unit, batch=self.dep.batch)
+        else:
+            diff = parity(result, engine, **shape)
         if self.corpus.vocab is not None:
             atomic_write(self.work / VOCAB_FILE, json.dumps(self.corpus.vocab) + "\n")
         if (self.run / TOKENIZER_DIR).is_dir():

@@ -12,7 +12,7 @@ from planer.arch import ArchError, Architecture, BlockSpec
 from planer.deployment import Deployment
 from planer.errors import PlanerError
 from planer.export import export_lm
-from planer.export.reference import TorchEngine
+from planer.export.reference import TorchEngine, quantized_agreement
 from planer.latency.profile import profile
 from planer.nn import LM
 from planer.nn.model import Block
@@ -147,3 +147,22 @@ def test_int8_block_from_its_fp32_twin_is_the_traced_one(tmp_path, spec):
     assert reused.SerializeToString() == traced.SerializeToString()
     with pytest.raises(PlanerError, match="no MatMul"):  # another block's graph is refused, not timed
         export_block(small_arch(d_model=48), spec, tmp_path / "other.onnx", fp32_twin=twin)
+
+
+def test_int8_graph_is_checked_by_its_loss_on_real_tokens(tmp_path):
+    """planer.export.reference.quantized_agreement: the int8 graph scores what PyTorch's simulation scores, and
+    another network's graph (a wrong graph) is refused."""
+    def confident(seed):  # large logits, so that the loss depends on every weight of the network
+        torch.manual_seed(seed)
+        model = LM(small_arch(INT8_BLOCKS)).eval()
+        with torch.no_grad():
+            model.embed.weight.mul_(30)
+        return model
+
+    model = confident(0)
+    data = np.random.default_rng(0).integers(0, 256, 4096)
+    engine = load_engine("ort", str(export_lm(model, tmp_path / "m.onnx")), threads=1)
+    assert quantized_agreement(model, engine, data, "char", max_tokens=1024) < 1e-5
+    other = load_engine("ort", str(export_lm(confident(1), tmp_path / "other.onnx")), threads=1)
+    with pytest.raises(PlanerError, match="int8 graph's loss on the first 1024 validation tokens"):
+        quantized_agreement(model, other, data, "char", max_tokens=1024)
