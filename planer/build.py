@@ -448,10 +448,10 @@ class _Build:
 
             as_fp32 = in_precision(result, "fp32")
             twin = [graph("result-fp32", as_fp32)] if as_fp32.arch != result.arch else []
-            path, diff = self.exported(result, twin)
+            path, checked = self.exported(result, twin)
             timed = [(BASELINE, base_onnx, self.baseline), ("result", str(path), result)]
             timed += [graph(name, m) for name, m in comparisons]
-            latency = self.verdict(timed, twin, diff)
+            latency = self.verdict(timed, twin, checked)
             scored = {name: _engine_accuracy(p, m.arch, self.corpus, self.dep, self.show_progress)
                       for name, p, m in timed + [graph(CONTINUED, continued_model)]}
         accuracy = self.judged(scored, [name for name, _ in comparisons], base_tokens)
@@ -529,8 +529,8 @@ class _Build:
         dense = self.searched(root / "dense-only-search", dense_space(self.space), Target(ms=target_ms), base_onnx)
         return trained + [("dense-only", self.trained(root / "dense-only", dense.chosen.model, distill=0.5))]
 
-    def exported(self, result: LM, twin: list[tuple[str, str, LM]]) -> tuple[Path, float]:
-        """model.onnx and the largest difference of its outputs from PyTorch's, with what serving reads beside
+    def exported(self, result: LM, twin: list[tuple[str, str, LM]]) -> tuple[Path, dict[str, float]]:
+        """model.onnx and what checked it against PyTorch (latency.json's figures), with what serving reads beside
         it (the vocabulary, an imported model's tokenizer). With int8 blocks the outputs are compared on the
         result's exported fp32 `twin` (the graph's structure), and the int8 graph by its loss on real tokens
         (planer.export.reference.quantized_agreement says why)."""
@@ -542,17 +542,18 @@ class _Build:
         shape = {"batch": self.dep.batch, "tgt_len": self.dep.tgt_len, "mem_len": self.dep.mem_len}
         if twin:
             _, twin_path, twin_model = twin[0]
-            diff = parity(twin_model, loaded(twin_path), **shape)
-            quantized_agreement(result, engine, self.corpus.valid, self.corpus.unit, batch=self.dep.batch)
+            checked = {"parity_max_abs_diff": parity(twin_model, loaded(twin_path), **shape),
+                       "int8_loss_relative_difference": quantized_agreement(
+                           result, engine, self.corpus.valid, self.corpus.unit, batch=self.dep.batch)}
         else:
-            diff = parity(result, engine, **shape)
+            checked = {"parity_max_abs_diff": parity(result, engine, **shape)}
         if self.corpus.vocab is not None:
             atomic_write(self.work / VOCAB_FILE, json.dumps(self.corpus.vocab) + "\n")
         if (self.run / TOKENIZER_DIR).is_dir():
             shutil.copytree(self.run / TOKENIZER_DIR, self.work / TOKENIZER_DIR, dirs_exist_ok=True)
-        return path, diff
+        return path, checked
 
-    def verdict(self, timed: list[tuple[str, str, LM]], twin: list[tuple[str, str, LM]], diff: float) -> dict:
+    def verdict(self, timed: list[tuple[str, str, LM]], twin: list[tuple[str, str, LM]], checked: dict) -> dict:
         """latency.json: the baseline, the result and the comparisons (`timed`) in interleaved confirmation
         runs, with the result's fp32 `twin` when it has int8 blocks (what its architecture alone buys). Every
         figure is the median run's; the verdict is the medians'."""
@@ -567,7 +568,7 @@ class _Build:
                                                             "precisions": list(dep.precisions)},
             "baseline": base_stats.to_dict(), "result": result_stats.to_dict(), "speedup": speedup,
             "target_ms": self.target.ms_for(base_stats.p50), "target_speedup": self.target.speedup,
-            "met": self.target.met(speedup, confirmation.p50(1)), "parity_max_abs_diff": diff,
+            "met": self.target.met(speedup, confirmation.p50(1)), **checked,
             "comparisons": {name: s.to_dict() for (name, _, _), s in zip(timed[2:], compared_stats)},
             "confirmation": confirmation.to_dict(names),
         }

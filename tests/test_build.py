@@ -45,6 +45,8 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     # confirmed in separate runs: the headline is the median of the runs' own ratios, the figures the median run's
     runs = [r["models"] for r in latency["confirmation"]["runs"]]
     twin = {"result-fp32"} if "decomposition" in latency else set()  # the result's fp32 twin, when it has int8
+    assert ("int8_loss_relative_difference" in latency) == bool(twin)  # an int8 graph is checked by its loss
+    assert latency.get("int8_loss_relative_difference", 0) < 5e-3
     assert len(runs) == 3 and all(set(run) == {"baseline", "result", *latency["comparisons"], *twin} for run in runs)
     ratios = [r["baseline"]["p50"] / r["result"]["p50"] for r in runs]
     assert latency["speedup"] == pytest.approx(statistics.median(ratios))
