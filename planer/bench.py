@@ -20,7 +20,7 @@ from typing import Any
 
 from planer.deployment import Deployment
 from planer.errors import PlanerError
-from planer.files import atomic_write, exported_model, file_digest
+from planer.files import REQUEST_FILE, atomic_write, exported_model, file_digest
 from planer.runtime import LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
 
@@ -72,7 +72,7 @@ def default_deployment(build_dir: str | os.PathLike, stored: dict[str, Any] | No
     if stored is not None:
         return Deployment(engine=stored["engine"]["engine"], **stored["deployment"], **timing)
     build = Path(build_dir)
-    request = build / "build.json"
+    request = build / REQUEST_FILE
     if request.is_file():
         dep = json.loads(request.read_text())["deployment"]
         return Deployment(engine=dep.get("engine", "ort"), **{k: dep[k] for k in _STORED}, **timing)

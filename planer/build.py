@@ -43,8 +43,8 @@ from planer.data import Corpus
 from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
-from planer.export.reference import parity, quantized_agreement
-from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
+from planer.export.reference import verify
+from planer.files import ARCH_FILE, REQUEST_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
 from planer.hf import IMPORT_FILE, import_hf, is_hf_checkpoint, write_run
 from planer.latency import LatencyTable
 from planer.latency.confirm import confirm
@@ -86,7 +86,6 @@ class Budget:
 CONTINUED = "baseline-continued"
 EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in PyTorch (planer.train.evaluate)
 BASELINE = "baseline"
-REQUEST_FILE = "build.json"
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
     "small": Budget(SearchConfig(rounds=2, steps=100, batch=4), 300),
@@ -129,7 +128,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
         clock = _Clock()
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
         clock.lap("profile")
-        stages = _Build(run, work, baseline, corpus, space, table, dep, target, budget, show_progress, clock)
+        stages = _Build(source, run, work, baseline, corpus, space, table, dep, target, budget, show_progress, clock)
         latency, accuracy = stages.finish(continued, compare)
     except InfeasibleTarget:
         if main:
@@ -411,6 +410,7 @@ class _Build:
     the stages as methods named for what they leave in WORK. Every rank trains; rank 0 alone measures and writes,
     and what it measured reaches the other ranks by one broadcast at the end."""
 
+    source: Path  # the --model the user named; `run` is its import, for a Hugging Face model
     run: Path
     work: Path
     baseline: LM
@@ -530,23 +530,16 @@ class _Build:
         return trained + [("dense-only", self.trained(root / "dense-only", dense.chosen.model, distill=0.5))]
 
     def exported(self, result: LM, twin: list[tuple[str, str, LM]]) -> tuple[Path, dict[str, float]]:
-        """model.onnx and what checked it against PyTorch (latency.json's figures), with what serving reads beside
-        it (the vocabulary, an imported model's tokenizer). With int8 blocks the outputs are compared on the
-        result's exported fp32 `twin` (the graph's structure), and the int8 graph by its loss on real tokens
-        (planer.export.reference.quantized_agreement says why)."""
+        """model.onnx and what verified it against PyTorch (latency.json's figures), with what serving reads beside
+        it (the vocabulary, an imported model's tokenizer). `twin`: the result's exported fp32 twin, when it has
+        int8 blocks (planer.export.reference.verify says what it checks)."""
         def loaded(graph: str) -> Engine:
             return load_engine(self.dep.engine, graph, threads=self.dep.threads, shape=self.dep.shape)
 
         path = export_lm(result, self.work / "model.onnx", **self.dep.export_options())
-        engine = loaded(str(path))
-        shape = {"batch": self.dep.batch, "tgt_len": self.dep.tgt_len, "mem_len": self.dep.mem_len}
-        if twin:
-            _, twin_path, twin_model = twin[0]
-            checked = {"parity_max_abs_diff": parity(twin_model, loaded(twin_path), **shape),
-                       "int8_loss_relative_difference": quantized_agreement(
-                           result, engine, self.corpus.valid, self.corpus.unit, batch=self.dep.batch)}
-        else:
-            checked = {"parity_max_abs_diff": parity(result, engine, **shape)}
+        checked = verify(result, loaded(str(path)), batch=self.dep.batch, tgt_len=self.dep.tgt_len,
+                         mem_len=self.dep.mem_len, twin=loaded(twin[0][1]) if twin else None,
+                         data=self.corpus.valid, unit=self.corpus.unit)
         if self.corpus.vocab is not None:
             atomic_write(self.work / VOCAB_FILE, json.dumps(self.corpus.vocab) + "\n")
         if (self.run / TOKENIZER_DIR).is_dir():
@@ -585,7 +578,7 @@ class _Build:
         runs |= {name: self.work / "compare" / name for name in compared}
         graded = {name: scored[name] | (_trained(runs[name], base_tokens) if name in runs
                                         else {"tokens_trained": base_tokens}) for name in scored}
-        accuracy = {"data": self.corpus.spec, "split": "valid", "evaluated_in": self.dep.engine,
+        accuracy = {"data": self.corpus.name, "split": "valid", "evaluated_in": self.dep.engine,
                     "baseline": graded[BASELINE], "baseline_continued": graded[CONTINUED],
                     "result": graded["result"], "comparisons": {name: graded[name] for name in compared}}
         accuracy.update(_judged_against(accuracy))
@@ -605,12 +598,12 @@ class _Build:
                          kind="comparison") for name, _ in comparisons]
         points.append(Point("result", latency["result"]["p50"], accuracy["result"], kind="result"))
         pareto_plot(points, self.work / "pareto.png",
-                    title=f"{self.run.name}: latency vs accuracy ({self.dep.engine})")
+                    title=f"{self.source.name}: latency vs accuracy ({self.dep.engine})")
         archs = [("baseline", self.baseline.arch), ("result", result.arch)] + [(n, m.arch) for n, m in comparisons]
         arch_plot(archs, self.table, self.work / "arch.png")
         self.clock.lap("export, verify, time, evaluate")
         atomic_write(self.work / "timings.json", json.dumps(self.clock.laps, indent=2) + "\n")
-        atomic_write(self.work / "report.md", report(self.run, self.baseline.arch, result.arch, latency, accuracy,
+        atomic_write(self.work / "report.md", report(self.source, self.baseline.arch, result.arch, latency, accuracy,
                                                      {n: m.arch for n, m in comparisons}, self.budget.describe(),
                                                      self.clock.laps))
 

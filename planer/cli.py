@@ -201,9 +201,8 @@ def eval_command(run: Path, data_spec: str | None, split: str, batch: int, tgt_l
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{run} on {corpus.spec} {split}: {headline(result)} (loss {result['loss']:.4f} nats, "
+        click.echo(f"{run} on {corpus.name} {split}: {headline(result)} (loss {result['loss']:.4f} nats, "
                    f"{result['tokens']} tokens)")
-
 
 
 @main.command("import")
@@ -255,9 +254,12 @@ def _load_arch(source: Path):
 @click.option("--triton-max-delay-us", type=_NONNEG, default=2000, show_default=True,
               help="dynamic batching: how long Triton waits for a request to batch with")
 @click.option("--overwrite", is_flag=True, help="replace the model already in the Triton repository")
+@click.option("--data", "data_spec", help="corpus an int8 graph's loss is checked on, against PyTorch's simulation "
+              "of it (default: the one the run or build was trained on; a model without int8 blocks reads none). "
+              + _DATA_HELP)
 def export_command(run: Path, out: Path | None, lowering: str, mem_len: int | None, max_context: int,
                    triton_repo: Path | None, triton_name: str | None, triton_kind: str, triton_instances: int,
-                   triton_max_batch: int, triton_max_delay_us: int, overwrite: bool) -> None:
+                   triton_max_batch: int, triton_max_delay_us: int, overwrite: bool, data_spec: str | None) -> None:
     """Export a trained model to ONNX (memories as inputs/outputs, dynamic batch and lengths) and check
     it against PyTorch; with --triton, also as an NVIDIA Triton Inference Server model.
 
@@ -266,7 +268,7 @@ def export_command(run: Path, out: Path | None, lowering: str, mem_len: int | No
       planer export builds/tiny-x2 --triton triton-models     # then: tritonserver --model-repository triton-models
     """
     if triton_repo is None or not (run / "model.onnx").is_file():
-        _export_onnx(run, out, lowering, mem_len, max_context)
+        _export_onnx(run, out, lowering, mem_len, max_context, data_spec)
     if triton_repo is not None:
         from planer.serve.triton_repository import write_repository
 
@@ -277,29 +279,49 @@ def export_command(run: Path, out: Path | None, lowering: str, mem_len: int | No
                    "model-config schema; serve with: tritonserver --model-repository " + str(triton_repo))
 
 
-def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None, max_context: int) -> None:
+def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None, max_context: int,
+                 data_spec: str | None) -> None:
     from planer.checkpoint import load_model
     from planer.export import export_lm
-    from planer.export.reference import parity
-    from planer.runtime import EngineError, OrtEngine, load_engine
+    from planer.export.reference import verify
+    from planer.nn.model import in_precision
+    from planer.nn.quant import quantized_linears
+    from planer.runtime import Engine, EngineError, OrtEngine, load_engine
+    from planer.train.trainer import run_corpus
 
     model = load_model(run)
+    # an int8 graph is checked by its loss on validation tokens: the data is settled before anything is written
+    corpus = run_corpus(run, data_spec, model.arch.vocab_size) if quantized_linears(model) else None
     out = out or run / "model.onnx"
-    path = export_lm(model, out, lowering=lowering, mem_len=mem_len, min_context=max_context)
+    options = {"lowering": lowering, "mem_len": mem_len, "min_context": max_context}
+    path = export_lm(model, out, **options)
     arch = model.arch
     mem = arch.mem_len if mem_len is None else mem_len
     size = f"{path}: {path.stat().st_size / 1e6:.1f} MB"
-    if lowering == "trt":
-        try:
-            engine, name = load_engine("trt", str(path), shape=(2, arch.tgt_len, mem)), "TensorRT"
-        except EngineError as e:  # its remedy names --engine, which export does not have
-            click.echo(f"{size}; not checked against PyTorch: {e.reason}. The trt lowering runs only in TensorRT: "
-                       "run this export where TensorRT runs to check it")
-            return
-    else:
-        engine, name = OrtEngine(path), "ONNX Runtime"
-    diff = parity(model, engine, batch=2, tgt_len=arch.tgt_len, mem_len=mem, keep_len=mem_len)
-    click.echo(f"{size}; max |{name} - PyTorch| = {diff:.2e} (batch 2, {arch.tgt_len} tokens)")
+    name = "TensorRT" if lowering == "trt" else "ONNX Runtime"
+
+    def graph(p: Path) -> Engine:
+        return load_engine("trt", str(p), shape=(2, arch.tgt_len, mem)) if lowering == "trt" else OrtEngine(p)
+
+    try:
+        engine = graph(path)
+    except EngineError as e:  # its remedy names --engine, which export does not have
+        if lowering != "trt":
+            raise
+        click.echo(f"{size}; not checked against PyTorch: {e.reason}. The trt lowering runs only in TensorRT: "
+                   "run this export where TensorRT runs to check it")
+        return
+    shape = {"batch": 2, "tgt_len": arch.tgt_len, "mem_len": mem, "keep_len": mem_len}
+    if corpus is None:
+        diff = verify(model, engine, **shape)["parity_max_abs_diff"]
+        click.echo(f"{size}; max |{name} - PyTorch| = {diff:.2e} (batch 2, {arch.tgt_len} tokens)")
+        return
+    with tempfile.TemporaryDirectory(prefix="planer-export-") as tmp:
+        twin = graph(export_lm(in_precision(model, "fp32"), Path(tmp) / "fp32.onnx", **options))
+        checked = verify(model, engine, **shape, twin=twin, data=corpus.valid, unit=corpus.unit)
+    click.echo(f"{size}; its graph in fp32: max |{name} - PyTorch| = {checked['parity_max_abs_diff']:.2e} (batch 2, "
+               f"{arch.tgt_len} tokens); in int8: loss {checked['int8_loss_relative_difference']:.1e} from PyTorch's "
+               f"simulation, relative, on validation tokens of {corpus.name}")
 
 
 _PRECISION_HELP = ("the numeric precisions blocks may be built in, comma-separated; the search chooses one per "

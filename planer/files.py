@@ -14,6 +14,7 @@ from planer.errors import PlanerError
 
 ARCH_FILE = "arch.json"
 MODEL_FILE = "model.onnx"
+REQUEST_FILE = "build.json"  # what a build was asked for: model, data, target, deployment, budget, space
 TOKENIZER_DIR = "tokenizer"  # an imported model's Hugging Face tokenizer (tokenizer.json)
 VOCAB_FILE = "vocab.json"  # word-level data: the words by id (training writes it, builds copy it, serving reads it)
 

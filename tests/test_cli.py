@@ -111,6 +111,35 @@ def test_export_checks_parity(tiny_run, tmp_path):
     assert "max |ONNX Runtime - PyTorch|" in result.output and (tmp_path / "m.onnx").is_file()
 
 
+def test_export_of_int8_blocks_checks_the_fp32_graph_and_the_int8_loss(tmp_path, text_file):
+    """An int8 network is verified as a build verifies it (planer.export.reference.verify): its graph's structure
+    in fp32, its int8 graph by the loss on the validation tokens of the data on record, or of --data."""
+    import shutil
+
+    from planer.arch import BlockSpec
+    from planer.data import load_corpus
+    from planer.train.presets import TrainConfig
+    from planer.train.trainer import train
+
+    int8 = small_arch([BlockSpec.attn(2, 16, precision="int8"), BlockSpec.ffn(64, precision="int8")])
+    trained = tmp_path / "int8"
+    cfg = TrainConfig(steps=2, batch=2, eval_every=2, ckpt_every=2, eval_tokens=256)
+    train(load_corpus(f"enwik8:{text_file}"), cfg, trained, arch=int8, show_progress=False)
+    result = run("export", trained, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert "its graph in fp32: max |ONNX Runtime - PyTorch|" in result.output
+    assert "in int8: loss" in result.output and f"validation tokens of enwik8:{text_file}" in result.output
+
+    bare = tmp_path / "bare"  # weights alone: no record of the data
+    bare.mkdir()
+    for name in ("arch.json", "model.safetensors"):
+        shutil.copy(trained / name, bare / name)
+    _one_line_error(run("export", bare, "--out", tmp_path / "bare.onnx"), "says which data it was trained on; pass --data")
+    assert not (tmp_path / "bare.onnx").exists()
+    given = run("export", bare, "--out", tmp_path / "bare.onnx", "--data", f"enwik8:{text_file}")
+    assert given.exit_code == 0 and "in int8: loss" in given.output, given.output
+
+
 def test_export_refuses_a_lowering_it_cannot_do_exactly(tiny_run, tmp_path):
     _one_line_error(run("export", tiny_run, "--out", tmp_path / "m.onnx", "--lowering", "ort-moe"),
                     "cannot run activation 'gelu' exactly")

@@ -132,6 +132,8 @@ def test_an_imported_tokenizer_reads_byte_corpora_as_tokens(text_file, tmp_path)
         run_corpus(tmp_path / "run", None, VOCAB)
     corpus = run_corpus(tmp_path / "run", f"enwik8:{text_file}", VOCAB)
     assert corpus.unit == "token" and corpus.vocab_size == VOCAB
+    # runs record the data as named, not the path it was tokenized from (a build's is its staging directory)
+    assert corpus.spec == f"enwik8:{text_file}" and corpus.name.endswith("read through the model's tokenizer")
     assert 0 < len(corpus.valid) < len(corpus.train) and int(corpus.train.max()) < VOCAB
 
 
@@ -141,6 +143,7 @@ def test_build_takes_a_hugging_face_checkpoint(text_file, tmp_path):
     from planer.deployment import Deployment, Target
     from planer.search.search import SearchConfig
     from planer.space import SearchSpace
+    from planer.train.trainer import run_corpus
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -154,7 +157,10 @@ def test_build_takes_a_hugging_face_checkpoint(text_file, tmp_path):
     out = tmp_path / "out"
     assert (out / "imported" / "import.json").is_file() and (out / "model.onnx").is_file()
     request = json.loads((out / "build.json").read_text())
-    assert request["model"] == str((tmp_path / "llama").resolve())
+    assert request["model"] == str((tmp_path / "llama").resolve()) and request["data"] == f"enwik8:{text_file}"
+    report = (out / "report.md").read_text()
+    assert report.startswith(f"# planer build of `{tmp_path / 'llama'}`") and ".partial" not in report
+    assert run_corpus(out, None, 256).spec == f"enwik8:{text_file}"  # what eval and export read from a build
     assert summary["accuracy"]["baseline"]["tokens_trained"] == 0  # pretraining is not planer's to count
     assert load_model(out).arch.pos == "rotary"
 

@@ -36,13 +36,18 @@ class DataError(PlanerError):
 
 @dataclass
 class Corpus:
-    spec: str  # the data spec it was loaded from, stored with every run
-    unit: str  # "byte" (report bits per character) or "word" (report perplexity)
+    spec: str  # the data spec it was loaded from, stored with every run (a tokenized one: the spec it was read from)
+    unit: str  # "byte" (report bits per character), "word" or "token" (report perplexity)
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
     vocab: list[str] | None = None  # words by id; None for bytes and tokenizer ids
     symbols: int = 256  # ids in [0, symbols): 256 for bytes, the tokenizer's vocabulary for tokenized text
+
+    @property
+    def name(self) -> str:
+        """How reports name it: its spec, and whose tokens they are when a tokenizer read it."""
+        return f"{self.spec}, read through the model's tokenizer" if self.unit == "token" else self.spec
 
     @property
     def vocab_size(self) -> int:
@@ -131,7 +136,9 @@ def load_wikitext(directory: Path, spec: str) -> Corpus:
 
 def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path) -> Corpus:
     """A byte corpus read as text by a Hugging Face tokenizer (an imported model's), split where the bytes
-    were split, so the held-out text is the same one byte-level models are judged on."""
+    were split, so the held-out text is the same one byte-level models are judged on. It keeps the byte corpus's
+    spec: runs record the data the user named (the tokenizer travels in the run's tokenizer/, and a path to it
+    would name the staging directory it was read from)."""
     if corpus.unit != "byte":
         raise DataError(f"{corpus.spec}: only byte corpora (sample, enwik8:PATH, text:PATH) can be re-tokenized for a "
                         "model with its own tokenizer")
@@ -149,7 +156,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path) -> Corpus:
         ids = [i for e in tokenizer.encode_batch(lines, add_special_tokens=False) for i in e.ids]
         return np.asarray(ids, dtype=np.int32)
 
-    return Corpus(f"{corpus.spec}|{tokenizer_dir}", "token", encode(corpus.train), encode(corpus.valid),
+    return Corpus(corpus.spec, "token", encode(corpus.train), encode(corpus.valid),
                   encode(corpus.test), symbols=tokenizer.get_vocab_size())
 
 

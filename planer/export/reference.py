@@ -11,6 +11,7 @@ import torch
 
 from planer.errors import PlanerError
 from planer.nn import LM
+from planer.nn.model import in_precision
 from planer.nn.quant import quantized_linears
 from planer.runtime import Engine
 from planer.runtime.evaluate import evaluate_engine
@@ -50,18 +51,14 @@ def parity(model: LM, engine: Engine, *, batch: int, tgt_len: int, mem_len: int,
 
     The refusal is relative to each output's scale: deep networks carry hidden states in the hundreds
     (SmolLM2's last memories reach ~330), where float32 summed in another order differs by ~1e-4 of that,
-    while a wrong graph is off by the order of the values themselves: 1e-3 of the scale, 1e-2 with int8
-    blocks (compared with PyTorch's simulation of them, planer.nn.quant)."""
+    while a wrong graph is off by the order of the values themselves: 1e-3 of the scale. A network with int8
+    blocks is checked by `verify` instead."""
     feeds = example_feeds(model.arch, batch, tgt_len, mem_len)
     got, want = engine.run(feeds), TorchEngine(model, mem_len=keep_len).run(feeds)
     diffs = {n: float(np.abs(got[n] - want[n]).max()) for n in want}
-    # int8 blocks: an input on a rounding boundary can land one quantization step apart in the engine, and a
-    # trained network carries that on (tiny, all int8: 1.4e-3 of the logits' scale); a wrong graph is still off
-    # by the order of the values
-    tolerance = 1e-2 if quantized_linears(model) else 1e-3
     for n, diff in diffs.items():
         scale = max(1.0, float(np.abs(want[n]).max()))
-        if diff > tolerance * scale:
+        if diff > 1e-3 * scale:
             raise PlanerError(f"the exported graph's {n} disagrees with PyTorch by {diff:.2e} (values up to "
                               f"{scale:.3g}); please report this")
     return max(diffs.values())
@@ -87,3 +84,19 @@ def quantized_agreement(model: LM, engine: Engine, data: np.ndarray, unit: str, 
                           f"PyTorch's simulation of it {want:.5f} ({relative:.1e} apart, more than {tolerance:g}); "
                           "please report this")
     return relative
+
+
+def verify(model: LM, engine: Engine, *, batch: int, tgt_len: int, mem_len: int, keep_len: int | None = None,
+           twin: Engine | None = None, data: np.ndarray | None = None, unit: str = "byte") -> dict[str, float]:
+    """What checks the exported graph of `model` (run by `engine`) against PyTorch, as latency.json records it;
+    refuses a graph that fails. An fp32 graph: `parity` of its outputs. With int8 blocks: `parity` of the graph of
+    its fp32 twin (`twin`, exported with the same options: the structure) and `quantized_agreement` of its loss on
+    `data`, validation tokens (the int8 graph), since max-difference parity cannot tell a deep int8 network's
+    rounding from a wrong graph."""
+    shape = {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "keep_len": keep_len}
+    if not quantized_linears(model):
+        return {"parity_max_abs_diff": parity(model, engine, **shape)}
+    if twin is None or data is None:
+        raise ValueError("an int8 graph is verified with its fp32 twin's graph and validation tokens")
+    return {"parity_max_abs_diff": parity(in_precision(model, "fp32"), twin, **shape),
+            "int8_loss_relative_difference": quantized_agreement(model, engine, data, unit, batch=batch)}

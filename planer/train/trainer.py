@@ -32,7 +32,8 @@ from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.data import Corpus, Segments, load_corpus
 from planer.data.corpus import tokenize_corpus
 from planer.errors import PlanerError
-from planer.files import ARCH_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, replacing, staging_dir
+from planer.files import (ARCH_FILE, REQUEST_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, replacing,
+                          staging_dir)
 from planer.nn import LM
 from planer.train.evaluate import evaluate, headline
 from planer.train.presets import TrainConfig
@@ -72,14 +73,15 @@ def run_corpus(run: Path, data: str | None, vocab_size: int) -> Corpus:
     if data is None and (run / "import.json").is_file():
         raise PlanerError(f"{run} was imported, so no training data is on record; pass --data (e.g. --data sample, "
                           "read through the model's own tokenizer)")
-    if data is None:
-        path = run / CONFIG_FILE
-        if not path.is_file():
-            raise PlanerError(f"{run}: no {CONFIG_FILE} says which data it was trained on; pass --data")
+    if data is None:  # a training run's config, else a build's request
+        path = next((p for p in (run / CONFIG_FILE, run / REQUEST_FILE) if p.is_file()), None)
+        if path is None:
+            raise PlanerError(f"{run}: no {CONFIG_FILE} or {REQUEST_FILE} says which data it was trained on; "
+                              "pass --data")
         try:
             data = json.loads(path.read_text())["data"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PlanerError(f"{path}: unreadable or not written by `planer train` ({type(e).__name__}: {e}), so "
+            raise PlanerError(f"{path}: unreadable or not written by planer ({type(e).__name__}: {e}), so "
                               "it does not say which data the run was trained on; pass --data") from None
     corpus = load_corpus(data)
     if (run / TOKENIZER_DIR).is_dir():  # an imported model reads text through its own tokenizer
