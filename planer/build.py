@@ -21,7 +21,7 @@ has finished; an interrupted build resumes there when run again. It holds:
     baseline-continued/            the baseline trained on as many more tokens as the result saw
     compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
     pareto.png, arch.png           latency vs accuracy; the block sequences of baseline and result
-    timings.json                   wall seconds per stage
+    timings.json                   wall seconds per stage (summed over the invocations of a resumed build)
     report.md                      the summary a person reads
 """
 
@@ -86,6 +86,7 @@ class Budget:
 CONTINUED = "baseline-continued"
 EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in PyTorch (planer.train.evaluate)
 BASELINE = "baseline"
+TIMINGS_FILE = "timings.json"
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
     "small": Budget(SearchConfig(rounds=2, steps=100, batch=4), 300),
@@ -125,7 +126,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
             shutil.rmtree(work, ignore_errors=True)  # an import made for a request that cannot run
         raise
     try:
-        clock = _Clock()
+        clock = _Clock(work)
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
         clock.lap("profile")
         stages = _Build(source, run, work, baseline, corpus, space, table, dep, target, budget, show_progress, clock)
@@ -225,16 +226,21 @@ def _profiled(baseline: LM, space: SearchSpace, dep: Deployment, work: Path, tab
 
 
 class _Clock:
-    """Wall seconds per stage, for the report (a resumed stage that was already done counts ~0)."""
+    """Wall seconds per stage, kept in WORK/timings.json as each stage ends, so that a resumed build reports the
+    stages the earlier invocations completed with the time they took, not the ~0 s of finding them done (the
+    work of a stage interrupted before its end is not counted)."""
 
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
+    def __init__(self, work: Path) -> None:
+        self.path = work / TIMINGS_FILE
+        self.laps: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
-        self.laps[stage] = round(now - self._last, 1)
+        self.laps[stage] = round(self.laps.get(stage, 0.0) + now - self._last, 1)
         self._last = now
+        if distributed.is_main():
+            atomic_write(self.path, json.dumps(self.laps, indent=2) + "\n")
 
 
 def _trainable(space: SearchSpace | None, arch: Architecture, dep: Deployment) -> SearchSpace:
@@ -604,7 +610,6 @@ class _Build:
         archs = [("baseline", self.baseline.arch), ("result", result.arch)] + [(n, m.arch) for n, m in comparisons]
         arch_plot(archs, self.table, self.work / "arch.png")
         self.clock.lap("export, verify, time, evaluate")
-        atomic_write(self.work / "timings.json", json.dumps(self.clock.laps, indent=2) + "\n")
         atomic_write(self.work / "report.md", report(self.source, self.baseline.arch, result.arch, latency, accuracy,
                                                      {n: m.arch for n, m in comparisons}, self.budget.describe(),
                                                      self.clock.laps))

@@ -211,6 +211,8 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     partial = tmp_path / "build.partial"
     assert (partial / "search" / "outcome.json").is_file() and not out.exists()
     log = (partial / "search_log.jsonl").read_text()
+    first = json.loads((partial / "timings.json").read_text())  # the stages completed, as they end
+    assert set(first) == {"profile", "search"} and first["search"] > 0
 
     with pytest.raises(PlanerError, match="differs in: target_speedup"):
         build(baseline_run, out, **(args | {"target": Target(speedup=1.2)}))
@@ -227,6 +229,8 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     summary = build(baseline_run, out, **args)
     assert summary["met"] and (out / "model.onnx").is_file() and not partial.exists()
     assert (out / "search_log.jsonl").read_text() == log
+    timings = json.loads((out / "timings.json").read_text())  # the report's wall time counts the earlier runs too
+    assert timings["search"] >= first["search"] and "export, verify, time, evaluate" in timings
     chosen = json.loads((out / "search" / "outcome.json").read_text())
     assert json.loads((out / "arch.json").read_text())["blocks"] == \
         chosen["candidates"][chosen["chosen"]]["arch"]["blocks"]
