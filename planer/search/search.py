@@ -246,7 +246,7 @@ class _Search:
         self.base_path = "" if not main else baseline_onnx or str(export_lm(baseline, tmp / "baseline.onnx",
                                                                              **dep.export_options()))
         # The first timing can land on a machine still busy (a --compare build's dense-only search, started after
-        # a training run, timed the baseline at 12.3 ms where every later run gave 7.2-8.4), and an absolute target
+        # a training run, timed the baseline at 11.1 ms where every later run gave 7.2-8.4), and an absolute target
         # is read against it: the median of three.
         self.baseline_ms = distributed.broadcast(
             statistics.median(measure([(self.base_path, arch)], dep)[0].p50 for _ in range(3)) if main else None)
