@@ -134,7 +134,8 @@ def test_export_of_int8_blocks_checks_the_fp32_graph_and_the_int8_loss(tmp_path,
     bare.mkdir()
     for name in ("arch.json", "model.safetensors"):
         shutil.copy(trained / name, bare / name)
-    _one_line_error(run("export", bare, "--out", tmp_path / "bare.onnx"), "says which data it was trained on; pass --data")
+    _one_line_error(run("export", bare, "--out", tmp_path / "bare.onnx"),
+                    "says which data it was trained on; pass --data")
     assert not (tmp_path / "bare.onnx").exists()
     given = run("export", bare, "--out", tmp_path / "bare.onnx", "--data", f"enwik8:{text_file}")
     assert given.exit_code == 0 and "in int8: loss" in given.output, given.output

@@ -162,7 +162,7 @@ def test_int8_graph_is_checked_by_its_loss_on_real_tokens(tmp_path):
     model = confident(0)
     data = np.random.default_rng(0).integers(0, 256, 4096)
     engine = load_engine("ort", str(export_lm(model, tmp_path / "m.onnx")), threads=1)
-    assert quantized_agreement(model, engine, data, "char", max_tokens=1024) < 1e-5
+    assert quantized_agreement(model, engine, data, "byte", max_tokens=1024) < 1e-5
     other = load_engine("ort", str(export_lm(confident(1), tmp_path / "other.onnx")), threads=1)
     with pytest.raises(PlanerError, match="int8 graph's loss on the first 1024 validation tokens"):
-        quantized_agreement(model, other, data, "char", max_tokens=1024)
+        quantized_agreement(model, other, data, "byte", max_tokens=1024)
