@@ -8,10 +8,12 @@ search and the reports need (total and active parameters, FLOPs per token).
 A network is an embedding, an ordered list of pre-norm residual sublayers
 ("blocks"), a final norm and an output head. Each block is one of:
 
-    attn  multi-head attention (heads x head_dim, optionally fewer kv_heads)
-    ffn   Linear - activation - Linear of width d_inner
-    moe   `experts` FFNs of width d_inner each, top_k routing per token
-    skip  identity (a position the search left empty)
+    attn    multi-head attention (heads x head_dim, optionally fewer kv_heads)
+    linear  one d_model x d_model projection in attention's place (Puzzle, arXiv 2411.19146): what an
+            attention block computes when each token attends only to itself; no memory, no size fields
+    ffn     Linear - activation - Linear of width d_inner
+    moe     `experts` FFNs of width d_inner each, top_k routing per token
+    skip    identity (a position the search left empty)
 
 Every block but skip also has a numeric precision: the engine runs its
 matrix products in fp32, or with int8 weights (per output channel) and
@@ -32,7 +34,7 @@ from typing import Any
 from planer.errors import PlanerError, not_found
 
 FORMAT = "planer.arch/1"
-BLOCK_KINDS = ("attn", "ffn", "moe", "skip")
+BLOCK_KINDS = ("attn", "linear", "ffn", "moe", "skip")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("relative", "rotary", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
@@ -41,15 +43,17 @@ PRECISIONS = ("fp32", "int8")  # which of them an engine runs: planer.deployment
 # Which BlockSpec fields each kind uses; the others must stay 0.
 _KIND_FIELDS = {
     "attn": ("heads", "head_dim", "kv_heads"),
+    "linear": (),
     "ffn": ("d_inner",),
     "moe": ("experts", "top_k", "d_inner"),
     "skip": (),
 }
 
 
-# label() in reverse: attn<heads>x<head_dim>[/kv<kv_heads>], ffn<d_inner>, moe<experts>k<top_k>x<d_inner>, skip.
+# label() in reverse: attn<heads>x<head_dim>[/kv<kv_heads>], linear, ffn<d_inner>, moe<experts>k<top_k>x<d_inner>,
+# skip.
 _LABEL = re.compile(r"attn(?P<heads>\d+)x(?P<head_dim>\d+)(?:/kv(?P<kv_heads>\d+))?|ffn(?P<d_inner>\d+)"
-                    r"|moe(?P<experts>\d+)k(?P<top_k>\d+)x(?P<moe_inner>\d+)|skip")
+                    r"|moe(?P<experts>\d+)k(?P<top_k>\d+)x(?P<moe_inner>\d+)|linear|skip")
 
 
 class ArchError(PlanerError):
@@ -72,6 +76,10 @@ class BlockSpec:
         return BlockSpec("attn", heads=heads, head_dim=head_dim, kv_heads=kv_heads, precision=precision)
 
     @staticmethod
+    def linear(precision: str = "fp32") -> BlockSpec:
+        return BlockSpec("linear", precision=precision)
+
+    @staticmethod
     def ffn(d_inner: int, precision: str = "fp32") -> BlockSpec:
         return BlockSpec("ffn", d_inner=d_inner, precision=precision)
 
@@ -88,7 +96,7 @@ class BlockSpec:
         return self.kv_heads or self.heads
 
     def label(self) -> str:
-        """Short human-readable name, e.g. `attn4x64`, `ffn1024`, `moe8k2x512`, `ffn1024@int8`."""
+        """Short human-readable name, e.g. `attn4x64`, `linear`, `ffn1024`, `moe8k2x512`, `ffn1024@int8`."""
         if self.kind == "attn":
             kv = f"/kv{self.kv_heads}" if self.kv_heads and self.kv_heads != self.heads else ""
             shape = f"attn{self.heads}x{self.head_dim}{kv}"
@@ -96,22 +104,22 @@ class BlockSpec:
             shape = f"ffn{self.d_inner}"
         elif self.kind == "moe":
             shape = f"moe{self.experts}k{self.top_k}x{self.d_inner}"
+        elif self.kind == "linear":
+            shape = "linear"
         else:
             return "skip"
         return shape if self.precision == "fp32" else f"{shape}@{self.precision}"
 
     @staticmethod
     def parse(label: str) -> BlockSpec:
-        """The block a label() names, e.g. `attn4x48`, `attn8x64/kv2`, `moe8k2x512@int8`, `skip`."""
+        """The block a label() names, e.g. `attn4x48`, `attn8x64/kv2`, `linear@int8`, `moe8k2x512@int8`, `skip`."""
         shape, _, precision = label.partition("@")
         match = _LABEL.fullmatch(shape)
         if not match or (precision and (precision not in PRECISIONS or shape == "skip")):
-            raise ArchError(f"{label!r} is not a block label; write e.g. attn4x48, attn8x64/kv2, ffn768, "
+            raise ArchError(f"{label!r} is not a block label; write e.g. attn4x48, attn8x64/kv2, linear, ffn768, "
                             f"moe8k2x512, skip, with @{'/@'.join(PRECISIONS[1:])} for another precision")
         n = {"d_inner" if k == "moe_inner" else k: int(v) for k, v in match.groupdict().items() if v}
-        if shape == "skip":
-            return BlockSpec.skip()
-        kind = "attn" if "heads" in n else "ffn" if "experts" not in n else "moe"
+        kind = shape if not n else "attn" if "heads" in n else "ffn" if "experts" not in n else "moe"
         return BlockSpec(kind, **n, precision=precision or "fp32")
 
     def in_precision(self, precision: str) -> BlockSpec:
@@ -320,6 +328,9 @@ class Architecture:
         if b.kind == "skip":
             return 0, 0
         norm = self._norm_params()
+        if b.kind == "linear":
+            n = norm + d * d + (d if self.attn_bias else 0)
+            return n, n
         if b.kind == "attn":
             q = d * b.heads * b.head_dim
             kv = 2 * d * b.n_kv_heads * b.head_dim
@@ -374,6 +385,8 @@ class Architecture:
                 total += 2 * scores * hd * ctx
                 if self.pos == "relative":
                     total += 2 * d * hd * klen / self.tgt_len
+            elif b.kind == "linear":
+                total += 2 * d * d
             else:
                 mats = 3 if self.activation == "swiglu" else 2
                 width = b.d_inner * (b.top_k if b.kind == "moe" else 1)

@@ -4,7 +4,7 @@ The simpler ways to speed up the baseline, each with the precisions the result m
   fastest-precision  the baseline itself, each block in the precision the engine runs it fastest (int8
                      for ONNX Runtime where that pays): what a user tries first, at whatever latency it has;
   drop-attention     at the result's latency, the baseline with attention blocks removed, evenly spread (then
-                     FFN blocks, if that is not enough), until it is predicted to be as fast as the result;
+                     its other blocks, if that is not enough), until it is predicted to be as fast as the result;
   narrow             at the result's latency, every block narrowed by one factor (heads and FFN width), the
                      widest that is as fast;
   dense-only         the same search and distillation with the MoE candidates removed from the space.
@@ -40,7 +40,8 @@ def _evenly(indices: list[int], count: int) -> list[int]:
 
 
 def drop_attention(arch: Architecture, table: LatencyTable, budget_ms: float) -> list[BlockSpec]:
-    """The baseline's blocks with the fewest removals (attention first) that fit `budget_ms`; skips mark them."""
+    """The baseline's blocks with the fewest removals (attention first; a linear block, having no memory, counts
+    among the others) that fit `budget_ms`; skips mark them."""
     blocks = list(arch.blocks)
     attn = [i for i, b in enumerate(blocks) if b.kind == "attn"]
     rest = [i for i, b in enumerate(blocks) if b.kind not in ("attn", "skip")]

@@ -12,7 +12,7 @@ from planer.latency import LatencyTable
 from planer.latency.table import FIXED
 from planer.train.evaluate import headline
 
-COLOURS = {"attn": "#4c72b0", "ffn": "#55a868", "moe": "#dd8452"}
+COLOURS = {"attn": "#4c72b0", "linear": "#64b5cd", "ffn": "#55a868", "moe": "#dd8452"}
 MARKERS = {"baseline": ("s", "#333333"), "candidate": ("o", "#aaaaaa"), "result": ("*", "#c44e52"),
            "comparison": ("D", "#8172b3")}
 

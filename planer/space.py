@@ -3,8 +3,10 @@
 PLANER's space (arXiv 2208.14580) over a baseline with H heads and FFN width W:
 `skip`; attention with h in {1, 2, 4, ..., H} heads of the baseline's head size;
 FFN of width {1/4, 1/2, 1} x W; MoE with E in {2, 4, 8, 16} experts, top-k
-k in {1, 2}, expert width {1/4, 1/2, 1} x W. Positions default to twice the
-baseline's sublayers so the order and the attention:FFN ratio can change.
+k in {1, 2}, expert width {1/4, 1/2, 1} x W. To these it adds Puzzle's (arXiv
+2411.19146) `linear` replacement of attention, one d_model x d_model projection.
+Positions default to twice the baseline's sublayers so the order and the
+attention:FFN ratio can change.
 The space is plain data with a JSON form users can narrow or widen.
 """
 
@@ -54,6 +56,7 @@ class SearchSpace:
         sizes = sorted({max(1, int(ffn.d_inner * w)) for w in widths})
         fixed = [BlockSpec.skip()]
         fixed += [BlockSpec.attn(h, attn.head_dim, math.gcd(attn.kv_heads, h) if attn.kv_heads else 0) for h in heads]
+        fixed += [BlockSpec.linear()]
         fixed += [BlockSpec.ffn(w) for w in sizes]
         sublayers = sum(b.kind != "skip" for b in baseline.blocks)
         positions, experts, moe_sizes = 2 * sublayers, sorted(experts), list(sizes)
@@ -77,13 +80,16 @@ class SearchSpace:
 
     def supernet_params(self, baseline: Architecture) -> int:
         """Parameters of the supernet over `baseline` (planer.search.supernet.Position's layout): per position,
-        one attention module per head count, one FFN of the widest FFN candidate, as many experts as the
-        largest MoE candidate at the widest expert width, and a router per expert count."""
+        one attention module per head count, one linear projection (sharing the attention's norm), one FFN of
+        the widest FFN candidate, as many experts as the largest MoE candidate at the widest expert width, and a
+        router per expert count."""
         arch, norm = baseline, baseline.block_params(BlockSpec.ffn(1))[0] - baseline.ffn_params(1)
         attns = list(dict.fromkeys(c.in_precision("fp32") for c in self.candidates if c.kind == "attn"))  # shared
+        linear = any(c.kind == "linear" for c in self.candidates)
         ffns = [c.d_inner for c in self.candidates if c.kind == "ffn"]
         moes = [c for c in self.candidates if c.kind == "moe"]
-        per = sum(arch.block_params(c)[0] - norm for c in attns) + (norm if attns else 0)
+        per = sum(arch.block_params(c)[0] - norm for c in attns) + (norm if attns or linear else 0)
+        per += arch.block_params(BlockSpec.linear())[0] - norm if linear else 0
         per += norm if ffns or moes else 0
         per += arch.ffn_params(max(ffns)) if ffns else 0
         if moes:

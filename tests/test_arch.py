@@ -14,10 +14,11 @@ def _module_params(arch: Architecture) -> int:
 @pytest.mark.parametrize("kw", [
     {},
     {"norm": "rmsnorm", "pos": "rotary", "activation": "swiglu", "bias": False, "tie_embeddings": False},
+    {"pos": "learned", "max_positions": 64, "attn_bias": True},
 ])
 def test_param_count_matches_the_built_module(kw):
-    blocks = [BlockSpec.attn(4, 8, kv_heads=2 if kw else 0), BlockSpec.ffn(48), BlockSpec.skip(),
-              BlockSpec.moe(4, 2, 24)]
+    blocks = [BlockSpec.attn(4, 8, kv_heads=2 if "activation" in kw else 0), BlockSpec.ffn(48), BlockSpec.skip(),
+              BlockSpec.moe(4, 2, 24), BlockSpec.linear()]
     arch = small_arch(blocks, **kw)
     assert arch.param_counts()["total"] == _module_params(arch)
 
@@ -39,19 +40,34 @@ def test_flops_scale_with_active_not_total_experts():
     assert extra == 2 * 64 * 16  # only the router is added; one expert of the same width runs per token
 
 
+def test_linear_block_counts():
+    d = 32
+    attn = Architecture(d_model=d, vocab_size=256, blocks=(BlockSpec.attn(2, 16),))
+    arch = attn.with_blocks([BlockSpec.attn(2, 16), BlockSpec.linear()])
+    assert arch.attn_positions == [0]  # no memory: a linear block is not attention
+    assert arch.block_params(BlockSpec.linear()) == (2 * d + d * d,) * 2  # norm and the projection
+    biased = Architecture(d_model=d, vocab_size=256, blocks=(BlockSpec.linear(),), attn_bias=True)
+    assert biased.block_params(BlockSpec.linear())[0] == 2 * d + d * d + d
+    assert arch.flops_per_token() - attn.flops_per_token() == 2 * d * d
+
+
 def test_json_round_trip(tmp_path):
     arch = small_arch(name="rt", norm="rmsnorm", pos="rotary", blocks=[BlockSpec.attn(4, 8, 2), BlockSpec.skip(),
-                                                                       BlockSpec.moe(4, 1, 16)])
+                                                                       BlockSpec.moe(4, 1, 16), BlockSpec.linear(),
+                                                                       BlockSpec.linear("int8")])
     path = tmp_path / "arch.json"
     arch.save(path)
     assert Architecture.load(path) == arch
-    assert json.loads(path.read_text())["format"] == "planer.arch/1"
+    saved = json.loads(path.read_text())
+    assert saved["format"] == "planer.arch/1"
+    assert saved["blocks"][3:] == [{"kind": "linear"}, {"kind": "linear", "precision": "int8"}]
 
 
 @pytest.mark.parametrize("blocks, message", [
     ([{"kind": "moe", "experts": 4, "top_k": 5, "d_inner": 8}], "top_k must be between 1 and experts"),
     ([{"kind": "attn", "heads": 0, "head_dim": 8}], "heads >= 1"),
     ([{"kind": "ffn", "d_inner": 8, "heads": 2}], "has no field 'heads'"),
+    ([{"kind": "linear", "d_inner": 8}], "a linear block has no field 'd_inner'"),
     ([{"kind": "conv"}], "unknown kind 'conv'"),
     ([{"kind": "ffn", "width": 8}], "unknown field(s) ['width']"),
     ([{"kind": "ffn", "d_inner": "8"}], "must be an integer"),
@@ -80,8 +96,10 @@ def test_invalid_top_level_fields():
 
 def test_block_labels_parse_back():
     blocks = [BlockSpec.attn(4, 48), BlockSpec.attn(8, 64, 2, "int8"), BlockSpec.ffn(768, "int8"),
-              BlockSpec.moe(8, 2, 512), BlockSpec.moe(4, 1, 384, "int8"), BlockSpec.skip()]
+              BlockSpec.moe(8, 2, 512), BlockSpec.moe(4, 1, 384, "int8"), BlockSpec.skip(), BlockSpec.linear(),
+              BlockSpec.linear("int8")]
+    assert [b.label() for b in blocks[-2:]] == ["linear", "linear@int8"]
     assert [BlockSpec.parse(b.label()) for b in blocks] == blocks
-    for bad in ("attn4", "ffn", "ffn768@fp16", "skip@int8", "ffn768 "):
+    for bad in ("attn4", "ffn", "ffn768@fp16", "skip@int8", "ffn768 ", "linear32", "linear@fp16"):
         with pytest.raises(ArchError, match="not a block label"):
             BlockSpec.parse(bad)

@@ -13,6 +13,8 @@ from planer.arch import BlockSpec
 from planer.errors import PlanerError
 from planer.export import ExportError, check_weights_present, export_lm
 from planer.nn import LM
+from planer.nn.model import in_precision
+from planer.nn.quant import quantized_linears
 from planer.runtime import OrtEngine
 from planer.runtime.feeds import example_feeds
 from tests.conftest import small_arch
@@ -135,6 +137,33 @@ def test_relative_positions_up_to_the_graphs_context(tmp_path):
             np.testing.assert_allclose(got[name], want, atol=1e-4, rtol=0, err_msg=name)
     with pytest.raises(PlanerError, match="at most 80; export it again with `planer export --max-context 81`"):
         engine.run(example_feeds(model.arch, 1, 81 - model.arch.mem_len, model.arch.mem_len))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_linear_blocks_parity_with_pytorch(tmp_path, precision):
+    """Linear blocks (attention replaced by one biased projection, no memory) between attention and FFN blocks:
+    the graph computes what PyTorch does; in int8, what planer.nn.quant simulates, only their projections
+    quantized, and far from fp32."""
+    linear = BlockSpec.linear(precision)
+    arch = small_arch([BlockSpec.attn(2, 16), linear, BlockSpec.ffn(48), linear], attn_bias=True)
+    torch.manual_seed(4)
+    model = LM(arch).eval()
+    with torch.no_grad():  # no bias left at zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = export_lm(model, tmp_path / "m.onnx")
+    int8_products = sum(n.op_type == "MatMulInteger" for n in onnx.load(str(path)).graph.node)
+    assert int8_products == len(quantized_linears(model)) == (2 if precision == "int8" else 0)
+    engine = OrtEngine(path, threads=2)
+    assert engine.output_names == ["logits", "new_mem0"]  # one memory: the attention block's
+    for batch, tgt_len in ((1, 1), (3, 37)):
+        feeds = example_feeds(arch, batch, tgt_len, arch.mem_len, seed=tgt_len)
+        got, want = engine.run(feeds), _reference(model, feeds)
+        for name, expected in zip(engine.output_names, want):
+            np.testing.assert_allclose(got[name], expected, atol=1e-4, rtol=0, err_msg=name)
+        if precision == "int8":
+            int8_vs_fp32 = np.abs(want[0] - _reference(in_precision(model, "fp32"), feeds)[0]).max()
+            assert np.abs(got["logits"] - want[0]).max() < 1e-5 < int8_vs_fp32 / 20
 
 
 def test_runtime_imports_without_torch():

@@ -90,8 +90,8 @@ def test_default_space_follows_the_paper():
     space = SearchSpace.default(arch)
     labels = [c.label() for c in space.candidates]
     assert space.positions == 8
-    assert labels[:7] == ["skip", "attn1x8", "attn2x8", "attn4x8", "ffn16", "ffn32", "ffn64"]
-    assert "moe16k2x64" in labels and len(labels) == 7 + 4 * 2 * 3
+    assert labels[:8] == ["skip", "attn1x8", "attn2x8", "attn4x8", "linear", "ffn16", "ffn32", "ffn64"]
+    assert "moe16k2x64" in labels and len(labels) == 8 + 4 * 2 * 3
 
 
 def test_timing_interleaves_and_reports_spread():

@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from planer.arch import BlockSpec
 from planer.nn import LM
-from planer.nn.attention import rel_shift
+from planer.nn.attention import Attention, rel_shift
 from planer.nn.moe import TRITON_EXPERTS_ENV, MoE, triton_experts_enabled
 from tests.conftest import small_arch
 
@@ -72,7 +73,8 @@ def test_rel_shift_matches_gather_reference():
 
 @pytest.mark.parametrize("kw", [{}, {"pos": "rotary", "norm": "rmsnorm", "activation": "swiglu"}])
 def test_memory_makes_segments_equal_one_long_call(kw):
-    blocks = [BlockSpec.attn(4, 8, 2 if kw else 0), BlockSpec.ffn(32), BlockSpec.attn(4, 8), BlockSpec.ffn(32)]
+    blocks = [BlockSpec.attn(4, 8, 2 if kw else 0), BlockSpec.ffn(32), BlockSpec.linear(), BlockSpec.attn(4, 8),
+              BlockSpec.ffn(32)]
     model = LM(small_arch(blocks, **kw)).eval()
     idx = torch.randint(0, 256, (3, 32))
     with torch.no_grad():
@@ -80,8 +82,25 @@ def test_memory_makes_segments_equal_one_long_call(kw):
         first = model(idx[:, :20], mem_len=24)
         second = model(idx[:, 20:], first.mems, mem_len=24)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, atol=1e-5, rtol=0)
-    assert [m.shape for m in second.mems] == [(3, 24, 32)] * 2
+    assert [m.shape for m in second.mems] == [(3, 24, 32)] * 2  # the linear block keeps none
     assert not any(m.requires_grad for m in second.mems)
+
+
+@pytest.mark.parametrize("spec, kw", [
+    (BlockSpec.attn(4, 8), {}),
+    (BlockSpec.attn(4, 8, 2), {"pos": "rotary"}),  # grouped-query: each kv head serves two query heads
+    (BlockSpec.attn(4, 8), {"pos": "learned", "max_positions": 64, "attn_bias": True}),
+])
+def test_as_linear_is_attention_over_a_token_alone(spec, kw):
+    attn = Attention(small_arch(**kw), spec).eval()
+    with torch.no_grad():  # no parameter at an init constant (zero biases would hide a wrong bias)
+        for p in attn.parameters():
+            p.copy_(torch.randn_like(p))
+    h = torch.randn(3, 1, 32)
+    weight, bias = attn.as_linear()
+    assert weight.shape == (32, 32) and (bias is not None) == kw.get("attn_bias", False)
+    with torch.no_grad():
+        torch.testing.assert_close(F.linear(h, weight, bias), attn(h, 1), atol=1e-4, rtol=1e-5)
 
 
 def test_attention_is_causal():

@@ -117,9 +117,9 @@ def test_supernet_int8_candidate_shares_weights_and_computes_in_int8():
 def test_profile_times_each_block_in_each_precision():
     arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64)])
     dep = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=3, min_seconds=0.02)
-    space = SearchSpace(2, (BlockSpec.ffn(64),)).in_precisions(dep.precisions)
+    space = SearchSpace(2, (BlockSpec.ffn(64), BlockSpec.linear())).in_precisions(dep.precisions)
     table = profile(arch, space.candidates, dep, show_progress=False)
-    assert {"ffn64", "ffn64@int8", "attn2x16", "fixed"} <= set(table.entries)
+    assert {"ffn64", "ffn64@int8", "linear", "linear@int8", "attn2x16", "fixed"} <= set(table.entries)
     assert table.provenance["precisions"] == ["fp32", "int8"] and "quantize_dynamic" in table.provenance["int8"]
 
 
@@ -134,7 +134,7 @@ def test_int8_block_export_alone(tmp_path):
 
 
 @pytest.mark.parametrize("spec", [BlockSpec.ffn(64, precision="int8"), BlockSpec.attn(2, 16, precision="int8"),
-                                  BlockSpec.moe(4, 2, 32, precision="int8")])
+                                  BlockSpec.moe(4, 2, 32, precision="int8"), BlockSpec.linear("int8")])
 def test_int8_block_from_its_fp32_twin_is_the_traced_one(tmp_path, spec):
     """Profiling quantizes a block's fp32 graph instead of tracing its int8 twin again: the same graph."""
     from planer.export import export_block

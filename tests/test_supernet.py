@@ -5,7 +5,7 @@ from planer.arch import BlockSpec
 from planer.nn import LM
 from planer.search.derive import shrink
 from planer.search.probe import ProbeLoss
-from planer.search.supernet import SuperNet
+from planer.search.supernet import SuperNet, inherit
 from planer.space import SearchSpace
 from tests.conftest import small_arch
 
@@ -64,6 +64,7 @@ def test_extracted_network_matches_the_supernet_path():
     for _ in range(5):
         choice = torch.randint(0, len(space.candidates), (space.positions,)).tolist()
         choice[0] = 1  # at least one attention block
+        choice[1] = space.candidates.index(BlockSpec.linear())  # and a linear one
         idx = torch.randint(0, 256, (3, 16))
         with torch.no_grad():
             first = net(idx, choice)
@@ -74,6 +75,33 @@ def test_extracted_network_matches_the_supernet_path():
             ref_second = model(idx, [first.mems[p] for p in kept])
         torch.testing.assert_close(ref_first.logits, first.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(ref_second.logits, second.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"pos": "rotary", "attn_bias": True}])
+def test_linear_candidate_starts_as_attention_to_itself_and_extracts(kw):
+    """Without attention candidates: the linear candidate computes what its position's baseline attention block
+    computes for a token alone, in fp32 and int8 on shared weights, and each extracts as the block it is."""
+    baseline = _baseline(**kw)
+    space = SearchSpace(2, (BlockSpec.ffn(64), BlockSpec.linear(), BlockSpec.linear("int8")))
+    net = SuperNet(baseline, space).eval()
+    position = net.positions[1]  # inherits from baseline block 2, an attention block
+    token, x = torch.randn(3, 1, 32), torch.randn(3, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(position(1, token, None)[0], baseline.blocks[2](token), atol=1e-5, rtol=0)
+        y32, y8 = position(1, x, None)[0], position(2, x, None)[0]
+        assert not torch.equal(y32, y8)
+        for choice, want in ((1, y32), (2, y8)):
+            block = position.extract(choice, baseline.arch).eval()
+            assert block.kind == "linear" and torch.equal(block(x), want)
+
+
+def test_inherit_builds_linear_blocks_from_the_nearest_attention():
+    baseline = _baseline(attn_bias=True)
+    model = inherit(baseline, [BlockSpec.attn(4, 8), BlockSpec.linear(), BlockSpec.ffn(64), BlockSpec.linear()])
+    for block, source in ((model.blocks[1], baseline.blocks[0]), (model.blocks[3], baseline.blocks[2])):
+        weight, bias = source.f.as_linear()
+        assert torch.equal(block.f.weight, weight) and torch.equal(block.f.bias, bias)
+        assert torch.equal(block.norm.weight, source.norm.weight)
 
 
 @pytest.mark.parametrize("kw", [{}, {"norm": "rmsnorm", "pos": "rotary", "activation": "swiglu", "bias": False}])
@@ -204,10 +232,12 @@ def test_search_can_start_at_the_baseline():
     assert net.derive(net.argmax()) == baseline.arch
 
 
-def test_supernet_params_counts_what_the_supernet_holds():
-    arch = small_arch()
+@pytest.mark.parametrize("attn_bias", [False, True])
+def test_supernet_params_counts_what_the_supernet_holds(attn_bias):
+    arch = small_arch(attn_bias=attn_bias)
     for space in (SearchSpace.default(arch), SearchSpace(3, (BlockSpec.skip(), BlockSpec.ffn(16))),
-                  SearchSpace(2, (BlockSpec.attn(1, 16), BlockSpec.moe(4, 1, 8), BlockSpec.moe(2, 2, 32)))):
+                  SearchSpace(2, (BlockSpec.attn(1, 16), BlockSpec.moe(4, 1, 8), BlockSpec.moe(2, 2, 32))),
+                  SearchSpace(2, (BlockSpec.linear(), BlockSpec.linear("int8"), BlockSpec.ffn(16)))):
         net = SuperNet(LM(arch), space)
         held = sum(p.numel() for name, p in net.named_parameters() if name != "alpha")
         assert space.supernet_params(arch) == held

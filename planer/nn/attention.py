@@ -88,6 +88,20 @@ class Attention(nn.Module):
         self.register_buffer("r_table", table.contiguous(), persistent=False)
         del self.r
 
+    @torch.no_grad()
+    def as_linear(self) -> tuple[Tensor, Tensor | None]:
+        """(weight (d, d), bias or None) of the map this attention computes when every token attends only to
+        itself: softmax over one key is 1 whatever the positions, so out = O(V h). What a linear block that
+        replaces it starts from (Puzzle, arXiv 2411.19146)."""
+        group = self.heads // self.kv_heads  # query heads per kv head, in order, as forward repeats them
+        d = self.kv.in_features
+        value = self.kv.weight.view(2, self.kv_heads, self.head_dim, d)[1].repeat_interleave(group, dim=0)
+        weight = self.o.weight @ value.reshape(self.heads * self.head_dim, d)
+        if self.kv.bias is None:
+            return weight, None
+        value_bias = self.kv.bias.view(2, self.kv_heads, self.head_dim)[1].repeat_interleave(group, dim=0)
+        return weight, self.o.bias + self.o.weight @ value_bias.reshape(-1)
+
     def forward(self, h: Tensor, tgt_len: int) -> Tensor:
         """h: normalised [memory; segment], (B, K, d). Returns the segment's output (B, T, d)."""
         b, k, _ = h.shape

@@ -3,7 +3,8 @@
 Embedding -> pre-norm residual blocks -> final norm -> (tied) output head.
 Every attention block carries a Transformer-XL memory: the hidden states that
 entered it during the previous segment(s), at most `mem_len` of them, reused
-without gradient. `forward` takes the memories and returns the new ones.
+without gradient. `forward` takes the memories and returns the new ones. A
+linear block, attention's replacement, sees only its own token: it has none.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
 from planer.nn.moe import MoE
-from planer.nn.quant import set_precision
+from planer.nn.quant import QLinear, set_precision
 
 
 def make_norm(arch: Architecture) -> nn.Module:
@@ -39,6 +40,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
         if spec.kind == "attn":
             self.f: nn.Module = Attention(arch, spec, dropatt)
+        elif spec.kind == "linear":  # biased as the attention it replaces (Attention.as_linear)
+            self.f = QLinear(arch.d_model, arch.d_model, bias=arch.attn_bias)
         elif spec.kind == "ffn":
             self.f = FFN(arch.d_model, spec.d_inner, arch.activation, arch.bias)
         else:

@@ -10,6 +10,9 @@ position: all FFN widths slice one FFN; every MoE candidate (E, k, width)
 uses the first E experts of one pool of upcycled experts, sliced to its
 width, with one router per E. Attention candidates do not: each head count
 has its own copy of the baseline's first heads, trained only when sampled.
+A linear candidate (attention replaced by one projection) starts as the map
+the baseline's attention computes when a token attends only to itself
+(Attention.as_linear) and shares the attention candidates' norm.
 A block's fp32 and int8 candidates share its weights; an int8 candidate
 computes as the engine will (planer.nn.quant), so the derivation sees what
 int8 costs in loss and the shared weights learn to bear it.
@@ -35,17 +38,17 @@ from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
 from planer.nn.model import Block, embed_tokens, head_logits, init_weights, make_norm, next_memory
 from planer.nn.moe import balance_loss, dispatch, route
-from planer.nn.quant import computing
+from planer.nn.quant import QLinear, computing
 from planer.space import SearchSpace
 
 
-def _importance_order(ffn: FFN) -> Tensor:
+def weight_order(ffn: FFN) -> Tensor:
     """Hidden units of `ffn`, most important first (norm of the unit's input row x output column)."""
     return (ffn.up.weight.norm(dim=1) * ffn.down.weight.norm(dim=0)).argsort(descending=True)
 
 
 @torch.no_grad()
-def _copy_ffn(dst: FFN, src: FFN, order: Tensor) -> None:
+def copy_ffn(dst: FFN, src: FFN, order: Tensor) -> None:
     """dst takes src's hidden units in `order` (as many as both have); extra units keep their init."""
     n = min(dst.up.out_features, src.up.out_features)
     units = order[:n]
@@ -60,7 +63,7 @@ def _copy_ffn(dst: FFN, src: FFN, order: Tensor) -> None:
 
 
 @torch.no_grad()
-def _copy_attention(dst: Attention, src: Attention) -> None:
+def copy_attention(dst: Attention, src: Attention) -> None:
     """dst takes src's first heads (and kv heads); heads of another size keep their init."""
     hd = dst.head_dim
     if src.head_dim != hd or src.pos != dst.pos:
@@ -79,13 +82,23 @@ def _copy_attention(dst: Attention, src: Attention) -> None:
         dst.r_r_bias[:h] = src.r_r_bias[:h]
 
 
+@torch.no_grad()
+def copy_linear(dst: nn.Linear, src: Attention) -> None:
+    """dst takes the map src computes when each token attends only to itself (Attention.as_linear)."""
+    weight, bias = src.as_linear()
+    dst.weight.copy_(weight)
+    if dst.bias is not None and bias is not None:
+        dst.bias.copy_(bias)
+
+
 def _nearest(blocks: Sequence[Block], index: int, kinds: tuple[str, ...]) -> Block | None:
     found = [i for i, b in enumerate(blocks) if b.kind in kinds]
     return blocks[min(found, key=lambda i: (abs(i - index), i))] if found else None
 
 
 class Position(nn.Module):
-    """One position of the supernet: every candidate; FFN and MoE candidates share weights, attention ones do not."""
+    """One position of the supernet: every candidate; FFN and MoE candidates share weights, attention ones do not
+    (a linear candidate shares only their norm)."""
 
     def __init__(self, arch: Architecture, candidates: Sequence[BlockSpec], attn_src: Block | None,
                  ffn_src: Block | None, perturb: float):
@@ -93,23 +106,30 @@ class Position(nn.Module):
         self.candidates = tuple(candidates)
         d = arch.d_model
         attns = list(dict.fromkeys(_shape(c) for c in candidates if c.kind == "attn"))
+        linear = any(c.kind == "linear" for c in candidates)
         ffn_widths = [c.d_inner for c in candidates if c.kind == "ffn"]
         moes = [c for c in candidates if c.kind == "moe"]
-        order = _importance_order(ffn_src.f) if ffn_src is not None else None
-        if attns:
+        order = weight_order(ffn_src.f) if ffn_src is not None else None
+        if attns or linear:
             self.attn_norm = copy.deepcopy(attn_src.norm) if attn_src is not None else make_norm(arch)
+        if attns:
             self.attn = nn.ModuleDict({c.label(): Attention(arch, c) for c in attns})
             for module in self.attn.values():
                 module.apply(init_weights)
                 if attn_src is not None:
-                    _copy_attention(module, attn_src.f)
+                    copy_attention(module, attn_src.f)
+        if linear:
+            self.linear = QLinear(d, d, bias=arch.attn_bias)
+            self.linear.apply(init_weights)
+            if attn_src is not None:
+                copy_linear(self.linear, attn_src.f)
         if ffn_widths or moes:
             self.ffn_norm = copy.deepcopy(ffn_src.norm) if ffn_src is not None else make_norm(arch)
         if ffn_widths:
             self.ffn = FFN(d, max(ffn_widths), arch.activation, arch.bias)
             self.ffn.apply(init_weights)
             if ffn_src is not None:
-                _copy_ffn(self.ffn, ffn_src.f, order)
+                copy_ffn(self.ffn, ffn_src.f, order)
         if moes:
             width = max(c.d_inner for c in moes)
             self.experts = nn.ModuleList(FFN(d, width, arch.activation, arch.bias)
@@ -117,7 +137,7 @@ class Position(nn.Module):
             for expert in self.experts:
                 expert.apply(init_weights)
                 if ffn_src is not None:
-                    _copy_ffn(expert, ffn_src.f, order)
+                    copy_ffn(expert, ffn_src.f, order)
                     with torch.no_grad():
                         for p in expert.parameters():
                             p.add_(torch.randn_like(p) * perturb * (p.std() if p.numel() > 1 else 0.0))
@@ -138,6 +158,8 @@ class Position(nn.Module):
         if spec.kind == "attn":
             context = x if mem is None else torch.cat([mem, x], dim=1)
             return x + self.attn[_shape(spec).label()](self.attn_norm(context), x.shape[1]), zero
+        if spec.kind == "linear":
+            return x + self.linear(self.attn_norm(x)), zero
         h = self.ffn_norm(x)
         if spec.kind == "ffn":
             return x + self.ffn(h, spec.d_inner), zero
@@ -155,14 +177,17 @@ class Position(nn.Module):
         if spec.kind == "attn":
             block.norm.load_state_dict(self.attn_norm.state_dict())
             block.f.load_state_dict(self.attn[_shape(spec).label()].state_dict())
+        elif spec.kind == "linear":
+            block.norm.load_state_dict(self.attn_norm.state_dict())
+            block.f.load_state_dict(self.linear.state_dict())
         elif spec.kind == "ffn":
             block.norm.load_state_dict(self.ffn_norm.state_dict())
-            _copy_ffn(block.f, self.ffn, torch.arange(spec.d_inner))
+            copy_ffn(block.f, self.ffn, torch.arange(spec.d_inner))
         elif spec.kind == "moe":
             block.norm.load_state_dict(self.ffn_norm.state_dict())
             block.f.router.weight.copy_(self.routers[str(spec.experts)].weight)
             for dst, src in zip(block.f.experts, self.experts):
-                _copy_ffn(dst, src, torch.arange(spec.d_inner))
+                copy_ffn(dst, src, torch.arange(spec.d_inner))
         return block
 
 
