@@ -17,6 +17,8 @@ has finished; an interrupted build resumes there when run again. It holds:
     latency_table.json             the engine-measured block latencies (calibrated)
     search_log.jsonl               one line per derived network, per confirming measurement and per trial
     search/                        the search's outcome: the chosen network before distillation, every candidate
+    search-library/                the local search's trained alternatives (library.safetensors) and what was
+                                   measured of each (library.json: normalised MSE before and after, KL)
     distill/                       the distillation run (resumable training directory)
     baseline-continued/            the baseline trained on as many more tokens as the result saw
     compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
@@ -31,7 +33,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,8 @@ from planer.nn import LM
 from planer.nn.model import in_precision
 from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import Engine, describe_engine, evaluate_engine, load_engine
-from planer.search.search import OUTCOME_FILE, InfeasibleTarget, SearchConfig, SearchOutcome, search
+from planer.search import run_search
+from planer.search.search import OUTCOME_FILE, InfeasibleTarget, SearchConfig, SearchOutcome
 from planer.space import SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
 from planer.train.presets import TrainConfig, finetune_config
@@ -68,19 +71,44 @@ class Budget:
     @property
     def extra_steps(self) -> int:
         """Training steps beyond the baseline's, the search's and the distillation's: the continued baseline
-        trains this many, and so does the result (from the baseline's weights; the search only chose it)."""
-        return self.search.rounds * self.search.steps + self.distill_steps
+        trains this many, and so does the result: from the baseline's weights after the supernet search (which
+        only chose it), or as many local distillation steps of its blocks and the rest (`result_steps`) after the
+        local search."""
+        s = self.search
+        return (s.local_steps if s.method == "local" else s.rounds * s.steps) + self.distill_steps
+
+    @property
+    def kept_steps(self) -> int:
+        """The search's steps whose training the result keeps: the local search's (its blocks are the library's)."""
+        return self.search.local_steps if self.search.method == "local" else 0
+
+    @property
+    def result_steps(self) -> int:
+        return self.extra_steps - self.kept_steps
+
+    def kept_tokens(self, tgt_len: int) -> int:
+        """Tokens the kept search steps read (each a segment of `tgt_len` on every stream of the batch)."""
+        return self.kept_steps * self.search.batch * tgt_len
 
     def recipe(self, steps: int, distill: float) -> TrainConfig:
         """The fine-tuning recipe of this budget's batch for `steps` steps (planer.train.presets.finetune_config)."""
         return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill)
 
+    def searching(self, method: str) -> Budget:
+        """This budget with the search `method` (planer.choices.SEARCH_METHODS)."""
+        return replace(self, search=replace(self.search, method=method))
+
     def describe(self) -> str:
-        trials = (f", trials of up to {self.search.trials} networks x {self.search.trial_steps} steps (they only "
-                  "choose the network)" if self.search.trials else "")
-        return (f"{self.search.rounds} search rounds x {self.search.steps} steps{trials}, {self.extra_steps} "
+        s = self.search
+        trials = (f", trials of up to {s.trials} networks x {s.trial_steps} steps (they only "
+                  "choose the network)" if s.trials else "")
+        if s.method == "local":
+            return (f"local search: {s.local_steps} local distillation steps of every alternative, up to {s.rounds} "
+                    f"rounds of exact selection timed in the engine{trials}, then {self.result_steps} distillation "
+                    f"steps of the network chosen, batch {s.batch}")
+        return (f"{s.rounds} search rounds x {s.steps} steps{trials}, {self.extra_steps} "
                 f"distillation steps from the baseline's weights (as many as the search and "
-                f"{self.distill_steps} more), batch {self.search.batch}")
+                f"{self.distill_steps} more), batch {s.batch}")
 
 
 CONTINUED = "baseline-continued"
@@ -89,9 +117,11 @@ BASELINE = "baseline"
 TIMINGS_FILE = "timings.json"
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
-    "small": Budget(SearchConfig(rounds=2, steps=100, batch=4), 300),
-    "medium": Budget(SearchConfig(rounds=4, steps=250, trials=4, trial_steps=300), 1200),
-    "large": Budget(SearchConfig(rounds=6, steps=500, trials=4, trial_steps=600), 3000),
+    # The local search trains its alternatives as many steps as the supernet search trains the supernet, so that
+    # both methods' results (and the baselines continued beside them) train on as many tokens.
+    "small": Budget(SearchConfig(rounds=2, steps=100, batch=4, local_steps=200), 300),
+    "medium": Budget(SearchConfig(rounds=4, steps=250, trials=4, trial_steps=300, local_steps=1000), 1200),
+    "large": Budget(SearchConfig(rounds=6, steps=500, trials=4, trial_steps=600, local_steps=3000), 3000),
 }
 
 
@@ -164,8 +194,8 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: T
     try:
         _, baseline, corpus, space = _baseline(source, work, dep, data, space)
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
-        outcome = search(baseline, corpus, space, table, dep, target, cfg=budget.search,
-                         log_path=work / "search_log.jsonl", show_progress=show_progress)
+        outcome = run_search(baseline, corpus, space, table, dep, target, cfg=budget.search,
+                             log_path=work / "search_log.jsonl", show_progress=show_progress)
         if main:
             outcome.save(work)
     except BaseException:
@@ -397,10 +427,12 @@ def _engine_accuracy(path: str, arch: Architecture, corpus: Corpus, dep: Deploym
                            mem_len=arch.mem_len, batch=EVAL_BATCH, show_progress=show_progress)
 
 
-def _check_fair(work: Path, base_tokens: int) -> None:
-    """Refuse a continued baseline that trained on fewer tokens than the result: judged against it, the result
-    would owe part of its accuracy to the extra training alone."""
-    continued, result = (_trained(work / d, base_tokens)["tokens_trained"] for d in (CONTINUED, "distill"))
+def _check_fair(work: Path, base_tokens: int, kept_tokens: int) -> None:
+    """Refuse a continued baseline that trained on fewer tokens than the result (which also trained on the
+    `kept_tokens` of its search): judged against it, the result would owe part of its accuracy to the extra
+    training alone."""
+    continued = _trained(work / CONTINUED, base_tokens)["tokens_trained"]
+    result = _trained(work / "distill", base_tokens + kept_tokens)["tokens_trained"]
     if continued < result:
         if distributed.is_main():
             shutil.rmtree(work / CONTINUED)  # a copy of another build's: without it, a rerun trains a fair one
@@ -483,8 +515,9 @@ class _Build:
         distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
         if distributed.is_main():
             log.unlink(missing_ok=True)  # an interrupted search starts over
-        outcome = search(self.baseline, self.corpus, space, self.table, self.dep, target, cfg=self.budget.search,
-                         log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx)
+        outcome = run_search(self.baseline, self.corpus, space, self.table, self.dep, target, cfg=self.budget.search,
+                             log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx,
+                             library_dir=out.with_name(f"{out.name}-library"))
 
         def save() -> None:
             staging = staging_dir(out)
@@ -495,18 +528,20 @@ class _Build:
         distributed.main_writes(save)
         return outcome
 
-    def trained(self, out: Path, init: LM, distill: float) -> LM:
+    def trained(self, out: Path, init: LM, distill: float, searched: bool = False) -> LM:
         """`init` trained with the budget's recipe in OUT (distilled from the baseline unless `distill` is 0),
-        an interrupted run there continued, or a finished one loaded."""
+        an interrupted run there continued, or a finished one loaded. A `searched` network trains the steps its
+        search did not already train it for (Budget.result_steps)."""
         if not (out / EVAL_FILE).exists():
-            train(self.corpus, self.budget.recipe(self.budget.extra_steps, distill=distill), out, init=init,
+            steps = self.budget.result_steps if searched else self.budget.extra_steps
+            train(self.corpus, self.budget.recipe(steps, distill=distill), out, init=init,
                   teacher=self.baseline if distill else None, resume=run_source(out) is not None,
                   show_progress=self.show_progress)
         return load_model(out).eval()
 
     def distilled(self, chosen: LM) -> LM:
         """The chosen network distilled from the baseline (distill/), its weights and architecture in WORK."""
-        result = self.trained(self.work / "distill", chosen, distill=0.5)
+        result = self.trained(self.work / "distill", chosen, distill=0.5, searched=True)
         if distributed.is_main():
             shutil.copy(self.work / "distill" / ARCH_FILE, self.work / ARCH_FILE)
             shutil.copy(self.work / "distill" / WEIGHTS_FILE, self.work / WEIGHTS_FILE)
@@ -522,7 +557,7 @@ class _Build:
 
         distributed.main_writes(copy_reused)
         model = self.trained(self.work / CONTINUED, self.baseline, distill=0.0)
-        _check_fair(self.work, base_tokens)
+        _check_fair(self.work, base_tokens, self.budget.kept_tokens(self.baseline.arch.tgt_len))
         return model
 
     def compared(self, budget_ms: float, base_onnx: str) -> list[tuple[str, LM]]:
@@ -535,7 +570,8 @@ class _Build:
         fixed, self.table = fixed_comparisons(self.baseline, self.table, budget_ms, self.dep, self.show_progress)
         trained = [(c.name, self.trained(root / c.name, c.model, distill=0.5)) for c in fixed]
         dense = self.searched(root / "dense-only-search", dense_space(self.space), self.target, base_onnx)
-        return trained + [("dense-only", self.trained(root / "dense-only", dense.chosen.model, distill=0.5))]
+        return trained + [("dense-only", self.trained(root / "dense-only", dense.chosen.model, distill=0.5,
+                                                      searched=True))]
 
     def exported(self, result: LM, twin: list[tuple[str, str, LM]]) -> tuple[Path, dict[str, float]]:
         """model.onnx and what verified it against PyTorch (latency.json's figures), with what serving reads beside
@@ -584,8 +620,10 @@ class _Build:
         the result is judged against."""
         runs = {CONTINUED: self.work / CONTINUED, "result": self.work / "distill"}
         runs |= {name: self.work / "compare" / name for name in compared}
-        graded = {name: scored[name] | (_trained(runs[name], base_tokens) if name in runs
-                                        else {"tokens_trained": base_tokens}) for name in scored}
+        kept = self.budget.kept_tokens(self.baseline.arch.tgt_len)  # what the searched networks' blocks trained on
+        searched = {"result", "dense-only"}
+        graded = {name: scored[name] | (_trained(runs[name], base_tokens + (kept if name in searched else 0))
+                                        if name in runs else {"tokens_trained": base_tokens}) for name in scored}
         accuracy = {"data": self.corpus.name, "split": "valid", "evaluated_in": self.dep.engine,
                     "baseline": graded[BASELINE], "baseline_continued": graded[CONTINUED],
                     "result": graded["result"], "comparisons": {name: graded[name] for name in compared}}

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from planer import __version__
-from planer.choices import ENGINES, LOWERINGS
+from planer.choices import ENGINES, LOWERINGS, SEARCH_METHODS
 from planer.errors import PlanerError
 
 
@@ -410,6 +410,10 @@ _search_options = _options(
                       "300, at 4 streams; medium 4x250, 4x300, 1200, at 8; large 6x500, 4x600, 3000, at 8"),
     click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
                  "around the baseline)"),
+    click.option("--search", "method", type=click.Choice(SEARCH_METHODS), default="local", show_default=True,
+                 help="local: every alternative block distilled alone on the baseline's hidden states, scored by the "
+                      "KL it causes alone, one per block chosen exactly under the latency table (Puzzle); gumbel: "
+                      "PLANER's supernet with a Gumbel-softmax over blocks"),
     click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for "
                  "an imported model, which reads it through its own tokenizer). " + _DATA_HELP),
     click.option("--table", "table_cache", type=_OUTPUT,
@@ -446,7 +450,7 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
               "attention dropped, the baseline narrowed, and the search without MoE (about 3x the build time)")
 def build_command(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
                   batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
-                  precision: str | None, budget: str, space: Path | None, data_spec: str | None,
+                  precision: str | None, budget: str, space: Path | None, method: str, data_spec: str | None,
                   table_cache: Path | None, compare: bool, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
@@ -461,7 +465,7 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
         suffix = "sweep" if len(targets) > 1 else targets[0].label()
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
-    options = dict(dep=dep, budget=BUDGETS[budget], data=data_spec, space=SearchSpace.load(space) if space else None,
+    options = dict(dep=dep, budget=BUDGETS[budget].searching(method), data=data_spec, space=SearchSpace.load(space) if space else None,
                    table_cache=table_cache, compare=compare, show_progress=not quiet)
     try:
         if len(targets) > 1:
@@ -493,7 +497,7 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
 @_search_options
 def search_command(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path,
                    batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
-                   precision: str | None, budget: str, space: Path | None, data_spec: str | None,
+                   precision: str | None, budget: str, space: Path | None, method: str, data_spec: str | None,
                    table_cache: Path | None, quiet: bool) -> None:
     """A build's profile and search stages alone: the network that meets the target, before distillation
     (`planer distill` trains it on)."""
@@ -505,7 +509,8 @@ def search_command(run: Path, engine: str, target_speedup: float | None, target_
     target = Target(ms=target_latency_ms, speedup=target_speedup)
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     try:
-        outcome = search_alone(run, out, dep=dep, target=target, budget=BUDGETS[budget], data=data_spec,
+        outcome = search_alone(run, out, dep=dep, target=target, budget=BUDGETS[budget].searching(method),
+                               data=data_spec,
                                space=SearchSpace.load(space) if space else None, table_cache=table_cache,
                                show_progress=not quiet)
     except KeyboardInterrupt:

@@ -112,6 +112,18 @@ class SearchConfig:
     trial_steps: int = 300
     trial_tokens: int = 65536  # held-out tokens (the architecture split's last) that score candidates and trials
     seed: int = 0
+    # Which search: `gumbel` (PLANER's supernet, this module) or `local` (Puzzle's, planer.search.local). Both read
+    # batch, margin, rounds (the local search: at most this many rounds of exact selection timed in the engine),
+    # trials and the held-out data settings above.
+    method: str = "gumbel"
+    local_steps: int = 400  # local distillation steps, every alternative on the same parent pass each step
+    local_lr: float = 1e-3
+    local_train: bool = True  # False: the alternatives keep their inherited weights (an ablation)
+    init: str = "activations"  # how narrower alternatives inherit: `activations` or `weights` (an ablation)
+    solutions: int = 4  # the best distinct solutions of each round's exact selection, each timed in the engine
+    # Held-out training tokens each alternative's replace-one-block KL is measured on (the first segment of the
+    # held-out stream only fills the memories; probe_flops caps the streams of a deep model's segments).
+    score_tokens: int = 32768
 
 
 @dataclass

@@ -1,0 +1,463 @@
+"""The local search (after Puzzle, arXiv 2411.19146): every alternative block trained alone, scored by the damage it
+does, one chosen per position exactly under the engine's latency.
+
+The Gumbel supernet (planer.search.search) trains every path of a shared network end to end and ranks networks
+by the loss of weights that were never trained for them; its results stayed 4-5 % above the baseline's loss at
+2x (benchmarks/RESULTS.md). Puzzle keeps 96.6 % of its parent's score before any global training by working
+block by block instead:
+
+1. **Alternatives.** Each block of the baseline (the parent) may become a cheaper block of its family, in any
+   precision the deployment runs: an attention block fewer heads (its most important first,
+   planer.search.heads), a `linear` block (planer.nn: attention's value and output projections folded into one
+   matrix) or nothing; an FFN block fewer hidden units (the largest activation x output norm first,
+   planer.search.units) or nothing.
+2. **Local distillation.** Every alternative learns to reproduce its parent block's output from the parent's own
+   input at that position (normalised MSE: the error over the parent block's own contribution, so that
+   dropping the block scores exactly 1), all alternatives on the same parent forward pass, no gradient across
+   blocks. The library of trained alternatives is saved beside the search's outcome.
+3. **Scoring.** Each alternative's damage is the KL divergence from the parent when it alone replaces its
+   parent block, on held-out *training* tokens (the validation split judges only the result).
+4. **Selection.** One alternative per position minimising the summed damage under the latency table's budget,
+   solved exactly (planer.search.select). The engine stays in the loop: the best few solutions are exported
+   and timed beside the baseline, the table is calibrated by what the engine measured and the problem solved
+   again, until the solutions stop changing. Among those that met the target, the lowest held-out loss
+   (or, with trials, the best after a short distillation each) is the result.
+
+Split experts (issue 40) are not yet alternatives here; the supernet search keeps the upcycled ones.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from planer import distributed
+from planer.arch import Architecture, BlockSpec
+from planer.data import Corpus, Segments
+from planer.deployment import Deployment, Target
+from planer.export import export_lm
+from planer.files import atomic_write, replacing
+from planer.latency import LatencyTable
+from planer.latency.profile import measure
+from planer.latency.table import FIXED
+from planer.nn import LM
+from planer.nn.model import Block, embed_tokens, head_logits, init_weights, next_memory
+from planer.search.heads import rank_heads
+from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _arch_start, _confirm,
+                                  _log, _shortlist, _trials, held_out_probe, held_out_tokens)
+from planer.search.select import select
+from planer.search.supernet import copy_attention, copy_ffn, copy_linear, weight_order
+from planer.search.units import permute_units, rank_units
+from planer.space import SearchSpace
+from planer.train.evaluate import evaluate
+from planer.train.presets import TrainConfig
+from planer.train.trainer import lr_at
+
+LIBRARY_FILE = "library.safetensors"
+LIBRARY_RECORD = "library.json"
+INITS = ("activations", "weights")
+FAMILIES = {"attn": ("attn", "linear", "skip"), "ffn": ("ffn", "skip")}
+
+
+def alternatives(parent: Architecture, space: SearchSpace) -> list[list[BlockSpec]]:
+    """Per block of `parent`, the parent block first, then every candidate of `space` of its family that can be
+    cut from it (no more heads or units than it has), in every precision the space holds."""
+    result = []
+    for i, block in enumerate(parent.blocks):
+        if block.kind not in FAMILIES:
+            raise InfeasibleTarget(f"block {i} of the baseline is a {block.kind} block; the local search replaces "
+                                   "attention and FFN blocks only: use --search gumbel")
+        fits = [c for c in space.candidates if c.kind in FAMILIES[block.kind] and _cut_from(c, block)]
+        result.append(list(dict.fromkeys([block, *fits])))
+    return result
+
+
+def _cut_from(c: BlockSpec, parent: BlockSpec) -> bool:
+    if c.kind == "attn":
+        return (c.head_dim == parent.head_dim and c.heads <= parent.heads and c.n_kv_heads <= parent.n_kv_heads
+                and c.heads // c.n_kv_heads == parent.heads // parent.n_kv_heads)
+    if c.kind == "ffn":
+        return c.d_inner <= parent.d_inner
+    return True
+
+
+def ranked_parent(baseline: LM, probe: Sequence[tuple[Tensor, Tensor]], init: str) -> LM:
+    """The baseline with its heads and FFN units reordered (the function unchanged) so that narrower alternatives
+    keep the first ones: by measured importance (`activations`), or FFN units by weight norms and heads as they
+    are (`weights`, the supernet's order before the local search: an ablation)."""
+    if init == "activations":
+        return rank_units(rank_heads(baseline, probe)[0], probe)
+    if init != "weights":
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    ranked = rank_units(baseline, [])  # a copy; no tokens, so every unit scores 0 and keeps its place
+    for block in ranked.blocks:
+        if block.kind == "ffn":
+            with torch.no_grad():
+                permute_units(block.f, weight_order(block.f))
+    return ranked
+
+
+@torch.no_grad()
+def initial_block(arch: Architecture, spec: BlockSpec, parent: Block) -> Block:
+    """`spec` with the weights it inherits from `parent` (already ranked): the first heads or units, the linear
+    fold of the attention, the parent's norm."""
+    block = Block(arch, spec)
+    if spec.kind == "skip":
+        return block
+    block.apply(init_weights)
+    block.norm.load_state_dict(parent.norm.state_dict())
+    if spec.kind == "attn":
+        copy_attention(block.f, parent.f)
+    elif spec.kind == "ffn":
+        copy_ffn(block.f, parent.f, torch.arange(parent.f.up.out_features))
+    elif spec.kind == "linear":
+        copy_linear(block.f, parent.f)
+    return block
+
+
+def run_blocks(blocks: Sequence[Block], h: Tensor, mems: Sequence[Tensor | None] | None, mem_len: int, *,
+               start: int = 0, inputs: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor | None]]:
+    """Blocks `start`.. on `h` (the input of block `start`), each attention block over its memory in `mems` (one
+    entry per block, whatever its kind, so that a block replaced by another kind keeps the layout). Returns the
+    output and the next segment's memories, one per block (those before `start` passed through); `inputs`, when
+    given, receives each block's input."""
+    new_mems: list[Tensor | None] = list(mems[:start]) if mems is not None else [None] * start
+    for p in range(start, len(blocks)):
+        if inputs is not None:
+            inputs.append(h)
+        mem = None if mems is None else mems[p]
+        new_mems.append(next_memory(h, mem, mem_len).detach())
+        h = blocks[p](h, mem) if blocks[p].kind == "attn" else blocks[p](h)
+    return h, new_mems
+
+
+@dataclass
+class ParentPass:
+    """One segment through the parent: each block's input and memory, its output, and the final logits."""
+
+    inputs: list[Tensor]
+    mems: list[Tensor | None]
+    outputs: list[Tensor]
+    logits: Tensor
+
+
+@torch.no_grad()
+def parent_pass(parent: LM, x: Tensor, mems: Sequence[Tensor | None] | None) -> tuple[ParentPass, list[Tensor | None]]:
+    """Segment `x` through `parent` with per-block memories `mems`; the pass and the next segment's memories."""
+    inputs: list[Tensor] = []
+    h = embed_tokens(parent, x, 0 if mems is None or mems[0] is None else mems[0].shape[1])
+    out, new_mems = run_blocks(parent.blocks, h, mems, parent.arch.mem_len, inputs=inputs)
+    used = list(mems) if mems is not None else [None] * len(parent.blocks)
+    return ParentPass(inputs, used, inputs[1:] + [out], head_logits(parent, parent.norm(out))), new_mems
+
+
+def _call(block: Block, h: Tensor, mem: Tensor | None) -> Tensor:
+    return block(h, mem) if block.kind == "attn" else block(h)
+
+
+def nmse(block: Block, seg: ParentPass, p: int) -> Tensor:
+    """Block `block` at position p against the parent's block there: squared error over the squared size of the
+    parent block's own contribution (1 for a skip)."""
+    target, h = seg.outputs[p], seg.inputs[p]
+    return (_call(block, h, seg.mems[p]) - target).pow(2).mean() / (target - h).pow(2).mean().clamp_min(1e-12)
+
+
+Key = tuple[int, str]  # (position, the alternative's label)
+
+
+class Library:
+    """The alternatives of every position with their weights, and what local distillation and scoring measured of
+    each: `nmse_before`/`nmse_after` (on held-out training tokens) and `kl` (replace-one-block divergence)."""
+
+    def __init__(self, parent: LM, options: list[list[BlockSpec]]):
+        self.parent, self.options = parent, options
+        arch = parent.arch
+        self.blocks: dict[Key, Block] = {(p, s.label()): initial_block(arch, s, parent.blocks[p])
+                                         for p, specs in enumerate(options) for s in specs}
+        self.record: dict[str, dict[str, float]] = {}
+
+    def trainable(self) -> list[Key]:
+        """Every alternative but the skips and the parent's own block in its own precision (already exact)."""
+        return [(p, s.label()) for p, specs in enumerate(self.options) for s in specs
+                if s.kind != "skip" and s != self.parent.arch.blocks[p]]
+
+    def note(self, key: Key, **figures: float) -> None:
+        self.record.setdefault(f"{key[0]}:{key[1]}", {}).update(figures)
+
+    def figure(self, key: Key, name: str) -> float:
+        return self.record[f"{key[0]}:{key[1]}"][name]
+
+    def network(self, choice: Sequence[int]) -> LM:
+        """The network of one alternative per position (index into that position's options), skips dropped, with
+        the library's weights."""
+        specs = [self.options[p][c] for p, c in enumerate(choice)]
+        arch = self.parent.arch.with_blocks([s for s in specs if s.kind != "skip"])
+        model = LM(arch)
+        state = {k: v for k, v in self.parent.state_dict().items() if not k.startswith("blocks.")}
+        model.load_state_dict(state, strict=False)
+        kept = [(p, s) for p, s in enumerate(specs) if s.kind != "skip"]
+        for block, (p, s) in zip(model.blocks, kept):
+            block.load_state_dict(self.blocks[(p, s.label())].state_dict())
+        return model.eval()
+
+    def save(self, out: Path) -> None:
+        tensors = {f"{p}/{label}/{name}": t.detach().contiguous() for (p, label), block in self.blocks.items()
+                   for name, t in block.state_dict().items()}
+        with replacing(out / LIBRARY_FILE) as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write(out / LIBRARY_RECORD, json.dumps(self.record, indent=2) + "\n")
+
+    def load(self, out: Path) -> None:
+        tensors = load_file(str(out / LIBRARY_FILE))
+        for (p, label), block in self.blocks.items():
+            prefix = f"{p}/{label}/"
+            block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.record = json.loads((out / LIBRARY_RECORD).read_text())
+
+
+def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tensor, Tensor]], cfg: SearchConfig,
+                   bar: tqdm | None = None) -> None:
+    """Train every trainable alternative for `cfg.local_steps` steps to reproduce its parent block (see `nmse`),
+    all on one parent pass per step; each alternative's normalised MSE on `probe` is noted before and after."""
+    keys = library.trainable()
+    _note_nmse(library, keys, probe, "nmse_before")
+    params = [q for k in keys for q in library.blocks[k].parameters()]
+    if cfg.local_steps and params:
+        opt = torch.optim.AdamW(params, lr=cfg.local_lr, betas=(0.9, 0.99), weight_decay=0.0)
+        schedule = TrainConfig(steps=cfg.local_steps, lr=cfg.local_lr, warmup=min(100, cfg.local_steps // 10))
+        for k in keys:
+            library.blocks[k].train()
+        mems = None
+        for step in range(cfg.local_steps):
+            index = step % len(data)
+            x, _ = data[index]
+            seg, mems = parent_pass(library.parent, x, None if index == 0 else mems)
+            loss = sum(nmse(library.blocks[k], seg, k[0]) for k in keys)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, schedule)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            distributed.average_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(mean_nmse=f"{float(loss.detach()) / len(keys):.3f}")
+        for k in keys:
+            library.blocks[k].eval()
+    _note_nmse(library, keys, probe, "nmse_after")
+
+
+@torch.no_grad()
+def _note_nmse(library: Library, keys: list[Key], probe: Sequence[tuple[Tensor, Tensor]], name: str) -> None:
+    totals = dict.fromkeys(keys, 0.0)
+    mems = None
+    for x, _ in probe:
+        seg, mems = parent_pass(library.parent, x, mems)
+        for k in keys:
+            totals[k] += float(nmse(library.blocks[k], seg, k[0]))
+    for k in keys:
+        library.note(k, **{name: distributed.mean(totals[k] / len(probe))})
+
+
+@torch.no_grad()
+def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]]) -> float:
+    """Note every alternative's `kl`: KL(parent || network with only that block replaced), per token, on `probe`
+    (consecutive segments; the first only fills the memories unless it is the only one). The blocks before the
+    replaced one see what they saw in the parent, so each pass starts at the replaced block.
+
+    Returns how stable the ranking is: the Spearman correlation between the alternatives' KL on the first and on
+    the second half of the scored segments (1: the same order)."""
+    parent = library.parent
+    passes, mems = [], None
+    for x, _ in probe:
+        seg, mems = parent_pass(parent, x, mems)
+        passes.append(seg)
+    first = 1 if len(passes) > 1 else 0  # the segments scored
+    half = first + (len(passes) - first) // 2
+    halves: list[tuple[float, float]] = []
+    for p, specs in enumerate(library.options):
+        for s in specs:
+            blocks = list(parent.blocks[:p]) + [library.blocks[(p, s.label())]] + list(parent.blocks[p + 1:])
+            own: list[Tensor | None] | None = None
+            kl = []
+            for seg in passes:
+                mems_here = seg.mems[:p + 1] + (own[p + 1:] if own is not None else [None] * (len(blocks) - p - 1))
+                out, own = run_blocks(blocks, seg.inputs[p], mems_here, parent.arch.mem_len, start=p)
+                teacher = seg.logits.float().log_softmax(-1)
+                student = head_logits(parent, parent.norm(out)).float().log_softmax(-1)
+                kl.append(distributed.mean(float((teacher.exp() * (teacher - student)).sum(-1).mean())))
+            library.note((p, s.label()), kl=sum(kl[first:]) / len(kl[first:]))
+            halves.append((sum(kl[first:half]) / max(1, half - first), sum(kl[half:]) / max(1, len(kl) - half)))
+    return _spearman(*zip(*halves)) if len(halves) > 1 else 1.0
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    ranks = [torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
+def score_probe(corpus: Corpus, cut: int, arch: Architecture, cfg: SearchConfig, streams: slice = slice(None)
+                ) -> list[tuple[Tensor, Tensor]]:
+    """The segments alternatives are scored on: the first `cfg.score_tokens` of the held-out training tokens (as
+    many streams as `cfg.probe_flops` allows each segment, as the supernet's probe)."""
+    data = Segments(held_out_tokens(corpus, cut, cfg), cfg.batch, arch.tgt_len, streams)
+    segments = [data[i] for i in range(min(len(data), max(2, cfg.score_tokens // (cfg.batch * arch.tgt_len))))]
+    keep = max(1, int(cfg.probe_flops // (arch.tgt_len * arch.flops_per_token())))
+    return [(x[:keep], y[:keep]) for x, y in segments]
+
+
+def search_local(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment,
+                 target: Target, *, cfg: SearchConfig = SearchConfig(), log_path: Path | None = None,
+                 show_progress: bool = True, baseline_onnx: str | None = None, library_dir: Path | None = None
+                 ) -> SearchOutcome:
+    """The local search (see the module's docstring), returning what the supernet search returns. `library_dir`
+    receives the trained library (and a finished one there is reused)."""
+    torch.manual_seed(cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="planer-local-") as tmp:
+        run = _Local(baseline.eval(), corpus, space, table, dep.resolved(table), target, cfg, Path(tmp), log_path,
+                     show_progress, baseline_onnx)
+        run.library_trained(library_dir)
+        run.solve()
+        chosen = run.choice()
+    return SearchOutcome(chosen, run.candidates, run.table, run.target_ms)
+
+
+class _Local:
+    """One local search: the baseline timed, the library built, trained and scored, then rounds of exact selection
+    with the engine's measurements calibrating the table. Rank 0 alone exports, times and writes."""
+
+    def __init__(self, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment,
+                 target: Target, cfg: SearchConfig, tmp: Path, log_path: Path | None, show_progress: bool,
+                 baseline_onnx: str | None):
+        self.baseline, self.corpus, self.dep, self.cfg, self.tmp = baseline, corpus, dep, cfg, tmp
+        self.log_path, self.show_progress = log_path, show_progress
+        self.arch = arch = baseline.arch
+        self.main = main = distributed.is_main()
+        self.base_path = "" if not main else baseline_onnx or str(export_lm(baseline, tmp / "baseline.onnx",
+                                                                             **dep.export_options()))
+        self.baseline_ms = distributed.broadcast(
+            statistics.median(measure([(self.base_path, arch)], dep)[0].p50 for _ in range(3)) if main else None)
+        self.target_ms = target.ms_for(self.baseline_ms)
+        self.table = table.calibrate([(arch, self.baseline_ms)])
+        self.measured: list[tuple[Architecture, float]] = []
+        self.cut = _arch_start(corpus, cfg)
+        self.held_out = held_out_tokens(corpus, self.cut, cfg)
+        share = distributed.share(cfg.batch)
+        self.data = Segments(corpus.train[:self.cut], cfg.batch, arch.tgt_len, share)
+        self.probe = held_out_probe(corpus, arch, cfg, share)
+        self.options = alternatives(arch, space)
+        self.parent = ranked_parent(baseline, self.probe, cfg.init)
+        self.library = Library(self.parent, self.options)
+        self.candidates: list[Candidate] = []
+        self.by_choice: dict[tuple[int, ...], Candidate] = {}
+
+    def say(self, text: str) -> None:
+        if self.main and self.show_progress:
+            tqdm.write(text)
+
+    def library_trained(self, out: Path | None) -> None:
+        """The library trained and scored, or loaded from `out` where an earlier run of the same search saved it."""
+        if out is not None and (out / LIBRARY_RECORD).is_file():
+            self.library.load(out)
+            return
+        began = time.perf_counter()
+        steps = self.cfg.local_steps if self.cfg.local_train else 0
+        with tqdm(total=steps, desc=f"local distillation of {len(self.library.trainable())} alternatives",
+                  unit="step", disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
+            distil_locally(self.library, self.data, self.probe, replace(self.cfg, local_steps=steps), bar)
+        trained_s = time.perf_counter() - began
+        self.say(f"scoring {sum(map(len, self.options))} alternatives (replace-one-block KL on held-out training "
+                 "tokens)")
+        agreement = score(self.library, score_probe(self.corpus, self.cut, self.arch, self.cfg,
+                                                    distributed.share(self.cfg.batch)))
+        self.say(f"  rank agreement of the scores between the two halves of the scoring tokens: {agreement:.3f} "
+                 "(Spearman)")
+        _log(self.log_path, {"library": self.library.record, "local_steps": steps, "init": self.cfg.init,
+                             "score_tokens": self.cfg.score_tokens, "score_rank_agreement": agreement,
+                             "trained_s": round(trained_s, 1), "scored_s": round(time.perf_counter() - began
+                                                                                 - trained_s, 1)})
+        if out is not None:
+            distributed.main_writes(lambda: (out.mkdir(parents=True, exist_ok=True), self.library.save(out)))
+
+    def problem(self) -> tuple[list[list[float]], list[list[float]], float]:
+        scores = [[self.library.figure((p, s.label()), "kl") for s in specs] for p, specs in enumerate(self.options)]
+        costs = [[self.table.block_ms(s) for s in specs] for specs in self.options]
+        budget = (1 - self.cfg.margin) * self.target_ms / self.table.scale - self.table.entries[FIXED]["p50"]
+        return scores, costs, budget
+
+    def solve(self) -> None:
+        """Rounds of exact selection: the best `cfg.solutions` solutions under the calibrated table, each new one
+        timed beside the baseline, until a round finds none new."""
+        attn = [[s.kind == "attn" for s in specs] for specs in self.options]
+        for rnd in range(self.cfg.rounds):
+            scores, costs, budget = self.problem()
+            solutions = select(scores, costs, budget, best=self.cfg.solutions, at_least=[(attn, 1)])
+            new = [s for s in solutions if s.choice not in self.by_choice]
+            if not solutions:
+                self.say(f"round {rnd}: no network fits {self.target_ms:.2f} ms less the margin under the "
+                         "calibrated table")
+            for s in new:
+                self.assess(s.choice, s.score, rnd)
+            if not new:
+                break
+        if not self.candidates:
+            raise InfeasibleTarget(f"no network fits the target {self.target_ms:.2f} ms less the "
+                                   f"{self.cfg.margin:.0%} margin kept for the machine's noise; raise the target or "
+                                   "widen the space")
+
+    def assess(self, choice: tuple[int, ...], damage: float, rnd: int) -> Candidate:
+        """Export, time beside the baseline, evaluate on held-out training tokens, calibrate and log."""
+        model = self.library.network(choice)
+        base_ms = cand_ms = spread = loss = 0.0
+        path = self.tmp / f"candidate-{len(self.candidates)}.onnx"
+        if self.main:
+            export_lm(model, path, **self.dep.export_options())
+            base_stats, cand_stats = measure([(self.base_path, self.arch), (str(path), model.arch)], self.dep)
+            loss = evaluate(model, self.held_out, self.corpus.unit, batch=8)["loss"]
+            base_ms, cand_ms, spread = base_stats.p50, cand_stats.p50, cand_stats.spread
+        base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
+        predicted = self.table.predict(model.arch)
+        self.measured.append((model.arch, cand_ms * self.baseline_ms / base_ms))
+        self.table = self.table.calibrate(self.measured)
+        specs = tuple(self.options[p][c] for p, c in enumerate(choice))
+        candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, model, onnx=str(path),
+                              positions=specs)
+        self.candidates.append(candidate)
+        self.by_choice[choice] = candidate
+        _log(self.log_path, {"round": rnd, "target_ms": self.target_ms, "baseline_ms": base_ms,
+                             "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
+                             "calibration": self.table.scale, "summed_kl": damage, "held_out_loss": loss,
+                             "arch": [s.label() for s in specs]})
+        self.say(f"round {rnd}: {' '.join(s.label() for s in specs)}\n  measured {cand_ms:.2f} ms (predicted "
+                 f"{predicted:.2f}, baseline {base_ms:.2f}, target {self.target_ms:.2f}); summed KL {damage:.4f}, "
+                 f"held-out loss {loss:.4f}")
+        return candidate
+
+    def meets(self, c: Candidate) -> bool:
+        return c.measured_ms / c.baseline_ms <= self.target_ms / self.baseline_ms
+
+    def choice(self) -> Candidate:
+        """Among the networks that met the target (timed again together), the lowest held-out loss, or with trials
+        the best after a short distillation each; the fastest measured when none met it."""
+        met = [c for c in self.candidates if self.meets(c)]
+        _confirm(met, self.base_path, self.arch, self.dep, self.log_path)
+        feasible = [c for c in self.candidates if self.meets(c)]
+        if not feasible:
+            return min(self.candidates, key=lambda c: c.measured_ms / c.baseline_ms)
+        if not self.cfg.trials:
+            return min(feasible, key=lambda c: c.held_out_loss)
+        return _trials(_shortlist(feasible, self.cfg.trials), self.baseline, self.corpus, self.cut, self.cfg,
+                       self.tmp, self.log_path, self.show_progress)

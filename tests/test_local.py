@@ -1,0 +1,104 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from planer.arch import BlockSpec
+from planer.data import Segments, load_corpus
+from planer.deployment import Target
+from planer.nn import LM
+from planer.search.local import Library, alternatives, distil_locally, parent_pass, ranked_parent, score, search_local
+from planer.search.search import SearchConfig
+from planer.search.units import rank_units, unit_importance
+from planer.space import SearchSpace
+from tests.conftest import small_arch
+from tests.test_search import DEP, _Sealed
+
+SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.attn(2, 16), BlockSpec.ffn(32),
+                        BlockSpec.ffn(64), BlockSpec.linear(), BlockSpec.ffn(64, "int8")))
+
+
+@pytest.fixture(scope="module")
+def corpus(text_file):
+    return load_corpus(f"enwik8:{text_file}")
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    torch.manual_seed(0)
+    return LM(small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(128), BlockSpec.attn(2, 16), BlockSpec.ffn(128)])).eval()
+
+
+def _probe(corpus, segments=3):
+    data = Segments(corpus.train[-20_000:], 2, 16)
+    return [data[i] for i in range(segments)]
+
+
+def test_parent_pass_records_each_blocks_own_input_output_and_memory(baseline, corpus):
+    """The local targets must be the outputs of the block at that position, from its own input and memory: compared
+    with what forward hooks see in the LM's own forward pass, over two segments (the second one with memories)."""
+    seen: dict[int, list] = {}
+    hooks = [block.register_forward_hook(lambda m, args, out, i=i: seen.setdefault(i, []).append((args, out)))
+             for i, block in enumerate(baseline.blocks)]
+    probe = _probe(corpus, 2)
+    lm_mems, mems = None, None
+    try:
+        for x, _ in probe:
+            lm_out = baseline(x, lm_mems)
+            lm_mems = lm_out.mems
+            seg, mems = parent_pass(baseline, x, mems)
+    finally:
+        for h in hooks:
+            h.remove()
+    for p in range(len(baseline.blocks)):
+        args, out = seen[p][-1]
+        assert torch.equal(seg.inputs[p], args[0]) and torch.equal(seg.outputs[p], out)
+        if baseline.blocks[p].kind == "attn":  # the memory the block read in the second segment
+            assert torch.equal(seg.mems[p], args[1])
+    torch.testing.assert_close(seg.logits, lm_out.logits)
+
+
+def test_local_distillation_lowers_every_alternatives_error(baseline, corpus):
+    options = alternatives(baseline.arch, SPACE)
+    assert [o[0] for o in options] == list(baseline.arch.blocks)  # the parent block first
+    assert {s.kind for s in options[0]} == {"attn", "linear", "skip"}
+    assert {s.label() for s in options[1]} == {"ffn128", "ffn32", "ffn64", "ffn64@int8", "skip"}
+    probe = _probe(corpus)
+    library = Library(ranked_parent(baseline, probe, "activations"), options)
+    cfg = SearchConfig(local_steps=40, local_lr=3e-3)
+    distil_locally(library, Segments(corpus.train[:50_000], 2, 16), probe, cfg)
+    keys = library.trainable()
+    assert (0, "attn2x16") not in keys and (0, "skip") not in keys and (1, "ffn32") in keys
+    for key in keys:
+        before, after = library.figure(key, "nmse_before"), library.figure(key, "nmse_after")
+        assert after < before, (key, before, after)
+    score(library, probe)
+    assert library.figure((0, "attn2x16"), "kl") == 0.0  # the parent's own block changes nothing
+    assert library.figure((1, "skip"), "kl") > library.figure((1, "ffn64"), "kl") > 0
+
+
+def test_rank_units_orders_by_activation_and_keeps_the_function(baseline, corpus):
+    probe = _probe(corpus)
+    ranked = rank_units(baseline, probe)
+    x = probe[0][0]
+    torch.testing.assert_close(ranked(x).logits, baseline(x).logits, rtol=1e-4, atol=1e-5)
+    for importance in unit_importance(ranked, probe).values():
+        assert torch.all(importance[:-1] >= importance[1:] - 1e-6)
+
+
+def test_local_search_chooses_on_training_tokens_only(baseline, corpus, tmp_path):
+    """Local distillation, scoring, selection and trials never read the validation split; the outcome is a network
+    of the library's alternatives and the library is kept where asked."""
+    from planer.latency.profile import profile
+
+    table = profile(baseline.arch, SPACE.candidates, DEP, show_progress=False)
+    sealed = replace(corpus, valid=np.asarray(corpus.valid).view(_Sealed))
+    cfg = SearchConfig(method="local", rounds=2, batch=2, local_steps=5, trials=2, trial_steps=2, trial_tokens=512,
+                       solutions=2)
+    outcome = search_local(baseline, sealed, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False,
+                           library_dir=tmp_path / "library")
+    assert (tmp_path / "library" / "library.safetensors").is_file()
+    assert outcome.chosen in outcome.candidates and outcome.chosen.model is not None
+    assert any(b.kind == "attn" for b in outcome.chosen.arch.blocks)
+    assert len({c.arch.blocks for c in outcome.candidates}) == len(outcome.candidates)
