@@ -339,9 +339,10 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
     options.setdefault("table_cache", None)
     options["table_cache"] = options["table_cache"] or work / "latency_table.json"
     summaries = []
+    given = options.pop("continued", None)
     for s in speedups:
         done = work / f"x{s:g}"
-        continued = work / f"x{speedups[0]:g}" / CONTINUED if summaries else None
+        continued = work / f"x{speedups[0]:g}" / CONTINUED if summaries else given
         summaries.append(_finished(done, options) if done.is_dir() else
                          build(run, done, target=Target(speedup=s), continued=continued, **options))
 

@@ -448,10 +448,13 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
 @_search_options
 @click.option("--compare", is_flag=True, help="also train and time, at the result's latency, the baseline with "
               "attention dropped, the baseline narrowed, and the search without MoE (about 3x the build time)")
+@click.option("--reuse-continued", "continued", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="the baseline-continued/ directory of an earlier build of the same baseline and budget, reused "
+                   "instead of training the reference again (refused if it trained on fewer tokens than the result)")
 def build_command(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
                   batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
                   precision: str | None, budget: str, space: Path | None, method: str, data_spec: str | None,
-                  table_cache: Path | None, compare: bool, quiet: bool) -> None:
+                  table_cache: Path | None, compare: bool, continued: Path | None, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
     from planer import distributed
@@ -466,7 +469,7 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     options = dict(dep=dep, budget=BUDGETS[budget].searching(method), data=data_spec, space=SearchSpace.load(space) if space else None,
-                   table_cache=table_cache, compare=compare, show_progress=not quiet)
+                   table_cache=table_cache, compare=compare, continued=continued, show_progress=not quiet)
     try:
         if len(targets) > 1:
             summaries = sweep(run, out, speedups, **options)
