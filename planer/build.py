@@ -21,6 +21,7 @@ has finished; an interrupted build resumes there when run again. It holds:
                                    measured of each (library.json: normalised MSE before and after, KL)
     distill/                       the distillation run (resumable training directory)
     baseline-continued/            the baseline trained on as many more tokens as the result saw
+    baseline-self-distilled/       the baseline trained as long with the result's recipe (distilled from itself)
     compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
     pareto.png, arch.png           latency vs accuracy; the block sequences of baseline and result
     timings.json                   wall seconds per stage (summed over the invocations of a resumed build)
@@ -60,13 +61,19 @@ from planer.search.search import OUTCOME_FILE, InfeasibleTarget, SearchConfig, S
 from planer.space import SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
 from planer.train.presets import TrainConfig, finetune_config
-from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source, train
+from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source, saved_config, train
+
+
+# The distillation share of the result's recipe (the rest cross-entropy) unless a budget says otherwise: the
+# result, the comparisons, the self-distilled reference and `planer distill` train with it.
+DISTILL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
 class Budget:
     search: SearchConfig
     distill_steps: int  # beyond the search's steps: see extra_steps
+    distill_share: float = DISTILL_SHARE
 
     @property
     def extra_steps(self) -> int:
@@ -94,9 +101,11 @@ class Budget:
         """The fine-tuning recipe of this budget's batch for `steps` steps (planer.train.presets.finetune_config)."""
         return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill)
 
-    def searching(self, method: str) -> Budget:
-        """This budget with the search `method` (planer.choices.SEARCH_METHODS)."""
-        return replace(self, search=replace(self.search, method=method))
+    def searching(self, method: str, local_steps: int | None = None) -> Budget:
+        """This budget with the search `method` (planer.choices.SEARCH_METHODS) and, for the local search, another
+        number of local distillation steps."""
+        steps = self.search.local_steps if local_steps is None else local_steps
+        return replace(self, search=replace(self.search, method=method, local_steps=steps))
 
     def describe(self) -> str:
         s = self.search
@@ -112,6 +121,7 @@ class Budget:
 
 
 CONTINUED = "baseline-continued"
+SELF_DISTILLED = "baseline-self-distilled"
 EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in PyTorch (planer.train.evaluate)
 BASELINE = "baseline"
 TIMINGS_FILE = "timings.json"
@@ -219,7 +229,7 @@ def distill(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
                           f"from {teacher} (vocabulary {baseline.arch.vocab_size}, width {baseline.arch.d_model}); "
                           "pass the baseline its search started from as the teacher")
     corpus = run_corpus(teacher, data, baseline.arch.vocab_size)
-    cfg = finetune_config(steps, batch, SearchConfig().valid_tokens, distill=0.5)
+    cfg = finetune_config(steps, batch, SearchConfig().valid_tokens, distill=DISTILL_SHARE)
     final = train(corpus, cfg, out, init=init, teacher=baseline, resume=resume, show_progress=show_progress)
     if (teacher / TOKENIZER_DIR).is_dir() and distributed.is_main():  # an imported model's text needs it
         shutil.copytree(teacher / TOKENIZER_DIR, Path(out) / TOKENIZER_DIR, dirs_exist_ok=True)
@@ -392,11 +402,15 @@ Plot: `pareto.png`; one build directory per target.
 """)
 
 
+REFERENCES = ("baseline_continued", "baseline_self_distilled", "baseline")
+
+
 def _judged_against(accuracy: dict) -> dict:
-    """The baseline the result is judged against: the continued one, unless training on made it worse than
-    where it started, since stopping early is a baseline a user could have had, and a reference that lost
-    accuracy to the continuation's recipe would flatter the result."""
-    name = min(("baseline_continued", "baseline"), key=lambda n: accuracy[n]["loss"])
+    """The baseline the result is judged against: the best of the baseline trained on with cross-entropy, the
+    baseline trained with the result's own recipe (distilled from itself: the all-int8 baseline distilled so
+    scored 0.991x the cross-entropy one, so that recipe alone can favour the result) and the baseline as it was
+    (training on can leave it worse, and stopping early is a baseline a user could have had)."""
+    name = min((n for n in REFERENCES if n in accuracy), key=lambda n: accuracy[n]["loss"])
     return {"reference": name, "result_vs_reference": accuracy["result"]["loss"] / accuracy[name]["loss"]}
 
 
@@ -429,17 +443,18 @@ def _engine_accuracy(path: str, arch: Architecture, corpus: Corpus, dep: Deploym
 
 
 def _check_fair(work: Path, base_tokens: int, kept_tokens: int) -> None:
-    """Refuse a continued baseline that trained on fewer tokens than the result (which also trained on the
+    """Refuse a reference baseline that trained on fewer tokens than the result (which also trained on the
     `kept_tokens` of its search): judged against it, the result would owe part of its accuracy to the extra
     training alone."""
-    continued = _trained(work / CONTINUED, base_tokens)["tokens_trained"]
     result = _trained(work / "distill", base_tokens + kept_tokens)["tokens_trained"]
-    if continued < result:
-        if distributed.is_main():
-            shutil.rmtree(work / CONTINUED)  # a copy of another build's: without it, a rerun trains a fair one
-        raise PlanerError(f"the continued baseline trained on {continued:,} tokens, fewer than the result's "
-                          f"{result:,}, so the comparison would flatter the result; build again without reusing a "
-                          "continued baseline trained with a smaller budget")
+    for name in (CONTINUED, SELF_DISTILLED):
+        reference = _trained(work / name, base_tokens)["tokens_trained"]
+        if reference < result:
+            if distributed.is_main():
+                shutil.rmtree(work / name)  # a copy of another build's: without it, a rerun trains a fair one
+            raise PlanerError(f"the reference {name} trained on {reference:,} tokens, fewer than the result's "
+                              f"{result:,}, so the comparison would flatter the result; build again without reusing "
+                              "a reference trained with a smaller budget")
 
 
 @dataclass
@@ -472,8 +487,8 @@ class _Build:
         self.clock.lap("search")
         result = self.distilled(outcome.chosen.model)
         self.clock.lap("distill")
-        continued_model = self.continued_baseline(continued, base_tokens)
-        self.clock.lap("baseline-continued")
+        continued_model, self_distilled = self.references(continued, base_tokens)
+        self.clock.lap("references")
         comparisons: list[tuple[str, LM]] = []
         if compare:
             comparisons = self.compared(self.table.predict(result.arch), base_onnx)
@@ -492,7 +507,8 @@ class _Build:
             timed += [graph(name, m) for name, m in comparisons]
             latency = self.verdict(timed, twin, checked)
             scored = {name: _engine_accuracy(p, m.arch, self.corpus, self.dep, self.show_progress)
-                      for name, p, m in timed + [graph(CONTINUED, continued_model)]}
+                      for name, p, m in timed + [graph(CONTINUED, continued_model),
+                                                 graph(SELF_DISTILLED, self_distilled)]}
         accuracy = self.judged(scored, [name for name, _ in comparisons], base_tokens)
         self.figures(outcome, result, comparisons, latency, accuracy)
         return distributed.broadcast((latency, accuracy))
@@ -542,24 +558,31 @@ class _Build:
 
     def distilled(self, chosen: LM) -> LM:
         """The chosen network distilled from the baseline (distill/), its weights and architecture in WORK."""
-        result = self.trained(self.work / "distill", chosen, distill=0.5, searched=True)
+        result = self.trained(self.work / "distill", chosen, distill=self.budget.distill_share, searched=True)
         if distributed.is_main():
             shutil.copy(self.work / "distill" / ARCH_FILE, self.work / ARCH_FILE)
             shutil.copy(self.work / "distill" / WEIGHTS_FILE, self.work / WEIGHTS_FILE)
         return result
 
-    def continued_baseline(self, reuse: Path | None, base_tokens: int) -> LM:
+    def references(self, reuse: Path | None, base_tokens: int) -> tuple[LM, LM]:
         """Fairness: the result has seen the baseline's tokens plus as many as the search and distillation
-        steps, so the baseline it is judged against trains on as many more tokens, with the same recipe
-        (or `reuse`s copy, when it trained on as many)."""
+        steps, so the baselines it is judged against train on as many more tokens: with cross-entropy
+        (baseline-continued/) and with the result's own recipe, distilled from the baseline itself
+        (baseline-self-distilled/). `reuse` is an earlier build's baseline-continued/, copied with the
+        self-distilled one beside it (each trained again where it did not train on as many tokens)."""
         def copy_reused() -> None:
-            if reuse is not None and not (self.work / CONTINUED).exists():
-                shutil.copytree(reuse, self.work / CONTINUED)
+            for name, source in ((CONTINUED, reuse), (SELF_DISTILLED, reuse and reuse.parent / SELF_DISTILLED)):
+                if source is None or not source.is_dir() or (self.work / name).exists():
+                    continue
+                if name == SELF_DISTILLED and saved_config(source)[0].distill != self.budget.distill_share:
+                    continue  # another recipe's: this build trains its own
+                shutil.copytree(source, self.work / name)
 
         distributed.main_writes(copy_reused)
-        model = self.trained(self.work / CONTINUED, self.baseline, distill=0.0)
+        continued = self.trained(self.work / CONTINUED, self.baseline, distill=0.0)
+        self_distilled = self.trained(self.work / SELF_DISTILLED, self.baseline, distill=self.budget.distill_share)
         _check_fair(self.work, base_tokens, self.budget.kept_tokens(self.baseline.arch.tgt_len))
-        return model
+        return continued, self_distilled
 
     def compared(self, budget_ms: float, base_onnx: str) -> list[tuple[str, LM]]:
         """The --compare networks in compare/, trained with the result's recipe (see planer.compare). dense-only
@@ -569,10 +592,11 @@ class _Build:
         if distributed.is_main():
             root.mkdir(exist_ok=True)
         fixed, self.table = fixed_comparisons(self.baseline, self.table, budget_ms, self.dep, self.show_progress)
-        trained = [(c.name, self.trained(root / c.name, c.model, distill=0.5)) for c in fixed]
+        trained = [(c.name, self.trained(root / c.name, c.model, distill=self.budget.distill_share)) for c in fixed]
         dense = self.searched(root / "dense-only-search", dense_space(self.space), self.target, base_onnx)
-        return trained + [("dense-only", self.trained(root / "dense-only", dense.chosen.model, distill=0.5,
-                                                      searched=True))]
+        dense_only = self.trained(root / "dense-only", dense.chosen.model, distill=self.budget.distill_share,
+                                  searched=True)
+        return trained + [("dense-only", dense_only)]
 
     def exported(self, result: LM, twin: list[tuple[str, str, LM]]) -> tuple[Path, dict[str, float]]:
         """model.onnx and what verified it against PyTorch (latency.json's figures), with what serving reads beside
@@ -619,7 +643,8 @@ class _Build:
     def judged(self, scored: dict[str, dict], compared: list[str], base_tokens: int) -> dict:
         """accuracy.json: each graph's engine score, with the tokens each network trained on, and the reference
         the result is judged against."""
-        runs = {CONTINUED: self.work / CONTINUED, "result": self.work / "distill"}
+        runs = {CONTINUED: self.work / CONTINUED, SELF_DISTILLED: self.work / SELF_DISTILLED,
+                "result": self.work / "distill"}
         runs |= {name: self.work / "compare" / name for name in compared}
         kept = self.budget.kept_tokens(self.baseline.arch.tgt_len)  # what the searched networks' blocks trained on
         searched = {"result", "dense-only"}
@@ -627,6 +652,7 @@ class _Build:
                                         if name in runs else {"tokens_trained": base_tokens}) for name in scored}
         accuracy = {"data": self.corpus.name, "split": "valid", "evaluated_in": self.dep.engine,
                     "baseline": graded[BASELINE], "baseline_continued": graded[CONTINUED],
+                    "baseline_self_distilled": graded[SELF_DISTILLED],
                     "result": graded["result"], "comparisons": {name: graded[name] for name in compared}}
         accuracy.update(_judged_against(accuracy))
         atomic_write(self.work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
@@ -637,8 +663,9 @@ class _Build:
         """pareto.png, arch.png, timings.json and report.md."""
         base_ms = latency["baseline"]["p50"]
         points = [Point("baseline", base_ms, accuracy["baseline"]),
-                  Point("baseline, continued", base_ms, accuracy["baseline_continued"])]
-        points += [Point(f"{c.describe()} (supernet weights; held-out training loss)",
+                  Point("baseline, continued", base_ms, accuracy["baseline_continued"]),
+                  Point("baseline, self-distilled", base_ms, accuracy["baseline_self_distilled"])]
+        points += [Point(f"{c.describe()} (the search's weights; held-out training loss)",
                          base_ms * c.measured_ms / c.baseline_ms, scores(c.held_out_loss, self.corpus.unit),
                          kind="candidate") for c in outcome.candidates]
         points += [Point(name, latency["comparisons"][name]["p50"], accuracy["comparisons"][name],

@@ -414,6 +414,9 @@ _search_options = _options(
                  help="local: every alternative block distilled alone on the baseline's hidden states, scored by the "
                       "KL it causes alone, one per block chosen exactly under the latency table (Puzzle); gumbel: "
                       "PLANER's supernet with a Gumbel-softmax over blocks"),
+    click.option("--local-steps", type=_COUNT, help="local search: distillation steps of every alternative block "
+                 "(default: the budget's: small 200 at 4 streams, medium 1000 and large 3000 at 8); they count "
+                 "toward the result's training, so the reference baselines train as many more"),
     click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for "
                  "an imported model, which reads it through its own tokenizer). " + _DATA_HELP),
     click.option("--table", "table_cache", type=_OUTPUT,
@@ -453,8 +456,9 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
                    "instead of training the reference again (refused if it trained on fewer tokens than the result)")
 def build_command(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
                   batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
-                  precision: str | None, budget: str, space: Path | None, method: str, data_spec: str | None,
-                  table_cache: Path | None, compare: bool, continued: Path | None, quiet: bool) -> None:
+                  precision: str | None, budget: str, space: Path | None, method: str, local_steps: int | None,
+                  data_spec: str | None, table_cache: Path | None, compare: bool, continued: Path | None,
+                  quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
     from planer import distributed
@@ -468,8 +472,8 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
         suffix = "sweep" if len(targets) > 1 else targets[0].label()
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
-    options = dict(dep=dep, budget=BUDGETS[budget].searching(method), data=data_spec, space=SearchSpace.load(space) if space else None,
-                   table_cache=table_cache, compare=compare, continued=continued, show_progress=not quiet)
+    options = dict(dep=dep, budget=BUDGETS[budget].searching(method, local_steps), data=data_spec,
+                   space=SearchSpace.load(space) if space else None, table_cache=table_cache, compare=compare, continued=continued, show_progress=not quiet)
     try:
         if len(targets) > 1:
             summaries = sweep(run, out, speedups, **options)
@@ -500,8 +504,8 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
 @_search_options
 def search_command(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path,
                    batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
-                   precision: str | None, budget: str, space: Path | None, method: str, data_spec: str | None,
-                   table_cache: Path | None, quiet: bool) -> None:
+                   precision: str | None, budget: str, space: Path | None, method: str, local_steps: int | None,
+                   data_spec: str | None, table_cache: Path | None, quiet: bool) -> None:
     """A build's profile and search stages alone: the network that meets the target, before distillation
     (`planer distill` trains it on)."""
     from planer import distributed
@@ -512,10 +516,9 @@ def search_command(run: Path, engine: str, target_speedup: float | None, target_
     target = Target(ms=target_latency_ms, speedup=target_speedup)
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     try:
-        outcome = search_alone(run, out, dep=dep, target=target, budget=BUDGETS[budget].searching(method),
-                               data=data_spec,
-                               space=SearchSpace.load(space) if space else None, table_cache=table_cache,
-                               show_progress=not quiet)
+        outcome = search_alone(run, out, dep=dep, target=target, budget=BUDGETS[budget].searching(method, local_steps),
+                               data=data_spec, space=SearchSpace.load(space) if space else None,
+                               table_cache=table_cache, show_progress=not quiet)
     except KeyboardInterrupt:
         raise PlanerError("interrupted; nothing was kept: run the same command again to start over") from None
     if not distributed.is_main():

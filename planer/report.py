@@ -152,8 +152,11 @@ def report(run: Path, base_arch: Architecture, result_arch: Architecture, latenc
     verdict = "met" if latency["met"] else "**missed**"
     kind = f"speedup {latency['target_speedup']:g}" if latency["target_speedup"] else "absolute"
     base, cont, res = accuracy["baseline"], accuracy["baseline_continued"], accuracy["result"]
-    reference = ("continued baseline" if accuracy["reference"] == "baseline_continued"
-                 else "baseline (training it on made it worse)")
+    own = accuracy.get("baseline_self_distilled")  # builds before it was trained have none
+    reference = {"baseline_continued": "continued baseline",
+                 "baseline_self_distilled": "baseline trained with the result's recipe",
+                 "baseline": "baseline (training it on made it worse)"}[accuracy["reference"]]
+    self_row = f"| baseline, self-distilled | {own['tokens_trained']:,} | {headline(own)} |\n" if own else ""
     return f"""# planer build of `{run}`
 
 Target {latency['target_ms']:.3f} ms ({kind}): {verdict}.
@@ -172,13 +175,14 @@ baseline and result timed interleaved in {len(latency['confirmation']['runs'])} 
 Accuracy on the whole validation split of {accuracy['data']}, each network's exported graph run in
 {accuracy['evaluated_in']} (PyTorch's own evaluation of the result: {headline(res['pytorch'])}). The result has trained on more tokens than the
 baseline (as many steps as the search and the distillation); for a fair comparison the baseline was trained
-further on as many tokens (`baseline-continued/`), and the result is judged against the better of the two.
+further on as many tokens, with cross-entropy (`baseline-continued/`) and with the result's own recipe, distilled
+from itself (`baseline-self-distilled/`), and the result is judged against the best of the three.
 
 | | tokens trained | validation |
 |---|---|---|
 | baseline | {base['tokens_trained']:,} | {headline(base)} |
 | baseline, continued | {cont['tokens_trained']:,} | {headline(cont)} |
-| result | {res['tokens_trained']:,} | {headline(res)} |
+{self_row}| result | {res['tokens_trained']:,} | {headline(res)} |
 
 Result / {reference}, validation loss: {accuracy['result_vs_reference']:.4f}.
 {_comparisons(latency, accuracy, comparisons, result_arch)}

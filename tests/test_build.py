@@ -15,7 +15,7 @@ from planer.nn import LM
 from planer.search.search import SearchConfig
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
-from planer.train.trainer import run_corpus
+from planer.train.trainer import run_corpus, saved_config
 from tests.conftest import small_arch
 from tests.test_cli import _one_line_error, run
 
@@ -35,7 +35,7 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     names = {p.name for p in out.iterdir()}
     assert names >= {"arch.json", "model.safetensors", "model.onnx", "latency.json", "accuracy.json",
                      "latency_table.json", "search_log.jsonl", "report.md", "distill", "baseline-continued",
-                     "pareto.png", "arch.png", "baseline"}
+                     "baseline-self-distilled", "pareto.png", "arch.png", "baseline"}
     assert {p.name for p in (out / "baseline").iterdir()} == {"arch.json", "model.onnx"}  # planer bench's reference
     assert not (tmp_path / "build.partial").exists()
     latency = json.loads((out / "latency.json").read_text())
@@ -60,12 +60,16 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert accuracy["baseline"]["tokens"] == accuracy["result"]["tokens"] > 0  # the same split, whole
     # fairness: the baseline it is judged against trained on as many tokens as the result, by the runs' own records
     search_and_distill = (BUDGET.search.rounds * BUDGET.search.steps + BUDGET.distill_steps) * BUDGET.search.batch * 64
-    for name, run_dir in (("baseline_continued", "baseline-continued"), ("result", "distill")):
+    for name, run_dir in (("baseline_continued", "baseline-continued"),
+                          ("baseline_self_distilled", "baseline-self-distilled"), ("result", "distill")):
         recorded = json.loads((out / run_dir / "eval.json").read_text())["tokens_seen"]
         assert recorded == search_and_distill
         assert accuracy[name]["tokens_trained"] == accuracy["baseline"]["tokens_trained"] + recorded
-    # and the result is judged against the better of the two baselines
-    best = min(("baseline", "baseline_continued"), key=lambda n: accuracy[n]["loss"])
+    # the self-distilled reference trains with the result's own recipe
+    assert saved_config(out / "baseline-self-distilled") == saved_config(out / "distill")
+    assert saved_config(out / "distill")[0].distill > 0 and saved_config(out / "baseline-continued")[0].distill == 0
+    # and the result is judged against the best of the three baselines
+    best = min(("baseline", "baseline_continued", "baseline_self_distilled"), key=lambda n: accuracy[n]["loss"])
     assert accuracy["reference"] == best
     assert accuracy["result_vs_reference"] == pytest.approx(accuracy["result"]["loss"] / accuracy[best]["loss"])
     # the scores are the shipped graphs' run in the engine, and PyTorch's evaluation of each trained run agrees
@@ -97,8 +101,9 @@ def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp
     assert [s["target_speedup"] for s in summaries] == [1.2, 1.5]
     assert {p.name for p in out.iterdir()} >= {"x1.2", "x1.5", "pareto.png", "sweep.md"}
     assert all((out / x / "report.md").is_file() for x in ("x1.2", "x1.5"))
-    continued = [json.loads((out / x / "accuracy.json").read_text())["baseline_continued"] for x in ("x1.2", "x1.5")]
-    assert continued[0] == continued[1]  # trained once, reused
+    for reference in ("baseline_continued", "baseline_self_distilled"):  # each trained once, reused
+        scores = [json.loads((out / x / "accuracy.json").read_text())[reference] for x in ("x1.2", "x1.5")]
+        assert scores[0] == scores[1]
     assert "x1.5" in (out / "sweep.md").read_text()
     # An interrupted sweep reuses its finished builds only when asked for the same way.
     again = tmp_path / "again"
@@ -225,7 +230,7 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     def no_search(*a, **k):
         raise AssertionError("the finished search ran again")
 
-    monkeypatch.setattr(build_module, "search", no_search)
+    monkeypatch.setattr(build_module, "run_search", no_search)
     summary = build(baseline_run, out, **args)
     assert summary["met"] and (out / "model.onnx").is_file() and not partial.exists()
     assert (out / "search_log.jsonl").read_text() == log

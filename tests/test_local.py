@@ -102,3 +102,5 @@ def test_local_search_chooses_on_training_tokens_only(baseline, corpus, tmp_path
     assert outcome.chosen in outcome.candidates and outcome.chosen.model is not None
     assert any(b.kind == "attn" for b in outcome.chosen.arch.blocks)
     assert len({c.arch.blocks for c in outcome.candidates}) == len(outcome.candidates)
+    # with trials, the best network of every attention-block count was timed too, for the trials to decide
+    assert {len(c.arch.attn_positions) for c in outcome.candidates} == {1, 2}

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from planer.search.select import BUDGET_RTOL, Solution, select
+from planer.search.select import BUDGET_RTOL, Solution, greedy, select
 
 
 def _instance(rng: np.random.Generator):
@@ -111,3 +111,34 @@ def test_tiny_score_differences_are_resolved():
 def test_bad_shapes_raise(scores, costs, budget, kwargs, match):
     with pytest.raises(ValueError, match=match):
         select(scores, costs, budget, **kwargs)
+
+
+def test_greedy_fits_the_budget_and_exact_is_never_worse():
+    rng = np.random.default_rng(1)
+    worse = 0
+    for _ in range(200):
+        n = int(rng.integers(2, 6))
+        sizes = rng.integers(1, 5, size=n)
+        scores = [list(rng.normal(size=k)) for k in sizes]
+        costs = [list(rng.uniform(0, 1, size=k)) for k in sizes]
+        budget = float(rng.uniform(sum(min(c) for c in costs), sum(max(c) for c in costs)))
+        walked = greedy(scores, costs, budget)
+        exact = select(scores, costs, budget)
+        assert exact and exact[0].cost <= budget * (1 + 1e-9)
+        if walked:
+            assert walked[0].cost <= budget and walked[0].score >= exact[0].score - 1e-9
+            worse += walked[0].score > exact[0].score + 1e-9
+    assert worse > 0  # instances where the walk is not optimal exist, so exactness is worth measuring
+
+
+def test_alike_solutions_count_once():
+    """Two positions, each a block in two precisions (nearly the same score) or a cheaper block: the k best
+    distinct by `alike` are distinct networks, each in its best precisions."""
+    scores = [[0.0, 0.001, 1.0], [0.0, 0.001, 2.0]]
+    costs = [[2.0, 1.5, 1.0], [2.0, 1.5, 1.0]]
+    alike = [["a", "a", "b"], ["c", "c", "d"]]
+    plain = select(scores, costs, 4.0, best=3)
+    assert [s.choice for s in plain] == [(0, 0), (0, 1), (1, 0)]  # one network three times
+    distinct = select(scores, costs, 4.0, best=3, alike=alike)
+    assert [s.choice for s in distinct] == [(0, 0), (2, 0), (0, 2)]
+    assert [s.choice for s in select(scores, costs, 3.0, best=3, alike=alike)] == [(1, 1), (2, 0), (0, 2)]

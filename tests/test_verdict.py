@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from planer.build import BUDGETS, CONTINUED, _check_fair, _trained
+from planer.build import BUDGETS, CONTINUED, SELF_DISTILLED, _check_fair, _trained
 from planer.deployment import Deployment
 from planer.errors import PlanerError
 from planer.latency import confirm as confirm_module
@@ -64,21 +64,25 @@ def test_a_steady_run_is_timed_once(monkeypatch):
     assert confirm(MODELS, Deployment(), runs=3).tries == [1, 1, 1] and len(answered) == 3
 
 
-def fake_build(tmp_path, continued_tokens: int, result_tokens: int):
-    for name, tokens in ((CONTINUED, continued_tokens), ("distill", result_tokens)):
-        (tmp_path / name).mkdir()
+def fake_build(tmp_path, continued_tokens: int, result_tokens: int, self_distilled_tokens: int | None = None):
+    own = continued_tokens if self_distilled_tokens is None else self_distilled_tokens
+    for name, tokens in ((CONTINUED, continued_tokens), (SELF_DISTILLED, own), ("distill", result_tokens)):
+        (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "eval.json").write_text(json.dumps({"tokens_seen": tokens, "valid": {"loss": 3.0}}))
     return tmp_path
 
 
-def test_a_continued_baseline_trained_on_fewer_tokens_is_refused(tmp_path):
-    with pytest.raises(PlanerError, match="continued baseline trained on 1,500 tokens, fewer than the result's 1,600"):
-        _check_fair(fake_build(tmp_path, 500, 600), base_tokens=1000)
+def test_a_reference_trained_on_fewer_tokens_is_refused(tmp_path):
+    with pytest.raises(PlanerError, match="baseline-continued trained on 1,500 tokens, fewer than the result's 1,600"):
+        _check_fair(fake_build(tmp_path / "a", 500, 600), base_tokens=1000, kept_tokens=0)
+    # the result's tokens include those its search's kept blocks trained on
+    with pytest.raises(PlanerError, match="self-distilled trained on 1,600 tokens, fewer than the result's 1,700"):
+        _check_fair(fake_build(tmp_path / "b", 700, 500, 600), base_tokens=1000, kept_tokens=100)
 
 
 def test_tokens_trained_are_the_runs_records(tmp_path):
     work = fake_build(tmp_path, 600, 600)
-    _check_fair(work, base_tokens=1000)
+    _check_fair(work, base_tokens=1000, kept_tokens=0)
     budget = BUDGETS["small"]
     formula = budget.extra_steps * budget.search.batch * 64
     assert formula != 600

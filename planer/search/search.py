@@ -121,6 +121,10 @@ class SearchConfig:
     local_train: bool = True  # False: the alternatives keep their inherited weights (an ablation)
     init: str = "activations"  # how narrower alternatives inherit: `activations` or `weights` (an ablation)
     solutions: int = 4  # the best distinct solutions of each round's exact selection, each timed in the engine
+    # Ablations of the local search: `greedy` selection (planer.search.select.greedy) instead of the exact one;
+    # `nmse` scores (each alternative's local error) instead of its replace-one-block KL.
+    selection: str = "exact"
+    scoring: str = "kl"
     # Held-out training tokens each alternative's replace-one-block KL is measured on (the first segment of the
     # held-out stream only fills the memories; probe_flops caps the streams of a deep model's segments).
     score_tokens: int = 32768

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,13 +40,17 @@ class Solution:
 
 
 def select(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float, *,
-           best: int = 1, at_least: Sequence[tuple[Sequence[Sequence[bool]], int]] = ()) -> list[Solution]:
+           best: int = 1, at_least: Sequence[tuple[Sequence[Sequence[bool]], int]] = (),
+           alike: Sequence[Sequence[Hashable]] | None = None) -> list[Solution]:
     """Choose one alternative per position minimising the summed score with the summed cost <= `budget`.
 
     `scores[p][a]` and `costs[p][a]` describe alternative a of position p; positions may have different
     numbers of alternatives, scores may be negative. Each `(mask, n)` in `at_least` requires at least n
     positions to choose an alternative a with `mask[p][a]` true. Returns up to `best` distinct solutions,
-    best (lowest score) first; [] when nothing fits. Raises ValueError on malformed input.
+    best (lowest score) first; [] when nothing fits. With `alike`, solutions whose alternatives carry the same
+    `alike[p][a]` at every position count as one, and only the best of them is returned: the same blocks in
+    other precisions score and cost nearly alike, and would otherwise fill the k best with one network.
+    Raises ValueError on malformed input.
     """
     best = operator.index(best)
     if best < 1:
@@ -107,11 +111,15 @@ def select(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], 
         choice = tuple(int(np.argmax(res.x[offsets[p]:offsets[p + 1]])) for p in range(positions))
         # Excluding the choice is right both when it is kept (the next solve finds the next best) and when it
         # is not: HiGHS accepts rows up to its own tolerance (1e-6), looser than BUDGET_RTOL.
+        cost = math.fsum(float(cost_rows[p][a]) for p, a in enumerate(choice))
+        kept = cost <= limit and all(sum(bool(m[p][a]) for p, a in enumerate(choice)) >= n for m, n in masks)
         cut = np.zeros(n_vars)
         cut[offsets[:-1] + np.asarray(choice)] = 1.0
+        if kept and alike is not None:  # a rejected choice's alike twins may still fit: only it goes
+            for p, a in enumerate(choice):
+                cut[offsets[p] + np.flatnonzero([x == alike[p][a] for x in alike[p]])] = 1.0
         constraints.append(LinearConstraint(cut[None, :], -np.inf, positions - 1))
-        cost = math.fsum(float(cost_rows[p][a]) for p, a in enumerate(choice))
-        if cost > limit or any(sum(bool(m[p][a]) for p, a in enumerate(choice)) < n for m, n in masks):
+        if not kept:
             continue
         found.append(Solution(choice, math.fsum(float(score_rows[p][a]) for p, a in enumerate(choice)), cost))
     # Successive optima are already in order up to the solver's gap; sorting makes the order exact.
@@ -134,3 +142,26 @@ def _rows(table: Sequence[Sequence[float]], name: str) -> list[np.ndarray]:
             raise ValueError(f"{name}: position {p}: values must be finite, got {row!r}")
         rows.append(values)
     return rows
+
+
+def greedy(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float, *,
+           at_least: Sequence[tuple[Sequence[Sequence[bool]], int]] = ()) -> list[Solution]:
+    """The greedy walk `select` replaces, kept for the ablation that measures what exactness buys: from every
+    position's first alternative, move one position at a time to the alternative that adds the least score per
+    unit of cost saved, until the budget holds (moves that would break an `at_least` constraint are not made).
+    The one solution, or [] when no move is left and the budget still does not hold."""
+    choice = [0] * len(scores)
+
+    def allowed(p: int, a: int) -> bool:
+        after = choice[:p] + [a] + choice[p + 1:]
+        return all(sum(bool(mask[q][c]) for q, c in enumerate(after)) >= n for mask, n in at_least)
+
+    while (total := sum(costs[p][c] for p, c in enumerate(choice))) > budget:
+        moves = [((scores[p][a] - scores[p][c]) / (costs[p][c] - costs[p][a]), p, a)
+                 for p, c in enumerate(choice) for a in range(len(scores[p]))
+                 if costs[p][a] < costs[p][c] and allowed(p, a)]
+        if not moves:
+            return []
+        _, p, a = min(moves)
+        choice[p] = a
+    return [Solution(tuple(choice), math.fsum(scores[p][c] for p, c in enumerate(choice)), total)]

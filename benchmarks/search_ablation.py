@@ -1,0 +1,109 @@
+"""What each technique of the local search buys: the same build with one technique switched off per row.
+
+    python benchmarks/search_ablation.py runs/tiny --target-speedup 2 --budget medium --out builds/ablation
+
+Each row is a whole `planer build` of the same baseline, target, budget and engine (one latency table, profiled by
+the first row; one pair of reference baselines, trained by the first row and reused by the others where their
+recipe matches), so the rows differ by the technique alone:
+
+    local          the local search as `planer build --search local` runs it
+    init-weights   narrower alternatives keep the FFN units of largest weight norms and the heads in the
+                   baseline's order, instead of those measured most important on activations
+    sliced         no local distillation: the alternatives keep their inherited weights
+    nmse-scores    alternatives scored by their local error instead of their replace-one-block KL
+    greedy         a greedy walk instead of the exact selection
+    kl-only        the result distilled with the KL divergence alone instead of half cross-entropy
+    gumbel         PLANER's supernet search instead of the local one
+
+Every build directory is kept under --out; the table gives each row's confirmed speedup and its validation loss
+(engine-measured, whole split) over the best reference of its own build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from common import given_or_tiny, record, smoke_option, smoke_space
+
+from planer.arch import Architecture
+from planer.build import BUDGETS, CONTINUED, Budget, build
+from planer.deployment import Deployment, Target
+
+# name -> (SearchConfig changes, distillation share of the result's recipe or None for the budget's)
+ROWS = {
+    "local": ({"method": "local"}, None),
+    "init-weights": ({"method": "local", "init": "weights"}, None),
+    "sliced": ({"method": "local", "local_train": False}, None),
+    "nmse-scores": ({"method": "local", "scoring": "nmse"}, None),
+    "greedy": ({"method": "local", "selection": "greedy"}, None),
+    "kl-only": ({"method": "local"}, 1.0),
+    "gumbel": ({"method": "gumbel"}, None),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, nargs="?", help="the baseline's run directory (planer train)")
+    p.add_argument("--target-speedup", type=float, default=2.0)
+    p.add_argument("--budget", choices=list(BUDGETS), default="medium")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    p.add_argument("--out", type=Path, help="directory to create: one build directory per row")
+    p.add_argument("--table", type=Path, help="latency table file to reuse and extend (default: OUT/table.json)")
+    smoke_option(p)
+    args = p.parse_args()
+    rows = args.rows.split(",")
+    if unknown := [r for r in rows if r not in ROWS]:
+        p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    run = given_or_tiny(p, args.run, args.smoke)
+    dep, budget, space = Deployment(), BUDGETS[args.budget], None
+    if args.smoke:  # two rows of a micro build, timed briefly
+        import tempfile
+
+        from planer.checkpoint import load_model
+        from planer.search.search import SearchConfig
+
+        rows = rows if args.rows != ",".join(ROWS) else ["local", "greedy"]
+        dep = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05,
+                         verdict_seconds=0.2)
+        budget = Budget(SearchConfig(rounds=1, steps=2, batch=2, valid_tokens=256, trial_tokens=512, local_steps=2),
+                        distill_steps=2)
+        space = smoke_space(load_model(run).arch)
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="planer-ablation-")) / "ablation"
+        args.target_speedup = 1.1
+    if args.out is None:
+        p.error("give --out (or --smoke)")
+    if args.out.exists():
+        p.error(f"{args.out} already exists; choose another --out")
+    args.out.mkdir(parents=True)
+    table = args.table or args.out / "table.json"
+    results = []
+    for i, name in enumerate(rows):
+        changes, share = ROWS[name]
+        row_budget = replace(budget, search=replace(budget.search, **changes),
+                             distill_share=budget.distill_share if share is None else share)
+        out = args.out / name
+        summary = build(run, out, dep=dep, target=Target(speedup=args.target_speedup), budget=row_budget,
+                        space=space, table_cache=table, continued=args.out / rows[0] / CONTINUED if i else None,
+                        show_progress=not args.smoke)
+        accuracy = json.loads((out / "accuracy.json").read_text())
+        results.append({"row": name, "search": changes, "distill_share": row_budget.distill_share,
+                        "speedup": summary["speedup"], "met": summary["met"],
+                        "blocks": [b.label() for b in Architecture.load(out / "arch.json").blocks],
+                        "loss": accuracy["result"]["loss"], "reference": accuracy["reference"],
+                        "reference_loss": accuracy[accuracy["reference"]]["loss"],
+                        "vs_reference": accuracy["result_vs_reference"]})
+        print(name, results[-1]["speedup"], results[-1]["vs_reference"], flush=True)
+    lines = [f"`{run}` at {args.target_speedup:g}x, budget {args.budget}, builds in `{args.out}`; loss: the result's "
+             "validation loss in the engine (whole split) over the best reference of its build.", "",
+             "| row | speedup (confirmed) | met | validation loss | reference | / reference |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['speedup']:.2f} | {'yes' if r['met'] else 'no'} | {r['loss']:.4f} | "
+              f"{r['reference']} {r['reference_loss']:.4f} | **{r['vs_reference']:.4f}** |" for r in results]
+    record("search_ablation", {"rows": results}, "\n".join(lines), smoke=args.smoke)
+
+
+if __name__ == "__main__":
+    main()
