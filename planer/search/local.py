@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -55,7 +54,7 @@ from planer.nn import LM
 from planer.nn.model import Block, embed_tokens, head_logits, init_weights, next_memory
 from planer.search.heads import rank_heads
 from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _arch_start, _confirm,
-                                  _log, _shortlist, _trials, held_out_probe, held_out_tokens)
+                                  _log, _shortlist, _trials, held_out_probe, held_out_tokens, timed_baseline)
 from planer.search.select import greedy, select
 from planer.search.supernet import copy_attention, copy_ffn, copy_linear, weight_order
 from planer.search.units import permute_units, rank_units
@@ -353,11 +352,8 @@ class _Local:
         self.baseline, self.corpus, self.dep, self.cfg, self.tmp = baseline, corpus, dep, cfg, tmp
         self.log_path, self.show_progress = log_path, show_progress
         self.arch = arch = baseline.arch
-        self.main = main = distributed.is_main()
-        self.base_path = "" if not main else baseline_onnx or str(export_lm(baseline, tmp / "baseline.onnx",
-                                                                             **dep.export_options()))
-        self.baseline_ms = distributed.broadcast(
-            statistics.median(measure([(self.base_path, arch)], dep)[0].p50 for _ in range(3)) if main else None)
+        self.main = distributed.is_main()
+        self.base_path, self.baseline_ms = timed_baseline(baseline, dep, tmp, baseline_onnx)
         self.target_ms = target.ms_for(self.baseline_ms)
         self.table = table.calibrate([(arch, self.baseline_ms)])
         self.measured: list[tuple[Architecture, float]] = []

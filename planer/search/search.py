@@ -230,6 +230,18 @@ def fastest_predicted(table: LatencyTable, space: SearchSpace) -> float:
     return table.scale * (table.entries[FIXED]["p50"] + cheapest_attn + rest)
 
 
+def timed_baseline(baseline: LM, dep: Deployment, tmp: Path, exported: str | None) -> tuple[str, float]:
+    """The baseline's graph (`exported`, or exported into `tmp` here) on rank 0 ("" elsewhere) and its p50 in the
+    engine on every rank, the median of three timings: the first can land on a machine still busy (a --compare
+    build's dense-only search, started after a training run, timed the baseline at 11.1 ms where every later run
+    gave 7.2-8.4), and an absolute target is read against it."""
+    if not distributed.is_main():
+        return "", distributed.broadcast(None)
+    path = exported or str(export_lm(baseline, tmp / "baseline.onnx", **dep.export_options()))
+    return path, distributed.broadcast(statistics.median(measure([(path, baseline.arch)], dep)[0].p50
+                                                         for _ in range(3)))
+
+
 def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, target: Target,
            *, cfg: SearchConfig = SearchConfig(), log_path: Path | None = None, show_progress: bool = True,
            baseline_onnx: str | None = None) -> SearchOutcome:
@@ -259,13 +271,7 @@ class _Search:
         self.tmp, self.log_path = tmp, log_path
         self.arch = arch = baseline.arch
         self.main = main = distributed.is_main()
-        self.base_path = "" if not main else baseline_onnx or str(export_lm(baseline, tmp / "baseline.onnx",
-                                                                             **dep.export_options()))
-        # The first timing can land on a machine still busy (a --compare build's dense-only search, started after
-        # a training run, timed the baseline at 11.1 ms where every later run gave 7.2-8.4), and an absolute target
-        # is read against it: the median of three.
-        self.baseline_ms = distributed.broadcast(
-            statistics.median(measure([(self.base_path, arch)], dep)[0].p50 for _ in range(3)) if main else None)
+        self.base_path, self.baseline_ms = timed_baseline(baseline, dep, tmp, baseline_onnx)
         self.target_ms = target.ms_for(self.baseline_ms)
         # Each candidate's time as it would have measured beside this first baseline measurement: the machine
         # drifts between runs (a small tiny build's baseline measured 8.9, 9.5 and 11.1 ms in three of them),
