@@ -139,17 +139,32 @@ _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim),
 @click.option("--eval-every", type=_COUNT, help="steps between validations (overrides the preset)")
 @click.option("--ckpt-every", type=_COUNT, help="steps between checkpoints (overrides the preset)")
 @click.option("--seed", type=_NONNEG, help="random seed (overrides the preset)")
+@click.option("--layers", type=_COUNT, help="attention + FFN layers (overrides the preset's depth)")
+@click.option("--d-model", type=_COUNT, help="model width (overrides the preset)")
+@click.option("--heads", type=_COUNT, help="attention heads per layer (overrides the preset)")
+@click.option("--d-head", type=_COUNT, help="width of each head (overrides the preset)")
+@click.option("--d-inner", type=_COUNT, help="FFN width (overrides the preset)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_command(preset: str | None, data_spec: str, out: Path, resume: bool, steps: int | None, batch: int | None,
                   lr: float | None, eval_every: int | None, ckpt_every: int | None, seed: int | None,
-                  quiet: bool) -> None:
+                  layers: int | None, d_model: int | None, heads: int | None, d_head: int | None,
+                  d_inner: int | None, quiet: bool) -> None:
     """Train a baseline language model (Transformer-XL style, with segment memory)."""
     from planer.data import load_corpus
     from planer.train.evaluate import headline
     from planer.train.presets import get_preset, with_overrides
     from planer.train.trainer import check_new_run, saved_config, train
 
+    from dataclasses import replace
+
+    # the Preset field each shape option overrides
+    options = {"n_layer": ("--layers", layers), "d_model": ("--d-model", d_model), "n_head": ("--heads", heads),
+               "d_head": ("--d-head", d_head), "d_inner": ("--d-inner", d_inner)}
+    shape = {field: value for field, (_, value) in options.items() if value is not None}
     if resume:
+        if shape:
+            given = ", ".join(options[field][0] for field in shape)
+            raise PlanerError(f"{out} keeps the shape it was started with; drop {given} to resume it")
         cfg, saved_preset = saved_config(out)
         if preset and preset != saved_preset:
             raise PlanerError(f"{out} was trained with --preset {saved_preset}; drop --preset to resume it")
@@ -157,12 +172,12 @@ def train_command(preset: str | None, data_spec: str, out: Path, resume: bool, s
     else:
         if not preset:
             raise PlanerError("choose a baseline with --preset (tiny, txl-enwik8-base, txl-wt103-base)")
-        chosen = get_preset(preset)
+        chosen = replace(get_preset(preset), **shape)
         check_new_run(out)
         cfg, arch = chosen.train, None
     corpus = load_corpus(data_spec)
     if not resume:
-        arch = chosen.architecture(corpus.vocab_size)
+        arch = chosen.architecture(corpus.vocab_size).validate()
     cfg = with_overrides(cfg, steps=steps, batch=batch, lr=lr, eval_every=eval_every, ckpt_every=ckpt_every,
                          seed=seed)
     from planer import distributed

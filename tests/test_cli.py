@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from planer.arch import Architecture
 from planer.cli import main
 from tests.conftest import small_arch
 
@@ -43,7 +44,21 @@ def test_train_and_eval(tmp_path, text_file):
                     "already exists; pass --resume")
 
 
+def test_train_sets_depth_and_widths(tmp_path, text_file):
+    out = tmp_path / "deep"
+    result = run("train", "--preset", "tiny", "--data", f"enwik8:{text_file}", "--out", out, "--steps", 2,
+                 "--batch", 2, "--eval-every", 2, "--quiet", "--layers", 3, "--d-model", 32, "--heads", 2,
+                 "--d-head", 8, "--d-inner", 64)
+    assert result.exit_code == 0, result.output
+    arch = Architecture.load(out / "arch.json")
+    assert arch == Architecture.transformer_xl(n_layer=3, d_model=32, n_head=2, d_head=8, d_inner=64, vocab_size=256,
+                                               tgt_len=128, mem_len=128, name="tiny")
+    _one_line_error(run("train", "--out", out, "--resume", "--layers", 4), "drop --layers to resume it")
+
+
 @pytest.mark.parametrize("args, fragment", [
+    (["--preset", "tiny", "--d-model", "33"], "relative positions need an even d_model, got 33"),
+    (["--preset", "tiny", "--layers", "0"], "--layers"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     ([], "choose a baseline with --preset"),
     (["--preset", "tiny", "--data", "enwik8:/no/such/file"], "no such file"),
