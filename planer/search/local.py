@@ -61,7 +61,7 @@ from planer.search.units import permute_units, rank_units
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
 from planer.train.presets import TrainConfig
-from planer.train.trainer import lr_at
+from planer.train.trainer import distillation_loss, lr_at
 
 LIBRARY_FILE = "library.safetensors"
 LIBRARY_RECORD = "library.json"
@@ -297,9 +297,7 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]]) -> float:
             for seg in passes:
                 mems_here = seg.mems[:p + 1] + (own[p + 1:] if own is not None else [None] * (len(blocks) - p - 1))
                 out, own = run_blocks(blocks, seg.inputs[p], mems_here, parent.arch.mem_len, start=p)
-                teacher = seg.logits.float().log_softmax(-1)
-                student = head_logits(parent, parent.norm(out)).float().log_softmax(-1)
-                kl.append(distributed.mean(float((teacher.exp() * (teacher - student)).sum(-1).mean())))
+                kl.append(distributed.mean(float(distillation_loss(head_logits(parent, parent.norm(out)), seg.logits))))
             library.note((p, s.label()), kl=sum(kl[first:]) / len(kl[first:]))
             halves.append((sum(kl[first:half]) / max(1, half - first), sum(kl[half:]) / max(1, len(kl) - half)))
     return _spearman(*zip(*halves)) if len(halves) > 1 else 1.0
