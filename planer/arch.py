@@ -12,7 +12,9 @@ A network is an embedding, an ordered list of pre-norm residual sublayers
     linear  one d_model x d_model projection in attention's place (Puzzle, arXiv 2411.19146): what an
             attention block computes when each token attends only to itself; no memory, no size fields
     ffn     Linear - activation - Linear of width d_inner
-    moe     `experts` FFNs of width d_inner each, top_k routing per token
+    moe     `experts` FFNs of width d_inner each, top_k routing per token, plus an always-on FFN of width
+            `shared` (0: none). Split from a trained FFN (planer.search.split) its experts partition that
+            FFN's units; the selected experts' outputs are summed (each gate is 1 in value; planer.nn.moe)
     skip    identity (a position the search left empty)
 
 Every block but skip also has a numeric precision: the engine runs its
@@ -45,15 +47,15 @@ _KIND_FIELDS = {
     "attn": ("heads", "head_dim", "kv_heads"),
     "linear": (),
     "ffn": ("d_inner",),
-    "moe": ("experts", "top_k", "d_inner"),
+    "moe": ("experts", "top_k", "d_inner", "shared"),
     "skip": (),
 }
 
 
-# label() in reverse: attn<heads>x<head_dim>[/kv<kv_heads>], linear, ffn<d_inner>, moe<experts>k<top_k>x<d_inner>,
-# skip.
+# label() in reverse: attn<heads>x<head_dim>[/kv<kv_heads>], linear, ffn<d_inner>,
+# moe<experts>k<top_k>x<d_inner>[+s<shared>], skip.
 _LABEL = re.compile(r"attn(?P<heads>\d+)x(?P<head_dim>\d+)(?:/kv(?P<kv_heads>\d+))?|ffn(?P<d_inner>\d+)"
-                    r"|moe(?P<experts>\d+)k(?P<top_k>\d+)x(?P<moe_inner>\d+)|linear|skip")
+                    r"|moe(?P<experts>\d+)k(?P<top_k>\d+)x(?P<moe_inner>\d+)(?:\+s(?P<shared>\d+))?|linear|skip")
 
 
 class ArchError(PlanerError):
@@ -70,6 +72,7 @@ class BlockSpec:
     experts: int = 0
     top_k: int = 0
     precision: str = "fp32"
+    shared: int = 0  # moe: width of the always-on FFN beside the routed experts
 
     @staticmethod
     def attn(heads: int, head_dim: int, kv_heads: int = 0, precision: str = "fp32") -> BlockSpec:
@@ -84,8 +87,8 @@ class BlockSpec:
         return BlockSpec("ffn", d_inner=d_inner, precision=precision)
 
     @staticmethod
-    def moe(experts: int, top_k: int, d_inner: int, precision: str = "fp32") -> BlockSpec:
-        return BlockSpec("moe", experts=experts, top_k=top_k, d_inner=d_inner, precision=precision)
+    def moe(experts: int, top_k: int, d_inner: int, precision: str = "fp32", shared: int = 0) -> BlockSpec:
+        return BlockSpec("moe", experts=experts, top_k=top_k, d_inner=d_inner, precision=precision, shared=shared)
 
     @staticmethod
     def skip() -> BlockSpec:
@@ -96,14 +99,15 @@ class BlockSpec:
         return self.kv_heads or self.heads
 
     def label(self) -> str:
-        """Short human-readable name, e.g. `attn4x64`, `linear`, `ffn1024`, `moe8k2x512`, `ffn1024@int8`."""
+        """Short human-readable name, e.g. `attn4x64`, `linear`, `ffn1024`, `moe8k2x512`, `moe4k1x96+s384`,
+        `ffn1024@int8`."""
         if self.kind == "attn":
             kv = f"/kv{self.kv_heads}" if self.kv_heads and self.kv_heads != self.heads else ""
             shape = f"attn{self.heads}x{self.head_dim}{kv}"
         elif self.kind == "ffn":
             shape = f"ffn{self.d_inner}"
         elif self.kind == "moe":
-            shape = f"moe{self.experts}k{self.top_k}x{self.d_inner}"
+            shape = f"moe{self.experts}k{self.top_k}x{self.d_inner}" + (f"+s{self.shared}" if self.shared else "")
         elif self.kind == "linear":
             shape = "linear"
         else:
@@ -117,7 +121,7 @@ class BlockSpec:
         match = _LABEL.fullmatch(shape)
         if not match or (precision and (precision not in PRECISIONS or shape == "skip")):
             raise ArchError(f"{label!r} is not a block label; write e.g. attn4x48, attn8x64/kv2, linear, ffn768, "
-                            f"moe8k2x512, skip, with @{'/@'.join(PRECISIONS[1:])} for another precision")
+                            f"moe8k2x512, moe4k1x96+s384, skip, with @{'/@'.join(PRECISIONS[1:])} for another precision")
         n = {"d_inner" if k == "moe_inner" else k: int(v) for k, v in match.groupdict().items() if v}
         kind = shape if not n else "attn" if "heads" in n else "ffn" if "experts" not in n else "moe"
         return BlockSpec(kind, **n, precision=precision or "fp32")
@@ -130,7 +134,7 @@ class BlockSpec:
         d: dict[str, Any] = {"kind": self.kind}
         for name in _KIND_FIELDS.get(self.kind, ()):
             value = getattr(self, name)
-            if name != "kv_heads" or value:
+            if name not in ("kv_heads", "shared") or value:  # optional fields appear only when used
                 d[name] = value
         if self.precision != "fp32":  # fp32 blocks read as they did before precision was a field
             d["precision"] = self.precision
@@ -343,8 +347,8 @@ class Architecture:
             n = norm + self.ffn_params(b.d_inner)
             return n, n
         expert = self.ffn_params(b.d_inner)
-        router = d * b.experts
-        return norm + router + b.experts * expert, norm + router + b.top_k * expert
+        always = norm + d * b.experts + (self.ffn_params(b.shared) if b.shared else 0)  # norm, router, shared part
+        return always + b.experts * expert, always + b.top_k * expert
 
     def param_counts(self) -> dict[str, int]:
         """Total and active-per-token parameters, with and without embeddings."""
@@ -389,7 +393,7 @@ class Architecture:
                 total += 2 * d * d
             else:
                 mats = 3 if self.activation == "swiglu" else 2
-                width = b.d_inner * (b.top_k if b.kind == "moe" else 1)
+                width = b.d_inner * b.top_k + b.shared if b.kind == "moe" else b.d_inner
                 total += 2 * mats * d * width
                 if b.kind == "moe":
                     total += 2 * d * b.experts

@@ -23,9 +23,10 @@ SHAPES = [(b, t) for b in (1, 3, 8) for t in (1, 37, 128)]
 
 
 def _skewed_model(activation: str = "gelu") -> LM:
-    """MoE routing forced by the weights: block 1 sends every token to expert 2; block 3 never uses 4 and 5."""
-    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.moe(4, 1, 32), BlockSpec.attn(2, 16), BlockSpec.moe(6, 2, 24)],
-                      activation=activation)
+    """MoE routing forced by the weights: block 1 sends every token to expert 2; block 3 (with a shared part) never
+    uses 4 and 5."""
+    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.moe(4, 1, 32), BlockSpec.attn(2, 16),
+                       BlockSpec.moe(6, 2, 24, shared=16)], activation=activation)
     model = LM(arch).eval()
     with torch.no_grad():
         for block, experts in ((model.blocks[1], [2]), (model.blocks[3], [0, 1, 2, 3])):
@@ -37,7 +38,7 @@ def _skewed_model(activation: str = "gelu") -> LM:
 
 def _variant_model() -> LM:
     """The Llama-style variants: RMSNorm, rotary positions, grouped-query attention, SwiGLU, untied head."""
-    arch = small_arch([BlockSpec.attn(4, 8, 2), BlockSpec.ffn(48), BlockSpec.attn(4, 8), BlockSpec.moe(4, 2, 24)],
+    arch = small_arch([BlockSpec.attn(4, 8, 2), BlockSpec.ffn(48), BlockSpec.attn(4, 8), BlockSpec.moe(4, 2, 24, shared=8)],
                       norm="rmsnorm", pos="rotary", activation="swiglu", bias=False, tie_embeddings=False)
     return LM(arch).eval()
 

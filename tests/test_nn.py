@@ -53,7 +53,7 @@ def test_moe_experts_see_only_their_tokens():
 
 
 def test_balance_loss_is_one_when_uniform_and_grows_when_skewed():
-    from planer.nn.moe import balance_loss
+    from planer.nn.routing import balance_loss
     probs = torch.full((8, 4), 0.25)
     assert balance_loss(probs, torch.arange(8).remainder(4)[:, None], 4).item() == pytest.approx(1.0)
     skewed = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).repeat(8, 1)

@@ -8,13 +8,19 @@ gathered, the expert run on those rows only, and the results written to their
 slots. Every slot belongs to exactly one expert, so the writes never collide
 and no scatter-add is needed (ONNX Runtime's ScatterND with reduction=add and
 duplicate indices has given wrong results intermittently with 2 threads); the
-k slots of a token are then summed with their gates.
+k slots of a token are then summed (every gate is 1 in value: planer.nn.routing).
 
 `ort-moe` — ONNX Runtime's fused `com.microsoft::MoE` contrib op (softmax,
 top-k, grouped expert GEMMs and the weighted combine in one kernel). Its GELU
 is the tanh form, so it lowers networks whose activation is `gelu_tanh`,
 `relu` or `silu` exactly and refuses exact `gelu` rather than change the
-network's function silently.
+network's function silently. Its gates are the renormalised top-k
+probabilities, 1/k each when the op is given logits that are 0 on a token's
+k chosen experts and far below elsewhere, so its output times k is the sum
+of the k experts' outputs that planer's MoE computes.
+
+Every form adds the block's always-on shared FFN, where it has one, as plain
+operators.
 
 `trt` — for TensorRT: router, softmax and top-k as standard operators, then
 one `planer::moe_experts` node per layer that TensorRT's parser maps to
@@ -42,6 +48,7 @@ class OpsMoE(nn.Module):
         super().__init__()
         self.router = moe.router
         self.experts = moe.experts
+        self.shared = moe.shared
         self.top_k = moe.top_k
         self.route = moe.route
         self.aux_loss = torch.zeros(())  # inference graphs carry no balance loss
@@ -60,7 +67,7 @@ class OpsMoE(nn.Module):
             rows = x.index_select(0, token.index_select(0, mine))
             slots = slots.index_put((mine,), expert(rows))
         out = (slots.view(-1, self.top_k, shape[-1]) * gates.unsqueeze(-1)).sum(dim=1)
-        return out.reshape(shape)
+        return _with_shared(self.shared, x, out).reshape(shape)
 
 
 class OrtMoE(nn.Module):
@@ -73,7 +80,7 @@ class OrtMoE(nn.Module):
             raise PlanerError(
                 f"the ort-moe lowering cannot run activation {first.activation!r} exactly (ONNX Runtime's fused "
                 f"MoE has {', '.join(_ORT_ACTIVATIONS)}); use --lowering ops")
-        self.router = moe.router
+        self.router, self.shared = moe.router, moe.shared
         self.top_k = moe.top_k
         self.activation = _ORT_ACTIVATIONS[first.activation]
         w = stacked_experts(moe)
@@ -84,12 +91,15 @@ class OrtMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        if self.top_k > 1:  # equal logits on the chosen experts: gates 1/k each (see the module's docstring)
+            chosen = torch.zeros_like(logits).scatter(1, logits.topk(self.top_k, dim=-1).indices, 1.0)
+            logits = (chosen - 1) * 1e4
         out = torch.onnx.ops.symbolic(
-            "com.microsoft::MoE", (x, self.router(x), self.fc1, self.fc1_bias, self.fc2, self.fc2_bias),
-            {"k": self.top_k, "activation_type": self.activation,
-             "normalize_routing_weights": int(self.top_k > 1)},  # planer renormalises only for k > 1
-            dtype=x.dtype, shape=x.shape, version=1)
-        return out.reshape(shape)
+            "com.microsoft::MoE", (x, logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias),
+            {"k": self.top_k, "activation_type": self.activation, "normalize_routing_weights": 1},
+            dtype=x.dtype, shape=x.shape, version=1) * self.top_k
+        return _with_shared(self.shared, x, out).reshape(shape)
 
 
 class TrtMoE(nn.Module):
@@ -100,7 +110,7 @@ class TrtMoE(nn.Module):
         super().__init__()
         from planer.trt.plugin import NAMESPACE
 
-        self.router, self.route, self.top_k = moe.router, moe.route, moe.top_k
+        self.router, self.route, self.top_k, self.shared = moe.router, moe.route, moe.top_k, moe.shared
         self.weights = nn.ParameterDict({name: nn.Parameter(w) for name, w in stacked_experts(moe).items()})
         experts, d_inner, d_model = self.weights["w_up"].shape
         self.attrs = {"activation": moe.experts[0].activation, "experts": experts, "d_model": d_model,
@@ -116,7 +126,11 @@ class TrtMoE(nn.Module):
         weights = tuple(self.weights[name] for name in INPUTS[3:])
         slots = torch.onnx.ops.symbolic(PLUGIN_ID, (x, ids.to(torch.int32), gates, *weights), self.attrs,
                                         dtype=x.dtype, shape=(x.shape[0], self.top_k, shape[-1]), version=1)
-        return slots.sum(dim=1).reshape(shape)
+        return _with_shared(self.shared, x, slots.sum(dim=1)).reshape(shape)
+
+
+def _with_shared(shared: nn.Module | None, x: Tensor, routed: Tensor) -> Tensor:
+    return routed if shared is None else routed + shared(x)
 
 
 def stacked_experts(moe: MoE) -> dict[str, Tensor]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from planer.kernels import ACTIVATION_CODES
 from planer.nn.ffn import ACTIVATIONS, FFN
-from planer.nn.moe import routed_counts
+from planer.nn.routing import routed_counts
 from planer.kernels.experts import activate
 
 BLOCK_M = 16  # tl.dot's smallest tile; routed rows are padded to it per expert, never across experts

@@ -45,7 +45,7 @@ class Block(nn.Module):
         elif spec.kind == "ffn":
             self.f = FFN(arch.d_model, spec.d_inner, arch.activation, arch.bias)
         else:
-            self.f = MoE(arch.d_model, spec.experts, spec.top_k, spec.d_inner, arch.activation, arch.bias)
+            self.f = MoE(arch.d_model, spec.experts, spec.top_k, spec.d_inner, arch.activation, arch.bias, spec.shared)
         set_precision(self.f, spec.precision)
 
     def forward(self, x: Tensor, mem: Tensor | None = None) -> Tensor:

@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from planer.arch import Architecture, BlockSpec
+from planer.arch import ArchError, Architecture, BlockSpec
 from planer.nn import LM, LMOutput
 from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
 from planer.nn.model import Block, embed_tokens, head_logits, init_weights, make_norm, next_memory
-from planer.nn.moe import balance_loss, dispatch, route
+from planer.nn.moe import dispatch
+from planer.nn.routing import balance_loss, route
 from planer.nn.quant import QLinear, computing
 from planer.space import SearchSpace
 
@@ -109,6 +110,9 @@ class Position(nn.Module):
         linear = any(c.kind == "linear" for c in candidates)
         ffn_widths = [c.d_inner for c in candidates if c.kind == "ffn"]
         moes = [c for c in candidates if c.kind == "moe"]
+        if any(c.shared for c in moes):
+            raise ArchError(f"the supernet upcycles experts and has no shared part: "
+                            f"{next(c for c in moes if c.shared).label()} needs --search local")
         order = weight_order(ffn_src.f) if ffn_src is not None else None
         if attns or linear:
             self.attn_norm = copy.deepcopy(attn_src.norm) if attn_src is not None else make_norm(arch)
@@ -166,7 +170,7 @@ class Position(nn.Module):
         flat = h.reshape(-1, h.shape[-1])
         probs, gates, ids = route(self.routers[str(spec.experts)](flat), spec.top_k)
         experts = [partial(e, width=spec.d_inner) for e in self.experts[: spec.experts]]
-        out = dispatch(flat, gates, ids, experts).reshape(h.shape)
+        out = dispatch(flat, gates / spec.top_k, ids, experts).reshape(h.shape)  # copies: their mean is the FFN
         return x + out, balance_loss(probs, ids, spec.experts)
 
     @torch.no_grad()
@@ -188,6 +192,9 @@ class Position(nn.Module):
             block.f.router.weight.copy_(self.routers[str(spec.experts)].weight)
             for dst, src in zip(block.f.experts, self.experts):
                 copy_ffn(dst, src, torch.arange(spec.d_inner))
+                dst.down.weight /= spec.top_k  # a MoE block sums its k experts; the supernet averaged them
+                if dst.down.bias is not None:
+                    dst.down.bias /= spec.top_k
         return block
 
 
