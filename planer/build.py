@@ -57,8 +57,9 @@ from planer.nn.model import in_precision
 from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import Engine, describe_engine, evaluate_engine, load_engine
 from planer.search import run_search
+from planer.search.local import alternatives
 from planer.search.search import OUTCOME_FILE, InfeasibleTarget, SearchConfig, SearchOutcome
-from planer.space import SearchSpace, trainable_params_limit
+from planer.space import ExpertOptions, SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
 from planer.train.presets import TrainConfig, finetune_config
 from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source, saved_config, train
@@ -137,10 +138,11 @@ BUDGETS = {
 
 def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
           budget: Budget = BUDGETS["medium"], data: str | None = None,
-          space: SearchSpace | None = None, table_cache: Path | None = None, continued: Path | None = None,
-          compare: bool = False, show_progress: bool = True) -> dict[str, Any]:
+          space: SearchSpace | None = None, moe: ExpertOptions = ExpertOptions(), table_cache: Path | None = None,
+          continued: Path | None = None, compare: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Build a faster sparse network from the baseline run `run`; returns the summary in latency.json.
 
+    `moe` shapes the default space's MoE candidates (refused together with `space`).
     `table_cache` is a latency table file reused for the blocks it already holds (same engine and
     shape only) and updated with the ones profiled now. `continued` is the baseline-continued/ directory
     of an earlier build from the same baseline with the same budget, reused instead of training it again.
@@ -156,7 +158,7 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
     fresh = not work.exists()
     main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
     try:
-        run, baseline, corpus, space = _baseline(source, work, dep, data, space)
+        run, baseline, corpus, space = _baseline(source, work, dep, data, space, budget.search.method, moe)
         request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target.ms,
                    "target_speedup": target.speedup, "deployment": asdict(dep), "budget": asdict(budget),
                    "space": space.to_dict(), "compare": compare, "planer": __version__}
@@ -184,8 +186,8 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
 
 def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
                  budget: Budget = BUDGETS["medium"], data: str | None = None,
-                 space: SearchSpace | None = None, table_cache: Path | None = None,
-                 show_progress: bool = True) -> SearchOutcome:
+                 space: SearchSpace | None = None, moe: ExpertOptions = ExpertOptions(),
+                 table_cache: Path | None = None, show_progress: bool = True) -> SearchOutcome:
     """`planer search`: a build's profile and search stages alone. OUT receives the chosen network before
     distillation (arch.json, model.safetensors: what `planer distill` takes), outcome.json (every derived
     candidate), the calibrated latency_table.json and search_log.jsonl; a Hugging Face baseline's import
@@ -202,7 +204,7 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: T
 
     distributed.main_writes(start_over)
     try:
-        _, baseline, corpus, space = _baseline(source, work, dep, data, space)
+        _, baseline, corpus, space = _baseline(source, work, dep, data, space, budget.search.method, moe)
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
         outcome = run_search(baseline, corpus, space, table, dep, target, cfg=budget.search,
                              log_path=work / "search_log.jsonl", show_progress=show_progress)
@@ -242,13 +244,14 @@ def _check_request(out: Path, dep: Deployment) -> None:
     describe_engine(dep.engine, threads=dep.threads)  # an engine missing here fails before any import or training
 
 
-def _baseline(source: Path, work: Path, dep: Deployment, data: str | None, space: SearchSpace | None
-              ) -> tuple[Path, LM, Corpus, SearchSpace]:
+def _baseline(source: Path, work: Path, dep: Deployment, data: str | None, space: SearchSpace | None,
+              method: str, moe: ExpertOptions) -> tuple[Path, LM, Corpus, SearchSpace]:
     """The baseline's run directory (imported into WORK first if need be), the baseline, its corpus and the
-    search space this machine can train."""
+    search space this machine can train with the search `method`."""
     run = _imported(source, work, dep)
     baseline = load_model(run).eval()
-    return run, baseline, run_corpus(run, data, baseline.arch.vocab_size), _trainable(space, baseline.arch, dep)
+    return (run, baseline, run_corpus(run, data, baseline.arch.vocab_size),
+            _trainable(space, baseline.arch, dep, method, moe))
 
 
 def _profiled(baseline: LM, space: SearchSpace, dep: Deployment, work: Path, table_cache: Path | None,
@@ -283,11 +286,31 @@ class _Clock:
             atomic_write(self.path, json.dumps(self.laps, indent=2) + "\n")
 
 
-def _trainable(space: SearchSpace | None, arch: Architecture, dep: Deployment) -> SearchSpace:
-    """The given space, or the default one narrowed to what this machine's memory can train, with every block
-    in each precision the deployment runs (Deployment.searchable)."""
+def _trainable(space: SearchSpace | None, arch: Architecture, dep: Deployment, method: str,
+               moe: ExpertOptions = ExpertOptions()) -> SearchSpace:
+    """The given space, or the default one with the MoE candidates `moe` asks for (for the local search the
+    FFN's splits into experts; for the supernet, narrowed to what this machine's memory can train), with every
+    block in each precision the deployment runs (Deployment.searchable). What the search cannot do with it is
+    refused here, before any work."""
     limit = trainable_params_limit()
-    space = dep.searchable(space or SearchSpace.default(arch, max_params=limit))
+    local = method == "local"
+    if space is not None and moe.given():
+        raise PlanerError(f"{moe.given()[0]} shapes the default space; with --space, list the MoE blocks in the file")
+    moe.check(arch, local)
+    if space is None:
+        upcycled = {k: v for k, v in (("experts", moe.experts), ("top_k", moe.top_k)) if v and not local}
+        space = SearchSpace.default(arch, max_params=None if local else limit, **upcycled)
+        if local:
+            splits = {k: v for k, v in (("experts", moe.experts), ("top_k", moe.top_k), ("shared", moe.shared)) if v}
+            space = space.with_splits(arch, **splits)
+    space = dep.searchable(space)
+    if method == "local":
+        alternatives(arch, space)
+        return space
+    shared = next((c for c in space.candidates if c.kind == "moe" and c.shared), None)
+    if shared is not None:
+        raise PlanerError(f"--space holds {shared.label()}, a MoE block with a shared part: only --search local "
+                          "trains those (the supernet upcycles its experts)")
     if space.supernet_params(arch) > limit:
         raise PlanerError(f"the search space's supernet would hold {space.supernet_params(arch) / 1e6:,.0f}M "
                           f"parameters; this machine trains at most {limit / 1e6:,.0f}M -- give fewer positions, "

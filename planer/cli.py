@@ -433,6 +433,13 @@ _search_options = _options(
     click.option("--local-steps", type=_COUNT, help="local search: distillation steps of every alternative block "
                  "(default: the budget's: small 200 at 4 streams, medium 1000 and large 3000 at 8); they count "
                  "toward the result's training, so the reference baselines train as many more"),
+    click.option("--experts", metavar="E[,E...]", help="expert counts of the default space's MoE candidates "
+                 "(gumbel: copies of the FFN, default 2,4,8,16; local: the FFN's units split into E experts, "
+                 "default 2,4,8; E must divide the units routed)"),
+    click.option("--top-k", "top_k", metavar="K[,K...]", help="experts each token is routed to, 1 <= K <= E "
+                 "[default: 1,2]"),
+    click.option("--shared", metavar="F[,F...]", help="local search: share of the FFN's units (largest mean "
+                 "contribution) kept always on beside the split experts, 0 <= F < 1 [default: 0,0.25]"),
     click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for "
                  "an imported model, which reads it through its own tokenizer). " + _DATA_HELP),
     click.option("--table", "table_cache", type=_OUTPUT,
@@ -473,8 +480,8 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
 def build_command(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
                   batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
                   precision: str | None, budget: str, space: Path | None, method: str, local_steps: int | None,
-                  data_spec: str | None, table_cache: Path | None, compare: bool, continued: Path | None,
-                  quiet: bool) -> None:
+                  experts: str | None, top_k: str | None, shared: str | None, data_spec: str | None,
+                  table_cache: Path | None, compare: bool, continued: Path | None, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
     from planer import distributed
@@ -487,9 +494,11 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
     if out is None:
         suffix = "sweep" if len(targets) > 1 else targets[0].label()
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
+    moe = _expert_options(experts, top_k, shared)
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     options = dict(dep=dep, budget=BUDGETS[budget].searching(method, local_steps), data=data_spec,
-                   space=SearchSpace.load(space) if space else None, table_cache=table_cache, compare=compare, continued=continued, show_progress=not quiet)
+                   space=SearchSpace.load(space) if space else None, moe=moe,
+                   table_cache=table_cache, compare=compare, continued=continued, show_progress=not quiet)
     try:
         if len(targets) > 1:
             summaries = sweep(run, out, speedups, **options)
@@ -521,7 +530,8 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
 def search_command(run: Path, engine: str, target_speedup: float | None, target_latency_ms: float | None, out: Path,
                    batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
                    precision: str | None, budget: str, space: Path | None, method: str, local_steps: int | None,
-                   data_spec: str | None, table_cache: Path | None, quiet: bool) -> None:
+                   experts: str | None, top_k: str | None, shared: str | None, data_spec: str | None,
+                   table_cache: Path | None, quiet: bool) -> None:
     """A build's profile and search stages alone: the network that meets the target, before distillation
     (`planer distill` trains it on)."""
     from planer import distributed
@@ -530,11 +540,13 @@ def search_command(run: Path, engine: str, target_speedup: float | None, target_
     from planer.space import SearchSpace
 
     target = Target(ms=target_latency_ms, speedup=target_speedup)
+    moe = _expert_options(experts, top_k, shared)
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     try:
         outcome = search_alone(run, out, dep=dep, target=target, budget=BUDGETS[budget].searching(method, local_steps),
                                data=data_spec, space=SearchSpace.load(space) if space else None,
-                               table_cache=table_cache, show_progress=not quiet)
+                               moe=moe, table_cache=table_cache,
+                               show_progress=not quiet)
     except KeyboardInterrupt:
         raise PlanerError("interrupted; nothing was kept: run the same command again to start over") from None
     if not distributed.is_main():
@@ -665,6 +677,23 @@ def serve_command(build_dir: Path, engine: str, host: str, port: int, threads: i
                          max_body_bytes=max_body_kb * 1024, max_new_tokens=max_new_tokens,
                          body_timeout_s=body_timeout_s)
     serve(build_dir, engine=engine, threads=threads, host=host, port=port, config=config)
+
+
+def _expert_options(experts: str | None, top_k: str | None, shared: str | None):
+    """--experts, --top-k and --shared as numbers; their sense is checked against the baseline (ExpertOptions)."""
+    from planer.space import ExpertOptions
+
+    def numbers(option: str, text: str | None, kind: type) -> tuple | None:
+        if text is None:
+            return None
+        try:
+            return tuple(dict.fromkeys(kind(v) for v in text.split(",")))
+        except ValueError:
+            raise PlanerError(f"{option} {text!r}: give a comma-separated list of {kind.__name__}s, e.g. "
+                              f"{'2,4,8' if kind is int else '0,0.25'}") from None
+
+    return ExpertOptions(numbers("--experts", experts, int), numbers("--top-k", top_k, int),
+                         numbers("--shared", shared, float))
 
 
 def _speedups(text: str) -> list[float]:

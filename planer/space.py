@@ -4,7 +4,9 @@ PLANER's space (arXiv 2208.14580) over a baseline with H heads and FFN width W:
 `skip`; attention with h in {1, 2, 4, ..., H} heads of the baseline's head size;
 FFN of width {1/4, 1/2, 1} x W; MoE with E in {2, 4, 8, 16} experts, top-k
 k in {1, 2}, expert width {1/4, 1/2, 1} x W. To these it adds Puzzle's (arXiv
-2411.19146) `linear` replacement of attention, one d_model x d_model projection.
+2411.19146) `linear` replacement of attention, one d_model x d_model projection,
+and for the local search the MoE blocks that split the FFN (`with_splits`:
+MoEfication, arXiv 2110.01786, with a shared always-on part).
 Positions default to twice the baseline's sublayers so the order and the
 attention:FFN ratio can change.
 The space is plain data with a JSON form users can narrow or widen.
@@ -35,6 +37,51 @@ def trainable_params_limit(share: float = 1 / 3) -> int:
     except OSError:
         pass
     return int(memory * share / BYTES_PER_TRAINED_PARAM)
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """The MoE candidates of the default space, as `--experts`, `--top-k` and `--shared` give them (None: the
+    search's default). The supernet upcycles E copies of the FFN; the local search splits the FFN into E experts
+    beside a shared part of `shared` x its units."""
+
+    experts: tuple[int, ...] | None = None
+    top_k: tuple[int, ...] | None = None
+    shared: tuple[float, ...] | None = None
+
+    def given(self) -> list[str]:
+        return [f"--{name.replace('_', '-')}" for name in ("experts", "top_k", "shared") if getattr(self, name)]
+
+    def check(self, baseline: Architecture, local: bool) -> None:
+        """Refuse, naming the option, what cannot make a MoE candidate of `baseline`."""
+        if not self.given():
+            return
+        ffn = next((b for b in baseline.blocks if b.kind == "ffn"), None)
+        if ffn is None:
+            raise ArchError(f"{self.given()[0]}: MoE candidates are made from an FFN, and the baseline has none")
+        if any(e < 1 for e in self.experts or ()):
+            raise ArchError(f"--experts {_csv(self.experts)}: expert counts must be at least 1")
+        top = max(self.experts or ((8,) if local else (16,)))
+        bad_k = [k for k in self.top_k or () if not 1 <= k <= top]
+        if bad_k:
+            raise ArchError(f"--top-k {bad_k[0]}: top-k must be between 1 and the largest expert count ({top})")
+        if self.shared is not None and not local:
+            raise ArchError("--shared: only --search local makes experts with a shared part (the supernet upcycles "
+                            "copies of the FFN)")
+        bad_share = [f for f in self.shared or () if not 0 <= f < 1]
+        if bad_share:
+            raise ArchError(f"--shared {bad_share[0]:g}: the shared part is a share of the FFN's units, from 0 to below 1")
+        if local:
+            for f in self.shared or (0.0,):
+                routed = ffn.d_inner - int(ffn.d_inner * f)
+                for e in self.experts or ():
+                    if routed % e:
+                        raise ArchError(f"--experts {e}: {e} experts do not divide the {routed} units of the FFN "
+                                        f"({ffn.d_inner}) left beside --shared {f:g}; use a divisor of {routed}")
+
+
+def _csv(values: tuple) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -77,6 +124,21 @@ class SearchSpace:
                                 f"{space().supernet_params(baseline) / 1e6:,.0f}M supernet parameters, more than "
                                 f"the {max_params / 1e6:,.0f}M this machine can train; pass a smaller --space")
         return space()
+
+    def with_splits(self, baseline: Architecture, *, experts: tuple[int, ...] = (2, 4, 8),
+                    top_k: tuple[int, ...] = (1, 2), shared: tuple[float, ...] = (0.0, 0.25)) -> SearchSpace:
+        """This space and the MoE blocks that split the baseline's FFN (planer.search.split): E experts of
+        (W - S) / E units, k < E of them routed per token, beside S = share x W always-on units, for every
+        combination that divides evenly. Only the local search trains these."""
+        ffn = next((b for b in baseline.blocks if b.kind == "ffn"), None)
+        if ffn is None:
+            raise ArchError("split experts are cut from an FFN, and the baseline has no FFN block")
+        splits = []
+        for share in shared:
+            s = int(ffn.d_inner * share)
+            splits += [BlockSpec.moe(e, k, (ffn.d_inner - s) // e, shared=s) for e in experts for k in top_k
+                       if k < e and (ffn.d_inner - s) % e == 0]
+        return SearchSpace(self.positions, tuple(dict.fromkeys(self.candidates + tuple(splits)))).validate()
 
     def supernet_params(self, baseline: Architecture) -> int:
         """Parameters of the supernet over `baseline` (planer.search.supernet.Position's layout): per position,

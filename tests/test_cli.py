@@ -210,6 +210,19 @@ def test_profile_refuses_a_table_from_another_shape(tiny_run, tmp_path):
     assert table.read_text() == before
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--search", "local", "--experts", "3"], "--experts 3: 3 experts do not divide the 64 units"),
+    (["--search", "local", "--shared", "0.25", "--experts", "4,5"], "--experts 5: 5 experts do not divide the 48"),
+    (["--experts", "2,4", "--top-k", "0"], "--top-k 0: top-k must be between 1 and the largest expert count (4)"),
+    (["--experts", "2", "--top-k", "3"], "--top-k 3"),
+    (["--shared", "0.25"], "--shared: only --search local"),
+    (["--search", "local", "--shared", "1"], "--shared 1: the shared part is a share"),
+])
+def test_bad_expert_options_are_refused_before_any_work(tiny_run, tmp_path, args, message):
+    _one_line_error(run("build", "--model", tiny_run, "--target-speedup", "2", "--out", tmp_path / "b", *args), message)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_profile_bad_space(tiny_run, tmp_path):
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"positions": 2, "candidates": [{"kind": "moe", "experts": 2, "top_k": 4,
@@ -236,6 +249,8 @@ def test_profile_bad_space(tiny_run, tmp_path):
     (["build", "--model", "M", "--target-speedup", "2", "--local-steps", "0"], "--local-steps"),
     (["search", "--model", "M", "--target-speedup", "2", "--local-steps", "-5"], "--local-steps"),
     (["build", "--model", "M", "--target-speedup", "2", "--search", "supernet"], "--search"),
+    (["build", "--model", "M", "--target-speedup", "2", "--experts", "two"], "--experts"),
+    (["search", "--model", "M", "--target-speedup", "2", "--shared", "1/4"], "--shared"),
     (["distill", "S", "T", "--steps", "0"], "--steps"),
     (["profile", "--model", "M", "--threads", "0"], "--threads"),
     (["eval", "R", "--max-tokens", "0"], "--max-tokens"),

@@ -8,7 +8,8 @@ from planer.arch import BlockSpec
 from planer.data import Segments, load_corpus
 from planer.deployment import Target
 from planer.nn import LM
-from planer.search.local import Library, alternatives, distil_locally, parent_pass, ranked_parent, score, search_local
+from planer.search.local import (Library, alternatives, calibration_inputs, distil_locally, parent_pass, ranked_parent,
+                                 score, search_local)
 from planer.search.search import SearchConfig
 from planer.search.units import rank_units, unit_importance
 from planer.space import SearchSpace
@@ -16,7 +17,8 @@ from tests.conftest import small_arch
 from tests.test_search import DEP, _Sealed
 
 SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.attn(2, 16), BlockSpec.ffn(32),
-                        BlockSpec.ffn(64), BlockSpec.linear(), BlockSpec.ffn(64, "int8")))
+                        BlockSpec.ffn(64), BlockSpec.linear(), BlockSpec.ffn(64, "int8"), BlockSpec.moe(4, 1, 32),
+                        BlockSpec.moe(2, 1, 48, shared=32), BlockSpec.moe(4, 1, 16)))  # the last splits no FFN
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +65,14 @@ def test_local_distillation_lowers_every_alternatives_error(baseline, corpus):
     options = alternatives(baseline.arch, SPACE)
     assert [o[0] for o in options] == list(baseline.arch.blocks)  # the parent block first
     assert {s.kind for s in options[0]} == {"attn", "linear", "skip"}
-    assert {s.label() for s in options[1]} == {"ffn128", "ffn32", "ffn64", "ffn64@int8", "skip"}
+    assert {s.label() for s in options[1]} == {"ffn128", "ffn32", "ffn64", "ffn64@int8", "moe4k1x32", "moe2k1x48+s32",
+                                                "skip"}
     probe = _probe(corpus)
-    library = Library(ranked_parent(baseline, probe, "activations"), options)
+    parent = ranked_parent(baseline, probe, "activations")
+    data = Segments(corpus.train[:50_000], 2, 16)
+    library = Library(parent, options, calibration_inputs(parent, data, [1, 3]))
     cfg = SearchConfig(local_steps=40, local_lr=3e-3)
-    distil_locally(library, Segments(corpus.train[:50_000], 2, 16), probe, cfg)
+    distil_locally(library, data, probe, cfg)
     keys = library.trainable()
     assert (0, "attn2x16") not in keys and (0, "skip") not in keys and (1, "ffn32") in keys
     for key in keys:
@@ -76,6 +81,8 @@ def test_local_distillation_lowers_every_alternatives_error(baseline, corpus):
     score(library, probe)
     assert library.figure((0, "attn2x16"), "kl") == 0.0  # the parent's own block changes nothing
     assert library.figure((1, "skip"), "kl") > library.figure((1, "ffn64"), "kl") > 0
+    # split experts start as parts of the FFN, not as noise: a quarter of it per token already beats dropping it
+    assert library.figure((1, "moe4k1x32"), "nmse_before") < 1.0
 
 
 def test_rank_units_orders_by_activation_and_keeps_the_function(baseline, corpus):

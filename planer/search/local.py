@@ -10,11 +10,13 @@ block by block instead:
    precision the deployment runs: an attention block fewer heads (its most important first,
    planer.search.heads), a `linear` block (planer.nn: attention's value and output projections folded into one
    matrix) or nothing; an FFN block fewer hidden units (the largest activation x output norm first,
-   planer.search.units) or nothing.
+   planer.search.units), experts split from its units with a router and an optional shared part
+   (planer.search.split), or nothing.
 2. **Local distillation.** Every alternative learns to reproduce its parent block's output from the parent's own
    input at that position (normalised MSE: the error over the parent block's own contribution, so that
    dropping the block scores exactly 1), all alternatives on the same parent forward pass, no gradient across
-   blocks. The library of trained alternatives is saved beside the search's outcome.
+   blocks (a split block's router learns with the experts, through its gates' gradient, plus the load-balancing
+   loss). The library of trained alternatives is saved beside the search's outcome.
 3. **Scoring.** Each alternative's damage is the KL divergence from the parent when it alone replaces its
    parent block, on held-out *training* tokens (the validation split judges only the result).
 4. **Selection.** One alternative per position minimising the summed damage under the latency table's budget,
@@ -22,8 +24,6 @@ block by block instead:
    and timed beside the baseline, the table is calibrated by what the engine measured and the problem solved
    again, until the solutions stop changing. Among those that met the target, the lowest held-out loss
    (or, with trials, the best after a short distillation each) is the result.
-
-Split experts (issue 40) are not yet alternatives here; the supernet search keeps the upcycled ones.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from planer.search.heads import rank_heads
 from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _arch_start, _confirm,
                                   _log, _shortlist, _trials, held_out_probe, held_out_tokens, timed_baseline)
 from planer.search.select import greedy, select
+from planer.search.split import split_ffn
 from planer.search.supernet import copy_attention, copy_ffn, copy_linear, weight_order
 from planer.search.units import permute_units, rank_units
 from planer.space import SearchSpace
@@ -68,7 +69,9 @@ LIBRARY_RECORD = "library.json"
 INITS = ("activations", "weights")
 SELECTIONS = ("exact", "greedy")
 SCORINGS = ("kl", "nmse")
-FAMILIES = {"attn": ("attn", "linear", "skip"), "ffn": ("ffn", "skip")}
+FAMILIES = {"attn": ("attn", "linear", "skip"), "ffn": ("ffn", "moe", "skip")}
+BALANCE = 0.01  # the load-balancing loss's weight beside a split block's NMSE (Switch Transformer's)
+CALIBRATION_TOKENS = 8192  # training tokens the FFN splits are clustered and their routers fitted on
 
 
 def alternatives(parent: Architecture, space: SearchSpace) -> list[list[BlockSpec]]:
@@ -90,6 +93,8 @@ def _cut_from(c: BlockSpec, parent: BlockSpec) -> bool:
                 and c.heads // c.n_kv_heads == parent.heads // parent.n_kv_heads)
     if c.kind == "ffn":
         return c.d_inner <= parent.d_inner
+    if c.kind == "moe":  # split from the parent's units, not upcycled copies of them
+        return parent.kind == "ffn" and c.experts * c.d_inner + c.shared == parent.d_inner
     return True
 
 
@@ -110,15 +115,21 @@ def ranked_parent(baseline: LM, probe: Sequence[tuple[Tensor, Tensor]], init: st
 
 
 @torch.no_grad()
-def initial_block(arch: Architecture, spec: BlockSpec, parent: Block) -> Block:
+def initial_block(arch: Architecture, spec: BlockSpec, parent: Block, calibration: Tensor | None = None) -> Block:
     """`spec` with the weights it inherits from `parent` (already ranked): the first heads or units, the linear
-    fold of the attention, the parent's norm."""
+    fold of the attention, the FFN split into experts (clustered and routed on `calibration`, the parent
+    block's inputs on training tokens), the parent's norm."""
     block = Block(arch, spec)
     if spec.kind == "skip":
         return block
     block.apply(init_weights)
     block.norm.load_state_dict(parent.norm.state_dict())
-    if spec.kind == "attn":
+    if spec.kind == "moe":
+        if calibration is None:
+            raise ValueError(f"{spec.label()} is split from its parent FFN on calibration inputs; none were given")
+        h = parent.norm(calibration.reshape(-1, arch.d_model))
+        block.f.load_state_dict(split_ffn(parent.f, h, spec.in_precision("fp32")).state_dict())
+    elif spec.kind == "attn":
         copy_attention(block.f, parent.f)
     elif spec.kind == "ffn":
         copy_ffn(block.f, parent.f, torch.arange(parent.f.up.out_features))
@@ -181,10 +192,11 @@ class Library:
     """The alternatives of every position with their weights, and what local distillation and scoring measured of
     each: `nmse_before`/`nmse_after` (on held-out training tokens) and `kl` (replace-one-block divergence)."""
 
-    def __init__(self, parent: LM, options: list[list[BlockSpec]]):
+    def __init__(self, parent: LM, options: list[list[BlockSpec]], calibration: dict[int, Tensor] | None = None):
+        """`calibration`: per position with split alternatives, the parent block's inputs on training tokens."""
         self.parent, self.options = parent, options
-        arch = parent.arch
-        self.blocks: dict[Key, Block] = {(p, s.label()): initial_block(arch, s, parent.blocks[p])
+        arch, calibration = parent.arch, calibration or {}
+        self.blocks: dict[Key, Block] = {(p, s.label()): initial_block(arch, s, parent.blocks[p], calibration.get(p))
                                          for p, specs in enumerate(options) for s in specs}
         self.record: dict[str, dict[str, float]] = {}
 
@@ -244,7 +256,7 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
             index = step % len(data)
             x, _ = data[index]
             seg, mems = parent_pass(library.parent, x, None if index == 0 else mems)
-            loss = sum(nmse(library.blocks[k], seg, k[0]) for k in keys)
+            loss = sum(nmse(library.blocks[k], seg, k[0]) + BALANCE * _balance(library.blocks[k]) for k in keys)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, schedule)
             opt.zero_grad(set_to_none=True)
@@ -259,6 +271,26 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
         for k in keys:
             library.blocks[k].eval()
     _note_nmse(library, keys, probe, "nmse_after")
+
+
+def _balance(block: Block) -> Tensor | float:
+    return block.f.aux_loss if block.kind == "moe" else 0.0
+
+
+@torch.no_grad()
+def calibration_inputs(parent: LM, data: Segments, positions: Sequence[int], tokens: int = CALIBRATION_TOKENS
+                       ) -> dict[int, Tensor]:
+    """The inputs of the parent's blocks at `positions` on the first `tokens` of `data` (consecutive segments,
+    memories carried), each (tokens, d_model)."""
+    inputs: dict[int, list[Tensor]] = {p: [] for p in positions}
+    mems, seen, index = None, 0, 0
+    while positions and seen < tokens and index < len(data):
+        x, _ = data[index]
+        seg, mems = parent_pass(parent, x, mems)
+        for p in positions:
+            inputs[p].append(seg.inputs[p].reshape(-1, parent.arch.d_model))
+        seen, index = seen + x.numel(), index + 1
+    return {p: torch.cat(chunks)[:tokens] for p, chunks in inputs.items()}
 
 
 @torch.no_grad()
@@ -291,6 +323,9 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]]) -> float:
     halves: list[tuple[float, float]] = []
     for p, specs in enumerate(library.options):
         for s in specs:
+            if s == parent.arch.blocks[p]:  # the parent's own block, with its weights: nothing changes
+                library.note((p, s.label()), kl=0.0)
+                continue
             blocks = list(parent.blocks[:p]) + [library.blocks[(p, s.label())]] + list(parent.blocks[p + 1:])
             own: list[Tensor | None] | None = None
             kl = []
@@ -362,7 +397,8 @@ class _Local:
         self.probe = held_out_probe(corpus, arch, cfg, share)
         self.options = alternatives(arch, space)
         self.parent = ranked_parent(baseline, self.probe, cfg.init)
-        self.library = Library(self.parent, self.options)
+        splits = [p for p, specs in enumerate(self.options) if any(s.kind == "moe" for s in specs)]
+        self.library = Library(self.parent, self.options, calibration_inputs(self.parent, self.data, splits))
         self.candidates: list[Candidate] = []
         self.by_choice: dict[tuple[int, ...], Candidate] = {}
 
