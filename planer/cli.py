@@ -254,7 +254,7 @@ def _load_arch(source: Path):
 @click.option("--lowering", type=click.Choice(LOWERINGS), default="ops", show_default=True,
               help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, each "
                    "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
-                   "(activations gelu_tanh, relu, silu); 'trt' = planer's TensorRT plugin (TensorRT only)")
+                   "(activations gelu_tanh, relu, silu, swiglu); 'trt' = planer's TensorRT plugin (TensorRT only)")
 @click.option("--mem-len", type=_NONNEG, help="memory length the graph keeps (default: the architecture's)")
 @click.option("--max-context", type=_NONNEG, default=0,
               help="longest memory + segment the graph must accept; Transformer-XL attention keeps its relative "

@@ -48,6 +48,7 @@ MODELS = {
     "variant/ops": (_variant_model, "ops"),
     "skewed-gelu_tanh/ort-moe": (lambda: _skewed_model("gelu_tanh"), "ort-moe"),
     "skewed-silu/ort-moe": (lambda: _skewed_model("silu"), "ort-moe"),
+    "variant/ort-moe": (_variant_model, "ort-moe"),
 }
 
 

@@ -13,7 +13,8 @@ k slots of a token are then summed (every gate is 1 in value: planer.nn.routing)
 `ort-moe` — ONNX Runtime's fused `com.microsoft::MoE` contrib op (softmax,
 top-k, grouped expert GEMMs and the weighted combine in one kernel). Its GELU
 is the tanh form, so it lowers networks whose activation is `gelu_tanh`,
-`relu` or `silu` exactly and refuses exact `gelu` rather than change the
+`relu`, `silu` or `swiglu` (Llama's, as the op's SwiGLU with alpha 1, beta 0
+and no clamp) exactly and refuses exact `gelu` rather than change the
 network's function silently. Its gates are the renormalised top-k
 probabilities, 1/k each when the op is given logits that are 0 on a token's
 k chosen experts and far below elsewhere, so its output times k is the sum
@@ -38,7 +39,10 @@ from planer.choices import LOWERINGS
 from planer.errors import PlanerError
 from planer.nn.moe import MoE
 
-_ORT_ACTIVATIONS = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}
+_ORT_ACTIVATIONS = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu", "swiglu": "swiglu"}
+# ONNX Runtime's SwiGLU is gpt-oss's, (up + beta) * gate * sigmoid(alpha * gate) with both clamped at the limit;
+# these make it Llama's silu(gate) * up. Its CPU kernel takes gate and up rows interleaved (swiglu_fusion 1).
+_LLAMA_SWIGLU = {"swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_limit": 3.0e38}
 
 
 class OpsMoE(nn.Module):
@@ -84,8 +88,13 @@ class OrtMoE(nn.Module):
         self.top_k = moe.top_k
         self.activation = _ORT_ACTIVATIONS[first.activation]
         w = stacked_experts(moe)
+        if first.activation == "swiglu":  # gate and up rows interleaved: g0 u0 g1 u1 ...
+            w["w_up"] = torch.stack([w["w_gate"], w["w_up"]], dim=2).flatten(1, 2)
+            w["b_up"] = torch.stack([w["b_gate"], w["b_up"]], dim=2).flatten(1, 2)
         self.fc1, self.fc1_bias, self.fc2, self.fc2_bias = (nn.Parameter(w[n]) for n in ("w_up", "b_up", "w_down",
                                                                                           "b_down"))
+        self.attrs = {"k": self.top_k, "activation_type": self.activation, "normalize_routing_weights": 1,
+                      **(_LLAMA_SWIGLU if first.activation == "swiglu" else {})}
         self.aux_loss = torch.zeros(())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,8 +105,7 @@ class OrtMoE(nn.Module):
             chosen = torch.zeros_like(logits).scatter(1, logits.topk(self.top_k, dim=-1).indices, 1.0)
             logits = (chosen - 1) * 1e4
         out = torch.onnx.ops.symbolic(
-            "com.microsoft::MoE", (x, logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias),
-            {"k": self.top_k, "activation_type": self.activation, "normalize_routing_weights": 1},
+            "com.microsoft::MoE", (x, logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias), self.attrs,
             dtype=x.dtype, shape=x.shape, version=1) * self.top_k
         return _with_shared(self.shared, x, out).reshape(shape)
 

@@ -216,8 +216,10 @@ def check_weights_present(onnx_path: str | os.PathLike, model: nn.Module) -> Non
     for tensor in onnx.load(str(onnx_path)).graph.initializer:
         array = numpy_helper.to_array(tensor)
         for matrix in (array,) if array.ndim == 2 else array if array.ndim == 3 else ():  # 3-D: stacked experts
-            stored.add(digest(matrix))
-            stored.add(digest(matrix.T))
+            # ort-moe's SwiGLU experts interleave their gate and up rows
+            for part in (matrix, *((matrix[0::2], matrix[1::2]) if array.ndim == 3 else ())):
+                stored.add(digest(part))
+                stored.add(digest(part.T))
     frozen = {id(attn.r) for attn in _relative(model) if attn.r_table is None}
     missing = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in frozen
                and digest(m.weight.detach().numpy()) not in stored]
