@@ -208,8 +208,10 @@ class Library:
     def note(self, key: Key, **figures: float) -> None:
         self.record.setdefault(f"{key[0]}:{key[1]}", {}).update(figures)
 
-    def figure(self, key: Key, name: str) -> float:
-        return self.record[f"{key[0]}:{key[1]}"][name]
+    def figure(self, key: Key, name: str, default: float | None = None) -> float:
+        """What was measured of `key`; `default` where it was not (None: that is an error)."""
+        figures = self.record.get(f"{key[0]}:{key[1]}", {})
+        return figures[name] if default is None or name in figures else default
 
     def network(self, choice: Sequence[int]) -> LM:
         """The network of one alternative per position (index into that position's options), skips dropped, with
@@ -441,8 +443,7 @@ class _Local:
             return self.library.figure((p, spec.label()), "kl")
         if spec.kind == "skip":  # its local error is 1 by definition (nmse), and it is never trained
             return 1.0
-        key = (p, spec.label())
-        return self.library.figure(key, "nmse_after") if key in self.library.trainable() else 0.0
+        return self.library.figure((p, spec.label()), "nmse_after", 0.0)  # the parent's own block: not trained, exact
 
     def solve(self) -> None:
         """Rounds of exact selection: the best `cfg.solutions` distinct networks under the calibrated table, each
