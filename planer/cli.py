@@ -127,7 +127,7 @@ _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim),
 
 
 @main.command("train")
-@click.option("--preset", help="baseline to train: tiny, txl-enwik8-base, txl-wt103-base "
+@click.option("--preset", help="baseline to train: tiny, deep, txl-enwik8-base, txl-wt103-base "
               "(not needed with --resume)")
 @click.option("--data", "data_spec", default="sample", show_default=True, help=_DATA_HELP)
 @click.option("--out", required=True, type=_OUTPUT,
@@ -171,7 +171,7 @@ def train_command(preset: str | None, data_spec: str, out: Path, resume: bool, s
         arch = None
     else:
         if not preset:
-            raise PlanerError("choose a baseline with --preset (tiny, txl-enwik8-base, txl-wt103-base)")
+            raise PlanerError("choose a baseline with --preset (tiny, deep, txl-enwik8-base, txl-wt103-base)")
         chosen = replace(get_preset(preset), **shape)
         check_new_run(out)
         cfg, arch = chosen.train, None
