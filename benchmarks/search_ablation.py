@@ -10,9 +10,12 @@ recipe matches), so the rows differ by the technique alone:
     init-weights   narrower alternatives keep the FFN units of largest weight norms and the heads in the
                    baseline's order, instead of those measured most important on activations
     sliced         no local distillation: the alternatives keep their inherited weights
+    no-pairs       no paired alternatives: an FFN is never trained to make up for the attention dropped before it
     nmse-scores    alternatives scored by their local error instead of their replace-one-block KL
     greedy         a greedy walk instead of the exact selection
     kl-only        the result distilled with the KL divergence alone instead of half cross-entropy
+    kl-cosine      KL plus the cosine loss between the hidden states at the blocks the result kept and the
+                   baseline's (Puzzle's global distillation), no cross-entropy
     gumbel         PLANER's supernet search instead of the local one
 
 Every build directory is kept under --out; the table gives each row's confirmed speedup and its validation loss
@@ -32,15 +35,17 @@ from planer.arch import Architecture
 from planer.build import BUDGETS, CONTINUED, Budget, build
 from planer.deployment import Deployment, Target
 
-# name -> (SearchConfig changes, distillation share of the result's recipe or None for the budget's)
+# name -> (SearchConfig changes, Budget changes: the result's recipe)
 ROWS = {
-    "local": ({"method": "local"}, None),
-    "init-weights": ({"method": "local", "init": "weights"}, None),
-    "sliced": ({"method": "local", "local_train": False}, None),
-    "nmse-scores": ({"method": "local", "scoring": "nmse"}, None),
-    "greedy": ({"method": "local", "selection": "greedy"}, None),
-    "kl-only": ({"method": "local"}, 1.0),
-    "gumbel": ({"method": "gumbel"}, None),
+    "local": ({"method": "local"}, {}),
+    "init-weights": ({"method": "local", "init": "weights"}, {}),
+    "sliced": ({"method": "local", "local_train": False}, {}),
+    "no-pairs": ({"method": "local", "pairs": False}, {}),
+    "nmse-scores": ({"method": "local", "scoring": "nmse"}, {}),
+    "greedy": ({"method": "local", "selection": "greedy"}, {}),
+    "kl-only": ({"method": "local"}, {"distill_share": 1.0}),
+    "kl-cosine": ({"method": "local"}, {"distill_share": 1.0, "cosine": 1.0}),
+    "gumbel": ({"method": "gumbel"}, {}),
 }
 
 
@@ -81,15 +86,15 @@ def main() -> None:
     table = args.table or args.out / "table.json"
     results = []
     for i, name in enumerate(rows):
-        changes, share = ROWS[name]
-        row_budget = replace(budget, search=replace(budget.search, **changes),
-                             distill_share=budget.distill_share if share is None else share)
+        changes, recipe = ROWS[name]
+        row_budget = replace(budget, search=replace(budget.search, **changes), **recipe)
         out = args.out / name
         summary = build(run, out, dep=dep, target=Target(speedup=args.target_speedup), budget=row_budget,
                         space=space, table_cache=table, continued=args.out / rows[0] / CONTINUED if i else None,
                         show_progress=not args.smoke)
         accuracy = json.loads((out / "accuracy.json").read_text())
         results.append({"row": name, "search": changes, "distill_share": row_budget.distill_share,
+                        "cosine": row_budget.cosine,
                         "speedup": summary["speedup"], "met": summary["met"],
                         "blocks": [b.label() for b in Architecture.load(out / "arch.json").blocks],
                         "loss": accuracy["result"]["loss"], "reference": accuracy["reference"],

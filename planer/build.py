@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from planer import __version__, distributed
-from planer.arch import Architecture
+from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import WEIGHTS_FILE, load_model
 from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus
@@ -58,11 +60,11 @@ from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import Engine, describe_engine, evaluate_engine, load_engine
 from planer.search import run_search
 from planer.search.local import alternatives
-from planer.search.search import OUTCOME_FILE, InfeasibleTarget, SearchConfig, SearchOutcome
+from planer.search.search import OUTCOME_FILE, Candidate, InfeasibleTarget, SearchConfig, SearchOutcome
 from planer.space import ExpertOptions, SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
 from planer.train.presets import TrainConfig, finetune_config
-from planer.train.trainer import CONFIG_FILE, EVAL_FILE, run_corpus, run_source, saved_config, train
+from planer.train.trainer import CONFIG_FILE, EVAL_FILE, alignment, run_corpus, run_source, saved_config, train
 
 
 # The distillation share of the result's recipe (the rest cross-entropy) unless a budget says otherwise: the
@@ -75,6 +77,7 @@ class Budget:
     search: SearchConfig
     distill_steps: int  # beyond the search's steps: see extra_steps
     distill_share: float = DISTILL_SHARE
+    cosine: float = 0.0  # weight of the hidden states' cosine loss in every distillation (TrainConfig.cosine)
 
     @property
     def extra_steps(self) -> int:
@@ -98,9 +101,9 @@ class Budget:
         """Tokens the kept search steps read (each a segment of `tgt_len` on every stream of the batch)."""
         return self.kept_steps * self.search.batch * tgt_len
 
-    def recipe(self, steps: int, distill: float) -> TrainConfig:
+    def recipe(self, steps: int, distill: float, cosine: float = 0.0) -> TrainConfig:
         """The fine-tuning recipe of this budget's batch for `steps` steps (planer.train.presets.finetune_config)."""
-        return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill)
+        return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill, cosine)
 
     def searching(self, method: str, local_steps: int | None = None) -> Budget:
         """This budget with the search `method` (planer.choices.SEARCH_METHODS) and, for the local search, another
@@ -304,17 +307,10 @@ def _trainable(space: SearchSpace | None, arch: Architecture, dep: Deployment, m
             splits = {k: v for k, v in (("experts", moe.experts), ("top_k", moe.top_k), ("shared", moe.shared)) if v}
             space = space.with_splits(arch, **splits)
     space = dep.searchable(space)
-    if method == "local":
+    if local:
         alternatives(arch, space)
-        return space
-    shared = next((c for c in space.candidates if c.kind == "moe" and c.shared), None)
-    if shared is not None:
-        raise PlanerError(f"--space holds {shared.label()}, a MoE block with a shared part: only --search local "
-                          "trains those (the supernet upcycles its experts)")
-    if space.supernet_params(arch) > limit:
-        raise PlanerError(f"the search space's supernet would hold {space.supernet_params(arch) / 1e6:,.0f}M "
-                          f"parameters; this machine trains at most {limit / 1e6:,.0f}M -- give fewer positions, "
-                          "experts or widths in --space")
+    else:
+        space.check_supernet(arch, limit)
     return space
 
 
@@ -508,7 +504,7 @@ class _Build:
         outcome = self.searched(self.work / "search", self.space, self.target, base_onnx)
         self.table = outcome.table
         self.clock.lap("search")
-        result = self.distilled(outcome.chosen.model)
+        result = self.distilled(outcome.chosen)
         self.clock.lap("distill")
         continued_model, self_distilled = self.references(continued, base_tokens)
         self.clock.lap("references")
@@ -568,20 +564,30 @@ class _Build:
         distributed.main_writes(save)
         return outcome
 
-    def trained(self, out: Path, init: LM, distill: float, searched: bool = False) -> LM:
+    def trained(self, out: Path, init: LM, distill: float, searched: bool = False,
+                positions: Sequence[BlockSpec] = ()) -> LM:
         """`init` trained with the budget's recipe in OUT (distilled from the baseline unless `distill` is 0),
         an interrupted run there continued, or a finished one loaded. A `searched` network trains the steps its
-        search did not already train it for (Budget.result_steps)."""
+        search did not already train it for (Budget.result_steps). `positions`: the blocks it was chosen as, one
+        per position, skips included, which align its hidden states with the baseline's for the cosine loss
+        (without them only a network of the baseline's depth is aligned, block for block)."""
         if not (out / EVAL_FILE).exists():
             steps = self.budget.result_steps if searched else self.budget.extra_steps
-            train(self.corpus, self.budget.recipe(steps, distill=distill), out, init=init,
-                  teacher=self.baseline if distill else None, resume=run_source(out) is not None,
+            match = alignment(positions, self.baseline.arch) if positions else None
+            aligned = match is not None or len(init.arch.blocks) == len(self.baseline.arch.blocks)
+            cosine = self.budget.cosine if distill and aligned else 0.0
+            if distill and self.budget.cosine and not aligned:
+                print(f"{out.name}: its blocks do not align with the baseline's; distilled without the cosine loss",
+                      file=sys.stderr)
+            train(self.corpus, self.budget.recipe(steps, distill=distill, cosine=cosine), out, init=init,
+                  teacher=self.baseline if distill else None, match=match, resume=run_source(out) is not None,
                   show_progress=self.show_progress)
         return load_model(out).eval()
 
-    def distilled(self, chosen: LM) -> LM:
+    def distilled(self, chosen: Candidate) -> LM:
         """The chosen network distilled from the baseline (distill/), its weights and architecture in WORK."""
-        result = self.trained(self.work / "distill", chosen, distill=self.budget.distill_share, searched=True)
+        result = self.trained(self.work / "distill", chosen.model, distill=self.budget.distill_share, searched=True,
+                              positions=chosen.positions)
         if distributed.is_main():
             shutil.copy(self.work / "distill" / ARCH_FILE, self.work / ARCH_FILE)
             shutil.copy(self.work / "distill" / WEIGHTS_FILE, self.work / WEIGHTS_FILE)
@@ -597,7 +603,8 @@ class _Build:
             for name, source in ((CONTINUED, reuse), (SELF_DISTILLED, reuse and reuse.parent / SELF_DISTILLED)):
                 if source is None or not source.is_dir() or (self.work / name).exists():
                     continue
-                if name == SELF_DISTILLED and saved_config(source)[0].distill != self.budget.distill_share:
+                recipe = saved_config(source)[0] if name == SELF_DISTILLED else None
+                if recipe and (recipe.distill, recipe.cosine) != (self.budget.distill_share, self.budget.cosine):
                     continue  # another recipe's: this build trains its own
                 shutil.copytree(source, self.work / name)
 
@@ -615,10 +622,11 @@ class _Build:
         if distributed.is_main():
             root.mkdir(exist_ok=True)
         fixed, self.table = fixed_comparisons(self.baseline, self.table, budget_ms, self.dep, self.show_progress)
-        trained = [(c.name, self.trained(root / c.name, c.model, distill=self.budget.distill_share)) for c in fixed]
+        trained = [(c.name, self.trained(root / c.name, c.model, distill=self.budget.distill_share,
+                                         positions=c.positions)) for c in fixed]
         dense = self.searched(root / "dense-only-search", dense_space(self.space), self.target, base_onnx)
         dense_only = self.trained(root / "dense-only", dense.chosen.model, distill=self.budget.distill_share,
-                                  searched=True)
+                                  searched=True, positions=dense.chosen.positions)
         return trained + [("dense-only", dense_only)]
 
     def exported(self, result: LM, twin: list[tuple[str, str, LM]]) -> tuple[Path, dict[str, float]]:

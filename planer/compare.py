@@ -31,6 +31,7 @@ from planer.space import SearchSpace
 class Comparison:
     name: str
     model: LM  # initial weights, before its training
+    positions: tuple[BlockSpec, ...]  # its block per baseline position, skips included
 
 
 def _evenly(indices: list[int], count: int) -> list[int]:
@@ -105,9 +106,12 @@ def fixed_comparisons(baseline: LM, table: LatencyTable, budget_ms: float, dep: 
     cheap, table = fastest_precision(arch, list(arch.blocks), table, dep, show_progress)
     dropped = drop_attention(arch.with_blocks(cheap), table, budget_ms)
     narrowed, table = narrow(arch, table, budget_ms, dep, show_progress)
-    quantized = [Comparison("fastest-precision", inherit(baseline, cheap))] if cheap != list(arch.blocks) else []
-    return quantized + [Comparison("drop-attention", inherit(baseline, dropped)),
-                        Comparison("narrow", inherit(baseline, narrowed))], table
+    quantized = [_compared("fastest-precision", baseline, cheap)] if cheap != list(arch.blocks) else []
+    return quantized + [_compared("drop-attention", baseline, dropped), _compared("narrow", baseline, narrowed)], table
+
+
+def _compared(name: str, baseline: LM, positions: list[BlockSpec]) -> Comparison:
+    return Comparison(name, inherit(baseline, positions), tuple(positions))
 
 
 def dense_space(space: SearchSpace) -> SearchSpace:

@@ -160,6 +160,18 @@ class SearchSpace:
         embedding = arch.param_counts()["total"] - arch.param_counts()["non_embedding_total"]
         return self.positions * per + embedding + norm
 
+    def check_supernet(self, baseline: Architecture, limit: int | None = None) -> None:
+        """Refuse what the supernet cannot train: MoE blocks with a shared part (it upcycles its experts from
+        copies of the FFN) and, given `limit`, a supernet of more parameters than that."""
+        shared = next((c for c in self.candidates if c.kind == "moe" and c.shared), None)
+        if shared is not None:
+            raise ArchError(f"{shared.label()} is a MoE block with a shared part: only --search local trains "
+                            "those (the supernet upcycles its experts)")
+        if limit is not None and self.supernet_params(baseline) > limit:
+            raise ArchError(f"the search space's supernet would hold {self.supernet_params(baseline) / 1e6:,.0f}M "
+                            f"parameters; this machine trains at most {limit / 1e6:,.0f}M -- give fewer positions, "
+                            "experts or widths in --space")
+
     def in_precisions(self, precisions: tuple[str, ...], moe: bool = True) -> SearchSpace:
         """Every candidate in each of `precisions` (MoE blocks in fp32 only unless `moe`): precision is
         chosen per position like width. A space that names precisions itself is kept as it is."""

@@ -13,6 +13,7 @@ from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.nn import LM
 from planer.search.search import SearchConfig
+from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
 from planer.train.trainer import run_corpus, saved_config
@@ -24,7 +25,7 @@ DEP = Deployment(batch=1, tgt_len=64, mem_len=64, threads=1, min_iters=10, min_s
                  verdict_seconds=0.3)  # the micro networks time steadily enough in less than the default 2 s
 SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.ffn(64), BlockSpec.moe(2, 1, 64)))
 # one round: the rounds' calibration is tests/test_search.py's to check; every round costs a graph export here
-BUDGET = Budget(SearchConfig(rounds=1, steps=3, batch=2, valid_tokens=512), distill_steps=3)
+BUDGET = Budget(SearchConfig(rounds=1, steps=3, batch=2, valid_tokens=512), distill_steps=3, cosine=0.5)
 
 
 def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_file, tmp_path):
@@ -68,6 +69,7 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     # the self-distilled reference trains with the result's own recipe
     assert saved_config(out / "baseline-self-distilled") == saved_config(out / "distill")
     assert saved_config(out / "distill")[0].distill > 0 and saved_config(out / "baseline-continued")[0].distill == 0
+    assert saved_config(out / "distill")[0].cosine == BUDGET.cosine > 0  # aligned by the positions it was chosen as
     # and the result is judged against the best of the three baselines
     best = min(("baseline", "baseline_continued", "baseline_self_distilled"), key=lambda n: accuracy[n]["loss"])
     assert accuracy["reference"] == best
@@ -249,3 +251,13 @@ def test_build_refuses_a_space_this_machine_cannot_train(baseline_run, tmp_path,
         build(baseline_run, tmp_path / "big", dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
               show_progress=False)
     assert not (tmp_path / "big.partial").exists()
+
+
+def test_the_supernet_refuses_experts_with_a_shared_part(baseline_run, tmp_path):
+    space = SearchSpace(4, SPACE.candidates + (BlockSpec.moe(2, 1, 32, shared=64),))
+    with pytest.raises(PlanerError, match=r"moe2k1x32\+s64 is a MoE block with a shared part: only --search local"):
+        build(baseline_run, tmp_path / "shared", dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=space,
+              show_progress=False)
+    assert not (tmp_path / "shared.partial").exists()
+    with pytest.raises(PlanerError, match="shared part"):  # the API below the build refuses it too
+        SuperNet(load_model(baseline_run), space)

@@ -9,7 +9,8 @@ from planer.data import Segments, load_corpus
 from planer.deployment import Target
 from planer.nn import LM
 from planer.search.local import (Library, alternatives, calibration_inputs, distil_locally, parent_pass, ranked_parent,
-                                 score, search_local)
+                                 score, search_local, with_pairs)
+from planer.train.trainer import distillation_loss
 from planer.search.search import SearchConfig
 from planer.search.units import rank_units, unit_importance
 from planer.space import SearchSpace
@@ -83,6 +84,52 @@ def test_local_distillation_lowers_every_alternatives_error(baseline, corpus):
     assert library.figure((1, "skip"), "kl") > library.figure((1, "ffn64"), "kl") > 0
     # split experts start as parts of the FFN, not as noise: a quarter of it per token already beats dropping it
     assert library.figure((1, "moe4k1x32"), "nmse_before") < 1.0
+
+
+def test_a_paired_ffn_makes_up_for_the_attention_before_it_and_is_scored_as_the_pair(baseline, corpus):
+    options, starts = with_pairs(baseline.arch, alternatives(baseline.arch, SPACE))
+    assert [len(o) - s for o, s in zip(options, starts)] == [0, 6, 0, 6]  # every FFN and split alternative
+    probe = _probe(corpus)
+    parent = ranked_parent(baseline, probe, "activations")
+    data = Segments(corpus.train[:50_000], 2, 16)
+    library = Library(parent, options, calibration_inputs(parent, data, [1, 3]), starts)
+    distil_locally(library, data, probe, SearchConfig(local_steps=40, local_lr=3e-3))
+    key = (1, "ffn128|after-skip")  # the parent's own FFN, trained to stand for attention and FFN together
+    assert key in library.trainable() and (1, "ffn128") not in library.trainable()
+    narrow = (1, "ffn64|after-skip")  # (the parent's own starts closer than 40 steps of Adam stay)
+    assert library.figure(narrow, "nmse_after") < 0.5 * library.figure(narrow, "nmse_before")
+    skip, pair = options[0].index(BlockSpec.skip()), starts[1]
+    assert ((1, pair), (0, skip)) in library.requires() and len(library.requires()) == 12
+    score(library, probe)
+    # the pair's KL as the LM computes it (memories carried, the first segment only filling them): what scoring
+    # noted, and less than dropping the attention alone, which the paired FFN was trained to make up for
+    model = library.network([skip, pair, 0, 0])
+    assert [b.label() for b in model.arch.blocks] == ["ffn128", "attn2x16", "ffn128"]
+    mems, parent_mems, kl = None, None, []
+    with torch.no_grad():
+        for x, _ in probe:
+            out, taught = model(x, mems), parent(x, parent_mems)
+            mems, parent_mems = out.mems, taught.mems
+            kl.append(float(distillation_loss(out.logits, taught.logits)))
+    pair_kl = sum(kl[1:]) / len(kl[1:])
+    assert library.figure(key, "pair_kl") == pytest.approx(pair_kl, rel=1e-4)
+    assert library.figure(key, "kl") == pytest.approx(pair_kl - library.figure((0, "skip"), "kl"), abs=1e-6)
+    # its local error is against the pair's target, seen here through hooks on the parent's own forward pass: from
+    # the attention's input to the FFN's output
+    seen: dict[int, list] = {0: [], 1: []}
+    hooks = [parent.blocks[i].register_forward_hook(lambda m, args, out, i=i: seen[i].append((args[0], out)))
+             for i in (0, 1)]
+    parent_mems, errors = None, []
+    try:
+        with torch.no_grad():
+            for x, _ in probe:
+                parent_mems = parent(x, parent_mems).mems
+                h, target = seen[0][-1][0], seen[1][-1][1]
+                errors.append(float((library.blocks[narrow](h) - target).pow(2).mean() / (target - h).pow(2).mean()))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert library.figure(narrow, "nmse_after") == pytest.approx(sum(errors) / len(errors), rel=1e-4)
 
 
 def test_rank_units_orders_by_activation_and_keeps_the_function(baseline, corpus):

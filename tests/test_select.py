@@ -20,7 +20,7 @@ def _instance(rng: np.random.Generator):
     return scores, costs, float(rng.uniform(lo, hi))
 
 
-def _brute(scores, costs, budget, at_least=()):
+def _brute(scores, costs, budget, at_least=(), requires=()):
     """Every feasible choice as (score, cost, choice), best first."""
     out = []
     for choice in itertools.product(*(range(len(s)) for s in scores)):
@@ -29,15 +29,17 @@ def _brute(scores, costs, budget, at_least=()):
             continue
         if any(sum(bool(mask[p][a]) for p, a in enumerate(choice)) < n for mask, n in at_least):
             continue
+        if any(choice[p] == a and choice[q] != b for (p, a), (q, b) in requires):
+            continue
         out.append((math.fsum(scores[p][a] for p, a in enumerate(choice)), cost, choice))
     return sorted(out)
 
 
-def _check(got: list[Solution], want, scores, costs, budget, at_least=()):
+def _check(got: list[Solution], want, scores, costs, budget, at_least=(), requires=()):
     assert len(got) == len(want)
     assert [s.score for s in got] == pytest.approx([w[0] for w in want], abs=1e-9)
     assert len({s.choice for s in got}) == len(got)
-    feasible = {w[2] for w in _brute(scores, costs, budget, at_least)}
+    feasible = {w[2] for w in _brute(scores, costs, budget, at_least, requires)}
     for s in got:
         assert s.choice in feasible
         assert s.score == pytest.approx(math.fsum(scores[p][a] for p, a in enumerate(s.choice)), abs=1e-12)
@@ -69,6 +71,27 @@ def test_at_least_is_honoured():
         binding += want[:1] != _brute(scores, costs, budget)[:1]
         _check(select(scores, costs, budget, best=3, at_least=at_least), want, scores, costs, budget, at_least)
     assert binding > 20  # the constraint really changed the answer in a good share of the instances
+
+
+def test_requirements_are_honoured():
+    """A paired alternative (here: the cheapest and best of its position, as one that makes up for the block
+    before it is) may be chosen only with its partner (that block's skip)."""
+    rng = np.random.default_rng(11)
+    binding = 0
+    for _ in range(200):
+        scores, costs, budget = _instance(rng)
+        p = int(rng.integers(1, len(scores)))
+        scores[p].append(min(scores[p]) - 1.0)
+        costs[p].append(min(costs[p]))
+        requires = [((p, len(scores[p]) - 1), (p - 1, int(rng.integers(0, len(scores[p - 1])))))]
+        want = _brute(scores, costs, budget, requires=requires)[:3]
+        binding += want[:1] != _brute(scores, costs, budget)[:1]
+        _check(select(scores, costs, budget, best=3, requires=requires), want, scores, costs, budget,
+               requires=requires)
+        walked = greedy(scores, costs, budget, requires=requires)
+        assert not walked or not any(walked[0].choice[a] == i and walked[0].choice[b] != j
+                                     for (a, i), (b, j) in requires)
+    assert binding > 20
 
 
 def test_infeasible_returns_empty():
@@ -107,6 +130,7 @@ def test_tiny_score_differences_are_resolved():
     ([[0.0], [1.0]], [[0.0], [1.0]], 1.0, {"best": 0}, "best"),
     ([[0.0], [1.0]], [[0.0], [1.0]], 1.0, {"at_least": [([[True]], 1)]}, "mask has 1 positions"),
     ([[0.0], [1.0]], [[0.0], [1.0]], 1.0, {"at_least": [([[True], [True, False]], 1)]}, r"position 1: mask"),
+    ([[0.0], [1.0]], [[0.0], [1.0]], 1.0, {"requires": [((1, 1), (0, 0))]}, r"\(1, 1\) -> \(0, 0\) names"),
 ])
 def test_bad_shapes_raise(scores, costs, budget, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -28,6 +28,19 @@ def test_all_experts_active_is_the_parent_ffn(activation, bias, experts, shared)
     torch.testing.assert_close(moe(x), ffn(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_cut_serves_every_top_k_and_is_the_cut_made_afresh():
+    """The local search asks for E x k x precision MoEs of one FFN: the k-means and router fit run once per
+    (E, shared), and each MoE built from the kept cut is the one built without it."""
+    ffn, h = _ffn("gelu", True), torch.randn(300, 16)
+    cuts: dict = {}
+    for top_k in (1, 2):
+        kept = split_ffn(ffn, h, split_spec(48, 4, top_k, 16), cuts=cuts)
+        afresh = split_ffn(ffn, h, split_spec(48, 4, top_k, 16))
+        for name, value in afresh.state_dict().items():
+            torch.testing.assert_close(kept.state_dict()[name], value, atol=0, rtol=0)
+    assert list(cuts) == [(4, 16, 0)]
+
+
 def test_partition_uses_every_unit_once_and_finds_units_that_fire_together():
     torch.manual_seed(0)
     groups = torch.randperm(24).view(4, 6)  # the truth: 4 groups of 6 units, each active on its own tokens

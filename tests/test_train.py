@@ -1,13 +1,18 @@
 import json
+from dataclasses import replace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from planer.arch import BlockSpec
 from planer.checkpoint import load_model
 from planer.data import load_corpus
+from planer.errors import PlanerError
+from planer.nn import LM
 from planer.train.evaluate import evaluate
 from planer.train.presets import TrainConfig
-from planer.train.trainer import lr_at, train
+from planer.train.trainer import alignment, lr_at, train
 from tests.conftest import small_arch
 
 # Constant learning rate so that a run split by a resume follows the same schedule as a straight one.
@@ -69,3 +74,43 @@ def test_word_level_training_reports_perplexity(tmp_path):
 
     tokenizer = load_tokenizer(tmp_path / "run", corpus.vocab_size)
     assert isinstance(tokenizer, WordTokenizer) and tokenizer.vocab == corpus.vocab
+
+
+def _hidden_cosine(student, teacher, match, corpus) -> float:
+    """1 - cosine similarity of the student's block outputs to the teacher's blocks `match`, computed here."""
+    x = torch.as_tensor(corpus.valid[:4 * 16].astype("int64")).view(4, 16)
+    with torch.no_grad():
+        s, t = student(x, hidden=True).hidden, teacher(x, hidden=True).hidden
+    return sum(float(1 - torch.nn.functional.cosine_similarity(s[i], t[p], dim=-1).mean())
+               for i, p in enumerate(match)) / len(match)
+
+
+def test_cosine_distillation_pulls_each_block_toward_the_teacher_block_it_stands_for(tmp_path, text_file):
+    """The teacher without its first FFN, aligned to its blocks 0, 2, 3: KL with the cosine loss brings those
+    blocks' outputs closer to the teacher's than KL alone does (a loss read at the wrong blocks would not), and
+    an alignment that is not one increasing teacher block per student block is refused before any training."""
+    corpus = load_corpus(f"enwik8:{text_file}")
+    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64), BlockSpec.attn(2, 16), BlockSpec.ffn(64)])
+    train(corpus, FAST, tmp_path / "teacher", arch=arch, show_progress=False)
+    teacher = load_model(tmp_path / "teacher").eval()
+    kept = [0, 2, 3]
+    assert alignment([arch.blocks[0], BlockSpec.skip(), *arch.blocks[2:]], arch) == kept
+    student = LM(arch.with_blocks([arch.blocks[p] for p in kept]))
+    shared = {k: v for k, v in teacher.state_dict().items() if not k.startswith("blocks.")}
+    student.load_state_dict(shared, strict=False)
+    for i, p in enumerate(kept):
+        student.blocks[i].load_state_dict(teacher.blocks[p].state_dict())
+    short = TrainConfig(**{**FAST.to_dict(), "steps": 20, "distill": 1.0})
+    after = {}
+    for cosine in (0.0, 1.0):
+        out = tmp_path / f"cosine{cosine:g}"
+        train(corpus, replace(short, cosine=cosine), out, init=student, teacher=teacher, match=kept,
+              show_progress=False)
+        after[cosine] = _hidden_cosine(load_model(out).eval(), teacher, kept, corpus)
+    assert after[1.0] < 0.8 * after[0.0], after
+    for wrong in ([0, 1], [0, 3, 2], [0, 2, 4]):
+        with pytest.raises(PlanerError, match="does not give each of the student's 3 blocks"):
+            train(corpus, replace(short, cosine=1.0), tmp_path / "wrong", init=student, teacher=teacher, match=wrong,
+                  show_progress=False)
+        assert not (tmp_path / "wrong.partial").exists()
+    assert alignment([BlockSpec.skip()] * 3, arch) is None  # another depth: nothing to align

@@ -10,7 +10,7 @@ linear block, attention's replacement, sees only its own token: it has none.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,7 @@ class LMOutput:
     logits: Tensor  # (B, T, vocab)
     mems: list[Tensor]  # one (B, <=mem_len, d_model) per attention block
     aux_loss: Tensor  # sum of the MoE blocks' load-balancing losses (0 without MoE)
+    hidden: list[Tensor] = field(default_factory=list)  # each block's output (B, T, d), when asked for
 
 
 def embed_tokens(model: nn.Module, idx: Tensor, offset: int) -> Tensor:
@@ -108,8 +109,10 @@ class LM(nn.Module):
         self.head = None if arch.tie_embeddings else nn.Linear(arch.d_model, arch.vocab_size, bias=False)
         self.apply(init_weights)
 
-    def forward(self, idx: Tensor, mems: list[Tensor] | None = None, mem_len: int | None = None) -> LMOutput:
-        """idx (B, T) token ids; mems from the previous call (None at the start of a stream)."""
+    def forward(self, idx: Tensor, mems: list[Tensor] | None = None, mem_len: int | None = None,
+                hidden: bool = False) -> LMOutput:
+        """idx (B, T) token ids; mems from the previous call (None at the start of a stream); `hidden`: return
+        every block's output too (global distillation matches them to the teacher's)."""
         mem_len = self.arch.mem_len if mem_len is None else mem_len
         attn = [i for i, b in enumerate(self.blocks) if b.kind == "attn"]
         if mems is not None and len(mems) != len(attn):
@@ -117,6 +120,7 @@ class LM(nn.Module):
         x = self.drop(embed_tokens(self, idx, 0 if not mems else mems[0].shape[1]))
         new_mems: list[Tensor] = []
         aux = x.new_zeros(())
+        outputs: list[Tensor] = []
         j = 0
         for block in self.blocks:
             if block.kind == "attn":
@@ -128,7 +132,9 @@ class LM(nn.Module):
                 x = block(x)
                 if block.kind == "moe":
                     aux = aux + block.f.aux_loss
-        return LMOutput(head_logits(self, self.norm(x)), new_mems, aux)
+            if hidden:
+                outputs.append(x)
+        return LMOutput(head_logits(self, self.norm(x)), new_mems, aux, outputs)
 
 
 def in_precision(model: LM, precision: str) -> LM:

@@ -16,9 +16,13 @@ block by block instead:
    input at that position (normalised MSE: the error over the parent block's own contribution, so that
    dropping the block scores exactly 1), all alternatives on the same parent forward pass, no gradient across
    blocks (a split block's router learns with the experts, through its gates' gradient, plus the load-balancing
-   loss). The library of trained alternatives is saved beside the search's outcome.
+   loss). Where an attention block may be dropped, every alternative of the FFN after it is also trained as a
+   *paired* one: from the attention's input to the FFN's output, so that it makes up for the attention it
+   follows (chosen only together with that attention's skip). The library of trained alternatives is saved
+   beside the search's outcome.
 3. **Scoring.** Each alternative's damage is the KL divergence from the parent when it alone replaces its
-   parent block, on held-out *training* tokens (the validation split judges only the result).
+   parent block, on held-out *training* tokens (the validation split judges only the result); a paired one's is
+   that of the pair (skip and it) less the skip's own, so that the two add up to the pair's.
 4. **Selection.** One alternative per position minimising the summed damage under the latency table's budget,
    solved exactly (planer.search.select). The engine stays in the loop: the best few solutions are exported
    and timed beside the baseline, the table is calibrated by what the engine measured and the problem solved
@@ -56,7 +60,7 @@ from planer.search.heads import rank_heads
 from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _arch_start, _confirm,
                                   _log, _shortlist, _trials, held_out_probe, held_out_tokens, timed_baseline)
 from planer.search.select import greedy, select
-from planer.search.split import split_ffn
+from planer.search.split import Cut, split_ffn
 from planer.search.supernet import copy_attention, copy_ffn, copy_linear, weight_order
 from planer.search.units import permute_units, rank_units
 from planer.space import SearchSpace
@@ -87,6 +91,19 @@ def alternatives(parent: Architecture, space: SearchSpace) -> list[list[BlockSpe
     return result
 
 
+def with_pairs(parent: Architecture, options: list[list[BlockSpec]]) -> tuple[list[list[BlockSpec]], list[int]]:
+    """`options` with, at each FFN position after an attention position that may be skipped, its FFN and split
+    alternatives again as paired ones (trained to stand for the attention and the FFN together); and per
+    position the index where its paired alternatives start."""
+    result, starts = [], []
+    for p, specs in enumerate(options):
+        pairable = (p > 0 and parent.blocks[p].kind == "ffn" and parent.blocks[p - 1].kind == "attn"
+                    and BlockSpec.skip() in options[p - 1])
+        result.append(specs + ([s for s in specs if s.kind in ("ffn", "moe")] if pairable else []))
+        starts.append(len(specs))
+    return result, starts
+
+
 def _cut_from(c: BlockSpec, parent: BlockSpec) -> bool:
     if c.kind == "attn":
         return (c.head_dim == parent.head_dim and c.heads <= parent.heads and c.n_kv_heads <= parent.n_kv_heads
@@ -115,10 +132,12 @@ def ranked_parent(baseline: LM, probe: Sequence[tuple[Tensor, Tensor]], init: st
 
 
 @torch.no_grad()
-def initial_block(arch: Architecture, spec: BlockSpec, parent: Block, calibration: Tensor | None = None) -> Block:
+def initial_block(arch: Architecture, spec: BlockSpec, parent: Block, calibration: Tensor | None = None,
+                  cuts: dict[tuple[int, int, int], Cut] | None = None) -> Block:
     """`spec` with the weights it inherits from `parent` (already ranked): the first heads or units, the linear
     fold of the attention, the FFN split into experts (clustered and routed on `calibration`, the parent
-    block's inputs on training tokens), the parent's norm."""
+    block's inputs on training tokens; `cuts` keeps the splits made of this parent for its other MoEs), the
+    parent's norm."""
     block = Block(arch, spec)
     if spec.kind == "skip":
         return block
@@ -128,7 +147,7 @@ def initial_block(arch: Architecture, spec: BlockSpec, parent: Block, calibratio
         if calibration is None:
             raise ValueError(f"{spec.label()} is split from its parent FFN on calibration inputs; none were given")
         h = parent.norm(calibration.reshape(-1, arch.d_model))
-        block.f.load_state_dict(split_ffn(parent.f, h, spec.in_precision("fp32")).state_dict())
+        block.f.load_state_dict(split_ffn(parent.f, h, spec.in_precision("fp32"), cuts=cuts).state_dict())
     elif spec.kind == "attn":
         copy_attention(block.f, parent.f)
     elif spec.kind == "ffn":
@@ -178,32 +197,54 @@ def _call(block: Block, h: Tensor, mem: Tensor | None) -> Tensor:
     return block(h, mem) if block.kind == "attn" else block(h)
 
 
-def nmse(block: Block, seg: ParentPass, p: int) -> Tensor:
-    """Block `block` at position p against the parent's block there: squared error over the squared size of the
-    parent block's own contribution (1 for a skip)."""
-    target, h = seg.outputs[p], seg.inputs[p]
-    return (_call(block, h, seg.mems[p]) - target).pow(2).mean() / (target - h).pow(2).mean().clamp_min(1e-12)
+def nmse(block: Block, seg: ParentPass, p: int, paired: bool = False) -> Tensor:
+    """Block `block` at position p against the parent's block there (`paired`: against the parent's blocks p - 1
+    and p together, from the input of p - 1): squared error over the squared size of the parent blocks' own
+    contribution (1 for a skip)."""
+    target, h = seg.outputs[p], seg.inputs[p - 1 if paired else p]
+    out = block(h) if paired else _call(block, h, seg.mems[p])
+    return (out - target).pow(2).mean() / (target - h).pow(2).mean().clamp_min(1e-12)
 
 
-Key = tuple[int, str]  # (position, the alternative's label)
+Key = tuple[int, str]  # (position, the alternative's label, with AFTER_SKIP for a paired one)
+AFTER_SKIP = "|after-skip"
+
+
+def paired(key: Key) -> bool:
+    return key[1].endswith(AFTER_SKIP)
 
 
 class Library:
     """The alternatives of every position with their weights, and what local distillation and scoring measured of
     each: `nmse_before`/`nmse_after` (on held-out training tokens) and `kl` (replace-one-block divergence)."""
 
-    def __init__(self, parent: LM, options: list[list[BlockSpec]], calibration: dict[int, Tensor] | None = None):
-        """`calibration`: per position with split alternatives, the parent block's inputs on training tokens."""
+    def __init__(self, parent: LM, options: list[list[BlockSpec]], calibration: dict[int, Tensor] | None = None,
+                 paired_from: Sequence[int] | None = None):
+        """`calibration`: per position with split alternatives, the parent block's inputs on training tokens.
+        `paired_from`: per position, the index of its first paired alternative (with_pairs); none by default. A
+        paired alternative starts from the weights of its unpaired twin."""
         self.parent, self.options = parent, options
         arch, calibration = parent.arch, calibration or {}
-        self.blocks: dict[Key, Block] = {(p, s.label()): initial_block(arch, s, parent.blocks[p], calibration.get(p))
-                                         for p, specs in enumerate(options) for s in specs}
+        starts = list(paired_from) if paired_from is not None else [len(specs) for specs in options]
+        self.keys: list[list[Key]] = [[(p, s.label() + (AFTER_SKIP if c >= starts[p] else ""))
+                                       for c, s in enumerate(specs)] for p, specs in enumerate(options)]
+        cuts: dict[int, dict] = {p: {} for p in range(len(options))}
+        self.blocks: dict[Key, Block] = {}
+        for p, specs in enumerate(options):
+            for key, s in zip(self.keys[p], specs):
+                self.blocks[key] = (copy.deepcopy(self.blocks[(p, s.label())]) if paired(key) else
+                                    initial_block(arch, s, parent.blocks[p], calibration.get(p), cuts[p]))
         self.record: dict[str, dict[str, float]] = {}
 
     def trainable(self) -> list[Key]:
         """Every alternative but the skips and the parent's own block in its own precision (already exact)."""
-        return [(p, s.label()) for p, specs in enumerate(self.options) for s in specs
-                if s.kind != "skip" and s != self.parent.arch.blocks[p]]
+        return [key for p, specs in enumerate(self.options) for key, s in zip(self.keys[p], specs)
+                if s.kind != "skip" and (s != self.parent.arch.blocks[p] or paired(key))]
+
+    def requires(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Each paired alternative, (position, index), with the skip of the attention before it it needs."""
+        return [((p, c), (p - 1, self.options[p - 1].index(BlockSpec.skip())))
+                for p, keys in enumerate(self.keys) for c, key in enumerate(keys) if paired(key)]
 
     def note(self, key: Key, **figures: float) -> None:
         self.record.setdefault(f"{key[0]}:{key[1]}", {}).update(figures)
@@ -221,9 +262,9 @@ class Library:
         model = LM(arch)
         state = {k: v for k, v in self.parent.state_dict().items() if not k.startswith("blocks.")}
         model.load_state_dict(state, strict=False)
-        kept = [(p, s) for p, s in enumerate(specs) if s.kind != "skip"]
-        for block, (p, s) in zip(model.blocks, kept):
-            block.load_state_dict(self.blocks[(p, s.label())].state_dict())
+        kept = [self.keys[p][c] for p, c in enumerate(choice) if specs[p].kind != "skip"]
+        for block, key in zip(model.blocks, kept):
+            block.load_state_dict(self.blocks[key].state_dict())
         return model.eval()
 
     def save(self, out: Path) -> None:
@@ -258,7 +299,8 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
             index = step % len(data)
             x, _ = data[index]
             seg, mems = parent_pass(library.parent, x, None if index == 0 else mems)
-            loss = sum(nmse(library.blocks[k], seg, k[0]) + BALANCE * _balance(library.blocks[k]) for k in keys)
+            loss = sum(nmse(library.blocks[k], seg, k[0], paired(k)) + BALANCE * _balance(library.blocks[k])
+                       for k in keys)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, schedule)
             opt.zero_grad(set_to_none=True)
@@ -302,7 +344,7 @@ def _note_nmse(library: Library, keys: list[Key], probe: Sequence[tuple[Tensor, 
     for x, _ in probe:
         seg, mems = parent_pass(library.parent, x, mems)
         for k in keys:
-            totals[k] += float(nmse(library.blocks[k], seg, k[0]))
+            totals[k] += float(nmse(library.blocks[k], seg, k[0], paired(k)))
     for k in keys:
         library.note(k, **{name: distributed.mean(totals[k] / len(probe))})
 
@@ -323,20 +365,29 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]]) -> float:
     first = 1 if len(passes) > 1 else 0  # the segments scored
     half = first + (len(passes) - first) // 2
     halves: list[tuple[float, float]] = []
+    pairs: list[Key] = []
     for p, specs in enumerate(library.options):
-        for s in specs:
-            if s == parent.arch.blocks[p]:  # the parent's own block, with its weights: nothing changes
-                library.note((p, s.label()), kl=0.0)
+        for key, s in zip(library.keys[p], specs):
+            if s == parent.arch.blocks[p] and not paired(key):  # the parent's own block and weights: no change
+                library.note(key, kl=0.0)
                 continue
-            blocks = list(parent.blocks[:p]) + [library.blocks[(p, s.label())]] + list(parent.blocks[p + 1:])
+            start = p - 1 if paired(key) else p  # a paired one replaces the attention before it (by a skip) too
+            replaced = [library.blocks[(p - 1, "skip")]] if paired(key) else []
+            blocks = list(parent.blocks[:start]) + replaced + [library.blocks[key]] + list(parent.blocks[p + 1:])
             own: list[Tensor | None] | None = None
             kl = []
             for seg in passes:
-                mems_here = seg.mems[:p + 1] + (own[p + 1:] if own is not None else [None] * (len(blocks) - p - 1))
-                out, own = run_blocks(blocks, seg.inputs[p], mems_here, parent.arch.mem_len, start=p)
+                later = own[start + 1:] if own is not None else [None] * (len(blocks) - start - 1)
+                out, own = run_blocks(blocks, seg.inputs[start], seg.mems[:start + 1] + later, parent.arch.mem_len,
+                                      start=start)
                 kl.append(distributed.mean(float(distillation_loss(head_logits(parent, parent.norm(out)), seg.logits))))
-            library.note((p, s.label()), kl=sum(kl[first:]) / len(kl[first:]))
+            library.note(key, kl=sum(kl[first:]) / len(kl[first:]))
             halves.append((sum(kl[first:half]) / max(1, half - first), sum(kl[half:]) / max(1, len(kl) - half)))
+            if paired(key):
+                pairs.append(key)
+    for p, label in pairs:  # the pair's damage less the skip's: the selection adds the two
+        library.note((p, label), pair_kl=library.figure((p, label), "kl"),
+                     kl=library.figure((p, label), "kl") - library.figure((p - 1, "skip"), "kl"))
     return _spearman(*zip(*halves)) if len(halves) > 1 else 1.0
 
 
@@ -397,10 +448,13 @@ class _Local:
         share = distributed.share(cfg.batch)
         self.data = Segments(corpus.train[:self.cut], cfg.batch, arch.tgt_len, share)
         self.probe = held_out_probe(corpus, arch, cfg, share)
-        self.options = alternatives(arch, space)
+        self.options, paired_from = alternatives(arch, space), None
+        if cfg.pairs and cfg.scoring == "kl":  # a pair's local errors do not add up with the skip's
+            self.options, paired_from = with_pairs(arch, self.options)
         self.parent = ranked_parent(baseline, self.probe, cfg.init)
         splits = [p for p, specs in enumerate(self.options) if any(s.kind == "moe" for s in specs)]
-        self.library = Library(self.parent, self.options, calibration_inputs(self.parent, self.data, splits))
+        self.library = Library(self.parent, self.options, calibration_inputs(self.parent, self.data, splits),
+                               paired_from)
         self.candidates: list[Candidate] = []
         self.by_choice: dict[tuple[int, ...], Candidate] = {}
 
@@ -433,17 +487,18 @@ class _Local:
             distributed.main_writes(lambda: (out.mkdir(parents=True, exist_ok=True), self.library.save(out)))
 
     def problem(self) -> tuple[list[list[float]], list[list[float]], float]:
-        scores = [[self._score(p, s) for s in specs] for p, specs in enumerate(self.options)]
+        scores = [[self._score(key, s) for key, s in zip(self.library.keys[p], specs)]
+                  for p, specs in enumerate(self.options)]
         costs = [[self.table.block_ms(s) for s in specs] for specs in self.options]
         budget = (1 - self.cfg.margin) * self.target_ms / self.table.scale - self.table.entries[FIXED]["p50"]
         return scores, costs, budget
 
-    def _score(self, p: int, spec: BlockSpec) -> float:
+    def _score(self, key: Key, spec: BlockSpec) -> float:
         if self.cfg.scoring == "kl":
-            return self.library.figure((p, spec.label()), "kl")
+            return self.library.figure(key, "kl")
         if spec.kind == "skip":  # its local error is 1 by definition (nmse), and it is never trained
             return 1.0
-        return self.library.figure((p, spec.label()), "nmse_after", 0.0)  # the parent's own block: not trained, exact
+        return self.library.figure(key, "nmse_after", 0.0)  # the parent's own block: not trained, exact
 
     def solve(self) -> None:
         """Rounds of exact selection: the best `cfg.solutions` distinct networks under the calibrated table, each
@@ -454,11 +509,14 @@ class _Local:
         benchmarks/RESULTS.md), so the trials decide between them."""
         attn = [[s.kind == "attn" for s in specs] for specs in self.options]
         shapes = [[s.in_precision("fp32") for s in specs] for specs in self.options]
+        requires = self.library.requires()
         rnd = 0
         for rnd in range(self.cfg.rounds):
             scores, costs, budget = self.problem()
-            solutions = (select(scores, costs, budget, best=self.cfg.solutions, at_least=[(attn, 1)], alike=shapes)
-                         if self.cfg.selection == "exact" else greedy(scores, costs, budget, at_least=[(attn, 1)]))
+            solutions = (select(scores, costs, budget, best=self.cfg.solutions, at_least=[(attn, 1)], alike=shapes,
+                                requires=requires)
+                         if self.cfg.selection == "exact" else
+                         greedy(scores, costs, budget, at_least=[(attn, 1)], requires=requires))
             new = [s for s in solutions if s.choice not in self.by_choice]
             if not solutions:
                 self.say(f"round {rnd}: no network fits {self.target_ms:.2f} ms less the margin under the "
@@ -474,7 +532,7 @@ class _Local:
             for n in range(1, sum(any(row) for row in attn) + 1):  # exactly n attention blocks
                 if n in kept:
                     continue
-                found = select(scores, costs, budget, at_least=[(attn, n), (other, len(attn) - n)])
+                found = select(scores, costs, budget, at_least=[(attn, n), (other, len(attn) - n)], requires=requires)
                 if found and found[0].choice not in self.by_choice:
                     self.assess(found[0].choice, found[0].score, rnd)
         if not self.candidates:
@@ -497,6 +555,7 @@ class _Local:
         self.measured.append((model.arch, cand_ms * self.baseline_ms / base_ms))
         self.table = self.table.calibrate(self.measured)
         specs = tuple(self.options[p][c] for p, c in enumerate(choice))
+        labels = [self.library.keys[p][c][1] for p, c in enumerate(choice)]  # paired ones marked
         candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, model, onnx=str(path),
                               positions=specs)
         self.candidates.append(candidate)
@@ -504,8 +563,8 @@ class _Local:
         _log(self.log_path, {"round": rnd, "target_ms": self.target_ms, "baseline_ms": base_ms,
                              "measured_ms": cand_ms, "measured_spread": spread, "predicted_ms": predicted,
                              "calibration": self.table.scale, "summed_kl": damage, "held_out_loss": loss,
-                             "arch": [s.label() for s in specs]})
-        self.say(f"round {rnd}: {' '.join(s.label() for s in specs)}\n  measured {cand_ms:.2f} ms (predicted "
+                             "arch": labels})
+        self.say(f"round {rnd}: {' '.join(labels)}\n  measured {cand_ms:.2f} ms (predicted "
                  f"{predicted:.2f}, baseline {base_ms:.2f}, target {self.target_ms:.2f}); summed KL {damage:.4f}, "
                  f"held-out loss {loss:.4f}")
         return candidate

@@ -120,6 +120,7 @@ class SearchConfig:
     local_lr: float = 1e-3
     local_train: bool = True  # False: the alternatives keep their inherited weights (an ablation)
     init: str = "activations"  # how narrower alternatives inherit: `activations` or `weights` (an ablation)
+    pairs: bool = True  # FFN alternatives also trained to make up for the attention before them (kl scoring only)
     solutions: int = 4  # the best distinct solutions of each round's exact selection, each timed in the engine
     # Ablations of the local search: `greedy` selection (planer.search.select.greedy) instead of the exact one;
     # `nmse` scores (each alternative's local error) instead of its replace-one-block KL.
@@ -148,7 +149,8 @@ class Candidate:
     def to_dict(self) -> dict:
         return {"round": self.round, "arch": self.arch.to_dict(), "predicted_ms": self.predicted_ms,
                 "measured_ms": self.measured_ms, "baseline_ms": self.baseline_ms, "held_out_loss": self.held_out_loss,
-                "min_attn": self.min_attn, "trial_loss": self.trial_loss}
+                "min_attn": self.min_attn, "trial_loss": self.trial_loss,
+                "positions": [b.label() for b in self.positions]}
 
     def describe(self) -> str:
         more = f", derived with at least {self.min_attn} attention blocks" if self.min_attn > 1 else ""
@@ -180,7 +182,8 @@ class SearchOutcome:
                               f"validation split; delete {out} and run the search again")
         candidates = [Candidate(c["round"], Architecture.from_dict(c["arch"]), c["predicted_ms"], c["measured_ms"],
                                 c["baseline_ms"], c["held_out_loss"], None,
-                                c.get("min_attn", 1), c.get("trial_loss"))
+                                c.get("min_attn", 1), c.get("trial_loss"),
+                                positions=tuple(BlockSpec.parse(b) for b in c.get("positions", ())))
                       for c in record["candidates"]]
         chosen = candidates[record["chosen"]]
         chosen.model = load_model(out).eval()

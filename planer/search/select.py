@@ -30,6 +30,9 @@ BUDGET_RTOL = 1e-9
 OBJECTIVE_SPAN = 1e3
 
 
+Requirement = tuple[tuple[int, int], tuple[int, int]]  # ((p, a), (q, b)): a at p only with b at q
+
+
 @dataclass(frozen=True)
 class Solution:
     """One choice of alternatives and its totals."""
@@ -41,12 +44,14 @@ class Solution:
 
 def select(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float, *,
            best: int = 1, at_least: Sequence[tuple[Sequence[Sequence[bool]], int]] = (),
-           alike: Sequence[Sequence[Hashable]] | None = None) -> list[Solution]:
+           alike: Sequence[Sequence[Hashable]] | None = None, requires: Sequence[Requirement] = ()
+           ) -> list[Solution]:
     """Choose one alternative per position minimising the summed score with the summed cost <= `budget`.
 
     `scores[p][a]` and `costs[p][a]` describe alternative a of position p; positions may have different
     numbers of alternatives, scores may be negative. Each `(mask, n)` in `at_least` requires at least n
-    positions to choose an alternative a with `mask[p][a]` true. Returns up to `best` distinct solutions,
+    positions to choose an alternative a with `mask[p][a]` true. Each `((p, a), (q, b))` in `requires` allows
+    alternative a at p only with alternative b at q. Returns up to `best` distinct solutions,
     best (lowest score) first; [] when nothing fits. With `alike`, solutions whose alternatives carry the same
     `alike[p][a]` at every position count as one, and only the best of them is returned: the same blocks in
     other precisions score and cost nearly alike, and would otherwise fill the k best with one network.
@@ -76,6 +81,10 @@ def select(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], 
                 raise ValueError(f"at_least[{i}]: position {p}: mask has shape {m.shape}, expected ({k},)")
         masks.append((rows, operator.index(n)))
 
+    for (p, a), (q, b) in requires:
+        if not (0 <= p < len(sizes) and 0 <= a < sizes[p] and 0 <= q < len(sizes) and 0 <= b < sizes[q]):
+            raise ValueError(f"requires: ({p}, {a}) -> ({q}, {b}) names an alternative that does not exist")
+
     limit = budget + BUDGET_RTOL * abs(budget) if math.isfinite(budget) else budget
     if not sizes:  # no variables: milp cannot take an empty program, and the only choice is () anyway
         ok = 0.0 <= limit and all(n <= 0 for _, n in masks)
@@ -99,6 +108,10 @@ def select(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], 
                    LinearConstraint((flat_costs / cost_scale)[None, :], -np.inf, limit / cost_scale)]
     for rows, n in masks:
         constraints.append(LinearConstraint(np.concatenate(rows).astype(float)[None, :], n, np.inf))
+    for (p, a), (q, b) in requires:  # x[p, a] <= x[q, b]
+        row = np.zeros(n_vars)
+        row[offsets[p] + a], row[offsets[q] + b] = 1.0, -1.0
+        constraints.append(LinearConstraint(row[None, :], -np.inf, 0.0))
 
     found: list[Solution] = []
     while len(found) < best:
@@ -112,7 +125,8 @@ def select(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], 
         # Excluding the choice is right both when it is kept (the next solve finds the next best) and when it
         # is not: HiGHS accepts rows up to its own tolerance (1e-6), looser than BUDGET_RTOL.
         cost = math.fsum(float(cost_rows[p][a]) for p, a in enumerate(choice))
-        kept = cost <= limit and all(sum(bool(m[p][a]) for p, a in enumerate(choice)) >= n for m, n in masks)
+        kept = cost <= limit and all(sum(bool(m[p][a]) for p, a in enumerate(choice)) >= n for m, n in masks) \
+            and _met(choice, requires)
         cut = np.zeros(n_vars)
         cut[offsets[:-1] + np.asarray(choice)] = 1.0
         if kept and alike is not None:  # a rejected choice's alike twins may still fit: only it goes
@@ -144,17 +158,23 @@ def _rows(table: Sequence[Sequence[float]], name: str) -> list[np.ndarray]:
     return rows
 
 
+def _met(choice: Sequence[int], requires: Sequence[Requirement]) -> bool:
+    return all(choice[p] != a or choice[q] == b for (p, a), (q, b) in requires)
+
+
 def greedy(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float, *,
-           at_least: Sequence[tuple[Sequence[Sequence[bool]], int]] = ()) -> list[Solution]:
+           at_least: Sequence[tuple[Sequence[Sequence[bool]], int]] = (), requires: Sequence[Requirement] = ()
+           ) -> list[Solution]:
     """The greedy walk `select` replaces, kept for the ablation that measures what exactness buys: from every
     position's first alternative, move one position at a time to the alternative that adds the least score per
-    unit of cost saved, until the budget holds (moves that would break an `at_least` constraint are not made).
-    The one solution, or [] when no move is left and the budget still does not hold."""
+    unit of cost saved, until the budget holds (moves that would break an `at_least` constraint or a requirement
+    are not made). The one solution, or [] when no move is left and the budget still does not hold."""
     choice = [0] * len(scores)
 
     def allowed(p: int, a: int) -> bool:
         after = choice[:p] + [a] + choice[p + 1:]
-        return all(sum(bool(mask[q][c]) for q, c in enumerate(after)) >= n for mask, n in at_least)
+        return all(sum(bool(mask[q][c]) for q, c in enumerate(after)) >= n for mask, n in at_least) \
+            and _met(after, requires)
 
     while (total := sum(costs[p][c] for p, c in enumerate(choice))) > budget:
         moves = [((scores[p][a] - scores[p][c]) / (costs[p][c] - costs[p][a]), p, a)

@@ -21,6 +21,8 @@ router and shared part together to reproduce the parent FFN.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -100,24 +102,50 @@ def _copy_units(dst: FFN, src: FFN, units: Tensor, bias_share: float) -> None:
         dst.down.bias.copy_(src.down.bias * bias_share)
 
 
-def split_ffn(ffn: FFN, h: Tensor, spec: BlockSpec, seed: int = 0) -> MoE:
+@dataclass(frozen=True)
+class Cut:
+    """How an FFN splits into experts beside a shared part: the shared units, each expert's units, and the
+    router's weight fitted to pick the groups. Neither top-k nor precision enters it, so one cut serves every
+    MoE of its (experts, shared)."""
+    shared: Tensor
+    groups: Tensor  # (experts, units per expert)
+    router: Tensor  # (experts, d)
+
+
+def cut(ffn: FFN, h: Tensor, experts: int, shared: int, seed: int = 0) -> Cut:
+    """The cut of `ffn` into `experts` groups beside its `shared` units of largest mean contribution, partition
+    and router fitted on the FFN's normalised inputs `h` (tokens, d)."""
+    contrib = contributions(ffn, h)
+    order = contrib.mean(dim=0).argsort(descending=True)
+    routed = order[shared:]
+    groups = routed[partition(contrib[:, routed], experts, seed)]
+    router = torch.nn.Linear(ffn.up.in_features, experts, bias=False)
+    fit_router(router, h, torch.stack([contrib[:, g].sum(dim=1) for g in groups], dim=1), seed)
+    return Cut(order[:shared], groups, router.weight.detach())
+
+
+def split_ffn(ffn: FFN, h: Tensor, spec: BlockSpec, seed: int = 0,
+              cuts: dict[tuple[int, int, int], Cut] | None = None) -> MoE:
     """The MoE `spec` cut from `ffn` (see the module's docstring), partition and router fitted on the FFN's
     normalised inputs `h` (tokens, d) from calibration tokens of the training split. With every expert selected
     it computes `ffn` exactly: the output bias goes to the shared part, or 1/k of it to every expert (exactly k
-    are summed)."""
-    width = ffn.up.out_features
-    check_split(spec, width)
-    contrib = contributions(ffn, h)
-    order = contrib.mean(dim=0).argsort(descending=True)
-    shared, routed = order[:spec.shared], order[spec.shared:]
-    groups = routed[partition(contrib[:, routed], spec.experts, seed)]
+    are summed). `cuts`, one per (ffn, h), keeps the cuts made so that the MoEs of other top-k or precision
+    reuse them (k-means and the router's fit take seconds per cut)."""
+    check_split(spec, ffn.up.out_features)
+    key = (spec.experts, spec.shared, seed)
+    made = cuts.get(key) if cuts is not None else None
+    if made is None:
+        made = cut(ffn, h, spec.experts, spec.shared, seed)
+        if cuts is not None:
+            cuts[key] = made
     moe = MoE(ffn.up.in_features, spec.experts, spec.top_k, spec.d_inner, ffn.activation,
               ffn.down.bias is not None, spec.shared)
-    for expert, units in zip(moe.experts, groups):
+    for expert, units in zip(moe.experts, made.groups):
         _copy_units(expert, ffn, units, 0.0 if spec.shared else 1 / spec.top_k)
     if moe.shared is not None:
-        _copy_units(moe.shared, ffn, shared, 1.0)
-    fit_router(moe.router, h, torch.stack([contrib[:, g].sum(dim=1) for g in groups], dim=1), seed)
+        _copy_units(moe.shared, ffn, made.shared, 1.0)
+    with torch.no_grad():
+        moe.router.weight.copy_(made.router)
     return moe
 
 

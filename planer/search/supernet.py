@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from planer.arch import ArchError, Architecture, BlockSpec
+from planer.arch import Architecture, BlockSpec
 from planer.nn import LM, LMOutput
 from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
@@ -110,9 +110,6 @@ class Position(nn.Module):
         linear = any(c.kind == "linear" for c in candidates)
         ffn_widths = [c.d_inner for c in candidates if c.kind == "ffn"]
         moes = [c for c in candidates if c.kind == "moe"]
-        if any(c.shared for c in moes):
-            raise ArchError(f"the supernet upcycles experts and has no shared part: "
-                            f"{next(c for c in moes if c.shared).label()} needs --search local")
         order = weight_order(ffn_src.f) if ffn_src is not None else None
         if attns or linear:
             self.attn_norm = copy.deepcopy(attn_src.norm) if attn_src is not None else make_norm(arch)
@@ -207,6 +204,7 @@ class SuperNet(nn.Module):
     def __init__(self, baseline: LM, space: SearchSpace, *, perturb: float = 0.01, baseline_bias: float = 0.0):
         super().__init__()
         arch = baseline.arch
+        space.check_supernet(arch)
         self.arch = arch
         self.space = space
         self.embed = copy.deepcopy(baseline.embed)

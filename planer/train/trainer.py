@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from planer import __version__, distributed
-from planer.arch import Architecture
+from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.data import Corpus, Segments, load_corpus
 from planer.data.corpus import tokenize_corpus
@@ -166,22 +167,57 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+def cosine_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], match: Sequence[int]) -> torch.Tensor:
+    """1 - cosine similarity per token between the student's block outputs and the teacher's block outputs they
+    stand for (`match[i]`: the teacher block whose output the student's block i replaces), averaged over tokens
+    and blocks (Puzzle's global distillation)."""
+    return torch.stack([1 - F.cosine_similarity(s.float(), teacher[t].float(), dim=-1).mean()
+                        for s, t in zip(student, match)]).mean()
+
+
+def alignment(positions: Sequence[BlockSpec], teacher: Architecture) -> list[int] | None:
+    """For a network chosen one block per position of `positions` (skips included), the teacher block each of
+    its blocks stands for; None where the positions are not the teacher's blocks (a space of another depth)."""
+    if len(positions) != len(teacher.blocks):
+        return None
+    return [p for p, spec in enumerate(positions) if spec.kind != "skip"]
+
+
+def check_match(student: Architecture, teacher: Architecture, match: Sequence[int] | None) -> list[int]:
+    """The student's block -> teacher block alignment the cosine loss uses: `match`, or for a student of the
+    teacher's depth block for block. Refuses one that does not name increasing teacher blocks, one per student
+    block."""
+    if match is None:
+        if len(student.blocks) != len(teacher.blocks):
+            raise PlanerError(f"a cosine loss needs to know which of the teacher's {len(teacher.blocks)} blocks each "
+                              f"of the student's {len(student.blocks)} stands for; pass its alignment")
+        return list(range(len(student.blocks)))
+    match = list(match)
+    if len(match) != len(student.blocks) or any(not 0 <= t < len(teacher.blocks) for t in match) \
+            or any(a >= b for a, b in zip(match, match[1:])):
+        raise PlanerError(f"alignment {match} does not give each of the student's {len(student.blocks)} blocks a "
+                          f"teacher block (increasing, below {len(teacher.blocks)})")
+    return match
+
+
 def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Architecture | None = None,
-          init: LM | None = None, teacher: LM | None = None, preset: str = "", resume: bool = False,
-          show_progress: bool = True) -> dict:
+          init: LM | None = None, teacher: LM | None = None, match: Sequence[int] | None = None, preset: str = "",
+          resume: bool = False, show_progress: bool = True) -> dict:
     """Train (or resume) a model and return its final evaluation.
 
     A new run needs `arch`, or `init`, a model whose weights it starts from. With a
     `teacher`, the loss blends cross-entropy with distillation from the teacher's
-    logits (cfg.distill is the distillation share); resume passes the teacher again.
+    logits (cfg.distill is the distillation share) and adds cfg.cosine x the cosine loss between the hidden
+    states (block i's output against teacher block `match[i]`'s; by default block for block); resume passes
+    the teacher and `match` again.
     A new run that fails or is interrupted before its first checkpoint leaves nothing behind
     (there is nothing to resume, and a leftover OUT.partial would stop the same command).
     """
     work = staging_dir(Path(out))
     fresh = not resume and not work.exists()
     try:
-        return _train(corpus, cfg, Path(out), arch=arch, init=init, teacher=teacher, preset=preset, resume=resume,
-                      show_progress=show_progress)
+        return _train(corpus, cfg, Path(out), arch=arch, init=init, teacher=teacher, match=match, preset=preset,
+                      resume=resume, show_progress=show_progress)
     except BaseException:
         if fresh and distributed.is_main() and work.is_dir() and not (work / CONFIG_FILE).exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -189,12 +225,14 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
 
 
 def _train(corpus: Corpus, cfg: TrainConfig, out: Path, *, arch: Architecture | None, init: LM | None,
-           teacher: LM | None, preset: str, resume: bool, show_progress: bool) -> dict:
+           teacher: LM | None, match: Sequence[int] | None, preset: str, resume: bool, show_progress: bool) -> dict:
     work = staging_dir(out)
     main = distributed.is_main()
     torch.manual_seed(cfg.seed)
     model, state, progress, preset = _started(corpus, cfg, out, arch, init, preset, resume)
     arch = model.arch
+    if teacher is not None and cfg.cosine > 0:
+        match = check_match(arch, teacher.arch, match)
     distributed.same_start(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     mems = None
@@ -219,7 +257,7 @@ def _train(corpus: Corpus, cfg: TrainConfig, out: Path, *, arch: Architecture | 
             mems = teacher_mems = None  # a new pass starts every stream afresh
         x, y = segments[index]
         lr = lr_at(progress.step, cfg)
-        loss, mems, teacher_mems = _step(model, opt, x, y, mems, teacher, teacher_mems, lr, cfg)
+        loss, mems, teacher_mems = _step(model, opt, x, y, mems, teacher, teacher_mems, match, lr, cfg)
         progress.step += 1
         progress.tokens += y.numel() * distributed.world()
         now = time.perf_counter()
@@ -288,21 +326,24 @@ def _started(corpus: Corpus, cfg: TrainConfig, out: Path, arch: Architecture | N
 
 
 def _step(model: LM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, mems: list | None,
-          teacher: LM | None, teacher_mems: list | None, lr: float, cfg: TrainConfig
+          teacher: LM | None, teacher_mems: list | None, match: Sequence[int] | None, lr: float, cfg: TrainConfig
           ) -> tuple[torch.Tensor, list, list | None]:
     """One optimisation step on segment (x, y): the cross-entropy (blended with distillation from `teacher`'s
-    logits), the MoE balance loss, gradients averaged over processes and clipped. Returns the cross-entropy and
-    both networks' new memories."""
+    logits, plus the hidden states' cosine loss), the MoE balance loss, gradients averaged over processes and
+    clipped. Returns the cross-entropy and both networks' new memories."""
     for group in opt.param_groups:
         group["lr"] = lr
-    result = model(x, mems)
+    cosine = teacher is not None and cfg.cosine > 0
+    result = model(x, mems, hidden=cosine)
     loss = F.cross_entropy(result.logits.reshape(-1, model.arch.vocab_size).float(), y.reshape(-1))
     objective = loss
-    if teacher is not None and cfg.distill > 0:
+    if teacher is not None and (cfg.distill > 0 or cosine):
         with torch.no_grad():
-            taught = teacher(x, teacher_mems)
+            taught = teacher(x, teacher_mems, hidden=cosine)
         teacher_mems = taught.mems
         objective = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(result.logits, taught.logits)
+        if cosine:
+            objective = objective + cfg.cosine * cosine_loss(result.hidden, taught.hidden, match)
     opt.zero_grad(set_to_none=True)
     (objective + cfg.aux_weight * result.aux_loss).backward()
     distributed.average_gradients(model.parameters())
