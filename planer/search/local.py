@@ -350,7 +350,7 @@ def _note_nmse(library: Library, keys: list[Key], probe: Sequence[tuple[Tensor, 
 
 
 @torch.no_grad()
-def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]]) -> float:
+def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | None = None) -> float:
     """Note every alternative's `kl`: KL(parent || network with only that block replaced), per token, on `probe`
     (consecutive segments; the first only fills the memories unless it is the only one). The blocks before the
     replaced one see what they saw in the parent, so each pass starts at the replaced block.
@@ -385,6 +385,8 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]]) -> float:
             halves.append((sum(kl[first:half]) / max(1, half - first), sum(kl[half:]) / max(1, len(kl) - half)))
             if paired(key):
                 pairs.append(key)
+            if bar is not None:
+                bar.update(1)
     for p, label in pairs:  # the pair's damage less the skip's: the selection adds the two
         library.note((p, label), pair_kl=library.figure((p, label), "kl"),
                      kl=library.figure((p, label), "kl") - library.figure((p - 1, "skip"), "kl"))
@@ -473,10 +475,12 @@ class _Local:
                   unit="step", disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
             distil_locally(self.library, self.data, self.probe, replace(self.cfg, local_steps=steps), bar)
         trained_s = time.perf_counter() - began
-        self.say(f"scoring {sum(map(len, self.options))} alternatives (replace-one-block KL on held-out training "
-                 "tokens)")
-        agreement = score(self.library, score_probe(self.corpus, self.cut, self.arch, self.cfg,
-                                                    distributed.share(self.cfg.batch)))
+        probe = score_probe(self.corpus, self.cut, self.arch, self.cfg, distributed.share(self.cfg.batch))
+        scored = sum(s != self.arch.blocks[p] or paired(k) for p, specs in enumerate(self.options)
+                     for k, s in zip(self.library.keys[p], specs))
+        with tqdm(total=scored, desc="scoring: replace-one-block KL on held-out training tokens", unit="block",
+                  disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
+            agreement = score(self.library, probe, bar)
         self.say(f"  rank agreement of the scores between the two halves of the scoring tokens: {agreement:.3f} "
                  "(Spearman)")
         _log(self.log_path, {"library": self.library.record, "local_steps": steps, "init": self.cfg.init,
