@@ -7,6 +7,7 @@ import torch
 from planer.arch import BlockSpec
 from planer.data import Segments, load_corpus
 from planer.deployment import Target
+from planer.errors import PlanerError
 from planer.nn import LM
 from planer.search.local import (Library, alternatives, calibration_inputs, distil_locally, parent_pass, ranked_parent,
                                  score, search_local, with_pairs)
@@ -19,7 +20,8 @@ from tests.test_search import DEP, _Sealed
 
 SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.attn(2, 16), BlockSpec.ffn(32),
                         BlockSpec.ffn(64), BlockSpec.linear(), BlockSpec.ffn(64, "int8"), BlockSpec.moe(4, 1, 32),
-                        BlockSpec.moe(2, 1, 48, shared=32), BlockSpec.moe(4, 1, 16)))  # the last splits no FFN
+                        BlockSpec.moe(2, 1, 48, shared=32), BlockSpec.moe(4, 4, 32),  # every expert routed: the FFN
+                        BlockSpec.moe(4, 1, 16)))  # splits no FFN
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +78,15 @@ def test_local_distillation_lowers_every_alternatives_error(baseline, corpus):
     distil_locally(library, data, probe, cfg)
     keys = library.trainable()
     assert (0, "attn2x16") not in keys and (0, "skip") not in keys and (1, "ffn32") in keys
+    assert (1, "ffn64@int8") not in keys and library.twin((1, "ffn64@int8")) == (1, "ffn64")
     for key in keys:
         before, after = library.figure(key, "nmse_before"), library.figure(key, "nmse_after")
         assert after < before, (key, before, after)
+    # the int8 one computes with its fp32 twin's trained weights, in int8
+    twin, int8 = library.blocks[(1, "ffn64")], library.blocks[(1, "ffn64@int8")]
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), int8.state_dict().values()))
+    assert library.figure((1, "ffn64@int8"), "nmse_after") < library.figure((1, "ffn64@int8"), "nmse_before")
+    assert library.figure((1, "ffn64@int8"), "nmse_after") != library.figure((1, "ffn64"), "nmse_after")
     score(library, probe)
     assert library.figure((0, "attn2x16"), "kl") == 0.0  # the parent's own block changes nothing
     assert library.figure((1, "skip"), "kl") > library.figure((1, "ffn64"), "kl") > 0
@@ -88,7 +96,8 @@ def test_local_distillation_lowers_every_alternatives_error(baseline, corpus):
 
 def test_a_paired_ffn_makes_up_for_the_attention_before_it_and_is_scored_as_the_pair(baseline, corpus):
     options, starts = with_pairs(baseline.arch, alternatives(baseline.arch, SPACE))
-    assert [len(o) - s for o, s in zip(options, starts)] == [0, 6, 0, 6]  # every FFN and split alternative
+    assert [len(o) - s for o, s in zip(options, starts)] == [0, 4, 0, 4]  # every dense FFN alternative, no split
+    assert {s.kind for o, start in zip(options, starts) for s in o[start:]} == {"ffn"}
     probe = _probe(corpus)
     parent = ranked_parent(baseline, probe, "activations")
     data = Segments(corpus.train[:50_000], 2, 16)
@@ -99,7 +108,7 @@ def test_a_paired_ffn_makes_up_for_the_attention_before_it_and_is_scored_as_the_
     narrow = (1, "ffn64|after-skip")  # (the parent's own starts closer than 40 steps of Adam stay)
     assert library.figure(narrow, "nmse_after") < 0.5 * library.figure(narrow, "nmse_before")
     skip, pair = options[0].index(BlockSpec.skip()), starts[1]
-    assert ((1, pair), (0, skip)) in library.requires() and len(library.requires()) == 12
+    assert ((1, pair), (0, skip)) in library.requires() and len(library.requires()) == 8
     score(library, probe)
     # the pair's KL as the LM computes it (memories carried, the first segment only filling them): what scoring
     # noted, and less than dropping the attention alone, which the paired FFN was trained to make up for
@@ -130,6 +139,27 @@ def test_a_paired_ffn_makes_up_for_the_attention_before_it_and_is_scored_as_the_
         for hook in hooks:
             hook.remove()
     assert library.figure(narrow, "nmse_after") == pytest.approx(sum(errors) / len(errors), rel=1e-4)
+
+
+def test_a_saved_library_loads_back_and_one_of_another_search_is_refused(baseline, corpus, tmp_path):
+    options = alternatives(baseline.arch, SPACE)
+    data = Segments(corpus.train[:50_000], 2, 16)
+    parent = ranked_parent(baseline, _probe(corpus), "activations")
+    library = Library(parent, options, calibration_inputs(parent, data, [1, 3]))
+    for key in library.blocks:
+        library.note(key, kl=0.5)
+    library.save(tmp_path)
+    again = Library(parent, options, calibration_inputs(parent, data, [1, 3]))
+    for block in again.blocks.values():
+        for t in block.parameters():
+            t.data.zero_()
+    again.load(tmp_path)
+    for key, block in library.blocks.items():
+        assert all(torch.equal(a, b) for a, b in zip(block.state_dict().values(), again.blocks[key].state_dict().values()))
+    assert again.record == library.record
+    paired_options, starts = with_pairs(baseline.arch, options)  # a search with pairs: alternatives the file lacks
+    with pytest.raises(PlanerError, match="another version of planer; delete"):
+        Library(parent, paired_options, calibration_inputs(parent, data, [1, 3]), starts).load(tmp_path)
 
 
 def test_rank_units_orders_by_activation_and_keeps_the_function(baseline, corpus):

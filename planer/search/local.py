@@ -18,8 +18,9 @@ block by block instead:
    blocks (a split block's router learns with the experts, through its gates' gradient, plus the load-balancing
    loss). Where an attention block may be dropped, every alternative of the FFN after it is also trained as a
    *paired* one: from the attention's input to the FFN's output, so that it makes up for the attention it
-   follows (chosen only together with that attention's skip). The library of trained alternatives is saved
-   beside the search's outcome.
+   follows (chosen only together with that attention's skip). An alternative in int8 is not trained: it
+   computes with its fp32 twin's trained weights. The library of trained alternatives is saved beside the
+   search's outcome.
 3. **Scoring.** Each alternative's damage is the KL divergence from the parent when it alone replaces its
    parent block, on held-out *training* tokens (the validation split judges only the result); a paired one's is
    that of the pair (skip and it) less the skip's own, so that the two add up to the pair's.
@@ -49,6 +50,7 @@ from planer import distributed
 from planer.arch import Architecture, BlockSpec
 from planer.data import Corpus, Segments
 from planer.deployment import Deployment, Target
+from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.files import atomic_write, replacing
 from planer.latency import LatencyTable
@@ -92,14 +94,18 @@ def alternatives(parent: Architecture, space: SearchSpace) -> list[list[BlockSpe
 
 
 def with_pairs(parent: Architecture, options: list[list[BlockSpec]]) -> tuple[list[list[BlockSpec]], list[int]]:
-    """`options` with, at each FFN position after an attention position that may be skipped, its FFN and split
+    """`options` with, at each FFN position after an attention position that may be skipped, its dense FFN
     alternatives again as paired ones (trained to stand for the attention and the FFN together); and per
-    position the index where its paired alternatives start."""
+    position the index where its paired alternatives start.
+
+    Splits are not paired: a pair's damage is the missing attention's, which no width recovers. On the deep
+    preset (200 local steps) the paired splits' KL stayed within the paired dense FFNs' range at every one of
+    the 12 positions (position 1: 1.039-1.071 against 1.041-1.067; benchmarks/RESULTS.md), at 4x the training."""
     result, starts = [], []
     for p, specs in enumerate(options):
         pairable = (p > 0 and parent.blocks[p].kind == "ffn" and parent.blocks[p - 1].kind == "attn"
                     and BlockSpec.skip() in options[p - 1])
-        result.append(specs + ([s for s in specs if s.kind in ("ffn", "moe")] if pairable else []))
+        result.append(specs + ([s for s in specs if s.kind == "ffn"] if pairable else []))
         starts.append(len(specs))
     return result, starts
 
@@ -110,8 +116,10 @@ def _cut_from(c: BlockSpec, parent: BlockSpec) -> bool:
                 and c.heads // c.n_kv_heads == parent.heads // parent.n_kv_heads)
     if c.kind == "ffn":
         return c.d_inner <= parent.d_inner
-    if c.kind == "moe":  # split from the parent's units, not upcycled copies of them
-        return parent.kind == "ffn" and c.experts * c.d_inner + c.shared == parent.d_inner
+    if c.kind == "moe":  # split from the parent's units, not upcycled copies of them; all of them routed to
+        # every token is the parent's FFN at a higher price
+        return (parent.kind == "ffn" and c.experts * c.d_inner + c.shared == parent.d_inner
+                and (c.top_k < c.experts or c.shared > 0))
     return True
 
 
@@ -222,12 +230,14 @@ class Library:
                  paired_from: Sequence[int] | None = None):
         """`calibration`: per position with split alternatives, the parent block's inputs on training tokens.
         `paired_from`: per position, the index of its first paired alternative (with_pairs); none by default. A
-        paired alternative starts from the weights of its unpaired twin."""
+        paired alternative starts from the weights of the same alternative unpaired."""
         self.parent, self.options = parent, options
         arch, calibration = parent.arch, calibration or {}
         starts = list(paired_from) if paired_from is not None else [len(specs) for specs in options]
         self.keys: list[list[Key]] = [[(p, s.label() + (AFTER_SKIP if c >= starts[p] else ""))
                                        for c, s in enumerate(specs)] for p, specs in enumerate(options)]
+        self.spec: dict[Key, BlockSpec] = {key: s for keys, specs in zip(self.keys, options)
+                                           for key, s in zip(keys, specs)}
         cuts: dict[int, dict] = {p: {} for p in range(len(options))}
         self.blocks: dict[Key, Block] = {}
         for p, specs in enumerate(options):
@@ -236,10 +246,31 @@ class Library:
                                     initial_block(arch, s, parent.blocks[p], calibration.get(p), cuts[p]))
         self.record: dict[str, dict[str, float]] = {}
 
+    def exact(self, key: Key) -> bool:
+        """Whether `key` is the parent's own block in its own precision, unpaired: nothing to train or score."""
+        return self.spec[key] == self.parent.arch.blocks[key[0]] and not paired(key)
+
+    def changed(self) -> list[Key]:
+        """Every alternative whose local error is measured: all but the skips (1 by definition) and the exact."""
+        return [key for key in self.blocks if self.spec[key].kind != "skip" and not self.exact(key)]
+
+    def twin(self, key: Key) -> Key | None:
+        """The fp32 alternative whose weights `key`, in another precision, computes with; None where there is none.
+        Training an int8 block's own weights (through its simulation) was not worth it: on `tiny` and the deep
+        preset every int8 twin trained alone ended within 0.008 nats of its fp32 twin's KL, most within 0.0005."""
+        spec = self.spec[key]
+        twin = (key[0], spec.in_precision("fp32").label() + (AFTER_SKIP if paired(key) else ""))
+        return twin if spec.precision != "fp32" and twin in self.blocks else None
+
     def trainable(self) -> list[Key]:
-        """Every alternative but the skips and the parent's own block in its own precision (already exact)."""
-        return [key for p, specs in enumerate(self.options) for key, s in zip(self.keys[p], specs)
-                if s.kind != "skip" and (s != self.parent.arch.blocks[p] or paired(key))]
+        """The alternatives local distillation trains: the changed ones but those with a twin."""
+        return [key for key in self.changed() if self.twin(key) is None]
+
+    def share_twins(self) -> None:
+        """Every alternative with a twin takes its (trained) weights."""
+        for key, block in self.blocks.items():
+            if (twin := self.twin(key)) is not None:
+                block.load_state_dict(self.blocks[twin].state_dict())
 
     def requires(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """Each paired alternative, (position, index), with the skip of the attention before it it needs."""
@@ -276,10 +307,17 @@ class Library:
 
     def load(self, out: Path) -> None:
         tensors = load_file(str(out / LIBRARY_FILE))
+        record = json.loads((out / LIBRARY_RECORD).read_text())
+        missing = [f"{p}:{label}" for p, label in self.blocks if f"{p}:{label}" not in record
+                   or not any(k.startswith(f"{p}/{label}/") for k in tensors) and self.spec[(p, label)].kind != "skip"]
+        if missing:
+            raise PlanerError(f"the library in {out} lacks {len(missing)} of this search's alternatives (e.g. "
+                              f"{missing[0]}): it was made by another version of planer; delete {out} and run "
+                              "the same command again")
         for (p, label), block in self.blocks.items():
             prefix = f"{p}/{label}/"
             block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        self.record = json.loads((out / LIBRARY_RECORD).read_text())
+        self.record = record
 
 
 def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tensor, Tensor]], cfg: SearchConfig,
@@ -287,7 +325,7 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
     """Train every trainable alternative for `cfg.local_steps` steps to reproduce its parent block (see `nmse`),
     all on one parent pass per step; each alternative's normalised MSE on `probe` is noted before and after."""
     keys = library.trainable()
-    _note_nmse(library, keys, probe, "nmse_before")
+    _note_nmse(library, library.changed(), probe, "nmse_before")
     params = [q for k in keys for q in library.blocks[k].parameters()]
     if cfg.local_steps and params:
         opt = torch.optim.AdamW(params, lr=cfg.local_lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -314,7 +352,8 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
                     bar.set_postfix(mean_nmse=f"{float(loss.detach()) / len(keys):.3f}")
         for k in keys:
             library.blocks[k].eval()
-    _note_nmse(library, keys, probe, "nmse_after")
+    library.share_twins()
+    _note_nmse(library, library.changed(), probe, "nmse_after")
 
 
 def _balance(block: Block) -> Tensor | float:
@@ -366,9 +405,9 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | 
     half = first + (len(passes) - first) // 2
     halves: list[tuple[float, float]] = []
     pairs: list[Key] = []
-    for p, specs in enumerate(library.options):
-        for key, s in zip(library.keys[p], specs):
-            if s == parent.arch.blocks[p] and not paired(key):  # the parent's own block and weights: no change
+    for p, keys in enumerate(library.keys):
+        for key in keys:
+            if library.exact(key):
                 library.note(key, kl=0.0)
                 continue
             start = p - 1 if paired(key) else p  # a paired one replaces the attention before it (by a skip) too
@@ -476,8 +515,7 @@ class _Local:
             distil_locally(self.library, self.data, self.probe, replace(self.cfg, local_steps=steps), bar)
         trained_s = time.perf_counter() - began
         probe = score_probe(self.corpus, self.cut, self.arch, self.cfg, distributed.share(self.cfg.batch))
-        scored = sum(s != self.arch.blocks[p] or paired(k) for p, specs in enumerate(self.options)
-                     for k, s in zip(self.library.keys[p], specs))
+        scored = sum(not self.library.exact(key) for key in self.library.blocks)
         with tqdm(total=scored, desc="scoring: replace-one-block KL on held-out training tokens", unit="block",
                   disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
             agreement = score(self.library, probe, bar)

@@ -127,8 +127,10 @@ class SearchConfig:
     selection: str = "exact"
     scoring: str = "kl"
     # Held-out training tokens each alternative's replace-one-block KL is measured on (the first segment of the
-    # held-out stream only fills the memories; probe_flops caps the streams of a deep model's segments).
-    score_tokens: int = 32768
+    # held-out stream only fills the memories; probe_flops caps the streams of a deep model's segments). Two
+    # disjoint samples of 16,384 ranked the alternatives alike: Spearman 0.999 (tiny), 0.998 (deep preset, 768
+    # alternatives); 32,768 cost a deep build 33 min of scoring. Each build logs the agreement of its halves.
+    score_tokens: int = 16384
 
 
 @dataclass
