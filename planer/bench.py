@@ -13,6 +13,7 @@ the build's own baseline (BUILD/baseline, written by `planer build`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from planer.errors import PlanerError
 from planer.files import REQUEST_FILE, atomic_write, exported_model, file_digest
 from planer.runtime import LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
+from planer.runtime.timing import noise, steadiest
 
 FORMAT = "planer.bench/1"
 REFERENCE_DIR = "baseline"
@@ -93,11 +95,18 @@ def measure(build_dir: str | os.PathLike, reference_dir: str | os.PathLike | Non
         digests[what] = file_digest(path)
         runs.append((load_engine(dep.engine, str(path), threads=threads, shape=dep.shape),
                      example_feeds(arch, *dep.shape)))
-    build_stats, reference_stats = time_engines(runs, min_seconds=dep.min_seconds, min_iters=dep.min_iters)
+    (build_stats, reference_stats), _ = steadiest(
+        lambda: time_engines(runs, min_seconds=dep.min_seconds, min_iters=dep.min_iters), dep.max_spread, dep.retries)
     return Measurement(describe_engine(dep.engine, threads=threads), dep, build_stats, reference_stats, digests)
 
 
 def save(measurement: Measurement, path: str | os.PathLike) -> None:
+    """Write `measurement` as a reference; a noisy one is refused, since every later run would be judged by it."""
+    spread = noise([measurement.build, measurement.reference])
+    if spread > measurement.deployment.max_spread:
+        raise PlanerError(f"not saved: the machine was too noisy to store a reference (p90/p50 {spread:.2f} > "
+                          f"{measurement.deployment.max_spread:g} after {measurement.deployment.retries + 1} runs); "
+                          "run it again on a quiet machine")
     atomic_write(Path(path), json.dumps(measurement.to_dict(), indent=2) + "\n")
 
 
@@ -111,7 +120,33 @@ def load_reference(path: str | os.PathLike) -> dict[str, Any]:
         raise PlanerError(f"{path}: not JSON ({e}); write it again with `planer bench BUILD --save`") from None
     if not isinstance(stored, dict) or stored.get("format") != FORMAT:
         raise PlanerError(f"{path}: not a planer bench reference ({FORMAT}); write one with `planer bench --save`")
+    problem = _damage(stored)
+    if problem:
+        raise PlanerError(f"{path}: {problem}; write it again with `planer bench BUILD --save {path}`")
     return stored
+
+
+def _damage(stored: dict[str, Any]) -> str | None:
+    """What makes a stored reference unusable (a file edited or damaged), or None. A ratio that does not follow
+    from its own p50s would make the gate pass or fail whatever is measured."""
+    def positive(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+    for name in ("build", "reference"):
+        if not isinstance(stored.get(name), dict) or not positive(stored[name].get("p50")):
+            return f"'{name}' lacks a positive p50"
+    if not isinstance(stored.get("engine"), dict) or not isinstance(stored["engine"].get("engine"), str):
+        return "'engine' does not name the engine"
+    deployment = stored.get("deployment")
+    if not isinstance(deployment, dict) or set(deployment) != set(_STORED) or not all(
+            isinstance(deployment[k], int) and not isinstance(deployment[k], bool)
+            and deployment[k] >= (0 if k in ("mem_len", "threads") else 1) for k in _STORED):
+        return f"'deployment' must give {', '.join(_STORED)} as whole numbers (batch and tgt_len at least 1)"
+    ratio = stored.get("ratio")
+    if not positive(ratio) or not math.isclose(ratio, stored["build"]["p50"] / stored["reference"]["p50"],
+                                               rel_tol=1e-6):
+        return "its 'ratio' is not its build p50 over its reference p50"
+    return None
 
 
 def gate(now: Measurement, stored: dict[str, Any], max_slowdown: float) -> tuple[bool, str]:

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.export.reference import verify
-from planer.files import ARCH_FILE, REQUEST_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, staging_dir
+from planer.files import (ARCH_FILE, REQUEST_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, read_json,
+                          staging_dir, writing)
 from planer.hf import IMPORT_FILE, import_hf, is_hf_checkpoint, write_run
 from planer.latency import LatencyTable
 from planer.latency.confirm import confirm
@@ -64,7 +66,7 @@ from planer.search.search import OUTCOME_FILE, Candidate, InfeasibleTarget, Sear
 from planer.space import ExpertOptions, SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
 from planer.train.presets import TrainConfig, finetune_config
-from planer.train.trainer import CONFIG_FILE, EVAL_FILE, alignment, run_corpus, run_source, saved_config, train
+from planer.train.trainer import CONFIG_FILE, EVAL_FILE, alignment, resumable, run_corpus, saved_config, train
 
 
 # The distillation share of the result's recipe (the rest cross-entropy) unless a budget says otherwise: the
@@ -157,34 +159,36 @@ def build(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
     """
     source, out = Path(run), Path(out)
     _check_request(out, dep)
-    work = staging_dir(out)
-    fresh = not work.exists()
-    main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
-    try:
-        run, baseline, corpus, space = _baseline(source, work, dep, data, space, budget.search.method, moe)
-        request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target.ms,
-                   "target_speedup": target.speedup, "deployment": asdict(dep), "budget": asdict(budget),
-                   "space": space.to_dict(), "compare": compare, "planer": __version__}
-        _start_or_resume(work, request)
-    except PlanerError:
-        if fresh and main:
-            shutil.rmtree(work, ignore_errors=True)  # an import made for a request that cannot run
-        raise
-    try:
-        clock = _Clock(work)
-        table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
-        clock.lap("profile")
-        stages = _Build(source, run, work, baseline, corpus, space, table, dep, target, budget, show_progress, clock)
-        latency, accuracy = stages.finish(continued, compare)
-    except InfeasibleTarget:
-        if main:
-            shutil.rmtree(work, ignore_errors=True)  # a bad request: nothing to resume, nothing left behind
-        raise
-    except PlanerError as e:  # e.g. a graph that fails parity: the stages before it are worth keeping
-        raise PlanerError(f"{e} (the build so far is kept in {work}: run the same command again to continue "
-                          "from its last completed stage, or delete it)") from e
-    distributed.main_writes(lambda: publish(work, out))
-    return latency | {"accuracy": accuracy}
+    with writing(out) if distributed.is_main() else nullcontext():  # one writer of OUT at a time
+        work = staging_dir(out)
+        fresh = not work.exists()
+        main = distributed.is_main()  # under torchrun rank 0 alone measures and writes; all ranks train
+        try:
+            run, baseline, corpus, space = _baseline(source, work, dep, data, space, budget.search.method, moe)
+            request = {"model": str(source.resolve()), "data": corpus.spec, "target_ms": target.ms,
+                       "target_speedup": target.speedup, "deployment": asdict(dep), "budget": asdict(budget),
+                       "space": space.to_dict(), "compare": compare, "planer": __version__}
+            _start_or_resume(work, request)
+        except PlanerError:
+            if fresh and main:
+                shutil.rmtree(work, ignore_errors=True)  # an import made for a request that cannot run
+            raise
+        try:
+            clock = _Clock(work)
+            table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
+            clock.lap("profile")
+            stages = _Build(source, run, work, baseline, corpus, space, table, dep, target, budget, show_progress,
+                            clock)
+            latency, accuracy = stages.finish(continued, compare)
+        except InfeasibleTarget:
+            if main:
+                shutil.rmtree(work, ignore_errors=True)  # a bad request: nothing to resume, nothing left behind
+            raise
+        except PlanerError as e:  # e.g. a graph that fails parity: the stages before it are worth keeping
+            raise PlanerError(f"{e} (the build so far is kept in {work}: run the same command again to continue "
+                              "from its last completed stage, or delete it)") from e
+        distributed.main_writes(lambda: publish(work, out))
+        return latency | {"accuracy": accuracy}
 
 
 def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: Target,
@@ -252,6 +256,7 @@ def _baseline(source: Path, work: Path, dep: Deployment, data: str | None, space
     """The baseline's run directory (imported into WORK first if need be), the baseline, its corpus and the
     search space this machine can train with the search `method`."""
     run = _imported(source, work, dep)
+    _tokens_seen(run)  # a directory that cannot be a baseline is refused before minutes of profiling
     baseline = load_model(run).eval()
     return (run, baseline, run_corpus(run, data, baseline.arch.vocab_size),
             _trainable(space, baseline.arch, dep, method, moe))
@@ -278,7 +283,8 @@ class _Clock:
 
     def __init__(self, work: Path) -> None:
         self.path = work / TIMINGS_FILE
-        self.laps: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.laps: dict[str, float] = (read_json(self.path, "delete it (it only times the stages) and run the "
+                                                 "same command again") if self.path.is_file() else {})
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
@@ -385,7 +391,7 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
 
 def _finished(done: Path, options: dict[str, Any]) -> dict[str, Any]:
     """The summary of a build an interrupted sweep finished, if it was asked for the same way as now."""
-    before = json.loads((done / REQUEST_FILE).read_text())
+    before = read_json(done / REQUEST_FILE, f"delete {done} and run the sweep again")
     now = {"deployment": asdict(options["dep"]), "budget": asdict(options.get("budget", BUDGETS["medium"])),
            "compare": options.get("compare", False)}
     if options.get("space") is not None:
@@ -437,6 +443,10 @@ def _tokens_seen(run: Path) -> int:
     """Tokens planer trained the baseline on (an imported model's pretraining is not planer's to count)."""
     if (run / IMPORT_FILE).is_file():
         return 0
+    if (run / REQUEST_FILE).is_file() and not (run / CONFIG_FILE).is_file():
+        named = read_json(run / REQUEST_FILE, "pass the baseline's run directory").get("model", "its baseline")
+        raise PlanerError(f"{run} is a build's output, not a baseline's training run; build from the baseline it "
+                          f"was built from ({named}), or `planer distill` it further")
     try:
         return int(json.loads((run / CONFIG_FILE).read_text())["tokens_seen"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -449,8 +459,12 @@ def _trained(run_dir: Path, base_tokens: int) -> dict:
     the run's own record counts, not the budget's arithmetic, which a continued baseline reused from another
     build or a short run would belie) and its final PyTorch evaluation on the whole validation split (kept
     beside the engine's, which it should match: int8 blocks train as the engine computes them)."""
-    record = json.loads((run_dir / EVAL_FILE).read_text())
-    return {"tokens_trained": base_tokens + int(record["tokens_seen"]), "pytorch": record["valid"]}
+    remedy = f"delete {run_dir} and run the same command again (that stage is redone)"
+    record = read_json(run_dir / EVAL_FILE, remedy)
+    try:
+        return {"tokens_trained": base_tokens + int(record["tokens_seen"]), "pytorch": dict(record["valid"])}
+    except (KeyError, TypeError, ValueError):
+        raise PlanerError(f"{run_dir / EVAL_FILE}: not the record planer writes; {remedy}") from None
 
 
 def _engine_accuracy(path: str, arch: Architecture, corpus: Corpus, dep: Deployment, show_progress: bool) -> dict:
@@ -573,14 +587,13 @@ class _Build:
         (without them only a network of the baseline's depth is aligned, block for block)."""
         if not (out / EVAL_FILE).exists():
             steps = self.budget.result_steps if searched else self.budget.extra_steps
-            match = alignment(positions, self.baseline.arch) if positions else None
-            aligned = match is not None or len(init.arch.blocks) == len(self.baseline.arch.blocks)
-            cosine = self.budget.cosine if distill and aligned else 0.0
-            if distill and self.budget.cosine and not aligned:
+            match = alignment(init.arch, self.baseline.arch, positions)
+            cosine = self.budget.cosine if distill and match is not None else 0.0
+            if distill and self.budget.cosine and match is None:
                 print(f"{out.name}: its blocks do not align with the baseline's; distilled without the cosine loss",
                       file=sys.stderr)
             train(self.corpus, self.budget.recipe(steps, distill=distill, cosine=cosine), out, init=init,
-                  teacher=self.baseline if distill else None, match=match, resume=run_source(out) is not None,
+                  teacher=self.baseline if distill else None, match=match, resume=resumable(out),
                   show_progress=self.show_progress)
         return load_model(out).eval()
 

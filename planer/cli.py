@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -92,6 +93,10 @@ _OUTPUT = _OutputPath(path_type=Path)
 
 # Every numeric option is checked before any work: a zero step count or batch used to start (and finish) runs.
 _COUNT, _NONNEG, _PORT = click.IntRange(min=1), click.IntRange(min=0), click.IntRange(0, 65535)
+# Sizes that allocate memory or threads up front: far beyond any real use, they would only run the machine out of
+# memory (with a traceback) before saying so.
+_BATCH, _THREADS = click.IntRange(1, 4096), click.IntRange(1, 1024)
+_TOKENS, _MEMORY, _CONTEXT = click.IntRange(1, 65536), click.IntRange(0, 65536), click.IntRange(0, 262144)
 _POSITIVE, _NONNEG_FLOAT, _AT_LEAST_ONE = _Number(0, strict=True), _Number(0, strict=False), _Number(1, strict=False)
 
 
@@ -116,10 +121,16 @@ def main() -> None:
     Data-parallel training and search (rank 0 measures and writes):
       torchrun --nproc-per-node 2 -m planer build --model runs/tiny --target-speedup 2
     """
+    signal.signal(signal.SIGTERM, _terminated)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
         from planer import distributed
 
         distributed.setup()
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (`kill`, a scheduler, a container stopping) cleans up and says what was kept, as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim), 'enwik8:PATH' or 'text:PATH' "
@@ -129,12 +140,12 @@ _DATA_HELP = ("corpus: 'sample' (the enwik8-format excerpt bundled with gensim),
 @main.command("train")
 @click.option("--preset", help="baseline to train: tiny, deep, txl-enwik8-base, txl-wt103-base "
               "(not needed with --resume)")
-@click.option("--data", "data_spec", default="sample", show_default=True, help=_DATA_HELP)
+@click.option("--data", "data_spec", help=_DATA_HELP + " [default: sample; with --resume, the run's own]")
 @click.option("--out", required=True, type=_OUTPUT,
               help="run directory to create (assembled as OUT.partial, renamed when training finishes)")
 @click.option("--resume", is_flag=True, help="continue OUT (or an interrupted OUT.partial) from its last checkpoint")
 @click.option("--steps", type=_COUNT, help="total optimizer steps (overrides the preset)")
-@click.option("--batch", type=_COUNT, help="parallel streams per step (overrides the preset)")
+@click.option("--batch", type=_BATCH, help="parallel streams per step (overrides the preset)")
 @click.option("--lr", type=_POSITIVE, help="peak learning rate (overrides the preset)")
 @click.option("--eval-every", type=_COUNT, help="steps between validations (overrides the preset)")
 @click.option("--ckpt-every", type=_COUNT, help="steps between checkpoints (overrides the preset)")
@@ -153,7 +164,7 @@ def train_command(preset: str | None, data_spec: str, out: Path, resume: bool, s
     from planer.data import load_corpus
     from planer.train.evaluate import headline
     from planer.train.presets import get_preset, with_overrides
-    from planer.train.trainer import check_new_run, saved_config, train
+    from planer.train.trainer import check_new_run, saved_config, saved_data, train
 
     from dataclasses import replace
 
@@ -166,6 +177,7 @@ def train_command(preset: str | None, data_spec: str, out: Path, resume: bool, s
             given = ", ".join(options[field][0] for field in shape)
             raise PlanerError(f"{out} keeps the shape it was started with; drop {given} to resume it")
         cfg, saved_preset = saved_config(out)
+        data_spec = data_spec or saved_data(out)
         if preset and preset != saved_preset:
             raise PlanerError(f"{out} was trained with --preset {saved_preset}; drop --preset to resume it")
         arch = None
@@ -175,6 +187,7 @@ def train_command(preset: str | None, data_spec: str, out: Path, resume: bool, s
         chosen = replace(get_preset(preset), **shape)
         check_new_run(out)
         cfg, arch = chosen.train, None
+        data_spec = data_spec or "sample"
     corpus = load_corpus(data_spec)
     if not resume:
         arch = chosen.architecture(corpus.vocab_size).validate()
@@ -197,9 +210,9 @@ def train_command(preset: str | None, data_spec: str, out: Path, resume: bool, s
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--data", "data_spec", help="corpus to score (default: the one the run was trained on). " + _DATA_HELP)
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
-@click.option("--batch", type=_COUNT, default=8, show_default=True, help="parallel streams")
-@click.option("--tgt-len", type=_COUNT, help="segment length (default: the architecture's)")
-@click.option("--mem-len", type=_NONNEG, help="memory length (default: the architecture's)")
+@click.option("--batch", type=_BATCH, default=8, show_default=True, help="parallel streams")
+@click.option("--tgt-len", type=_TOKENS, help="segment length (default: the architecture's)")
+@click.option("--mem-len", type=_MEMORY, help="memory length (default: the architecture's)")
 @click.option("--max-tokens", type=_COUNT, help="stop after this many tokens (default: the whole split)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def eval_command(run: Path, data_spec: str | None, split: str, batch: int, tgt_len: int | None, mem_len: int | None,
@@ -223,8 +236,8 @@ def eval_command(run: Path, data_spec: str | None, split: str, batch: int, tgt_l
 @main.command("import")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=_OUTPUT, help="run directory to write")
-@click.option("--tgt-len", type=_COUNT, default=128, show_default=True, help="segment length the run is evaluated with")
-@click.option("--mem-len", type=_NONNEG, default=128, show_default=True,
+@click.option("--tgt-len", type=_TOKENS, default=128, show_default=True, help="segment length the run is evaluated with")
+@click.option("--mem-len", type=_MEMORY, default=128, show_default=True,
               help="memory length (context carried between segments)")
 def import_command(source: Path, out: Path, tgt_len: int, mem_len: int) -> None:
     """Import a local Hugging Face decoder LM (a save_pretrained directory or a .gguf file) as a planer run:
@@ -255,8 +268,8 @@ def _load_arch(source: Path):
               help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, each "
                    "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
                    "(activations gelu_tanh, relu, silu, swiglu); 'trt' = planer's TensorRT plugin (TensorRT only)")
-@click.option("--mem-len", type=_NONNEG, help="memory length the graph keeps (default: the architecture's)")
-@click.option("--max-context", type=_NONNEG, default=0,
+@click.option("--mem-len", type=_MEMORY, help="memory length the graph keeps (default: the architecture's)")
+@click.option("--max-context", type=_CONTEXT, default=0,
               help="longest memory + segment the graph must accept; Transformer-XL attention keeps its relative "
                    "positions as a table of this length (default: twice the architecture's mem-len + tgt-len)")
 @click.option("--triton", "triton_repo", type=click.Path(path_type=Path),
@@ -360,10 +373,10 @@ _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); aut
 @click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
               "around the baseline: skip, attention heads, FFN widths, MoE experts/top-k/widths)")
 @click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True)
-@click.option("--threads", type=_COUNT, default=2, show_default=True, help="intra-op threads of the engine")
-@click.option("--batch", type=_COUNT, default=1, show_default=True)
-@click.option("--tgt-len", type=_COUNT, help="segment length (default: the architecture's)")
-@click.option("--mem-len", type=_NONNEG, help="memory length (default: the architecture's)")
+@click.option("--threads", type=_THREADS, default=2, show_default=True, help="intra-op threads of the engine")
+@click.option("--batch", type=_BATCH, default=1, show_default=True)
+@click.option("--tgt-len", type=_TOKENS, help="segment length (default: the architecture's)")
+@click.option("--mem-len", type=_MEMORY, help="memory length (default: the architecture's)")
 @click.option("--lowering", type=click.Choice([*LOWERINGS, "auto"]), help=_LOWERING_HELP)
 @click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP)
 @click.option("--out", required=True, type=_OUTPUT,
@@ -413,10 +426,10 @@ _request_options = _options(
     click.option("--target-latency-ms", type=_POSITIVE, help="latency target in milliseconds (p50 in the engine)"),
 )
 _search_options = _options(
-    click.option("--batch", type=_COUNT, default=1, show_default=True, help="deployment batch size"),
-    click.option("--tgt-len", type=_COUNT, help="deployment segment length (default: the baseline's)"),
-    click.option("--mem-len", type=_NONNEG, help="deployment memory length (default: the baseline's)"),
-    click.option("--threads", type=_COUNT, default=2, show_default=True, help="engine intra-op threads"),
+    click.option("--batch", type=_BATCH, default=1, show_default=True, help="deployment batch size"),
+    click.option("--tgt-len", type=_TOKENS, help="deployment segment length (default: the baseline's)"),
+    click.option("--mem-len", type=_MEMORY, help="deployment memory length (default: the baseline's)"),
+    click.option("--threads", type=_THREADS, default=2, show_default=True, help="engine intra-op threads"),
     click.option("--lowering", type=click.Choice([*LOWERINGS, "auto"]), help=_LOWERING_HELP),
     click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP),
     click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
@@ -569,7 +582,7 @@ def search_command(run: Path, engine: str, target_speedup: float | None, target_
               help="the baseline's run directory, whose logits the student learns from")
 @click.option("--out", required=True, type=_OUTPUT, help="run directory to create")
 @click.option("--steps", type=_COUNT, default=1200, show_default=True, help="training steps (a medium build's)")
-@click.option("--batch", type=_COUNT, default=8, show_default=True, help="streams of the segment length per step")
+@click.option("--batch", type=_BATCH, default=8, show_default=True, help="streams of the segment length per step")
 @click.option("--data", "data_spec", help="corpus (default: the teacher's). " + _DATA_HELP)
 @click.option("--resume", is_flag=True, help="continue the interrupted or finished run at --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
@@ -593,10 +606,10 @@ def distill_command(student: Path, teacher: Path, out: Path, steps: int, batch: 
 @click.option("--reference", type=click.Path(path_type=Path),
               help="directory (arch.json + model.onnx) of the model timed beside the build [BUILD/baseline]")
 @click.option("--engine", type=click.Choice(ENGINES), help="engine [the stored one, else ort]")
-@click.option("--batch", type=_COUNT, help="batch size [the stored deployment, else the build's]")
-@click.option("--tgt-len", type=_COUNT, help="tokens per call [the stored deployment, else the build's]")
-@click.option("--mem-len", type=_NONNEG, help="memory length [the stored deployment, else the build's]")
-@click.option("--threads", type=_COUNT, help="engine threads [the stored deployment, else the build's]")
+@click.option("--batch", type=_BATCH, help="batch size [the stored deployment, else the build's]")
+@click.option("--tgt-len", type=_TOKENS, help="tokens per call [the stored deployment, else the build's]")
+@click.option("--mem-len", type=_MEMORY, help="memory length [the stored deployment, else the build's]")
+@click.option("--threads", type=_THREADS, help="engine threads [the stored deployment, else the build's]")
 @click.option("--save", "save_to", type=_OUTPUT, help="write the measurement as a reference JSON")
 @click.option("--against", type=click.Path(path_type=Path),
               help="a reference JSON from --save: exit 1 if build/reference latency grew by more than --max-slowdown")
@@ -605,38 +618,50 @@ def distill_command(student: Path, teacher: Path, out: Path, steps: int, batch: 
 @click.option("--min-seconds", type=_POSITIVE, default=2.0, show_default=True, help="timing time per try")
 @click.option("--tries", type=_COUNT, default=2, show_default=True,
               help="with --against, a regression must show in every try (shared machines are noisy)")
+@click.option("--json", "as_json", is_flag=True,
+              help="print one JSON object on stdout (the last measurement as --save writes it, with --against its "
+                   "gate verdict under \"gate\"); the readable report goes to stderr")
 def bench_command(build_dir: Path, reference: Path | None, engine: str | None, batch: int | None, tgt_len: int | None,
                   mem_len: int | None, threads: int | None, save_to: Path | None, against: Path | None,
-                  max_slowdown: float, min_seconds: float, tries: int) -> None:
+                  max_slowdown: float, min_seconds: float, tries: int, as_json: bool) -> None:
     """Time a build beside a reference model (both in the engine, interleaved) and report the ratio;
     with --against, gate on it.
 
     \b
       planer bench builds/tiny-x2 --save latency-reference.json
       planer bench builds/tiny-x2 --against latency-reference.json --max-slowdown 1.10
+      planer bench builds/tiny-x2 --json | jq .ratio
     """
+    import json
     from dataclasses import replace
 
     from planer import bench
+
+    def say(text: str) -> None:
+        click.echo(text, err=as_json)
 
     stored = bench.load_reference(against) if against is not None else None
     given = {"engine": engine, "batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "threads": threads}
     dep = replace(bench.default_deployment(build_dir, stored), min_seconds=min_seconds,
                   **{k: v for k, v in given.items() if v is not None})
-    ok = True
+    ok, attempt = True, 0
     for attempt in range(tries if stored else 1):
         m = bench.measure(build_dir, reference, dep=dep)
-        click.echo(m.table())
+        say(m.table())
         if stored:
             ok, diff = bench.gate(m, stored, max_slowdown)
-            click.echo(diff)
+            say(diff)
             if ok:
                 break
             if attempt + 1 < tries:
-                click.echo(f"try {attempt + 1} of {tries} regressed; timing again")
+                say(f"try {attempt + 1} of {tries} regressed; timing again")
     if save_to is not None:
         bench.save(m, save_to)
-        click.echo(f"wrote {save_to}")
+        say(f"wrote {save_to}")
+    if as_json:
+        gated = {"gate": {"passed": ok, "stored_ratio": stored["ratio"], "growth": m.ratio / stored["ratio"],
+                          "max_slowdown": max_slowdown, "tries": attempt + 1}} if stored else {}
+        click.echo(json.dumps(m.to_dict() | gated, indent=2))
     if not ok:
         raise PlanerError(f"latency regression: build/reference grew {m.ratio / stored['ratio']:.3f}x "
                           f"(allowed {max_slowdown:g}x) in all {tries} tries")
@@ -647,10 +672,14 @@ def bench_command(build_dir: Path, reference: Path | None, engine: str | None, b
 @click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True,
               help="engine to serve model.onnx with")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="address to bind; 0.0.0.0 exposes the server to the network")
+              help="address to bind; 0.0.0.0 exposes the server to the network. On a loopback address only requests "
+                   "naming localhost, 127.0.0.1 or ::1 (Host, and a browser's Origin) are answered")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="another host name requests may carry (repeatable); on a non-loopback --host, naming any limits "
+                   "the server to those")
 @click.option("--port", type=_PORT, default=8000, show_default=True)
-@click.option("--threads", type=_COUNT, default=None, help="engine intra-op threads (default: the engine's choice)")
-@click.option("--max-batch", type=_COUNT, default=8, show_default=True,
+@click.option("--threads", type=_THREADS, default=None, help="engine intra-op threads (default: the engine's choice)")
+@click.option("--max-batch", type=_BATCH, default=8, show_default=True,
               help="decoding steps of the same shape stacked into one engine call")
 @click.option("--max-delay-ms", type=_NONNEG_FLOAT, default=2.0, show_default=True,
               help="how long a step may wait for others to batch with")
@@ -658,25 +687,37 @@ def bench_command(build_dir: Path, reference: Path | None, engine: str | None, b
               help="requests in flight at once; more are answered 503 at once")
 @click.option("--max-body-kb", type=_COUNT, default=1024, show_default=True, help="largest request body (413 beyond)")
 @click.option("--max-new-tokens", type=_COUNT, default=1024, show_default=True,
-              help="largest max_tokens of /v1/generate")
+              help="largest max_tokens of a generation (OpenAI's chat default)")
+@click.option("--model-name", default=None,
+              help="the model's id in OpenAI's API (GET /v1/models; requests must name it) [default: the build "
+                   "directory's name]")
 @click.option("--body-timeout-s", type=_POSITIVE, default=10.0, show_default=True,
               help="a request body not received in full by then is answered 408 (slow uploads hold no place in "
                    "the queue meanwhile)")
 def serve_command(build_dir: Path, engine: str, host: str, port: int, threads: int | None, max_batch: int,
                   max_delay_ms: float, max_queue: int, max_body_kb: int, max_new_tokens: int,
-                  body_timeout_s: float) -> None:
-    """Serve a build over HTTP: POST /v1/score, POST /v1/generate, GET /healthz, GET /metrics.
+                  body_timeout_s: float, model_name: str | None, allow_hosts: tuple[str, ...]) -> None:
+    """Serve a build over HTTP: OpenAI's API (POST /v1/completions, POST /v1/chat/completions for models imported
+    with a chat template, GET /v1/models; streaming as server-sent events), and POST /v1/score, POST
+    /v1/generate, GET /healthz, GET /metrics.
 
     \b
       planer serve builds/tiny-x2 --port 8000
-      curl -s localhost:8000/v1/generate -d '{"prompt": "The ", "max_tokens": 40}'
+      curl -s localhost:8000/v1/completions -d '{"model": "tiny-x2", "prompt": "The ", "max_tokens": 40}'
+      curl -sN localhost:8000/v1/completions -d '{"model": "tiny-x2", "prompt": "The ", "stream": true}'
     """
     from planer.serve import ServeConfig, serve
 
+    if host.strip() in ("", "0"):
+        raise PlanerError(f"--host {host!r} would bind every interface without saying so; give 0.0.0.0 for that, "
+                          "or an address such as 127.0.0.1")
+    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+        click.echo(f"serving on {host}: anyone who can reach this machine on port {port} can use the model", err=True)
     config = ServeConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                          max_body_bytes=max_body_kb * 1024, max_new_tokens=max_new_tokens,
                          body_timeout_s=body_timeout_s)
-    serve(build_dir, engine=engine, threads=threads, host=host, port=port, config=config)
+    serve(build_dir, engine=engine, threads=threads, host=host, port=port, config=config, model_name=model_name,
+          allow_hosts=allow_hosts)
 
 
 def _expert_options(experts: str | None, top_k: str | None, shared: str | None):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from planer.arch import Architecture
 from planer.errors import PlanerError
@@ -31,6 +34,18 @@ def replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def read_json(path: Path, remedy: str, kind: type = dict) -> Any:
+    """PATH's JSON, which must be a `kind`; a file that is unreadable, not JSON or of another shape is a one-line
+    error ending in `remedy` (what to delete or rerun), not a traceback."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise PlanerError(f"{path}: unreadable or not JSON ({type(e).__name__}); {remedy}") from None
+    if not isinstance(value, kind):
+        raise PlanerError(f"{path}: not the {kind.__name__} planer writes there; {remedy}")
+    return value
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write `data` to `path` whole or not at all."""
     with replacing(path) as tmp:
@@ -52,6 +67,34 @@ def file_digest(path: Path) -> str:
 def staging_dir(out: Path) -> Path:
     """Where a command assembles OUT before renaming it into place."""
     return out.with_name(f"{out.name}.partial")
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Holds OUT's lock (a file beside it) while a command writes OUT or its staging directory, so that a second
+    command writing the same place is refused at once, instead of deleting or doubling the first one's work.
+    The lock goes with the process, however it ends."""
+    lock = out.with_name(f".{out.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PlanerError(f"another planer command is writing {out} right now; let it finish (or stop it), or "
+                              "choose another output") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file as we opened it: lock the one there now
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def publish(staging: Path, out: Path) -> None:

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from planer.arch import BlockSpec
 from planer.cli import main
+from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.nn import LM
 from tests.conftest import small_arch
@@ -56,6 +57,15 @@ def test_the_gate_passes_on_the_stored_build_and_fails_on_a_slowed_one(models, t
     assert same.exit_code == 0, same.output
     assert "pass" in same.output
 
+    verdict = CliRunner().invoke(main, ["bench", str(models["build"]), "--against", str(ref), "--min-seconds", "1",
+                                        "--threads", "1", "--json"])
+    assert verdict.exit_code == 0, verdict.output
+    parsed = json.loads(verdict.stdout)  # stdout holds the JSON alone; the table went to stderr
+    assert parsed["format"] == "planer.bench/1" and parsed["gate"]["passed"] is True
+    assert parsed["ratio"] == pytest.approx(parsed["build"]["p50"] / parsed["reference"]["p50"])
+    assert parsed["gate"]["growth"] == pytest.approx(parsed["ratio"] / stored["ratio"])
+    assert "build / reference (p50)" in verdict.stderr
+
     slowed = bench(models["slowed"], "--reference", models["reference"], "--against", ref, "--max-slowdown", "1.10")
     assert slowed.exit_code == 1, slowed.output
     assert "REGRESSED" in slowed.output and "latency regression" in slowed.output
@@ -82,3 +92,34 @@ def test_bad_references_and_mismatched_deployments_get_one_line_errors(models, t
     assert unknown.exit_code != 0 and "write it again" in unknown.output
     no_ref = bench(models["slowed"])  # no baseline/ beside it and no --reference
     assert no_ref.exit_code != 0 and "the reference must be a build directory" in no_ref.output
+
+
+@pytest.mark.parametrize("edit", [{"ratio": 0}, {"ratio": "fast"}, {"ratio": -1}, {"ratio": 1e308}, {"ratio": None},
+                                  {"build": None}, {"deployment": {"batch": 1}}, {"engine": 5}])
+def test_a_damaged_or_edited_reference_is_refused_in_one_line(models, tmp_path, edit):
+    """A ratio that does not follow from the file's own p50s would make the gate pass (or fail) whatever it
+    measures; missing or mistyped fields would give tracebacks."""
+    ref = tmp_path / "ref.json"
+    stored = {"format": "planer.bench/1", "ratio": 0.5, "engine": {"engine": "ort"},
+              "deployment": {"batch": 1, "tgt_len": 64, "mem_len": 64, "threads": 1},
+              "build": {"p50": 1.0, "sha256": "a"}, "reference": {"p50": 2.0, "sha256": "b"}}
+    ref.write_text(json.dumps(stored | edit))
+    result = bench(models["build"], "--against", ref)
+    assert result.exit_code == 1 and "write it again" in result.output and "Traceback" not in result.output
+
+
+def test_a_noisy_measurement_is_not_saved_as_a_reference(tmp_path):
+    from planer import bench as bench_module
+    from planer.deployment import Deployment
+    from planer.runtime import LatencyStats
+
+    steady, noisy = LatencyStats.of([1.0] * 20), LatencyStats.of([1.0] * 10 + [2.8] * 10)
+    dep = Deployment(tgt_len=64, mem_len=64)
+    ok = bench_module.Measurement({"engine": "ort"}, dep, steady, steady, {"build": "a", "reference": "b"})
+    bench_module.save(ok, tmp_path / "ok.json")
+    assert json.loads((tmp_path / "ok.json").read_text())["ratio"] == 1.0
+    with pytest.raises(PlanerError, match="too noisy to store a reference"):
+        bench_module.save(bench_module.Measurement({"engine": "ort"}, dep, noisy, steady, {"build": "a",
+                                                                                           "reference": "b"}),
+                          tmp_path / "noisy.json")
+    assert not (tmp_path / "noisy.json").exists()

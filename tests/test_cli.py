@@ -2,6 +2,10 @@
 
 import importlib.util
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -186,6 +190,18 @@ def test_build_for_tensorrt_without_it_stops_before_anything(tiny_run, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_building_from_a_builds_output_is_refused_before_any_work(tiny_run, tmp_path):
+    built = tmp_path / "built"
+    built.mkdir()
+    for name in ("arch.json", "model.safetensors"):
+        (built / name).write_bytes((tiny_run / name).read_bytes())
+    (built / "build.json").write_text(json.dumps({"model": str(tiny_run)}))
+    _one_line_error(run("build", "--model", built, "--target-speedup", "2", "--out", tmp_path / "b"),
+                    f"is a build's output, not a baseline's training run; build from the baseline it was built from "
+                    f"({tiny_run})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]
+
+
 def test_build_refuses_a_lowering_the_engine_cannot_run(tiny_run, tmp_path):
     _one_line_error(run("build", "--model", tiny_run, "--target-speedup", "2", "--out", tmp_path / "b",
                         "--lowering", "trt"), "does not run in engine ort (only in trt)")
@@ -260,6 +276,12 @@ def test_profile_bad_space(tiny_run, tmp_path):
     (["serve", "B", "--port", "70000"], "--port"),
     (["serve", "B", "--max-batch", "0"], "--max-batch"),
     (["serve", "B", "--max-delay-ms", "-1"], "--max-delay-ms"),
+    (["eval", "R", "--batch", "100000000"], "--batch"),  # sizes that would only allocate until the machine fails
+    (["eval", "R", "--tgt-len", "10000000"], "--tgt-len"),
+    (["export", "R", "--max-context", "1000000000"], "--max-context"),
+    (["bench", "B", "--threads", "1000000"], "--threads"),
+    (["serve", "B", "--threads", "99999"], "--threads"),
+    (["serve", "B", "--max-batch", "1000000"], "--max-batch"),
 ])
 def test_numbers_out_of_range_are_refused_before_any_work(tmp_path, args, option):
     # --out where the command has one: nothing may appear there
@@ -344,8 +366,44 @@ def test_a_new_run_that_stops_before_its_first_checkpoint_leaves_nothing(tmp_pat
     stop_at["step"] = 3  # after the checkpoint at step 2
     stopped(run(*args), "keeps the last checkpoint: run the same command with --resume")
     monkeypatch.setattr(trainer, "lr_at", real)
-    resumed = run(*args, "--resume")
+    resumed = run(*[a for a in args if a not in ("--data", f"enwik8:{text_file}")], "--resume")  # its own data
     assert resumed.exit_code == 0 and "step 4" in resumed.output, resumed.output
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_started_again(tmp_path, text_file):
+    """SIGKILL leaves OUT.partial with no checkpoint in it: --resume says to start again, and the same command
+    does (SIGTERM cleans up as Ctrl-C does)."""
+    from planer.train.trainer import resumable
+
+    out = tmp_path / "run"
+    partial = tmp_path / "run.partial"
+    partial.mkdir()
+    (partial / "arch.json").write_text("{}")
+    args = ["train", "--preset", "tiny", "--data", f"enwik8:{text_file}", "--out", out, "--steps", 1, "--batch", 1,
+            "--quiet"]
+    assert not resumable(out)  # so a build's stage killed like this starts again too
+    _one_line_error(run(*args, "--resume"), "before its first checkpoint and holds nothing to resume; run the same "
+                                            "command without --resume")
+    again = run(*args)
+    assert again.exit_code == 0 and "step 1" in again.output, again.output
+    assert resumable(out)
+    assert not partial.exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_second_writer_of_the_same_run_is_refused_and_touches_nothing(tmp_path, text_file):
+    from planer.files import writing
+
+    out = tmp_path / "run"
+    partial = tmp_path / "run.partial"
+    partial.mkdir()
+    (partial / "arch.json").write_text("{}")  # the first writer's run, before its first checkpoint
+    with writing(out):
+        second = run("train", "--preset", "tiny", "--data", f"enwik8:{text_file}", "--out", out, "--steps", 1,
+                     "--quiet")
+        assert second.exit_code != 0 and "Traceback" not in second.output, second.output
+        assert second.output.strip().splitlines()[-1].startswith("Error: another planer command is writing")
+        assert (partial / "arch.json").read_text() == "{}"
+    assert not (tmp_path / ".run.lock").exists()
 
 
 def test_a_training_runs_final_evaluation_shows_progress(tmp_path, text_file):
@@ -353,3 +411,20 @@ def test_a_training_runs_final_evaluation_shows_progress(tmp_path, text_file):
                                        tmp_path / "run", "--steps", 1, "--batch", 1])
     assert result.exit_code == 0, result.output
     assert "final eval: valid" in result.output and "final eval: test" in result.output
+
+
+def test_sigterm_stops_a_training_run_as_ctrl_c_does(tmp_path, text_file):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "planer", "train", "--preset", "tiny", "--data",
+                             f"enwik8:{text_file}", "--out", str(out), "--steps", "100000", "--batch", "1",
+                             "--ckpt-every", "100000", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run.partial" / "arch.json").exists():  # under way, before its first checkpoint
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert "interrupted before the first checkpoint; nothing was kept" in err
+    assert list(tmp_path.iterdir()) == []  # the same command can start again

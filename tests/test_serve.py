@@ -21,6 +21,7 @@ import uvicorn
 
 from planer.arch import BlockSpec
 from planer.checkpoint import save_weights
+from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.nn import LM
 from planer.serve import ServeConfig, create_app
@@ -29,8 +30,11 @@ from tests.conftest import small_arch
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory) -> tuple[Path, LM]:
+    return random_build(tmp_path_factory.mktemp("build"))
+
+
+def random_build(out: Path) -> tuple[Path, LM]:
     """A random model with two memories and an MoE block, laid out like a build directory."""
-    out = tmp_path_factory.mktemp("build")
     arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64), BlockSpec.attn(2, 16), BlockSpec.moe(4, 2, 32)],
                       tgt_len=8, mem_len=32)
     torch.manual_seed(0)
@@ -42,9 +46,9 @@ def build_dir(tmp_path_factory) -> tuple[Path, LM]:
 
 
 @contextmanager
-def running(build: Path, **config):
+def running(build: Path, allowed_hosts: list[str] | None = None, **config):
     """The server in a thread of this process, on a free port of 127.0.0.1."""
-    app = create_app(build, threads=1, config=ServeConfig(**config))
+    app = create_app(build, threads=1, config=ServeConfig(**config), allowed_hosts=allowed_hosts)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -223,25 +227,34 @@ def test_slow_uploads_are_answered_408_and_hold_no_place_in_the_queue(build_dir)
 def test_a_client_that_disconnects_stops_its_generation(build_dir):
     build, _ = build_dir
     with running(build, max_new_tokens=20000) as url, httpx.Client(base_url=url, timeout=30) as client:
-        def steps() -> float:
-            return _metric(client.get("/metrics").text, "planer_batch_size_sum")
-
-        body = b'{"prompt": "going away", "max_tokens": 20000}'
-        conn = _raw(url, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        deadline = time.monotonic() + 20
-        while steps() < 20:  # generation is under way
-            assert time.monotonic() < deadline, "generation did not start"
-            time.sleep(0.02)
-        conn.close()
-        deadline = time.monotonic() + 5
-        while _metric(client.get("/metrics").text, "planer_requests_total", 'code="499"') < 1:
-            assert time.monotonic() < deadline, f"generation went on after the client left ({steps():.0f} steps)"
-            time.sleep(0.05)
-        stopped = steps()
-        time.sleep(0.5)
-        assert steps() == stopped < 20000
+        stopped = abandoned(url, client, "/v1/generate", {"prompt": "going away", "max_tokens": 20000})
+        assert stopped < 20000
         assert client.post("/v1/generate", json={"prompt": "still here", "max_tokens": 3}).status_code == 200
+
+
+def abandoned(url: str, client: httpx.Client, route: str, body: dict) -> float:
+    """Sends `body` to `route` on a raw connection, closes it once generation is under way, and checks that the
+    engine stops: the request is counted 499 within 5 s and no step runs after that. Returns the steps run
+    (the response's first bytes, when any came, are left unread)."""
+    def steps() -> float:
+        return _metric(client.get("/metrics").text, "planer_batch_size_sum")
+
+    data = json.dumps(body).encode()
+    conn = _raw(url, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (route.encode(), len(data), data))
+    deadline = time.monotonic() + 20
+    while steps() < 20:  # generation is under way
+        assert time.monotonic() < deadline, "generation did not start"
+        time.sleep(0.02)
+    conn.close()
+    deadline = time.monotonic() + 5
+    while _metric(client.get("/metrics").text, "planer_requests_total", 'code="499"') < 1:
+        assert time.monotonic() < deadline, f"generation went on after the client left ({steps():.0f} steps)"
+        time.sleep(0.05)
+    stopped = steps()
+    time.sleep(0.5)
+    assert steps() == stopped
+    return stopped
 
 
 def test_unknown_routes_and_methods_answer_json_and_are_counted(build_dir):
@@ -323,7 +336,7 @@ def test_an_engine_failure_answers_500_logs_its_cause_and_the_server_goes_on(bui
 
         def run_once_failing(feeds):
             calls["n"] += 1
-            if calls["n"] == 1:
+            if calls["n"] == 2:  # the first request's step (the first call is the server's start-up check)
                 raise RuntimeError("device lost (injected)")
             return run(feeds)
 
@@ -339,3 +352,67 @@ def test_an_engine_failure_answers_500_logs_its_cause_and_the_server_goes_on(bui
     assert after.status_code == 200
     assert any(r.name == "planer.serve" and r.exc_info and "device lost" in str(r.exc_info[1])
                for r in caplog.records), caplog.records
+
+
+def test_a_web_page_cannot_drive_a_loopback_server(build_dir):
+    """Host and Origin name this machine, or the request is refused: otherwise any page the user visits could
+    post to the server, and DNS rebinding (evil.example resolved to 127.0.0.1) could read its answers."""
+    from planer.serve import allowed_hosts
+
+    build, _ = build_dir
+    hosts = allowed_hosts("127.0.0.1")
+    assert {"localhost", "127.0.0.1", "::1"} <= set(hosts) and allowed_hosts("0.0.0.0") is None
+    assert allowed_hosts("0.0.0.0", ["api.example"]) == ["0.0.0.0", "api.example"]
+    body = b'{"text": "hello"}'
+
+    def post(host: bytes, origin: bytes | None = None) -> bytes:
+        conn = _raw(url, b"POST /v1/score HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
+                    + (b"Origin: " + origin + b"\r\n" if origin else b"") + b"Connection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b"".join(iter(lambda: conn.recv(4096), b""))
+        conn.close()
+        return answer
+
+    with running(build, allowed_hosts=hosts) as url:
+        port = url.rsplit(":", 1)[1].encode()
+        assert post(b"127.0.0.1:" + port).startswith(b"HTTP/1.1 200")
+        assert post(b"localhost:" + port, b"http://localhost:3000").startswith(b"HTTP/1.1 200")
+        assert post(b"[::1]:" + port).startswith(b"HTTP/1.1 200")
+        rebound = post(b"evil.example:" + port)
+        assert rebound.startswith(b"HTTP/1.1 403") and b"--allow-host" in rebound
+        assert post(b"127.0.0.1:" + port, b"https://evil.example").startswith(b"HTTP/1.1 403")
+        assert post(b"127.0.0.1:" + port, b"null").startswith(b"HTTP/1.1 403")
+
+
+@pytest.mark.parametrize("host", ["", "0"])
+def test_serve_cli_refuses_a_host_that_binds_everything_silently(build_dir, host):
+    build, _ = build_dir
+    r = subprocess.run([sys.executable, "-m", "planer", "serve", str(build), "--host", host], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "0.0.0.0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_client_gone_during_its_body_is_no_engine_failure(build_dir, caplog):
+    build, _ = build_dir
+    with running(build) as url, httpx.Client(base_url=url, timeout=30) as client:
+        conn = _raw(url, b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 40\r\n\r\n{\"text\": ")
+        time.sleep(0.2)
+        conn.close()
+        deadline = time.monotonic() + 5
+        while _metric(client.get("/metrics").text, "planer_requests_total", 'code="499"') < 1:
+            assert time.monotonic() < deadline, client.get("/metrics").text
+            time.sleep(0.05)
+        metrics = client.get("/metrics").text
+    assert _metric(metrics, "planer_requests_total", 'code="500"') == 0
+    assert not any(r.exc_info for r in caplog.records if r.name == "planer.serve")
+
+
+def test_a_model_that_contradicts_its_arch_json_is_refused_before_serving(build_dir, tmp_path):
+    build, model = build_dir
+    for name in ("model.onnx", "arch.json"):
+        (tmp_path / name).write_bytes((build / name).read_bytes())
+    arch = json.loads((build / "arch.json").read_text())
+    (tmp_path / "arch.json").write_text(json.dumps(arch | {"vocab_size": arch["vocab_size"] + 8}))
+    with pytest.raises(PlanerError, match="arch.json describes"):
+        create_app(tmp_path, threads=1)

@@ -12,6 +12,7 @@ from planer.arch import Architecture
 from planer.deployment import Deployment
 from planer.latency.profile import measure
 from planer.runtime import LatencyStats
+from planer.runtime.timing import steadiest
 
 
 @dataclass(frozen=True)
@@ -62,19 +63,6 @@ def confirm(models: list[tuple[str, Architecture]], dep: Deployment, runs: int =
 
     Several runs, since one is at the mercy of whatever else the machine ran meanwhile (the same network
     measured 1.95x in one build and 2.17x in the next). A noisy run is timed again whole, not its noisy
-    model alone, since a ratio means something only between figures of one interleaved run."""
-    tried = [_steadiest(models, dep) for _ in range(runs)]
+    model alone (planer.runtime.timing.steadiest)."""
+    tried = [steadiest(lambda: measure(models, dep), dep.max_spread, dep.retries) for _ in range(runs)]
     return Confirmation([stats for stats, _ in tried], [tries for _, tries in tried])
-
-
-def _steadiest(models: list[tuple[str, Architecture]], dep: Deployment) -> tuple[list[LatencyStats], int]:
-    """One run's steadiest try and the number of tries it took."""
-    best, tries = measure(models, dep), 1
-    while _noise(best) > dep.max_spread and tries <= dep.retries:
-        best, tries = min(best, measure(models, dep), key=_noise), tries + 1
-    return best, tries
-
-
-def _noise(stats: list[LatencyStats]) -> float:
-    """A run is as noisy as its noisiest model."""
-    return max(s.spread for s in stats)

@@ -48,7 +48,12 @@ def gpu_model() -> str:
 def describe(device: str = "cpu", threads: int | None = None, opt_level: str = "all",
              allow_spinning: bool = False) -> dict[str, Any]:
     """What a latency figure from ONNX Runtime on `device` depends on; raises if it cannot run here."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EngineError("ONNX Runtime is not installed here",
+                          "pip install 'planer[cpu]', or 'planer[gpu]' on a machine with an NVIDIA GPU (not both)") \
+            from None
 
     if device not in PROVIDERS:
         raise EngineError(f"unknown ONNX Runtime device {device!r}; use one of {', '.join(PROVIDERS)}")
@@ -73,9 +78,9 @@ class OrtEngine:
 
     def __init__(self, model: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                  opt_level: str = "all", allow_spinning: bool = False):
+        self._provenance = describe(device, threads, opt_level, allow_spinning)  # first: says what is missing
         import onnxruntime as ort
 
-        self._provenance = describe(device, threads, opt_level, allow_spinning)
         path = Path(model)
         if not path.is_file():
             raise EngineError(f"{not_found(path, 'ONNX model')}; export one first (`planer export`)")

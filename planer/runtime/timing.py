@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -76,3 +76,19 @@ def time_engines(runs: Sequence[tuple[Engine, Feeds]], *, warmup: int = 5, min_i
 def time_engine(engine: Engine, feeds: Feeds, **kwargs: Any) -> LatencyStats:
     """Time one engine alone (see `time_engines`)."""
     return time_engines([(engine, feeds)], **kwargs)[0]
+
+
+def steadiest(measure: Callable[[], list[LatencyStats]], max_spread: float, retries: int
+              ) -> tuple[list[LatencyStats], int]:
+    """The steadiest of `measure`'s interleaved runs: run again while the noisiest figure's spread exceeds
+    `max_spread`, at most `retries` more times. Returns it and the number of runs it took. A noisy run is run
+    again whole, not its noisy model alone: a ratio means something only between figures of one run."""
+    best, tries = measure(), 1
+    while noise(best) > max_spread and tries <= retries:
+        best, tries = min(best, measure(), key=noise), tries + 1
+    return best, tries
+
+
+def noise(stats: Sequence[LatencyStats]) -> float:
+    """A run is as noisy as its noisiest figure."""
+    return max(s.spread for s in stats)

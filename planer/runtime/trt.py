@@ -46,6 +46,15 @@ def describe(fp16: bool = False) -> dict[str, Any]:
             "threads": 0}
 
 
+def _polygraphy() -> None:
+    """Polygraphy's TensorRT loaders, which the trt extra installs beside TensorRT, or a one-line error."""
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        raise EngineError("Polygraphy is not installed here (TensorRT's engines are built through it)",
+                          "pip install 'planer[trt]'") from None
+
+
 def profile_shapes(inputs: Mapping[str, Sequence[int | str]], shape: Shape) -> dict[str, tuple[tuple, ...]]:
     """TensorRT's optimisation profile (min, opt, max per input) for a planer graph's inputs, whose dynamic axes
     are named batch, seq and mem by the exporter: built for the deployment shape, down to one sequence of one
@@ -77,6 +86,8 @@ def build_plan(onnx_path: str | os.PathLike, shape: Shape, *, fp16: bool = False
                timing_cache: str | os.PathLike | None = None) -> bytes:
     """A serialised TensorRT engine for the ONNX model at `onnx_path`, optimised for `shape`. A timing cache
     file, when given, is read if present and written back, so rebuilding similar graphs is faster."""
+    describe()
+    _polygraphy()
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
     inputs, has_plugin = _graph_inputs(Path(onnx_path))
@@ -105,9 +116,10 @@ class TrtEngine:
 
     def __init__(self, model: str | os.PathLike, *, shape: Shape | None = None, fp16: bool = False,
                  plan: str | os.PathLike | None = None, timing_cache: str | os.PathLike | None = None):
+        self._provenance = describe(fp16)
+        _polygraphy()
         from polygraphy.backend.trt import TrtRunner, engine_from_bytes
 
-        self._provenance = describe(fp16)
         path = Path(model)
         if not path.is_file():
             raise EngineError(f"{not_found(path, 'model file')}; export one first (`planer export`)")

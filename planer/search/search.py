@@ -56,7 +56,7 @@ from planer.data import Corpus, Segments
 from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
-from planer.files import ARCH_FILE, atomic_write
+from planer.files import ARCH_FILE, atomic_write, read_json
 from planer.latency import LatencyTable
 from planer.latency.profile import measure
 from planer.latency.table import FIXED
@@ -178,18 +178,22 @@ class SearchOutcome:
 
     @staticmethod
     def load(out: Path) -> SearchOutcome:
-        record = json.loads((out / OUTCOME_FILE).read_text())
-        if any("held_out_loss" not in c for c in record["candidates"]):
-            raise PlanerError(f"{out / OUTCOME_FILE} is from an earlier planer, which scored candidates on the "
-                              f"validation split; delete {out} and run the search again")
-        candidates = [Candidate(c["round"], Architecture.from_dict(c["arch"]), c["predicted_ms"], c["measured_ms"],
-                                c["baseline_ms"], c["held_out_loss"], None,
-                                c.get("min_attn", 1), c.get("trial_loss"),
-                                positions=tuple(BlockSpec.parse(b) for b in c.get("positions", ())))
-                      for c in record["candidates"]]
-        chosen = candidates[record["chosen"]]
+        remedy = f"delete {out} and run the same command again (the search is redone)"
+        record = read_json(out / OUTCOME_FILE, remedy)
+        try:
+            if any("held_out_loss" not in c for c in record["candidates"]):
+                raise PlanerError(f"{out / OUTCOME_FILE} is from an earlier planer, which scored candidates on the "
+                                  f"validation split; delete {out} and run the search again")
+            candidates = [Candidate(c["round"], Architecture.from_dict(c["arch"]), c["predicted_ms"],
+                                    c["measured_ms"], c["baseline_ms"], c["held_out_loss"], None,
+                                    c.get("min_attn", 1), c.get("trial_loss"),
+                                    positions=tuple(BlockSpec.parse(b) for b in c.get("positions", ())))
+                          for c in record["candidates"]]
+            chosen, target_ms = candidates[record["chosen"]], float(record["target_ms"])
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+            raise PlanerError(f"{out / OUTCOME_FILE}: not the record planer writes; {remedy}") from None
         chosen.model = load_model(out).eval()
-        return SearchOutcome(chosen, candidates, LatencyTable.load(out / "latency_table.json"), record["target_ms"])
+        return SearchOutcome(chosen, candidates, LatencyTable.load(out / "latency_table.json"), target_ms)
 
 
 OUTCOME_FILE = "outcome.json"

@@ -9,6 +9,7 @@ token costs one short step, not a pass over the whole prefix.
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
@@ -61,16 +62,76 @@ class ServedLM:
         metric = {"bpc": loss / math.log(2)} if self.tokenizer.unit == "byte" else {"ppl": math.exp(min(loss, 700))}
         return {"tokens": len(ids), "scored": scored, "loss": loss, **metric, "log_prob": -nll}
 
+    def encode_prompt(self, prompt: str) -> np.ndarray:
+        return self._encode(prompt, "prompt", at_least=1)
+
+    def completion(self, ids: np.ndarray, *, max_tokens: int, temperature: float, top_p: float, seed: int,
+                   stop: Sequence[str] = ()) -> Completion:
+        return Completion(self, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                          stop=stop)
+
     async def generate(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float,
                        seed: int) -> dict:
-        rng = np.random.default_rng(seed)
-        ids = self._encode(prompt, "prompt", at_least=1)
-        logits, mems, _ = await self._read(ids, self._empty_mems())
-        new: list[int] = []
+        done = await self.completion(self.encode_prompt(prompt), max_tokens=max_tokens, temperature=temperature,
+                                     top_p=top_p, seed=seed).finish()
+        return {"text": done.text, "tokens": done.tokens, "prompt_tokens": done.prompt_tokens, "seed": seed,
+                "finish_reason": done.finish_reason}
+
+
+class Completion:
+    """One generation, read as it is decided: `async for piece in completion.pieces()` yields its text, holding
+    back what may still become a stop string or is an incomplete character. It ends at the tokenizer's
+    end-of-text token or a stop string (`finish_reason` "stop"; neither is part of the text) or after
+    `max_tokens` (`length`). Abandoning the iteration (a client gone) stops it before the next engine step."""
+
+    def __init__(self, lm: ServedLM, ids: np.ndarray, *, max_tokens: int, temperature: float, top_p: float,
+                 seed: int, stop: Sequence[str] = ()):
+        self.lm, self.ids, self.max_tokens = lm, ids, max_tokens
+        self.temperature, self.top_p, self.rng = temperature, top_p, np.random.default_rng(seed)
+        self.stop = [s for s in stop if s]
+        self.prompt_tokens = len(ids)
+        self.tokens: list[int] = []  # the text's tokens (not an end-of-text token)
+        self.sampled = 0  # tokens generated, an end-of-text token included
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    async def pieces(self) -> AsyncIterator[str]:
+        logits, mems, _ = await self.lm._read(self.ids, self.lm._empty_mems())
+        emitted = 0
         while True:
-            new.append(sample(logits, temperature, top_p, rng))
-            if len(new) == max_tokens:
-                break
-            out = await self.batcher.run(np.asarray(new[-1:], dtype=np.int64), mems)
+            token = sample(logits, self.temperature, self.top_p, self.rng)
+            self.sampled += 1
+            if token == self.lm.tokenizer.eos_id:
+                self.finish_reason = "stop"
+            else:
+                self.tokens.append(token)
+                self.text = self.lm.tokenizer.decode(self.tokens)
+                cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    self.text, self.finish_reason = self.text[:cut], "stop"
+                elif self.sampled == self.max_tokens:
+                    self.finish_reason = "length"
+            if self.finish_reason is not None:
+                if len(self.text) > emitted:
+                    yield self.text[emitted:]
+                return
+            ready = len(self.text) - _held(self.text, self.stop)
+            if ready > emitted:
+                yield self.text[emitted:ready]
+                emitted = ready
+            out = await self.lm.batcher.run(np.asarray([token], dtype=np.int64), mems)
             logits, mems = out.logits[-1], out.mems
-        return {"text": self.tokenizer.decode(new), "tokens": new, "prompt_tokens": len(ids), "seed": seed}
+
+    async def finish(self) -> Completion:
+        """Runs the whole generation; returns itself, finished."""
+        async for _ in self.pieces():
+            pass
+        return self
+
+
+def _held(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` may not be sent yet: a replacement character (the rest of its
+    bytes may follow) or the start of a stop string."""
+    incomplete = len(text) - len(text.rstrip("\ufffd"))
+    starts = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+    return max(incomplete, starts)

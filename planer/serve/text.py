@@ -3,19 +3,20 @@ sampling from its logits (numpy only)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from planer.errors import PlanerError
-from planer.files import TOKENIZER_DIR, VOCAB_FILE
+from planer.files import TOKENIZER_DIR, VOCAB_FILE, read_json
 
 
 class ByteTokenizer:
     """enwik8-style models: one token per UTF-8 byte."""
 
     unit = "byte"
+    eos_id: int | None = None  # a byte stream has no end-of-text token
+    chat_template: str | None = None
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -28,6 +29,8 @@ class WordTokenizer:
     """WikiText-style models: whitespace-separated words, one <eos> per line, <unk> for unknown words."""
 
     unit = "word"
+    eos_id: int | None = None  # <eos> ends a line, not the text
+    chat_template: str | None = None
 
     def __init__(self, vocab: list[str]):
         self.vocab = vocab
@@ -47,14 +50,29 @@ class WordTokenizer:
 
 
 class HFTokenizer:
-    """Models imported from Hugging Face: their own tokenizer (tokenizer.json, read by `tokenizers`)."""
+    """Models imported from Hugging Face: their own tokenizer (tokenizer.json, read by `tokenizers`), its end-of-text
+    token and chat template (tokenizer_config.json, or chat_template.jinja beside it as newer transformers save
+    it), where the checkpoint has them."""
 
     unit = "token"
 
-    def __init__(self, path: Path):
+    def __init__(self, directory: Path):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises its own untyped errors
+            raise PlanerError(f"{directory / 'tokenizer.json'}: not a tokenizer the tokenizers library reads "
+                              f"({str(e).splitlines()[0][:120]}); import the model again") from None
+        config_path = directory / "tokenizer_config.json"
+        config = read_json(config_path, "import the model again") if config_path.is_file() else {}
+        self.special = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token")}
+        eos = self.special["eos_token"]
+        self.eos_id: int | None = self.tokenizer.token_to_id(eos) if eos else None
+        template = config.get("chat_template")
+        if (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text()
+        self.chat_template: str | None = template if isinstance(template, str) and template.strip() else None
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
@@ -63,16 +81,22 @@ class HFTokenizer:
         return self.tokenizer.decode(ids)
 
 
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json names it: the text, or an AddedToken's dict with a `content`."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
 Tokenizer = ByteTokenizer | WordTokenizer | HFTokenizer
 
 
 def load_tokenizer(build_dir: Path, vocab_size: int) -> Tokenizer:
-    hf = build_dir / TOKENIZER_DIR / "tokenizer.json"
-    if hf.is_file():
-        return HFTokenizer(hf)
+    if (build_dir / TOKENIZER_DIR / "tokenizer.json").is_file():
+        return HFTokenizer(build_dir / TOKENIZER_DIR)
     path = build_dir / VOCAB_FILE
     if path.is_file():
-        vocab = json.loads(path.read_text())
+        vocab = read_json(path, "rebuild, or remove the file if the model reads bytes", list)
         if not (isinstance(vocab, list) and len(vocab) == vocab_size and {"<unk>", "<eos>"} <= set(vocab)):
             raise PlanerError(f"{path}: expected a list of {vocab_size} words including <unk> and <eos>; "
                               "rebuild, or remove the file if the model reads bytes")

@@ -18,8 +18,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from planer.data import Corpus, Segments, load_corpus
 from planer.data.corpus import tokenize_corpus
 from planer.errors import PlanerError
 from planer.files import (ARCH_FILE, REQUEST_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, replacing,
-                          staging_dir)
+                          staging_dir, writing)
 from planer.nn import LM
 from planer.train.evaluate import evaluate, headline
 from planer.train.presets import TrainConfig
@@ -93,9 +95,21 @@ def run_corpus(run: Path, data: str | None, vocab_size: int) -> Corpus:
     return corpus
 
 
+def resumable(out: Path) -> bool:
+    """Whether OUT (or its interrupted staging directory) holds a checkpoint to resume from."""
+    source = run_source(out)
+    return source is not None and has_checkpoint(source)
+
+
+def has_checkpoint(work: Path) -> bool:
+    """Whether a run directory holds a checkpoint (its config.json is written last, once one is complete)."""
+    return (work / CONFIG_FILE).is_file()
+
+
 def check_new_run(out: Path) -> None:
-    """Refuse to start a run over an existing or interrupted one."""
-    if staging_dir(out).exists():
+    """Refuse to start a run over an existing or interrupted one (an OUT.partial killed before its first
+    checkpoint holds nothing, and the new run replaces it)."""
+    if has_checkpoint(staging_dir(out)):
         raise PlanerError(f"{staging_dir(out)} holds an interrupted run; pass --resume to continue it, or delete it")
     if out.exists():
         raise PlanerError(f"{out} already exists; pass --resume to train it further, or choose another --out")
@@ -103,14 +117,37 @@ def check_new_run(out: Path) -> None:
 
 def saved_config(out: str | os.PathLike) -> tuple[TrainConfig, str]:
     """The training recipe and preset name a run was started with (for --resume)."""
+    config = _saved(out)
+    try:
+        return TrainConfig.from_dict(config["train"]), config.get("preset", "")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PlanerError(f"{run_source(Path(out))}: {CONFIG_FILE} is not one planer wrote ({e}); it cannot be "
+                          "resumed") from None
+
+
+def saved_data(out: str | os.PathLike) -> str:
+    """The --data a run was trained on (for --resume)."""
+    data = _saved(out).get("data")
+    if not isinstance(data, str):
+        raise PlanerError(f"{run_source(Path(out))}: {CONFIG_FILE} does not say which data it was trained on; pass "
+                          "--data")
+    return data
+
+
+def _saved(out: str | os.PathLike) -> dict:
     source = run_source(Path(out))
     if source is None:
         raise PlanerError(f"--resume: nothing to resume at {out}; drop --resume to start a new run")
+    if not has_checkpoint(source):
+        raise PlanerError(f"--resume: {source} was interrupted before its first checkpoint and holds nothing to "
+                          "resume; run the same command without --resume to start again")
     try:
         config = json.loads((source / CONFIG_FILE).read_text())
-        return TrainConfig.from_dict(config["train"]), config.get("preset", "")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError) as e:
         raise PlanerError(f"{source}: no readable {CONFIG_FILE} ({e}); it cannot be resumed") from None
+    if not isinstance(config, dict):
+        raise PlanerError(f"{source}: {CONFIG_FILE} is not one planer wrote; it cannot be resumed")
+    return config
 
 
 def _save_checkpoint(work: Path, model: LM, opt: torch.optim.Optimizer, mems: list[torch.Tensor] | None,
@@ -118,15 +155,20 @@ def _save_checkpoint(work: Path, model: LM, opt: torch.optim.Optimizer, mems: li
     mems = distributed.gather_streams(mems)  # every process's streams, so any number of processes can resume
     if not distributed.is_main():
         return
+    # The state file alone is what a resume reads, weights and progress included, so that a process killed
+    # between the checkpoint's renames resumes consistently (model.safetensors is the run's output for others).
     state = {
         "step": progress.step,
+        "tokens": progress.tokens,
+        "seconds": progress.seconds,
+        "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "rng": torch.get_rng_state(),
         "mems": mems,
     }
-    with replacing(work / STATE_FILE) as tmp:  # the state lands after the weights it goes with
+    with replacing(work / STATE_FILE) as tmp:
         torch.save(state, tmp)
-        save_weights(model, work / WEIGHTS_FILE, metadata={"step": str(progress.step)})
+    save_weights(model, work / WEIGHTS_FILE, metadata={"step": str(progress.step)})
     config = {
         "planer_version": __version__, "preset": preset, "data": corpus.spec, "unit": corpus.unit,
         "train": cfg.to_dict(), "step": progress.step, "tokens_seen": progress.tokens,
@@ -152,12 +194,14 @@ def _load_checkpoint(work: Path, corpus: Corpus, cfg: TrainConfig) -> tuple[LM, 
                           "resume with the same data")
     if corpus.vocab is not None and json.loads((work / VOCAB_FILE).read_text()) != corpus.vocab:
         raise PlanerError(f"{work}: the vocabulary of {corpus.spec} changed since training; resume with the same files")
+    model = load_model(work, dropout=cfg.dropout, dropatt=cfg.dropatt)
+    if "model" in state:  # written by this planer: self-contained
+        model.load_state_dict(state["model"])
+        return model, state, Progress(state["step"], state["tokens"], state["seconds"])
     if config["step"] != state["step"]:
         raise PlanerError(f"{work}: checkpoint files disagree on the step (interrupted while saving); "
                           "delete the directory and train again")
-    model = load_model(work, dropout=cfg.dropout, dropatt=cfg.dropatt)
-    progress = Progress(config["step"], config["tokens_seen"], config["train_seconds"])
-    return model, state, progress
+    return model, state, Progress(config["step"], config["tokens_seen"], config["train_seconds"])
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -175,29 +219,28 @@ def cosine_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], match:
                         for s, t in zip(student, match)]).mean()
 
 
-def alignment(positions: Sequence[BlockSpec], teacher: Architecture) -> list[int] | None:
-    """For a network chosen one block per position of `positions` (skips included), the teacher block each of
-    its blocks stands for; None where the positions are not the teacher's blocks (a space of another depth)."""
-    if len(positions) != len(teacher.blocks):
-        return None
-    return [p for p, spec in enumerate(positions) if spec.kind != "skip"]
+def alignment(student: Architecture, teacher: Architecture, positions: Sequence[BlockSpec] = ()) -> list[int] | None:
+    """The teacher block each of the student's blocks stands for: from the blocks it was chosen as, one per
+    teacher block with skips included (`positions`), or block for block where the student has the teacher's
+    depth; None where neither tells (a space of another depth)."""
+    if positions:
+        return [p for p, spec in enumerate(positions) if spec.kind != "skip"] \
+            if len(positions) == len(teacher.blocks) else None
+    return list(range(len(student.blocks))) if len(student.blocks) == len(teacher.blocks) else None
 
 
 def check_match(student: Architecture, teacher: Architecture, match: Sequence[int] | None) -> list[int]:
-    """The student's block -> teacher block alignment the cosine loss uses: `match`, or for a student of the
-    teacher's depth block for block. Refuses one that does not name increasing teacher blocks, one per student
-    block."""
-    if match is None:
-        if len(student.blocks) != len(teacher.blocks):
-            raise PlanerError(f"a cosine loss needs to know which of the teacher's {len(teacher.blocks)} blocks each "
-                              f"of the student's {len(student.blocks)} stands for; pass its alignment")
-        return list(range(len(student.blocks)))
-    match = list(match)
-    if len(match) != len(student.blocks) or any(not 0 <= t < len(teacher.blocks) for t in match) \
-            or any(a >= b for a, b in zip(match, match[1:])):
-        raise PlanerError(f"alignment {match} does not give each of the student's {len(student.blocks)} blocks a "
+    """The student's block -> teacher block alignment the cosine loss uses: `match`, or the one `alignment`
+    tells. Refuses one that does not name increasing teacher blocks, one per student block."""
+    given = alignment(student, teacher) if match is None else list(match)
+    if given is None:
+        raise PlanerError(f"a cosine loss needs to know which of the teacher's {len(teacher.blocks)} blocks each "
+                          f"of the student's {len(student.blocks)} stands for; pass its alignment")
+    if len(given) != len(student.blocks) or any(not 0 <= t < len(teacher.blocks) for t in given) \
+            or any(a >= b for a, b in zip(given, given[1:])):
+        raise PlanerError(f"alignment {given} does not give each of the student's {len(student.blocks)} blocks a "
                           f"teacher block (increasing, below {len(teacher.blocks)})")
-    return match
+    return given
 
 
 def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Architecture | None = None,
@@ -214,14 +257,14 @@ def train(corpus: Corpus, cfg: TrainConfig, out: str | os.PathLike, *, arch: Arc
     (there is nothing to resume, and a leftover OUT.partial would stop the same command).
     """
     work = staging_dir(Path(out))
-    fresh = not resume and not work.exists()
-    try:
-        return _train(corpus, cfg, Path(out), arch=arch, init=init, teacher=teacher, match=match, preset=preset,
-                      resume=resume, show_progress=show_progress)
-    except BaseException:
-        if fresh and distributed.is_main() and work.is_dir() and not (work / CONFIG_FILE).exists():
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+    with writing(Path(out)) if distributed.is_main() else nullcontext():
+        try:
+            return _train(corpus, cfg, Path(out), arch=arch, init=init, teacher=teacher, match=match, preset=preset,
+                          resume=resume, show_progress=show_progress)
+        except BaseException:
+            if not resume and distributed.is_main() and work.is_dir() and not has_checkpoint(work):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
 
 
 def _train(corpus: Corpus, cfg: TrainConfig, out: Path, *, arch: Architecture | None, init: LM | None,
@@ -308,6 +351,9 @@ def _started(corpus: Corpus, cfg: TrainConfig, out: Path, arch: Architecture | N
             shutil.copytree(source, work)
         return model, state, progress, preset
     check_new_run(out)
+    if main and work.is_dir():  # killed before its first checkpoint: nothing in it to keep
+        print(f"{work}: interrupted before its first checkpoint; starting again", file=sys.stderr)
+        shutil.rmtree(work)
     distributed.barrier()  # every process checked before any creates it
     if init is not None:
         arch = init.arch
