@@ -149,6 +149,8 @@ async def _events(request: Request, chunks: AsyncGenerator[dict, None], done: Ca
     """`chunks` as server-sent events, then `data: [DONE]`. The client going away cancels the chunk being made,
     so its generation takes no further engine step; an engine failure ends the stream with an error event.
     `done` receives the request's status (200, 499 or 500) once the stream has ended."""
+    # One listener for the whole stream, not `_unless_disconnected` per chunk: a receive() cancelled and started
+    # again between chunks missed the disconnect (measured: the abandoned-stream test's generation went on).
     gone = asyncio.ensure_future(_until_disconnected(request))
     status = 200
     try:
