@@ -131,6 +131,7 @@ SELF_DISTILLED = "baseline-self-distilled"
 EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in PyTorch (planer.train.evaluate)
 BASELINE = "baseline"
 TIMINGS_FILE = "timings.json"
+SWEEP_FILE = "sweep.json"  # what a sweep was asked for (its builds' build.json name the baseline they read)
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
     # The local search trains its alternatives as many steps as the supernet search trains the supernet, so that
@@ -245,6 +246,18 @@ def distill(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
     return final
 
 
+def _parses(path: Path) -> bool:
+    """Whether an ONNX file a resumed build finds is whole (one damaged by hand or a full disk is exported
+    again)."""
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception:  # absent, truncated, not ONNX: protobuf raises several kinds
+        return False
+    return True
+
+
 def _check_request(out: Path, dep: Deployment) -> None:
     if out.exists():
         raise PlanerError(f"{out} already exists; choose another --out or delete it")
@@ -336,21 +349,22 @@ def _imported(source: Path, work: Path, dep: Deployment) -> Path:
     return imported
 
 
-def _start_or_resume(work: Path, request: dict[str, Any]) -> None:
-    """Create the staging directory, or check that the interrupted build in it asked for the same thing."""
-    if (work / REQUEST_FILE).exists():
+def _start_or_resume(work: Path, request: dict[str, Any], file: str = REQUEST_FILE) -> None:
+    """Create the staging directory, or check that the interrupted build (or sweep) in it asked for the same
+    thing, as its `file` records."""
+    if (work / file).exists():
         try:
-            before = json.loads((work / REQUEST_FILE).read_text())
+            before = json.loads((work / file).read_text())
         except (OSError, ValueError):
             before = {}
         changed = [k for k in request if before.get(k) != json.loads(json.dumps(request[k]))]
         if changed:
-            raise PlanerError(f"{work} holds an interrupted build of something else (differs in: "
+            raise PlanerError(f"{work} holds an interrupted {Path(file).stem} of something else (differs in: "
                               f"{', '.join(changed)}); repeat its arguments to resume it, or delete it")
         return
     def start() -> None:
         work.mkdir(parents=True, exist_ok=True)  # it may hold the baseline's import already
-        atomic_write(work / REQUEST_FILE, json.dumps(request, indent=2) + "\n")
+        atomic_write(work / file, json.dumps(request, indent=2) + "\n")
 
     distributed.barrier()  # every rank saw no staging directory before rank 0 makes one
     distributed.main_writes(start)
@@ -369,7 +383,8 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
     if out.exists():
         raise PlanerError(f"{out} already exists; choose another --out or delete it")
     work = staging_dir(out)
-    work.mkdir(parents=True, exist_ok=True)
+    # its finished builds are reused by their options, which name the import below, not the model it came from
+    _start_or_resume(work, {"model": str(run.resolve())}, SWEEP_FILE)
     run = _imported(run, work, options["dep"])  # once for every target
     options.setdefault("table_cache", None)
     options["table_cache"] = options["table_cache"] or work / "latency_table.json"
@@ -555,7 +570,7 @@ class _Build:
         out.mkdir(exist_ok=True)
         self.baseline.arch.save(out / ARCH_FILE)
         path = out / "model.onnx"
-        return str(path if path.is_file() else export_lm(self.baseline, path, **self.dep.export_options()))
+        return str(path if _parses(path) else export_lm(self.baseline, path, **self.dep.export_options()))
 
     def searched(self, out: Path, space: SearchSpace, target: Target, base_onnx: str) -> SearchOutcome:
         """The search's outcome in OUT, or the one an earlier, interrupted build saved there."""

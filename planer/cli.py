@@ -693,7 +693,7 @@ def bench_command(build_dir: Path, reference: Path | None, engine: str | None, b
                    "directory's name]")
 @click.option("--body-timeout-s", type=_POSITIVE, default=10.0, show_default=True,
               help="a request body not received in full by then is answered 408 (slow uploads hold no place in "
-                   "the queue meanwhile)")
+                   "the queue meanwhile); a connection that has not sent a request's headers by then is closed")
 def serve_command(build_dir: Path, engine: str, host: str, port: int, threads: int | None, max_batch: int,
                   max_delay_ms: float, max_queue: int, max_body_kb: int, max_new_tokens: int,
                   body_timeout_s: float, model_name: str | None, allow_hosts: tuple[str, ...]) -> None:

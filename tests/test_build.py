@@ -113,6 +113,9 @@ def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp
     longer = Budget(BUDGET.search, distill_steps=BUDGET.distill_steps + 1)
     with pytest.raises(PlanerError, match="x1.2 was built with another budget"):
         sweep(baseline_run, again, [1.2, 1.5], dep=DEP, budget=longer, space=SPACE, show_progress=False)
+    other = shutil.copytree(baseline_run, tmp_path / "other-run")  # its finished target is not another model's
+    with pytest.raises(PlanerError, match="interrupted sweep of something else \\(differs in: model\\)"):
+        sweep(other, again, [1.2, 1.5], dep=DEP, budget=BUDGET, space=SPACE, show_progress=False)
 
 
 def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_path):
@@ -233,6 +236,8 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
         raise AssertionError("the finished search ran again")
 
     monkeypatch.setattr(build_module, "run_search", no_search)
+    baseline_graph = partial / "baseline" / "model.onnx"  # damaged (a full disk, a hand): exported again
+    baseline_graph.write_bytes(baseline_graph.read_bytes()[:1000])
     summary = build(baseline_run, out, **args)
     assert summary["met"] and (out / "model.onnx").is_file() and not partial.exists()
     assert (out / "search_log.jsonl").read_text() == log

@@ -9,6 +9,7 @@ from planer.errors import PlanerError
 from planer.files import read_json
 from planer.search.search import SearchOutcome
 from planer.serve.text import load_tokenizer
+from planer.train.trainer import run_corpus
 
 
 @pytest.mark.parametrize("content", [b"\x00\xffgarbage", b"{not json", b"[1, 2]", b'"text"'])
@@ -46,3 +47,9 @@ def test_damaged_vocabularies_and_tokenizers_are_refused_in_one_line(tmp_path):
     (tmp_path / "tokenizer" / "tokenizer_config.json").write_text("[]")
     with pytest.raises(PlanerError, match="tokenizer_config.json: not the dict planer writes there; import"):
         load_tokenizer(tmp_path, 2)
+
+
+def test_a_run_whose_config_names_no_data_spec_says_to_pass_data(tmp_path):
+    (tmp_path / "config.json").write_text('{"data": 5}')
+    with pytest.raises(PlanerError, match="config.json: .*its data is 5, not a data spec.*pass --data"):
+        run_corpus(tmp_path, None, 256)

@@ -24,7 +24,7 @@ from planer.checkpoint import save_weights
 from planer.errors import PlanerError
 from planer.export import export_lm
 from planer.nn import LM
-from planer.serve import ServeConfig, create_app
+from planer.serve import ServeConfig, create_app, server_config
 from tests.conftest import small_arch
 
 
@@ -48,10 +48,11 @@ def random_build(out: Path) -> tuple[Path, LM]:
 @contextmanager
 def running(build: Path, allowed_hosts: list[str] | None = None, **config):
     """The server in a thread of this process, on a free port of 127.0.0.1."""
-    app = create_app(build, threads=1, config=ServeConfig(**config), allowed_hosts=allowed_hosts)
+    settings = ServeConfig(**config)
+    app = create_app(build, threads=1, config=settings, allowed_hosts=allowed_hosts)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, settings, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -222,6 +223,26 @@ def test_slow_uploads_are_answered_408_and_hold_no_place_in_the_queue(build_dir)
             answers.append(b"".join(iter(lambda: conn.recv(4096), b"")))  # the server closes the connection
             conn.close()
     assert all(a.startswith(b"HTTP/1.1 408") and b"not received within 1.5 s" in a for a in answers), answers
+
+
+def test_connections_that_never_finish_their_headers_are_closed(build_dir):
+    build, _ = build_dir
+    with running(build, body_timeout_s=0.5) as url, httpx.Client(base_url=url, timeout=30) as client:
+        started = time.monotonic()
+        silent = [_raw(url, b"") for _ in range(3)]
+        trickling = [_raw(url, b"POST /v1/score HTTP/1.1\r\nHost: x\r\n") for _ in range(3)]
+        time.sleep(0.3)
+        for conn in trickling:  # a byte now and then must not keep a connection that never ends its headers
+            conn.sendall(b"X")
+        assert client.post("/v1/score", json={"text": "meanwhile"}).status_code == 200
+        for conn in silent + trickling:
+            assert conn.recv(4096) == b""  # closed by the server (the socket's own timeout is 10 s)
+            conn.close()
+        assert time.monotonic() - started < 3
+        # the deadline is on the headers alone: an answer that takes longer is not cut
+        started = time.monotonic()
+        answer = client.post("/v1/generate", json={"prompt": "a", "max_tokens": 1000})
+        assert answer.status_code == 200 and time.monotonic() - started > 0.5
 
 
 def test_a_client_that_disconnects_stops_its_generation(build_dir):

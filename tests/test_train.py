@@ -1,4 +1,5 @@
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -51,7 +52,10 @@ def test_resume_continues_exactly(tmp_path, text_file):
     train(corpus, FAST, tmp_path / "straight", arch=arch, show_progress=False)
     half = TrainConfig(**{**FAST.to_dict(), "steps": 20})
     train(corpus, half, tmp_path / "split", arch=arch, show_progress=False)
-    train(corpus, FAST, tmp_path / "split", resume=True, show_progress=False)
+    # the data as spelled another way (a relative path) is the same data: runs record it resolved
+    elsewhere = load_corpus(f"enwik8:{os.path.relpath(text_file)}")
+    train(elsewhere, FAST, tmp_path / "split", resume=True, show_progress=False)
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["data"] == f"enwik8:{text_file.resolve()}"
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "model.safetensors"))
     for name in a:

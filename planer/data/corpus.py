@@ -160,14 +160,25 @@ def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path) -> Corpus:
                   encode(corpus.test), symbols=tokenizer.get_vocab_size())
 
 
+def canonical_spec(spec: str) -> str:
+    """`spec` with its path absolute, so that runs record, and resumes compare, the data and not its spelling."""
+    if not isinstance(spec, str):
+        raise DataError(f"data spec {spec!r} is not text; use sample, enwik8:PATH, text:PATH or wikitext103:DIR")
+    kind, sep, location = spec.partition(":")
+    if spec == "sample" or not sep or not location:
+        return spec
+    return f"{kind}:{Path(location).expanduser().resolve()}"
+
+
 def load_corpus(spec: str) -> Corpus:
     """Load a corpus from a data spec (see the module docstring)."""
+    spec = canonical_spec(spec)
     if spec == "sample":
         return load_bytes(spec, bz2.decompress(sample_path().read_bytes()))
     kind, sep, location = spec.partition(":")
     if not sep or not location:
         raise DataError(f"unknown data spec {spec!r}; use sample, enwik8:PATH, text:PATH or wikitext103:DIR")
-    path = Path(location).expanduser()
+    path = Path(location)
     if kind in ("enwik8", "text"):
         return load_enwik8(path, spec)
     if kind == "wikitext103":

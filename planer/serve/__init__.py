@@ -6,10 +6,16 @@ share engine calls.
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from planer.serve.app import LOOPBACK, ServeConfig, create_app
+
+if TYPE_CHECKING:
+    import uvicorn
+    from starlette.applications import Starlette
 
 
 def allowed_hosts(bind: str, extra: Sequence[str] = ()) -> list[str] | None:
@@ -29,7 +35,21 @@ def serve(build_dir: str | Path, *, engine: str = "ort", threads: int | None = N
 
     app = create_app(build_dir, engine=engine, threads=threads, config=config, model_name=model_name,
                      allowed_hosts=allowed_hosts(host, allow_hosts))
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # every connection holds a file descriptor
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    uvicorn.Server(server_config(app, config, host=host, port=port, log_level=log_level)).run()
 
 
-__all__ = ["ServeConfig", "allowed_hosts", "create_app", "serve"]
+def server_config(app: Starlette, config: ServeConfig, **options: object) -> uvicorn.Config:
+    """uvicorn's configuration of `app`, with `options` (host, port, log_level, ...): connections that do not
+    finish a request's headers within config.body_timeout_s are closed (planer.serve.connections)."""
+    import uvicorn
+
+    from planer.serve.connections import with_header_deadline
+
+    return uvicorn.Config(app, http=with_header_deadline(config.body_timeout_s), **options)
+
+
+__all__ = ["ServeConfig", "allowed_hosts", "create_app", "serve", "server_config"]

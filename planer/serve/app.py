@@ -11,7 +11,8 @@
 
 Errors are JSON {"error": "..."} (OpenAI's error object on OpenAI's routes): 400 for malformed or out-of-range
 input, 404/405
-for an unknown route or method, 408 for a body not received within `body_timeout_s`,
+for an unknown route or method, 408 for a body not received within `body_timeout_s` (a connection that has not
+sent a request's headers in full by then is closed: planer.serve.connections),
 413 for a body over the limit, 503 when `max_queue` requests are already in flight
 (the request was not started; retry later). A request counts against `max_queue`
 only once its whole body has arrived, so slow uploads cannot crowd out the rest,
@@ -61,7 +62,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_input_tokens: int = 65536  # of a text to score or a prompt
     max_new_tokens: int = 1024
-    body_timeout_s: float = 10.0  # a body not received in full by then is answered 408
+    body_timeout_s: float = 10.0  # a body not received in full by then is answered 408; headers: the connection closes
 
     def validate(self) -> ServeConfig:
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_input_tokens", "max_new_tokens"):

@@ -33,7 +33,7 @@ from planer import __version__, distributed
 from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.data import Corpus, Segments, load_corpus
-from planer.data.corpus import tokenize_corpus
+from planer.data.corpus import canonical_spec, tokenize_corpus
 from planer.errors import PlanerError
 from planer.files import (ARCH_FILE, REQUEST_FILE, TOKENIZER_DIR, VOCAB_FILE, atomic_write, publish, replacing,
                           staging_dir, writing)
@@ -83,6 +83,8 @@ def run_corpus(run: Path, data: str | None, vocab_size: int) -> Corpus:
                               "pass --data")
         try:
             data = json.loads(path.read_text())["data"]
+            if not isinstance(data, str):
+                raise TypeError(f"its data is {data!r}, not a data spec")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PlanerError(f"{path}: unreadable or not written by planer ({type(e).__name__}: {e}), so "
                               "it does not say which data the run was trained on; pass --data") from None
@@ -189,7 +191,7 @@ def _load_checkpoint(work: Path, corpus: Corpus, cfg: TrainConfig) -> tuple[LM, 
     except Exception as e:
         raise PlanerError(f"{work}: cannot resume, checkpoint unreadable ({type(e).__name__}: {e}); "
                           "delete it and train again") from None
-    if config.get("data") != corpus.spec:
+    if not isinstance(config.get("data"), str) or canonical_spec(config["data"]) != corpus.spec:
         raise PlanerError(f"{work} was trained on --data {config.get('data')}, not {corpus.spec}; "
                           "resume with the same data")
     if corpus.vocab is not None and json.loads((work / VOCAB_FILE).read_text()) != corpus.vocab:
