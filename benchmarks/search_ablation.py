@@ -13,9 +13,9 @@ recipe matches), so the rows differ by the technique alone:
     no-pairs       no paired alternatives: an FFN is never trained to make up for the attention dropped before it
     nmse-scores    alternatives scored by their local error instead of their replace-one-block KL
     greedy         a greedy walk instead of the exact selection
-    kl-only        the result distilled with the KL divergence alone instead of half cross-entropy
-    kl-cosine      KL plus the cosine loss between the hidden states at the blocks the result kept and the
-                   baseline's (Puzzle's global distillation), no cross-entropy
+    kl-only        the result distilled with the KL divergence alone, without the cosine loss between the hidden
+                   states at the blocks it kept and the baseline's (Puzzle's global distillation: the default)
+    ce-kl          half cross-entropy, half KL, no cosine loss (planer's recipe before the default)
     gumbel         PLANER's supernet search instead of the local one
 
 Every build directory is kept under --out; the table gives each row's confirmed speedup and its validation loss
@@ -43,8 +43,8 @@ ROWS = {
     "no-pairs": ({"method": "local", "pairs": False}, {}),
     "nmse-scores": ({"method": "local", "scoring": "nmse"}, {}),
     "greedy": ({"method": "local", "selection": "greedy"}, {}),
-    "kl-only": ({"method": "local"}, {"distill_share": 1.0}),
-    "kl-cosine": ({"method": "local"}, {"distill_share": 1.0, "cosine": 1.0}),
+    "kl-only": ({"method": "local"}, {"cosine": 0.0}),
+    "ce-kl": ({"method": "local"}, {"distill_share": 0.5, "cosine": 0.0}),
     "gumbel": ({"method": "gumbel"}, {}),
 }
 

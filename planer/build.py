@@ -65,21 +65,16 @@ from planer.search.local import alternatives
 from planer.search.search import OUTCOME_FILE, Candidate, InfeasibleTarget, SearchConfig, SearchOutcome
 from planer.space import ExpertOptions, SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
-from planer.train.presets import TrainConfig, finetune_config
+from planer.train.presets import COSINE, DISTILL_SHARE, TrainConfig, finetune_config
 from planer.train.trainer import CONFIG_FILE, EVAL_FILE, alignment, resumable, run_corpus, saved_config, train
-
-
-# The distillation share of the result's recipe (the rest cross-entropy) unless a budget says otherwise: the
-# result, the comparisons, the self-distilled reference and `planer distill` train with it.
-DISTILL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
 class Budget:
     search: SearchConfig
     distill_steps: int  # beyond the search's steps: see extra_steps
-    distill_share: float = DISTILL_SHARE
-    cosine: float = 0.0  # weight of the hidden states' cosine loss in every distillation (TrainConfig.cosine)
+    distill_share: float = DISTILL_SHARE  # of the logits' loss; the rest cross-entropy
+    cosine: float = COSINE  # weight of the hidden states' cosine loss in every distillation (TrainConfig.cosine)
 
     @property
     def extra_steps(self) -> int:
@@ -106,6 +101,11 @@ class Budget:
     def recipe(self, steps: int, distill: float, cosine: float = 0.0) -> TrainConfig:
         """The fine-tuning recipe of this budget's batch for `steps` steps (planer.train.presets.finetune_config)."""
         return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill, cosine)
+
+    @property
+    def searched_with(self) -> SearchConfig:
+        """The search's configuration, its trials training with this budget's recipe (the result's)."""
+        return replace(self.search, trial_distill=self.distill_share, trial_cosine=self.cosine)
 
     def searching(self, method: str, local_steps: int | None = None) -> Budget:
         """This budget with the search `method` (planer.choices.SEARCH_METHODS) and, for the local search, another
@@ -214,7 +214,7 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: T
     try:
         _, baseline, corpus, space = _baseline(source, work, dep, data, space, budget.search.method, moe)
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
-        outcome = run_search(baseline, corpus, space, table, dep, target, cfg=budget.search,
+        outcome = run_search(baseline, corpus, space, table, dep, target, cfg=budget.searched_with,
                              log_path=work / "search_log.jsonl", show_progress=show_progress)
         if main:
             outcome.save(work)
@@ -239,8 +239,13 @@ def distill(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
                           f"from {teacher} (vocabulary {baseline.arch.vocab_size}, width {baseline.arch.d_model}); "
                           "pass the baseline its search started from as the teacher")
     corpus = run_corpus(teacher, data, baseline.arch.vocab_size)
-    cfg = finetune_config(steps, batch, SearchConfig().valid_tokens, distill=DISTILL_SHARE)
-    final = train(corpus, cfg, out, init=init, teacher=baseline, resume=resume, show_progress=show_progress)
+    # `planer search`'s output says which of the baseline's blocks each of the network's stands for
+    positions = SearchOutcome.load(student).chosen.positions if (student / OUTCOME_FILE).is_file() else ()
+    match = alignment(init.arch, baseline.arch, positions)
+    cfg = finetune_config(steps, batch, SearchConfig().valid_tokens, distill=DISTILL_SHARE,
+                          cosine=COSINE if match is not None else 0.0)
+    final = train(corpus, cfg, out, init=init, teacher=baseline, match=match, resume=resume,
+                  show_progress=show_progress)
     if (teacher / TOKENIZER_DIR).is_dir() and distributed.is_main():  # an imported model's text needs it
         shutil.copytree(teacher / TOKENIZER_DIR, Path(out) / TOKENIZER_DIR, dirs_exist_ok=True)
     return final
@@ -580,7 +585,8 @@ class _Build:
         distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
         if distributed.is_main():
             log.unlink(missing_ok=True)  # an interrupted search starts over
-        outcome = run_search(self.baseline, self.corpus, space, self.table, self.dep, target, cfg=self.budget.search,
+        outcome = run_search(self.baseline, self.corpus, space, self.table, self.dep, target,
+                             cfg=self.budget.searched_with,
                              log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx,
                              library_dir=out.with_name(f"{out.name}-library"))
 

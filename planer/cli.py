@@ -588,8 +588,9 @@ def search_command(run: Path, engine: str, target_speedup: float | None, target_
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def distill_command(student: Path, teacher: Path, out: Path, steps: int, batch: int, data_spec: str | None,
                     resume: bool, quiet: bool) -> None:
-    """A build's distillation stage alone: train a network with cross-entropy and distillation from the
-    baseline's logits (the recipe a build uses), then score it on the whole validation split."""
+    """A build's distillation stage alone: train a network to match the baseline's logits (forward KL) and, where
+    `planer search`'s output says which baseline block each of its blocks stands for, its hidden states (cosine
+    loss), the recipe a build uses; then score it on the whole validation split."""
     from planer import distributed
     from planer.build import distill
     from planer.train.evaluate import headline

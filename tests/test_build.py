@@ -146,7 +146,9 @@ def test_search_and_distill_alone(baseline_run, table_file, tmp_path):
     assert "valid" in result.output and "after 2 steps" in result.output
     distilled = load_model(tmp_path / "distilled")
     assert distilled.arch == chosen.arch
-    assert json.loads((tmp_path / "distilled" / "config.json").read_text())["train"]["distill"] == 0.5
+    # the build's recipe: KL alone and the cosine loss, aligned by the positions outcome.json gives
+    recipe = json.loads((tmp_path / "distilled" / "config.json").read_text())["train"]
+    assert (recipe["distill"], recipe["cosine"]) == (1.0, 1.0)
     # a teacher the network was not derived from is refused
     other = tmp_path / "other"
     other.mkdir()

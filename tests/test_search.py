@@ -120,6 +120,29 @@ def test_trials_train_one_network_per_attention_count_and_choose_the_best(setup,
     assert b.trial_loss is not None and again.trial_loss is None
 
 
+def test_trials_train_with_the_builds_recipe(setup, tmp_path):
+    """A build's trials rank networks as its result will be trained: its distillation share and the cosine loss,
+    aligned to the baseline's blocks by the positions a network was chosen as."""
+    from planer.build import BUDGETS
+    from planer.train.trainer import saved_config
+
+    baseline, corpus, _ = setup
+    budget = replace(BUDGETS["small"], distill_share=0.7, cosine=0.5)
+    cfg = replace(budget.searched_with, batch=2, trials=2, trial_steps=2, trial_tokens=512, valid_tokens=256)
+    assert (cfg.trial_distill, cfg.trial_cosine) == (0.7, 0.5)
+    torch.manual_seed(0)
+    skipped = small_arch([BlockSpec.ffn(64)])
+    aligned = Candidate(0, skipped, 1.0, 1.0, 2.0, 2.0, LM(skipped).eval(),
+                        positions=(BlockSpec.skip(), BlockSpec.ffn(64)))
+    unaligned = Candidate(0, small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64), BlockSpec.ffn(64)]), 1.0, 1.0,
+                          2.0, 3.0, None)
+    unaligned.model = LM(unaligned.arch).eval()
+    _trials([aligned, unaligned], baseline, corpus, int(len(corpus.train) * 0.9), cfg, tmp_path, None,
+            show_progress=False)
+    recipes = [saved_config(tmp_path / f"trial-{i}")[0] for i in range(2)]
+    assert [(r.distill, r.cosine) for r in recipes] == [(0.7, 0.5), (0.7, 0.0)]  # no alignment, no cosine loss
+
+
 def test_search_with_trials_logs_them_and_chooses_by_trial_loss(setup, tmp_path):
     baseline, corpus, table = setup
     log = tmp_path / "search_log.jsonl"

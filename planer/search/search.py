@@ -67,8 +67,8 @@ from planer.search.probe import ProbeLoss
 from planer.search.supernet import SuperNet, inherit
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
-from planer.train.presets import finetune_config
-from planer.train.trainer import distillation_loss, train
+from planer.train.presets import COSINE, DISTILL_SHARE, finetune_config
+from planer.train.trainer import alignment, distillation_loss, train
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,10 @@ class SearchConfig:
     # 0: choose by the supernet's loss alone.
     trials: int = 0
     trial_steps: int = 300
+    # The trials' recipe: the distillation share (the rest cross-entropy) and the hidden states' cosine loss. A
+    # build sets them to its result's (Budget.searched_with), so that trials rank networks as they will be trained.
+    trial_distill: float = DISTILL_SHARE
+    trial_cosine: float = COSINE
     trial_tokens: int = 65536  # held-out tokens (the architecture split's last) that score candidates and trials
     seed: int = 0
     # Which search: `gumbel` (PLANER's supernet, this module) or `local` (Puzzle's, planer.search.local). Both read
@@ -479,12 +483,14 @@ def _trials(shortlist: list[Candidate], teacher: LM, corpus: Corpus, cut: int, c
     if len(shortlist) == 1:
         return shortlist[0]
     held_out = replace(corpus, train=corpus.train[:cut], valid=held_out_tokens(corpus, cut, cfg))
-    recipe = finetune_config(cfg.trial_steps, cfg.batch, cfg.valid_tokens, distill=0.5)
     for i, c in enumerate(shortlist):
         if show_progress and distributed.is_main():
             tqdm.write(f"trial {i + 1} of {len(shortlist)} ({c.describe()}): "
                        f"{' '.join(b.label() for b in c.arch.blocks)}")
-        scored = train(held_out, recipe, tmp / f"trial-{i}", init=c.model, teacher=teacher,
+        match = alignment(c.arch, teacher.arch, c.positions)
+        recipe = finetune_config(cfg.trial_steps, cfg.batch, cfg.valid_tokens, distill=cfg.trial_distill,
+                                 cosine=cfg.trial_cosine if match is not None and cfg.trial_distill else 0.0)
+        scored = train(held_out, recipe, tmp / f"trial-{i}", init=c.model, teacher=teacher, match=match,
                        show_progress=show_progress)
         c.trial_loss = scored["valid"]["loss"]
         _log(log_path, {"trial": i, "round": c.round, "min_attn": c.min_attn, "steps": cfg.trial_steps,
