@@ -20,12 +20,19 @@ recipe matches), so the rows differ by the technique alone:
 
 Every build directory is kept under --out; the table gives each row's confirmed speedup and its validation loss
 (engine-measured, whole split) over the best reference of its own build.
+
+--library takes the trained library of an earlier local build of the same baseline and space
+(BUILD/search-library/): the rows whose alternatives train alike (local, no-pairs, nmse-scores, greedy and the
+recipe rows) start from it instead of training their own, so each costs its selection, trials, distillation and
+export. --continued names references to reuse (an earlier build's baseline-continued/; its
+baseline-self-distilled/ is reused too where the recipe matches).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +41,10 @@ from common import given_or_tiny, record, smoke_option, smoke_space
 from planer.arch import Architecture
 from planer.build import BUDGETS, CONTINUED, Budget, build
 from planer.deployment import Deployment, Target
+from planer.files import staging_dir
 
+# what a local search's trained alternatives depend on (beside the baseline and the space)
+LIBRARY_SETTINGS = ("local_steps", "local_lr", "local_train", "init", "batch", "seed")
 # name -> (SearchConfig changes, Budget changes: the result's recipe)
 ROWS = {
     "local": ({"method": "local"}, {}),
@@ -57,6 +67,8 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--out", type=Path, help="directory to create: one build directory per row")
     p.add_argument("--table", type=Path, help="latency table file to reuse and extend (default: OUT/table.json)")
+    p.add_argument("--library", type=Path, help="an earlier local build's search-library/ to start rows from")
+    p.add_argument("--continued", type=Path, help="an earlier build's baseline-continued/ to reuse")
     smoke_option(p)
     args = p.parse_args()
     rows = args.rows.split(",")
@@ -89,8 +101,12 @@ def main() -> None:
         changes, recipe = ROWS[name]
         row_budget = replace(budget, search=replace(budget.search, **changes), **recipe)
         out = args.out / name
+        if args.library and row_budget.search.method == "local" and all(
+                getattr(row_budget.search, k) == getattr(budget.search, k) for k in LIBRARY_SETTINGS):
+            shutil.copytree(args.library, staging_dir(out) / "search-library")
         summary = build(run, out, dep=dep, target=Target(speedup=args.target_speedup), budget=row_budget,
-                        space=space, table_cache=table, continued=args.out / rows[0] / CONTINUED if i else None,
+                        space=space, table_cache=table,
+                        continued=args.out / rows[0] / CONTINUED if i else args.continued,
                         show_progress=not args.smoke)
         accuracy = json.loads((out / "accuracy.json").read_text())
         results.append({"row": name, "search": changes, "distill_share": row_budget.distill_share,

@@ -103,7 +103,9 @@ def test_trials_train_one_network_per_attention_count_and_choose_the_best(setup,
                       [(one, 2.0), (other_one, 2.5), (two, 3.0), (one, 2.2)])
     log = tmp_path / "search_log.jsonl"
     cut = int(len(corpus.train) * 0.9)
-    cfg = SearchConfig(batch=2, trials=2, trial_steps=3, trial_tokens=512, valid_tokens=256)
+    # half cross-entropy: the random teacher's logits alone would not lower the held-out loss checked below
+    cfg = SearchConfig(batch=2, trials=2, trial_steps=3, trial_tokens=512, valid_tokens=256, trial_distill=0.5,
+                       trial_cosine=0.0)
     chosen = _trials(_shortlist([a, b, c, again], 2), baseline, corpus, cut, cfg, tmp_path, log,
                      show_progress=False)
     assert b.trial_loss is None and again.trial_loss is None and a.trial_loss > 0 and c.trial_loss > 0
