@@ -91,7 +91,7 @@ def main() -> None:
     match = alignment(student.arch, baseline.arch, positions)
 
     def trained(out: Path, init, share: float, cosine: float, n: int, aligned: list[int] | None) -> dict:
-        cfg = budget.recipe(n, distill=share, cosine=cosine if aligned is not None else 0.0)
+        cfg = budget.recipe(n, distill=share, cosine=cosine, aligned=aligned is not None)
         return train(corpus, cfg, out, init=init, teacher=baseline, match=aligned, show_progress=not args.smoke)
 
     rows = []

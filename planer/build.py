@@ -98,9 +98,9 @@ class Budget:
         """Tokens the kept search steps read (each a segment of `tgt_len` on every stream of the batch)."""
         return self.kept_steps * self.search.batch * tgt_len
 
-    def recipe(self, steps: int, distill: float, cosine: float = 0.0) -> TrainConfig:
+    def recipe(self, steps: int, distill: float, cosine: float = 0.0, aligned: bool = True) -> TrainConfig:
         """The fine-tuning recipe of this budget's batch for `steps` steps (planer.train.presets.finetune_config)."""
-        return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill, cosine)
+        return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill, cosine, aligned)
 
     @property
     def searched_with(self) -> SearchConfig:
@@ -242,8 +242,8 @@ def distill(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
     # `planer search`'s output says which of the baseline's blocks each of the network's stands for
     positions = SearchOutcome.load(student).chosen.positions if (student / OUTCOME_FILE).is_file() else ()
     match = alignment(init.arch, baseline.arch, positions)
-    cfg = finetune_config(steps, batch, SearchConfig().valid_tokens, distill=DISTILL_SHARE,
-                          cosine=COSINE if match is not None else 0.0)
+    cfg = finetune_config(steps, batch, SearchConfig().valid_tokens, distill=DISTILL_SHARE, cosine=COSINE,
+                          aligned=match is not None)
     final = train(corpus, cfg, out, init=init, teacher=baseline, match=match, resume=resume,
                   show_progress=show_progress)
     if (teacher / TOKENIZER_DIR).is_dir() and distributed.is_main():  # an imported model's text needs it
@@ -609,11 +609,11 @@ class _Build:
         if not (out / EVAL_FILE).exists():
             steps = self.budget.result_steps if searched else self.budget.extra_steps
             match = alignment(init.arch, self.baseline.arch, positions)
-            cosine = self.budget.cosine if distill and match is not None else 0.0
-            if distill and self.budget.cosine and match is None:
+            recipe = self.budget.recipe(steps, distill=distill, cosine=self.budget.cosine, aligned=match is not None)
+            if distill and self.budget.cosine and not recipe.cosine:
                 print(f"{out.name}: its blocks do not align with the baseline's; distilled without the cosine loss",
                       file=sys.stderr)
-            train(self.corpus, self.budget.recipe(steps, distill=distill, cosine=cosine), out, init=init,
+            train(self.corpus, recipe, out, init=init,
                   teacher=self.baseline if distill else None, match=match, resume=resumable(out),
                   show_progress=self.show_progress)
         return load_model(out).eval()

@@ -12,7 +12,7 @@ from planer.data import load_corpus
 from planer.errors import PlanerError
 from planer.nn import LM
 from planer.train.evaluate import evaluate
-from planer.train.presets import TrainConfig
+from planer.train.presets import TrainConfig, finetune_config
 from planer.train.trainer import alignment, lr_at, train
 from tests.conftest import small_arch
 
@@ -127,3 +127,13 @@ def test_cosine_distillation_pulls_each_block_toward_the_teacher_block_it_stands
         assert not (tmp_path / "wrong.partial").exists()
     assert alignment(student.arch, arch, [BlockSpec.skip()] * 3) is None  # another depth: nothing to align
     assert alignment(student.arch, arch) is None and alignment(arch, arch) == [0, 1, 2, 3]
+
+
+def test_the_recipe_keeps_the_cosine_loss_only_for_an_aligned_distillation():
+    """One rule for every distillation a build runs: hidden states are compared only with a teacher's blocks the
+    network's stand for, so without an alignment, or without a teacher's logits to follow, the cosine loss is off."""
+    def cosine(distill: float, aligned: bool) -> float:
+        return finetune_config(100, 4, 2048, distill=distill, cosine=0.5, aligned=aligned).cosine
+
+    assert cosine(1.0, True) == 0.5 and cosine(0.5, True) == 0.5
+    assert cosine(1.0, False) == 0.0 and cosine(0.0, True) == 0.0

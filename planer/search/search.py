@@ -489,7 +489,7 @@ def _trials(shortlist: list[Candidate], teacher: LM, corpus: Corpus, cut: int, c
                        f"{' '.join(b.label() for b in c.arch.blocks)}")
         match = alignment(c.arch, teacher.arch, c.positions)
         recipe = finetune_config(cfg.trial_steps, cfg.batch, cfg.valid_tokens, distill=cfg.trial_distill,
-                                 cosine=cfg.trial_cosine if match is not None and cfg.trial_distill else 0.0)
+                                 cosine=cfg.trial_cosine, aligned=match is not None)
         scored = train(held_out, recipe, tmp / f"trial-{i}", init=c.model, teacher=teacher, match=match,
                        show_progress=show_progress)
         c.trial_loss = scored["valid"]["loss"]

@@ -48,11 +48,14 @@ DISTILL_SHARE = 1.0
 COSINE = 1.0
 
 
-def finetune_config(steps: int, batch: int, valid_tokens: int, distill: float, cosine: float = 0.0) -> TrainConfig:
+def finetune_config(steps: int, batch: int, valid_tokens: int, distill: float, cosine: float = 0.0,
+                    aligned: bool = True) -> TrainConfig:
     """The recipe a build trains every network on from inherited weights: the distillation, the baseline's
-    continuation, the search's trial runs (same batch, lr, schedule)."""
+    continuation, the search's trial runs (same batch, lr, schedule). The cosine loss compares hidden states with
+    the teacher's, so it is kept only for a distillation whose blocks are `aligned` with the teacher's."""
     return TrainConfig(steps=steps, batch=batch, lr=1e-3, warmup=min(100, steps // 10), clip=1.0,
-                       distill=distill, cosine=cosine, eval_every=max(1, steps // 4), ckpt_every=max(1, steps // 4),
+                       distill=distill, cosine=cosine if distill and aligned else 0.0,
+                       eval_every=max(1, steps // 4), ckpt_every=max(1, steps // 4),
                        eval_tokens=valid_tokens, test_split=False)  # a build judges on valid
 
 
