@@ -44,7 +44,7 @@ from planer.deployment import Deployment, Target
 from planer.files import staging_dir
 
 # what a local search's trained alternatives depend on (beside the baseline and the space)
-LIBRARY_SETTINGS = ("local_steps", "local_lr", "local_train", "init", "batch", "seed")
+LIBRARY_SETTINGS = ("local_steps", "local_lr", "local_train", "oracle_router", "init", "batch", "seed")
 # name -> (SearchConfig changes, Budget changes: the result's recipe)
 ROWS = {
     "local": ({"method": "local"}, {}),

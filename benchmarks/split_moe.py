@@ -20,7 +20,6 @@ split must beat it for experts to be worth their place in the search.
 from __future__ import annotations
 
 import argparse
-from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from planer.latency import LatencyTable
 from planer.latency.profile import profile
 from planer.search.local import Library, calibration_inputs, distil_locally, parent_pass, score, score_probe
 from planer.search.search import SearchConfig, _arch_start, held_out_probe
-from planer.search.split import split_spec
+from planer.search.split import oracle_routes, split_spec
 from planer.search.units import rank_units
 from planer.train.trainer import run_corpus
 
@@ -55,6 +54,8 @@ def main() -> None:
     p.add_argument("--widths", type=int, default=16, help="narrowed FFNs: widths of 1/N .. (N-1)/N of the FFN")
     p.add_argument("--score-tokens", type=int, default=16384)
     p.add_argument("--data", help="corpus (default: the run's; an imported model needs one, e.g. sample)")
+    p.add_argument("--gates-only", action="store_true", help="routers learn through their gates and the balance "
+                   "loss alone, not also from the oracle's choice (SearchConfig.oracle_router; an ablation)")
     p.add_argument("--positions", type=int, help="FFN blocks to measure, spread evenly over the depth (default: all)")
     smoke_option(p)
     args = p.parse_args()
@@ -84,7 +85,7 @@ def main() -> None:
             print(f"{lowering}: {e}")
 
     cfg = SearchConfig(local_steps=3 if args.smoke else args.local_steps, batch=args.batch,
-                       score_tokens=512 if args.smoke else args.score_tokens)
+                       score_tokens=512 if args.smoke else args.score_tokens, oracle_router=not args.gates_only)
     corpus = run_corpus(run, args.data, arch.vocab_size)
     cut = _arch_start(corpus, cfg)
     data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len)
@@ -131,7 +132,8 @@ def main() -> None:
     twins = " | ".join(f"narrowed FFN no slower at B{b}: its KL" for b in batches)
     lines = [f"{run.name}: FFN {width} ({arch.activation}), d_model {arch.d_model}, FFN blocks {positions}; "
              f"ONNX Runtime, fp32, segment {arch.tgt_len}; {cfg.local_steps} local steps at {cfg.batch} "
-             "streams; KL (replace-one-block, held-out training tokens) and NMSE are means over those blocks; "
+             f"streams, routers {'taught through their gates alone' if args.gates_only else 'also taught the oracle'}; "
+             "KL (replace-one-block, held-out training tokens) and NMSE are means over those blocks; "
              "oracle: the trained experts, each token sent to the k that reproduce the parent block best", "",
              f"| split block | {ratios} | NMSE sliced → trained | oracle-routed NMSE | KL | {twins} |",
              "|---|" + "---|" * (2 * len(batches) + 3)]
@@ -147,7 +149,8 @@ def main() -> None:
     lines += ["", f"| narrowed FFN | {plain} | NMSE sliced → trained | KL |", "|---|" + "---|" * (len(batches) + 2)]
     lines += [f"| {r['block']} | " + " | ".join(f"{r[f'B{b}_ratio']:.2f}" for b in batches)
               + f" | {r['nmse_before']:.3f} → {r['nmse_after']:.3f} | {r['kl']:.4f} |" for r in dense]
-    record("split_moe", {"run": str(run), "lowerings": lowerings, "splits": rows, "narrowed": dense, "local_steps": cfg.local_steps,
+    record("split_moe", {"run": str(run), "lowerings": lowerings, "splits": rows, "narrowed": dense,
+                         "local_steps": cfg.local_steps, "oracle_router": cfg.oracle_router,
                          "score_tokens": cfg.score_tokens}, "\n".join(lines) + "\n", smoke=args.smoke)
 
 
@@ -162,11 +165,8 @@ def _oracle_nmse(library: Library, key: tuple[int, str], probe: list) -> float:
         seg, mems = parent_pass(library.parent, x, mems)
         inp, target = seg.inputs[p], seg.outputs[p]
         h = block.norm(inp)
-        want = target - inp - (0 if block.f.shared is None else block.f.shared(h))
-        outs = [e(h) for e in block.f.experts]
-        best = torch.stack([(want - sum(outs[e] for e in subset)).pow(2).sum(dim=-1)
-                            for subset in combinations(range(len(outs)), block.f.top_k)]).min(dim=0).values
-        total += float(best.mean() / want.shape[-1] / (target - inp).pow(2).mean())
+        _, best = oracle_routes(block.f, h, target - inp - (0 if block.f.shared is None else block.f.shared(h)))
+        total += float(best.mean() / inp.shape[-1] / (target - inp).pow(2).mean())
     return total / len(probe)
 
 

@@ -9,7 +9,8 @@ import torch
 from planer.arch import ArchError, BlockSpec
 from planer.nn.ffn import FFN
 from planer.nn.moe import MoE
-from planer.search.split import check_split, partition, split_ffn, split_spec
+from planer.search.split import (check_split, oracle_routes, partition, routed_to, router_loss, split_ffn,
+                                 split_spec)
 
 
 def _ffn(activation: str, bias: bool, width: int = 48, d: int = 16) -> FFN:
@@ -98,6 +99,31 @@ def test_gates_are_one_but_the_router_still_learns():
     assert torch.equal(gates.detach(), torch.ones_like(gates))
     moe(x).square().sum().backward()
     assert moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_oracle_picks_the_experts_whose_outputs_make_what_is_wanted(top_k):
+    """What is wanted of each token is the sum of k experts drawn at random: the oracle names exactly those, with no
+    error left, and `router_loss` is the router's cross-entropy on that choice (1/k on each)."""
+    torch.manual_seed(0)
+    ffn, h = _ffn("gelu", True), torch.randn(300, 16)
+    moe = split_ffn(ffn, h, split_spec(48, 4, top_k)).eval()
+    drawn = torch.stack([torch.randperm(4)[:top_k] for _ in range(300)])
+    with torch.no_grad():
+        want = sum(torch.stack([e(h) for e in moe.experts])[drawn[:, j], torch.arange(300)] for j in range(top_k))
+    ids, error = oracle_routes(moe, h, want)
+    assert torch.equal(ids.sort(dim=1).values, drawn.sort(dim=1).values)
+    assert float(error.max()) < 1e-8
+    target = routed_to(ids, 4)
+    assert torch.equal(target.sum(dim=1), torch.ones(300))
+    assert torch.equal((target > 0).sum(dim=1), torch.full((300,), top_k))
+    h.requires_grad_(True)
+    loss = router_loss(moe.router, h, target)
+    logits = moe.router(h.detach())
+    reference = sum(torch.nn.functional.cross_entropy(logits, ids[:, j]) for j in range(top_k)) / top_k
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    assert h.grad is None and moe.router.weight.grad.abs().sum() > 0  # the router learns; its inputs are given
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -15,12 +15,12 @@ block by block instead:
 2. **Local distillation.** Every alternative learns to reproduce its parent block's output from the parent's own
    input at that position (normalised MSE: the error over the parent block's own contribution, so that
    dropping the block scores exactly 1), all alternatives on the same parent forward pass, no gradient across
-   blocks (a split block's router learns with the experts, through its gates' gradient, plus the load-balancing
-   loss). Where an attention block may be dropped, every alternative of the FFN after it is also trained as a
-   *paired* one: from the attention's input to the FFN's output, so that it makes up for the attention it
-   follows (chosen only together with that attention's skip). An alternative in int8 is not trained: it
-   computes with its fp32 twin's trained weights. The library of trained alternatives is saved beside the
-   search's outcome.
+   blocks (a split block's router learns with the experts: the choice of each token's best k experts, by
+   cross-entropy, plus the load-balancing loss). Where an attention block may be dropped, every alternative of
+   the FFN after it is also trained as a *paired* one: from the attention's input to the FFN's output, so that
+   it makes up for the attention it follows (chosen only together with that attention's skip). An alternative
+   in int8 is not trained: it computes with its fp32 twin's trained weights. The library of trained
+   alternatives is saved beside the search's outcome.
 3. **Scoring.** Each alternative's damage is the KL divergence from the parent when it alone replaces its
    parent block, on held-out *training* tokens (the validation split judges only the result); a paired one's is
    that of the pair (skip and it) less the skip's own, so that the two add up to the pair's.
@@ -62,7 +62,7 @@ from planer.search.heads import rank_heads
 from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _arch_start, _confirm,
                                   _log, _shortlist, _trials, held_out_probe, held_out_tokens, timed_baseline)
 from planer.search.select import greedy, select
-from planer.search.split import Cut, split_ffn
+from planer.search.split import Cut, oracle_routes, routed_to, router_loss, split_ffn
 from planer.search.supernet import copy_attention, copy_ffn, copy_linear, weight_order
 from planer.search.units import permute_units, rank_units
 from planer.space import SearchSpace
@@ -338,7 +338,7 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
             x, _ = data[index]
             seg, mems = parent_pass(library.parent, x, None if index == 0 else mems)
             loss = sum(nmse(library.blocks[k], seg, k[0], paired(k)) + BALANCE * _balance(library.blocks[k])
-                       for k in keys)
+                       + (_routing(library.blocks[k], seg, k[0]) if cfg.oracle_router else 0.0) for k in keys)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, schedule)
             opt.zero_grad(set_to_none=True)
@@ -358,6 +358,19 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
 
 def _balance(block: Block) -> Tensor | float:
     return block.f.aux_loss if block.kind == "moe" else 0.0
+
+
+def _routing(block: Block, seg: ParentPass, p: int) -> Tensor | float:
+    """A split block's router against the oracle's choice at position p: the k experts whose outputs, beside the
+    shared part, come closest to the parent block's contribution. (Splits are never paired.)"""
+    if block.kind != "moe":
+        return 0.0
+    inp = seg.inputs[p]
+    h = block.norm(inp).reshape(-1, inp.shape[-1]).detach()
+    with torch.no_grad():
+        want = (seg.outputs[p] - inp).reshape(h.shape) - (0 if block.f.shared is None else block.f.shared(h))
+    ids, _ = oracle_routes(block.f, h, want)
+    return router_loss(block.f.router, h, routed_to(ids, len(block.f.experts)))
 
 
 @torch.no_grad()

@@ -123,6 +123,9 @@ class SearchConfig:
     local_steps: int = 400  # local distillation steps, every alternative on the same parent pass each step
     local_lr: float = 1e-3
     local_train: bool = True  # False: the alternatives keep their inherited weights (an ablation)
+    # A split block's router also learns, by cross-entropy, each token's best k experts (planer.search.split.
+    # oracle_routes); False: through its gates' gradient and the balance loss alone (an ablation).
+    oracle_router: bool = True
     init: str = "activations"  # how narrower alternatives inherit: `activations` or `weights` (an ablation)
     pairs: bool = True  # FFN alternatives also trained to make up for the attention before them (kl scoring only)
     solutions: int = 4  # the best distinct solutions of each round's exact selection, each timed in the engine

@@ -16,12 +16,16 @@ first and stay always on (DeepSeekMoE's shared expert); the rest are split.
 The router starts by predicting the groups: a d x E linear map trained on the calibration tokens to give each
 group the share of the token's routed contribution it carries (cross-entropy on those shares), so that its top k
 are the groups that matter most to the token. The local search (planer.search.local) then trains experts,
-router and shared part together to reproduce the parent FFN.
+router and shared part together to reproduce the parent FFN. There the router also learns from an oracle: for
+each token, the k experts whose summed output comes closest to what the parent block wants of them
+(`oracle_routes`). Gates are 1 in value (planer.nn.routing), so the router's only job is that choice, and the
+gradient through its gates alone says little about experts it did not pick.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 import torch
@@ -160,9 +164,32 @@ def fit_router(router: torch.nn.Linear, h: Tensor, mass: Tensor, seed: int = 0, 
     opt = torch.optim.Adam(router.parameters(), lr=1e-2)
     with torch.enable_grad():  # callers build blocks under no_grad
         for _ in range(steps):
-            loss = -(target * router(h).log_softmax(dim=-1)).sum(dim=1).mean()
+            loss = router_loss(router, h, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     with torch.no_grad():
         return float((router(h).argmax(dim=-1) == mass.argmax(dim=-1)).float().mean())
+
+
+@torch.no_grad()
+def oracle_routes(moe: MoE, h: Tensor, want: Tensor) -> tuple[Tensor, Tensor]:
+    """What a perfect router would pick for the inputs `h` (N, d) of `moe`: each token's k experts whose summed
+    output comes closest to `want` (N, d), the output wanted of the routed experts (every k-subset tried). Returns
+    the (N, k) expert ids and the (N,) squared error of that choice."""
+    outs = torch.stack([e(h) for e in moe.experts])  # (E, N, d)
+    subsets = torch.tensor(list(combinations(range(len(moe.experts)), moe.top_k)), device=h.device)
+    errors = torch.stack([(want - outs[s].sum(dim=0)).pow(2).sum(dim=-1) for s in subsets])  # (subsets, N)
+    best = errors.min(dim=0)
+    return subsets[best.indices], best.values
+
+
+def routed_to(ids: Tensor, experts: int) -> Tensor:
+    """The choice of experts `ids` (N, k) as (N, experts) distributions, 1/k on each chosen expert."""
+    return torch.zeros(ids.shape[0], experts, device=ids.device).scatter_(1, ids, 1 / ids.shape[1])
+
+
+def router_loss(router: torch.nn.Linear, h: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy of `router`'s probabilities on `h` (N, d) against `target` (N, E) distributions. `h` is taken
+    as given: no gradient reaches it."""
+    return -(target * router(h.detach()).float().log_softmax(dim=-1)).sum(dim=1).mean()
