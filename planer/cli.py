@@ -265,8 +265,8 @@ def _load_arch(source: Path):
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=_OUTPUT, help="ONNX file to write (default: RUN/model.onnx)")
 @click.option("--lowering", type=click.Choice(LOWERINGS), default="ops", show_default=True,
-              help="how MoE layers are lowered: 'ops' = standard ONNX ops (NonZero/Gather per expert, each "
-                   "expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
+              help="how MoE layers are lowered: 'ops' = standard ONNX ops (tokens sorted by expert and split, "
+                   "each expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
                    "(activations gelu_tanh, relu, silu, swiglu); 'trt' = planer's TensorRT plugin (TensorRT only)")
 @click.option("--mem-len", type=_MEMORY, help="memory length the graph keeps (default: the architecture's)")
 @click.option("--max-context", type=_CONTEXT, default=0,

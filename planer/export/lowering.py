@@ -1,14 +1,20 @@
 """MoE lowerings for export: how an engine runs a MoE layer sparsely.
 
 `ops` — standard ONNX operators. The eager MoE (planer.nn.moe) groups tokens
-with a sort and Python-side split sizes, which a graph cannot hold; `OpsMoE`
-expresses the same computation with data-dependent shapes that ONNX carries:
-per expert, the slots routed to it are found with NonZero, their tokens
-gathered, the expert run on those rows only, and the results written to their
-slots. Every slot belongs to exactly one expert, so the writes never collide
-and no scatter-add is needed (ONNX Runtime's ScatterND with reduction=add and
+with a sort and Python-side split sizes; `OpsMoE` keeps that shape of
+computation in the graph: the (token, slot) pairs sorted by expert once (TopK),
+every routed row gathered once, one Split by the routing counts (a
+data-dependent sizes input, which ONNX carries), each expert run on its own
+rows only, and the outputs written back to their slots by one ScatterND. Every
+slot belongs to exactly one expert, so the writes never collide and no
+scatter-add is needed (ONNX Runtime's ScatterND with reduction=add and
 duplicate indices has given wrong results intermittently with 2 threads); the
-k slots of a token are then summed (every gate is 1 in value: planer.nn.routing).
+k slots of a token are then summed (every gate is 1 in value:
+planer.nn.routing). Found, gathered and written back per expert instead
+(NonZero, two Gathers and a ScatterND each), the same blocks ran 0-20 % slower
+in ONNX Runtime on a CPU (benchmarks/RESULTS.md, "The ops lowering, sorted once");
+the experts' weights stacked for one batched product per layer, padded to the
+busiest expert, were no faster than the sorted form and slower for large FFNs.
 
 `ort-moe` — ONNX Runtime's fused `com.microsoft::MoE` contrib op (softmax,
 top-k, grouped expert GEMMs and the weighted combine in one kernel). Its GELU
@@ -62,14 +68,17 @@ class OpsMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         _, gates, ids = self.route(x)
         flat = ids.reshape(-1)
+        order = flat.argsort()  # slots grouped by expert; the order within an expert does not matter
         # slot -> token as a gather: a floor division on the data-dependent index vectors costs torch.export
-        # ~0.2 s per expert to decompose and adds sign-fixing nodes to the graph
+        # time to decompose and adds sign-fixing nodes to the graph
         token = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand(-1, self.top_k).reshape(-1)
-        slots = x.new_zeros(flat.shape[0], shape[-1])
-        for e, expert in enumerate(self.experts):
-            mine = torch.nonzero(flat == e)[:, 0]
-            rows = x.index_select(0, token.index_select(0, mine))
-            slots = slots.index_put((mine,), expert(rows))
+        rows = x.index_select(0, token.index_select(0, order))
+        counts = (flat.unsqueeze(1) == torch.arange(len(self.experts), device=x.device)).sum(dim=0).tolist()
+        for count in counts:
+            torch._check(count >= 0)
+        torch._check(sum(counts) == rows.shape[0])
+        outs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, rows.split(counts))])
+        slots = torch.zeros_like(outs).index_put((order,), outs)
         out = (slots.view(-1, self.top_k, shape[-1]) * gates.unsqueeze(-1)).sum(dim=1)
         return _with_shared(self.shared, x, out).reshape(shape)
 
