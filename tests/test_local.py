@@ -214,3 +214,19 @@ def test_split_routers_taught_the_oracle_choose_as_it_does(baseline, corpus):
                     agreed.append((moe.f.route(h)[2] == best).float().mean())
         agreement[taught] = float(torch.stack(agreed).mean())
     assert agreement[True] > agreement[False] + 0.1, agreement
+
+
+def test_each_alternative_trains_as_if_alone(baseline, corpus):
+    """No alternative's training depends on which others share the library: one FFN narrowing trained beside a
+    split, a skip and another narrowing ends with exactly the weights it gets trained alone."""
+    probe = _probe(corpus)
+    parent = ranked_parent(baseline, probe, "activations")
+    data = Segments(corpus.train[:50_000], 2, 16)
+    trained = {}
+    for extra in ([], [BlockSpec.moe(4, 1, 32), BlockSpec.skip(), BlockSpec.ffn(32)]):
+        options = [[b, BlockSpec.ffn(64), *extra] if b.kind == "ffn" else [b] for b in baseline.arch.blocks]
+        library = Library(parent, options, calibration_inputs(parent, data, [1, 3]))
+        distil_locally(library, data, probe, SearchConfig(local_steps=20, local_lr=3e-2))
+        trained[len(extra)] = library.blocks[(1, "ffn64")].state_dict()
+    alone, beside = trained.values()
+    assert all(torch.equal(alone[name], beside[name]) for name in alone)

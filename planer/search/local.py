@@ -344,7 +344,8 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
             opt.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for k in keys:  # each alternative as if trained alone: one's gradients never scale another's step
+                torch.nn.utils.clip_grad_norm_(library.blocks[k].parameters(), 1.0)
             opt.step()
             if bar is not None:
                 bar.update(1)
