@@ -11,10 +11,11 @@ scatter-add is needed (ONNX Runtime's ScatterND with reduction=add and
 duplicate indices has given wrong results intermittently with 2 threads); the
 k slots of a token are then summed (every gate is 1 in value:
 planer.nn.routing). Found, gathered and written back per expert instead
-(NonZero, two Gathers and a ScatterND each), the same blocks ran 0-20 % slower
-in ONNX Runtime on a CPU (benchmarks/RESULTS.md, "The ops lowering, sorted once");
-the experts' weights stacked for one batched product per layer, padded to the
-busiest expert, were no faster than the sorted form and slower for large FFNs.
+(NonZero, two Gathers and a ScatterND each), the same split blocks ran as fast
+or up to 17 % slower in ONNX Runtime on a CPU; the experts' weights stacked for
+one batched product per layer, padded to the busiest expert, were no faster
+than the sorted form and up to 30 % slower for SmolLM2's FFN
+(benchmarks/RESULTS.md, "The ops lowering, sorted once").
 
 `ort-moe` — ONNX Runtime's fused `com.microsoft::MoE` contrib op (softmax,
 top-k, grouped expert GEMMs and the weighted combine in one kernel). Its GELU
