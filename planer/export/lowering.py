@@ -12,7 +12,9 @@ duplicate indices has given wrong results intermittently with 2 threads); the
 k slots of a token are then summed (every gate is 1 in value:
 planer.nn.routing). Found, gathered and written back per expert instead
 (NonZero, two Gathers and a ScatterND each), the same split blocks ran as fast
-or up to 17 % slower in ONNX Runtime on a CPU; the experts' weights stacked for
+or up to 17 % slower in ONNX Runtime on a CPU, and handing the Split its sizes
+as the counts tensor itself, not count by count, took off up to 11 % more; the
+experts' weights stacked for
 one batched product per layer, padded to the busiest expert, were no faster
 than the sorted form and up to 30 % slower for SmolLM2's FFN
 (benchmarks/RESULTS.md, "The ops lowering, sorted once").
@@ -74,11 +76,19 @@ class OpsMoE(nn.Module):
         # time to decompose and adds sign-fixing nodes to the graph
         token = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand(-1, self.top_k).reshape(-1)
         rows = x.index_select(0, token.index_select(0, order))
-        counts = (flat.unsqueeze(1) == torch.arange(len(self.experts), device=x.device)).sum(dim=0).tolist()
-        for count in counts:
-            torch._check(count >= 0)
-        torch._check(sum(counts) == rows.shape[0])
-        outs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, rows.split(counts))])
+        counts = (flat.unsqueeze(1) == torch.arange(len(self.experts), device=x.device)).sum(dim=0)
+        sizes = counts.tolist()
+        for size in sizes:
+            torch._check(size >= 0)
+        torch._check(sum(sizes) == rows.shape[0])
+        if torch.onnx.is_in_onnx_export():  # the counts as the Split's sizes input: traced, `rows.split(sizes)`
+            # reads each count back into the graph through five scalar nodes, which cost a small block up to 11 %
+            chunks = torch.onnx.ops.symbolic_multi_out(
+                "Split", (rows, counts), {"axis": 0}, dtypes=[rows.dtype] * len(sizes),
+                shapes=[(size, shape[-1]) for size in sizes])
+        else:
+            chunks = rows.split(sizes)
+        outs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
         slots = torch.zeros_like(outs).index_put((order,), outs)
         out = (slots.view(-1, self.top_k, shape[-1]) * gates.unsqueeze(-1)).sum(dim=1)
         return _with_shared(self.shared, x, out).reshape(shape)
