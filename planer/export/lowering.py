@@ -14,10 +14,9 @@ planer.nn.routing). Found, gathered and written back per expert instead
 (NonZero, two Gathers and a ScatterND each), the same split blocks ran as fast
 or up to 17 % slower in ONNX Runtime on a CPU, and handing the Split its sizes
 as the counts tensor itself, not count by count, took off up to 11 % more; the
-experts' weights stacked for
-one batched product per layer, padded to the busiest expert, were no faster
-than the sorted form and up to 30 % slower for SmolLM2's FFN
-(benchmarks/RESULTS.md, "The ops lowering, sorted once").
+experts' weights stacked for one batched product per layer, padded to the
+busiest expert, were no faster than the sorted form and up to 30 % slower for
+SmolLM2's FFN (benchmarks/RESULTS.md, "The ops lowering, sorted once").
 
 `ort-moe` — ONNX Runtime's fused `com.microsoft::MoE` contrib op (softmax,
 top-k, grouped expert GEMMs and the weighted combine in one kernel). Its GELU
