@@ -164,8 +164,7 @@ def _oracle_nmse(library: Library, key: tuple[int, str], probe: list) -> float:
     for x, _ in probe:
         seg, mems = parent_pass(library.parent, x, mems)
         inp, target = seg.inputs[p], seg.outputs[p]
-        h = block.norm(inp)
-        _, best = oracle_routes(block.f, h, target - inp - (0 if block.f.shared is None else block.f.shared(h)))
+        _, best = oracle_routes(block.f, block.norm(inp), target - inp)
         total += float(best.mean() / inp.shape[-1] / (target - inp).pow(2).mean())
     return total / len(probe)
 

@@ -101,16 +101,18 @@ def test_gates_are_one_but_the_router_still_learns():
     assert moe.router.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_the_oracle_picks_the_experts_whose_outputs_make_what_is_wanted(top_k):
-    """What is wanted of each token is the sum of k experts drawn at random: the oracle names exactly those, with no
-    error left, and `router_loss` is the router's cross-entropy on that choice (1/k on each)."""
+@pytest.mark.parametrize("top_k, shared", [(1, 0), (2, 0), (1, 16)])
+def test_the_oracle_picks_the_experts_whose_outputs_make_what_is_wanted(top_k, shared):
+    """What is wanted of each token is the sum of k experts drawn at random (and of the shared part): the oracle
+    names exactly those, with no error left, and `router_loss` is the router's cross-entropy on that choice (1/k on
+    each)."""
     torch.manual_seed(0)
     ffn, h = _ffn("gelu", True), torch.randn(300, 16)
-    moe = split_ffn(ffn, h, split_spec(48, 4, top_k)).eval()
+    moe = split_ffn(ffn, h, split_spec(48, 4, top_k, shared)).eval()
     drawn = torch.stack([torch.randperm(4)[:top_k] for _ in range(300)])
     with torch.no_grad():
         want = sum(torch.stack([e(h) for e in moe.experts])[drawn[:, j], torch.arange(300)] for j in range(top_k))
+        want = want + (moe.shared(h) if shared else 0)
     ids, error = oracle_routes(moe, h, want)
     assert torch.equal(ids.sort(dim=1).values, drawn.sort(dim=1).values)
     assert float(error.max()) < 1e-8

@@ -368,9 +368,7 @@ def _routing(block: Block, seg: ParentPass, p: int) -> Tensor | float:
         return 0.0
     inp = seg.inputs[p]
     h = block.norm(inp).reshape(-1, inp.shape[-1]).detach()
-    with torch.no_grad():
-        want = (seg.outputs[p] - inp).reshape(h.shape) - (0 if block.f.shared is None else block.f.shared(h))
-    ids, _ = oracle_routes(block.f, h, want)
+    ids, _ = oracle_routes(block.f, h, (seg.outputs[p] - inp).reshape(h.shape))
     return router_loss(block.f.router, h, routed_to(ids, len(block.f.experts)))
 
 

@@ -175,8 +175,10 @@ def fit_router(router: torch.nn.Linear, h: Tensor, mass: Tensor, seed: int = 0, 
 @torch.no_grad()
 def oracle_routes(moe: MoE, h: Tensor, want: Tensor) -> tuple[Tensor, Tensor]:
     """What a perfect router would pick for the inputs `h` (N, d) of `moe`: each token's k experts whose summed
-    output comes closest to `want` (N, d), the output wanted of the routed experts (every k-subset tried). Returns
-    the (N, k) expert ids and the (N,) squared error of that choice."""
+    output, beside the shared part, comes closest to `want` (N, d), the output wanted of the whole block (every
+    k-subset tried). Returns the (N, k) expert ids and the (N,) squared error of that choice."""
+    if moe.shared is not None:
+        want = want - moe.shared(h)
     outs = torch.stack([e(h) for e in moe.experts])  # (E, N, d)
     subsets = torch.tensor(list(combinations(range(len(moe.experts)), moe.top_k)), device=h.device)
     errors = torch.stack([(want - outs[s].sum(dim=0)).pow(2).sum(dim=-1) for s in subsets])  # (subsets, N)
