@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import logging
 import math
+import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -246,6 +252,121 @@ def test_connections_that_never_finish_their_headers_are_closed(build_dir):
         assert answer.status_code == 200 and time.monotonic() - started > 0.5
 
 
+def _closed(conn: socket.socket, within_s: float = 2.0) -> bool:
+    """Whether the server closes `conn` (unanswered) within `within_s`."""
+    conn.settimeout(within_s)
+    try:
+        return conn.recv(4096) == b""
+    except TimeoutError:
+        return False
+
+
+def test_at_the_connection_cap_the_longest_waiting_connection_makes_room(build_dir, monkeypatch):
+    build, _ = build_dir
+    monkeypatch.setattr("planer.serve.connections.connection_cap", lambda: 3)
+    request = b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 14\r\n"
+    with running(build) as url:
+        silent = [_raw(url, b"") for _ in range(3)]
+        time.sleep(0.2)
+        valid = _raw(url, request + b"Connection: close\r\n\r\n{\"text\": \"ab\"}")
+        assert b"".join(iter(lambda: valid.recv(4096), b"")).startswith(b"HTTP/1.1 200")
+        assert _closed(silent[0]) and not _closed(silent[1], 0.3) and not _closed(silent[2], 0.3)
+        busy = [_raw(url, request + b"\r\n{\"te") for _ in range(3)]  # each begins a request: not to be closed
+        time.sleep(0.2)
+        assert _closed(silent[1]) and _closed(silent[2])
+        refused = _raw(url, b"")
+        answer = b"".join(iter(lambda: refused.recv(4096), b""))
+        assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer and b"busy" in answer
+        for conn in busy:
+            conn.sendall(b"xt\": \"ab\"}")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        for conn in [*silent, valid, *busy, refused]:
+            conn.close()
+
+
+def test_a_flood_of_silent_connections_at_the_file_limit_locks_nobody_out(build_dir, tmp_path):
+    """Far more silent connections than the server has file descriptors, accepted in one go: a valid request is
+    still answered soon, and the server neither spins on accept() nor logs a traceback per attempt."""
+    build, _ = build_dir
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    limit = 64  # descriptors, hard limit too: `planer serve` raises the soft one to the hard one
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "planer", "serve", str(build), "--port", str(port), "--threads", "1",
+             "--body-timeout-s", "60"], stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    url = f"http://127.0.0.1:{port}"
+    silent = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        # a burst, each beginning its headers, while the server runs: it accepted them faster than it closed any
+        silent = [_raw(url, b"POST /v1/score HTTP/1.1\r\nHost: x\r\n") for _ in range(3 * limit)]
+        time.sleep(0.5)
+        assert httpx.post(url + "/v1/score", json={"text": "answered"}, timeout=10).status_code == 200
+        server.send_signal(signal.SIGSTOP)  # the connections wait in the backlog, to be accepted in one go
+        silent += [_raw(url, b"") for _ in range(3 * limit)]
+        cpu = _cpu_seconds(server.pid)
+        server.send_signal(signal.SIGCONT)  # those over the limit are closed unanswered; accepting pauses 1 s
+        time.sleep(1.2)
+        for _ in range(limit):  # more, one by one: they would take any descriptor left
+            silent.append(_raw(url, b""))
+            time.sleep(0.005)
+        started = time.monotonic()
+        answer = httpx.post(url + "/v1/score", json={"text": "still answered"}, timeout=10)
+        assert answer.status_code == 200 and time.monotonic() - started < 1
+        time.sleep(max(0.0, 1 - (time.monotonic() - started)))
+        assert _cpu_seconds(server.pid) - cpu < 0.5, "the server spun"
+    finally:
+        for conn in silent:
+            conn.close()
+        server.terminate()
+        server.wait(30)
+    lines = log.read_text().splitlines()
+    assert len(lines) < 20 and not any("Traceback" in line for line in lines), lines
+    # accepted a few at a time, the surplus closes before the descriptors run out: AcceptGuard is the backstop
+    assert sum("out of file descriptors" in line for line in lines) <= 1, lines
+
+
+def test_out_of_descriptors_the_waiting_connections_are_closed_and_one_line_is_logged_per_interval(caplog):
+    from planer.serve.connections import AcceptGuard
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)  # as asyncio's
+    waiting = [socket.create_connection(listener.getsockname(), timeout=5) for _ in range(3)]
+    guard, loop = AcceptGuard(interval_s=60), asyncio.new_event_loop()
+    out_of_files = {"message": "socket.accept() out of system resource", "socket": listener,
+                    "exception": OSError(errno.EMFILE, "Too many open files")}
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):  # asyncio calls it at every try
+                guard(loop, out_of_files)
+            guard(loop, {"message": "something else", "exception": ValueError("not ours")})
+    finally:
+        loop.close()
+        listener.close()
+    assert all(conn.recv(1) == b"" for conn in waiting)
+    ours = [r.getMessage() for r in caplog.records if r.name == "planer.serve"]
+    assert len(ours) == 1 and "Too many open files" in ours[0] and "3 connections closed" in ours[0], ours
+    assert any(r.name == "asyncio" and "something else" in r.getMessage() for r in caplog.records)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_a_client_that_disconnects_stops_its_generation(build_dir):
     build, _ = build_dir
     with running(build, max_new_tokens=20000) as url, httpx.Client(base_url=url, timeout=30) as client:
@@ -428,6 +549,19 @@ def test_a_client_gone_during_its_body_is_no_engine_failure(build_dir, caplog):
         metrics = client.get("/metrics").text
     assert _metric(metrics, "planer_requests_total", 'code="500"') == 0
     assert not any(r.exc_info for r in caplog.records if r.name == "planer.serve")
+
+
+def test_a_client_that_half_closes_after_its_request_is_answered(build_dir):
+    """A client that sends its request and then shuts its sending side (as `nc -N` does) waits for the answer."""
+    build, _ = build_dir
+    body = b'{"text": "hello"}'
+    with running(build) as url:
+        conn = _raw(url, b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        conn.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: conn.recv(4096), b""))  # then the server closes the connection
+        conn.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b'"tokens":' in answer, answer
 
 
 def test_a_model_that_contradicts_its_arch_json_is_refused_before_serving(build_dir, tmp_path):

@@ -31,7 +31,7 @@ def serve(build_dir: str | Path, *, engine: str = "ort", threads: int | None = N
           port: int = 8000, config: ServeConfig = ServeConfig(), log_level: str = "info",
           model_name: str | None = None, allow_hosts: Sequence[str] = ()) -> None:
     """Serve until interrupted."""
-    import uvicorn
+    from planer.serve.connections import GuardedServer
 
     app = create_app(build_dir, engine=engine, threads=threads, config=config, model_name=model_name,
                      allowed_hosts=allowed_hosts(host, allow_hosts))
@@ -39,17 +39,20 @@ def serve(build_dir: str | Path, *, engine: str = "ort", threads: int | None = N
     wanted = 65536 if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    uvicorn.Server(server_config(app, config, host=host, port=port, log_level=log_level)).run()
+    GuardedServer(server_config(app, config, host=host, port=port, log_level=log_level)).run()
 
 
 def server_config(app: Starlette, config: ServeConfig, **options: object) -> uvicorn.Config:
     """uvicorn's configuration of `app`, with `options` (host, port, log_level, ...): connections that do not
-    finish a request's headers within config.body_timeout_s are closed (planer.serve.connections)."""
+    finish a request's headers within config.body_timeout_s are closed, and as many may be open at once as the
+    file limit leaves room for (planer.serve.connections; call it once the model is loaded). The event loop is
+    asyncio's (GuardedEventLoop), the one GuardedServer guards, even where uvloop is installed."""
     import uvicorn
 
-    from planer.serve.connections import with_header_deadline
+    from planer.serve.connections import connection_cap, guarded_protocol
 
-    return uvicorn.Config(app, http=with_header_deadline(config.body_timeout_s), **options)
+    return uvicorn.Config(app, http=guarded_protocol(config.body_timeout_s, connection_cap()),
+                          loop="planer.serve.connections:GuardedEventLoop", **options)
 
 
 __all__ = ["ServeConfig", "allowed_hosts", "create_app", "serve", "server_config"]
