@@ -18,13 +18,12 @@ import torch
 
 from common import given_or_tiny, record, smoke_option, smoke_space
 from planer.checkpoint import load_model
-from planer.data import Segments
 from planer.deployment import Deployment
 from planer.latency import LatencyTable
 from planer.latency.profile import profile
 from planer.latency.table import FIXED
 from planer.search.probe import ProbeLoss
-from planer.search.search import SearchConfig, candidate_latencies, derive_network
+from planer.search.search import SearchConfig, candidate_latencies, derive_network, held_out_probe
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace, trainable_params_limit
 from planer.train.trainer import run_corpus
@@ -54,10 +53,8 @@ def main() -> None:
         table = LatencyTable.load(a.table)
     corpus = run_corpus(a.run, None if a.smoke else a.data, arch.vocab_size)
     net = SuperNet(baseline, space, baseline_bias=cfg.baseline_bias).eval()
-    data = Segments(corpus.train[int(len(corpus.train) * (1 - cfg.arch_split)):], cfg.batch, arch.tgt_len)
-    probe = [data[len(data) - 1 - i] for i in reversed(range(cfg.probe_segments))]
-    streams = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
-    probe = [(x[:streams], y[:streams]) for x, y in probe]
+    probe = held_out_probe(corpus.training_split(), arch, cfg)  # the segments a search derives on
+    streams = probe[0][0].shape[0]
     block_ms = candidate_latencies(table, space)
     baseline_ms = float(sum(block_ms[i] for i in net.argmax()))
     passes = positions_run = 0

@@ -65,7 +65,8 @@ def main() -> None:
     corpus = run_corpus(args.run, args.data, baseline.arch.vocab_size)
     source = baseline
     if args.ranked_heads:
-        source, orders = rank_heads(baseline, held_out_probe(corpus, baseline.arch, SearchConfig(batch=args.batch)))
+        probe = held_out_probe(corpus.training_split(), baseline.arch, SearchConfig(batch=args.batch))
+        source, orders = rank_heads(baseline, probe)
         print("head orders", orders, flush=True)
     students = {s: [BlockSpec.parse(b) for b in s.split()] for s in args.blocks}
     table = LatencyTable.load(args.table) if args.table else None

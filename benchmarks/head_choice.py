@@ -42,7 +42,7 @@ def main() -> None:
         return evaluate(model, corpus.valid, corpus.unit, max_tokens=args.tokens)["loss"]
 
     full = loss()
-    _, orders = rank_heads(model, held_out_probe(corpus, model.arch, SearchConfig()))
+    _, orders = rank_heads(model, held_out_probe(corpus.training_split(), model.arch, SearchConfig()))
     rows = []
     attns = [b.f for b in model.blocks if b.kind == "attn"]
     for index, (attn, order) in enumerate(zip(attns, orders)):

@@ -86,10 +86,10 @@ def main() -> None:
 
     cfg = SearchConfig(local_steps=3 if args.smoke else args.local_steps, batch=args.batch,
                        score_tokens=512 if args.smoke else args.score_tokens, oracle_router=not args.gates_only)
-    corpus = run_corpus(run, args.data, arch.vocab_size)
-    cut = _arch_start(corpus, cfg)
-    data = Segments(corpus.train[:cut], cfg.batch, arch.tgt_len)
-    probe = held_out_probe(corpus, arch, cfg)
+    training = run_corpus(run, args.data, arch.vocab_size).training_split()
+    cut = _arch_start(training, cfg)
+    data = Segments(training.tokens[:cut], cfg.batch, arch.tgt_len)
+    probe = held_out_probe(training, arch, cfg)
     parent = rank_units(baseline, probe)  # the FFNs' units by activation importance; attention is not replaced
     positions = [i for i, b in enumerate(arch.blocks) if b.kind == "ffn"]
     if args.positions and args.positions < len(positions):
@@ -100,7 +100,7 @@ def main() -> None:
     with tqdm(total=cfg.local_steps, desc=f"local distillation of {len(library.trainable())} alternatives",
               unit="step") as bar:
         distil_locally(library, data, probe, cfg, bar)
-    score(library, score_probe(corpus, cut, arch, cfg))
+    score(library, score_probe(training, cut, arch, cfg))
 
     def kl(spec: BlockSpec) -> float:
         return sum(library.figure((q, spec.label()), "kl") for q in positions) / len(positions)

@@ -1,7 +1,8 @@
 """`planer build`: baseline -> profile -> search -> distill -> export -> verify -> build directory.
 
 The build directory is assembled as OUT.partial and renamed when every stage
-has finished; an interrupted build resumes there when run again. It holds:
+has finished; an interrupted build resumes there when run again (a stage whose
+files there are damaged runs again). It holds:
 
     build.json                     what was asked for (model, target, deployment, budget, space)
     imported/                      a Hugging Face baseline, imported (planer.hf)
@@ -12,7 +13,8 @@ has finished; an interrupted build resumes there when run again. It holds:
     vocab.json                     word-level data only: the words by id, for `planer serve`
     tokenizer/                     an imported model's tokenizer, for `planer serve`
     latency.json                   baseline and result timed side by side in the engine (p50/p90/p99), in
-                                   3 confirmation runs: the median run's figures, every run under `confirmation`
+                                   3 confirmation runs: each network's median run's figures, every run under
+                                   `confirmation`
     accuracy.json                  baseline and result on the same validation split
     latency_table.json             the engine-measured block latencies (calibrated)
     search_log.jsonl               one line per derived network, per confirming measurement and per trial
@@ -35,11 +37,11 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from planer import __version__, distributed
 from planer.arch import Architecture, BlockSpec
@@ -66,7 +68,10 @@ from planer.search.search import OUTCOME_FILE, Candidate, InfeasibleTarget, Sear
 from planer.space import ExpertOptions, SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
 from planer.train.presets import COSINE, DISTILL_SHARE, TrainConfig, finetune_config
-from planer.train.trainer import CONFIG_FILE, EVAL_FILE, alignment, resumable, run_corpus, saved_config, train
+from planer.train.trainer import (CONFIG_FILE, EVAL_FILE, DamagedCheckpoint, alignment, resumable, run_corpus,
+                                  run_source, saved_config, train)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,7 @@ def search_alone(run: str | Path, out: str | Path, *, dep: Deployment, target: T
     try:
         _, baseline, corpus, space = _baseline(source, work, dep, data, space, budget.search.method, moe)
         table, dep = _profiled(baseline, space, dep, work, table_cache, show_progress)
-        outcome = run_search(baseline, corpus, space, table, dep, target, cfg=budget.searched_with,
+        outcome = run_search(baseline, corpus.training_split(), space, table, dep, target, cfg=budget.searched_with,
                              log_path=work / "search_log.jsonl", show_progress=show_progress)
         if main:
             outcome.save(work)
@@ -263,6 +268,30 @@ def _parses(path: Path) -> bool:
     return True
 
 
+def _kept(path: Path, load: Callable[[], T]) -> T | None:
+    """What `load` reads back of the build's own earlier output at `path` (a stage's directory or file), or None
+    where that is damaged (truncated, garbage: the loaders' one-line PlanerError), once removed so that its stage
+    runs again: the output is the build's, so a rerun makes it again rather than ask the user to delete it.
+    Called by every rank."""
+    try:
+        return load()
+    except PlanerError as e:
+        _redo(path, e)
+        return None
+
+
+def _redo(path: Path, why: PlanerError) -> None:
+    """Removes the build's own damaged output at `path`, for every rank, so that its stage runs again."""
+    distributed.barrier()  # every rank has read it before it goes
+    if distributed.is_main():
+        print(f"{path} is damaged, so its stage runs again ({why})", file=sys.stderr)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    distributed.barrier()
+
+
 def _check_request(out: Path, dep: Deployment) -> None:
     if out.exists():
         raise PlanerError(f"{out} already exists; choose another --out or delete it")
@@ -284,9 +313,12 @@ def _profiled(baseline: LM, space: SearchSpace, dep: Deployment, work: Path, tab
               show_progress: bool) -> tuple[LatencyTable, Deployment]:
     """The latency table (entries of `table_cache` or WORK's table reused) and the deployment with its
     lowering settled (`auto`: the one profiling measured fastest)."""
-    cached = table_cache if table_cache and Path(table_cache).exists() else work / "latency_table.json"
-    table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress,
-                    table=LatencyTable.load(cached) if cached.exists() else None)
+    own = work / "latency_table.json"
+    if table_cache and Path(table_cache).exists():
+        known = LatencyTable.load(table_cache)  # the user's file: a damaged one is refused in one line
+    else:
+        known = _kept(own, lambda: LatencyTable.load(own)) if own.exists() else None
+    table = profile(baseline.arch, space.candidates, dep, show_progress=show_progress, table=known)
     if distributed.is_main():
         table.save(work / "latency_table.json")
         if table_cache:
@@ -344,6 +376,8 @@ def _imported(source: Path, work: Path, dep: Deployment) -> Path:
     if not is_hf_checkpoint(source):
         return source
     imported = work / "imported"
+    if imported.is_dir():
+        _kept(imported, lambda: load_model(imported))  # one damaged since is imported again
 
     def import_once() -> None:  # a resumed build finds it there
         if not imported.is_dir():
@@ -376,8 +410,9 @@ def _start_or_resume(work: Path, request: dict[str, Any], file: str = REQUEST_FI
 
 
 def _summary(build_dir: Path) -> dict[str, Any]:
-    return (json.loads((build_dir / "latency.json").read_text())
-            | {"accuracy": json.loads((build_dir / "accuracy.json").read_text())})
+    remedy = f"delete {build_dir} and run the same command again (that build is redone)"
+    return (read_json(build_dir / "latency.json", remedy)
+            | {"accuracy": read_json(build_dir / "accuracy.json", remedy)})
 
 
 def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: Any) -> list[dict[str, Any]]:
@@ -487,6 +522,12 @@ def _trained(run_dir: Path, base_tokens: int) -> dict:
         raise PlanerError(f"{run_dir / EVAL_FILE}: not the record planer writes; {remedy}") from None
 
 
+def _finished_run(run_dir: Path) -> LM:
+    """A finished training run's network, its record (which the verdict reads) checked too."""
+    _trained(run_dir, 0)
+    return load_model(run_dir).eval()
+
+
 def _engine_accuracy(path: str, arch: Architecture, corpus: Corpus, dep: Deployment, show_progress: bool) -> dict:
     """The graph at `path` scored in the deployment's engine on the whole validation split, with the
     Transformer-XL protocol of the PyTorch evaluator (its batch of streams, the architecture's lengths)."""
@@ -580,12 +621,14 @@ class _Build:
     def searched(self, out: Path, space: SearchSpace, target: Target, base_onnx: str) -> SearchOutcome:
         """The search's outcome in OUT, or the one an earlier, interrupted build saved there."""
         if (out / OUTCOME_FILE).exists():
-            return SearchOutcome.load(out)
+            saved = _kept(out, lambda: SearchOutcome.load(out))
+            if saved is not None:
+                return saved
         log = out.with_name(f"{out.name}_log.jsonl")
         distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
         if distributed.is_main():
             log.unlink(missing_ok=True)  # an interrupted search starts over
-        outcome = run_search(self.baseline, self.corpus, space, self.table, self.dep, target,
+        outcome = run_search(self.baseline, self.corpus.training_split(), space, self.table, self.dep, target,
                              cfg=self.budget.searched_with,
                              log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx,
                              library_dir=out.with_name(f"{out.name}-library"))
@@ -605,17 +648,28 @@ class _Build:
         an interrupted run there continued, or a finished one loaded. A `searched` network trains the steps its
         search did not already train it for (Budget.result_steps). `positions`: the blocks it was chosen as, one
         per position, skips included, which align its hidden states with the baseline's for the cosine loss
-        (without them only a network of the baseline's depth is aligned, block for block)."""
-        if not (out / EVAL_FILE).exists():
-            steps = self.budget.result_steps if searched else self.budget.extra_steps
-            match = alignment(init.arch, self.baseline.arch, positions)
-            recipe = self.budget.recipe(steps, distill=distill, cosine=self.budget.cosine, aligned=match is not None)
-            if distill and self.budget.cosine and not recipe.cosine:
-                print(f"{out.name}: its blocks do not align with the baseline's; distilled without the cosine loss",
-                      file=sys.stderr)
-            train(self.corpus, recipe, out, init=init,
-                  teacher=self.baseline if distill else None, match=match, resume=resumable(out),
-                  show_progress=self.show_progress)
+        (without them only a network of the baseline's depth is aligned, block for block). A run whose files are
+        damaged is trained again."""
+        if (out / EVAL_FILE).exists():
+            finished = _kept(out, lambda: _finished_run(out))
+            if finished is not None:
+                return finished
+        steps = self.budget.result_steps if searched else self.budget.extra_steps
+        match = alignment(init.arch, self.baseline.arch, positions)
+        recipe = self.budget.recipe(steps, distill=distill, cosine=self.budget.cosine, aligned=match is not None)
+        if distill and self.budget.cosine and not recipe.cosine:
+            print(f"{out.name}: its blocks do not align with the baseline's; distilled without the cosine loss",
+                  file=sys.stderr)
+
+        def run(resume: bool) -> None:
+            train(self.corpus, recipe, out, init=init, teacher=self.baseline if distill else None, match=match,
+                  resume=resume, show_progress=self.show_progress)
+
+        try:
+            run(resumable(out))
+        except DamagedCheckpoint as e:
+            _redo(run_source(out), e)
+            run(False)
         return load_model(out).eval()
 
     def distilled(self, chosen: Candidate) -> LM:
@@ -673,7 +727,7 @@ class _Build:
         path = export_lm(result, self.work / "model.onnx", **self.dep.export_options())
         checked = verify(result, loaded(str(path)), batch=self.dep.batch, tgt_len=self.dep.tgt_len,
                          mem_len=self.dep.mem_len, twin=loaded(twin[0][1]) if twin else None,
-                         data=self.corpus.valid, unit=self.corpus.unit)
+                         data=self.corpus.valid)
         if self.corpus.vocab is not None:
             atomic_write(self.work / VOCAB_FILE, json.dumps(self.corpus.vocab) + "\n")
         if (self.run / TOKENIZER_DIR).is_dir():
@@ -683,10 +737,13 @@ class _Build:
     def verdict(self, timed: list[tuple[str, str, LM]], twin: list[tuple[str, str, LM]], checked: dict) -> dict:
         """latency.json: the baseline, the result and the comparisons (`timed`) in interleaved confirmation
         runs, with the result's fp32 `twin` when it has int8 blocks (what its architecture alone buys). Every
-        figure is the median run's; the verdict is the medians'."""
+        speedup is the median of that network's own runs' ratios (`confirmation`'s `speedups`), and every figure
+        is from the run whose ratio for that network is the median: the baseline's and the result's from the
+        result's, each comparison's from its own (not the result's: in that run one build's dense-only measured
+        2.12x, its own runs' median being 2.10x)."""
         names = [name for name, _, _ in timed + twin]
         confirmation = confirm([(p, m.arch) for _, p, m in timed + twin], self.dep.verdict())
-        base_stats, result_stats, *compared_stats = confirmation.median_run(1)[:len(timed)]
+        base_stats, result_stats = confirmation.median_run(1)[:2]
         speedup = confirmation.ratio(1)
         dep = self.dep
         latency = {
@@ -696,7 +753,8 @@ class _Build:
             "baseline": base_stats.to_dict(), "result": result_stats.to_dict(), "speedup": speedup,
             "target_ms": self.target.ms_for(base_stats.p50), "target_speedup": self.target.speedup,
             "met": self.target.met(speedup, confirmation.p50(1)), **checked,
-            "comparisons": {name: s.to_dict() for (name, _, _), s in zip(timed[2:], compared_stats)},
+            "comparisons": {name: confirmation.median_run(i)[i].to_dict()
+                            for i, (name, _, _) in enumerate(timed[2:], start=2)},
             "confirmation": confirmation.to_dict(names),
         }
         if twin:  # both measured: the result's fp32 twin against the baseline, the result against its twin

@@ -90,6 +90,7 @@ class _OutputPath(click.Path):
 
 
 _OUTPUT = _OutputPath(path_type=Path)
+_OUTPUT_FILE = _OutputPath(path_type=Path, dir_okay=False)  # an existing directory there is refused before work
 
 # Every numeric option is checked before any work: a zero step count or batch used to start (and finish) runs.
 _COUNT, _NONNEG, _PORT = click.IntRange(min=1), click.IntRange(min=0), click.IntRange(0, 65535)
@@ -263,7 +264,7 @@ def _load_arch(source: Path):
 
 @main.command("export")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--out", type=_OUTPUT, help="ONNX file to write (default: RUN/model.onnx)")
+@click.option("--out", type=_OUTPUT_FILE, help="ONNX file to write (default: RUN/model.onnx)")
 @click.option("--lowering", type=click.Choice(LOWERINGS), default="ops", show_default=True,
               help="how MoE layers are lowered: 'ops' = standard ONNX ops (tokens sorted by expert and split, "
                    "each expert runs only on its routed tokens); 'ort-moe' = ONNX Runtime's fused com.microsoft::MoE "
@@ -346,10 +347,10 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
         return
     with tempfile.TemporaryDirectory(prefix="planer-export-") as tmp:
         twin = graph(export_lm(in_precision(model, "fp32"), Path(tmp) / "fp32.onnx", **options))
-        checked = verify(model, engine, **shape, twin=twin, data=corpus.valid, unit=corpus.unit)
+        checked = verify(model, engine, **shape, twin=twin, data=corpus.valid)
     click.echo(f"{size}; its graph in fp32: max |{name} - PyTorch| = {checked['parity_max_abs_diff']:.2e} (batch 2, "
-               f"{arch.tgt_len} tokens); in int8: loss {checked['int8_loss_relative_difference']:.1e} from PyTorch's "
-               f"simulation, relative, on validation tokens of {corpus.name}")
+               f"{arch.tgt_len} tokens); in int8, block by block: {checked['int8_simulation_disagreement']:.1e} as far "
+               f"from PyTorch's simulation as from fp32, on validation tokens of {corpus.name}")
 
 
 _PRECISION_HELP = ("the numeric precisions blocks may be built in, comma-separated; the search chooses one per "
@@ -379,7 +380,7 @@ _LOWERING_HELP = ("how MoE layers are exported (see `planer export --help`); aut
 @click.option("--mem-len", type=_MEMORY, help="memory length (default: the architecture's)")
 @click.option("--lowering", type=click.Choice([*LOWERINGS, "auto"]), help=_LOWERING_HELP)
 @click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP)
-@click.option("--out", required=True, type=_OUTPUT,
+@click.option("--out", required=True, type=_OUTPUT_FILE,
               help="latency table JSON; if it exists, its entries are reused (same engine and shape only)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def profile_command(source: Path, space: Path | None, engine: str, threads: int, batch: int, tgt_len: int | None,
@@ -455,7 +456,7 @@ _search_options = _options(
                  "contribution) kept always on beside the split experts, 0 <= F < 1 [default: 0,0.25]"),
     click.option("--data", "data_spec", help="corpus (default: the one the baseline was trained on; required for "
                  "an imported model, which reads it through its own tokenizer). " + _DATA_HELP),
-    click.option("--table", "table_cache", type=_OUTPUT,
+    click.option("--table", "table_cache", type=_OUTPUT_FILE,
                  help="latency table file to reuse (same engine and shape only) and update; by default the "
                       "blocks are profiled afresh"),
     click.option("--quiet", is_flag=True, help="no progress bars"),
@@ -611,7 +612,7 @@ def distill_command(student: Path, teacher: Path, out: Path, steps: int, batch: 
 @click.option("--tgt-len", type=_TOKENS, help="tokens per call [the stored deployment, else the build's]")
 @click.option("--mem-len", type=_MEMORY, help="memory length [the stored deployment, else the build's]")
 @click.option("--threads", type=_THREADS, help="engine threads [the stored deployment, else the build's]")
-@click.option("--save", "save_to", type=_OUTPUT, help="write the measurement as a reference JSON")
+@click.option("--save", "save_to", type=_OUTPUT_FILE, help="write the measurement as a reference JSON")
 @click.option("--against", type=click.Path(path_type=Path),
               help="a reference JSON from --save: exit 1 if build/reference latency grew by more than --max-slowdown")
 @click.option("--max-slowdown", type=_AT_LEAST_ONE, default=1.10, show_default=True,

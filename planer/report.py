@@ -85,34 +85,38 @@ def arch_plot(rows: list[tuple[str, Architecture]], table: LatencyTable, path: P
 
 
 def _verdict(latency: dict, accuracy: dict, result_arch: Architecture) -> str:
-    """Plain words on what the comparisons show, including when they do not favour the result."""
-    res, res_ms = accuracy["result"], latency["result"]["p50"]
+    """Plain words on what the comparisons show, including when they do not favour the result. Networks are
+    compared by their speedups, each its own runs' median: their figures come from different runs."""
+    speedups = latency["confirmation"]["speedups"]
+    res, res_x = accuracy["result"], speedups["result"]
     lines = []
     if not any(b.kind == "moe" for b in result_arch.blocks):
         lines.append("The search chose no MoE block, so the dense-only comparison does not test MoE against dense.")
     for name, other in accuracy["comparisons"].items():
-        ms = latency["comparisons"][name]["p50"]
-        if other["loss"] <= res["loss"] and ms <= res_ms:
-            lines.append(f"**{name} is at least as good on both counts**: {headline(other)} at {ms:.3f} ms against "
-                         f"the result's {headline(res)} at {res_ms:.3f} ms ({other['loss'] / res['loss']:.4f}x "
+        if other["loss"] <= res["loss"] and speedups[name] >= res_x:
+            lines.append(f"**{name} is at least as good on both counts**: {headline(other)} at {speedups[name]:.2f}x "
+                         f"against the result's {headline(res)} at {res_x:.2f}x ({other['loss'] / res['loss']:.4f}x "
                          "the result's loss).")
     dense = accuracy["comparisons"].get("dense-only")
     if dense is not None:
-        ms = latency["comparisons"]["dense-only"]["p50"]
+        dense_x = speedups["dense-only"]
         better = "beats" if res["loss"] < dense["loss"] else "does **not** beat"
-        lines.append(f"The MoE search {better} the dense-only search in accuracy: {headline(res)} at {res_ms:.3f} ms "
-                     f"against {headline(dense)} at {ms:.3f} ms (latencies differ by {abs(res_ms / ms - 1) * 100:.0f} %).")
+        lines.append(f"The MoE search {better} the dense-only search in accuracy: {headline(res)} at {res_x:.2f}x "
+                     f"against {headline(dense)} at {dense_x:.2f}x (speedups differ by "
+                     f"{abs(res_x / dense_x - 1) * 100:.0f} %).")
     return "".join(f"\n- {line}" for line in lines) + "\n"
 
 
 def _comparisons(latency: dict, accuracy: dict, archs: dict[str, Architecture], result_arch: Architecture) -> str:
     if not archs:
         return ""
-    base_ms = latency["baseline"]["p50"]
-    rows = [("result (MoE search)", latency["result"], accuracy["result"], None)]
-    rows += [(name, latency["comparisons"][name], accuracy["comparisons"][name], archs[name]) for name in archs]
-    table = "\n".join(f"| {name} | {s['p50']:.3f} | {base_ms / s['p50']:.2f} | {headline(a)} | "
-                      f"{' '.join(b.label() for b in arch.blocks) if arch else 'above'} |" for name, s, a, arch in rows)
+    speedups = latency["confirmation"]["speedups"]
+    rows = [("result (MoE search)", latency["result"], speedups["result"], accuracy["result"], None)]
+    rows += [(name, latency["comparisons"][name], speedups[name], accuracy["comparisons"][name], archs[name])
+             for name in archs]
+    table = "\n".join(f"| {name} | {s['p50']:.3f} | {x:.2f} | {headline(a)} | "
+                      f"{' '.join(b.label() for b in arch.blocks) if arch else 'above'} |"
+                      for name, s, x, a, arch in rows)
     verdict = _verdict(latency, accuracy, result_arch)
     return f"""
 ## Comparisons (`--compare`)
@@ -120,7 +124,8 @@ def _comparisons(latency: dict, accuracy: dict, archs: dict[str, Architecture], 
 drop-attention and narrow are sized by the latency table to the result's predicted latency; fastest-precision
 is the baseline with each block in the precision the engine runs it fastest, at whatever latency that has.
 Each trained on as many tokens as the result (search + distillation steps), timed in the same interleaved
-runs as the result (the median run's figures) and scored in the engine.
+runs as the result and scored in the engine; each network's speedup is the median of its own runs' ratios,
+its latency from the run that gave that median.
 
 | network | latency p50 ms | speedup | validation | blocks |
 |---|---|---|---|---|
@@ -137,12 +142,12 @@ def _decomposition(latency: dict) -> str:
 
 
 def _parity_note(latency: dict) -> str:
-    agreement = latency.get("int8_loss_relative_difference")
-    if agreement is None:
+    disagreement = latency.get("int8_simulation_disagreement")
+    if disagreement is None:
         return ""
-    return (f" on the result with every block in fp32 (the graph's structure); the int8 graph itself scored "
-            f"{agreement:.1e} from PyTorch's simulation of it in loss on the first validation tokens (on random "
-            "inputs a deep int8 network's outputs part ways by rounding alone; the scores above compare both)")
+    return (f" on the result with every block in fp32 (the graph's structure); the int8 graph itself, block by block "
+            f"on validation tokens, was {disagreement:.1e} as far from PyTorch's simulation of it as from fp32 (on "
+            "random inputs a deep int8 network's outputs part ways by rounding alone; the scores above compare both)")
 
 
 def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,

@@ -3,7 +3,8 @@
 Each rank writes what its search derived and a digest of the weights each of its training runs ended with
 (the distillation, the continued baseline, the plain run), so the test can check that the processes stayed in
 step through training, not only that they started alike; only rank 0 may write the build directory. The plain
-run's loss is compared by the test with one process training on the same global batch.
+run's loss is compared by the test with one process training on the same global batch, and so is one plain-SGD
+step (rank 0 saves how far it moved the parameters).
 """
 
 import hashlib
@@ -21,7 +22,7 @@ from planer.build import Budget
 from planer.data import load_corpus
 from planer.deployment import Target
 from tests.test_build import BUDGET, DEP, SPACE
-from tests.test_distributed import PLAIN_ARCH, PLAIN_RECIPE
+from tests.test_distributed import PLAIN_ARCH, PLAIN_RECIPE, sgd_update
 
 
 def digest(model: torch.nn.Module) -> str:
@@ -58,8 +59,10 @@ def main() -> None:
     budget = Budget(replace(BUDGET.search, rounds=2), BUDGET.distill_steps)
     summary = planer.build.build(run, out / "build", dep=DEP, target=Target(speedup=1.5), budget=budget,
                                  space=SPACE, data=f"enwik8:{text}", table_cache=table, show_progress=False)
-    plain = recorded(load_corpus(f"enwik8:{text}"), PLAIN_RECIPE, out / "plain", arch=PLAIN_ARCH,
-                     show_progress=False)
+    corpus = load_corpus(f"enwik8:{text}")
+    plain = recorded(corpus, PLAIN_RECIPE, out / "plain", arch=PLAIN_ARCH, show_progress=False)
+    update = sgd_update(corpus)
+    distributed.main_writes(lambda: torch.save(update, out / "sgd_update.pt"))
     outcome, = searched
     record = {"world": distributed.world(), "archs": [[b.label() for b in c.arch.blocks] for c in outcome.candidates],
               "chosen": digest(outcome.chosen.model), "speedup": summary["speedup"], "trained": trained,

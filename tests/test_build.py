@@ -1,22 +1,29 @@
 """A fast end-to-end build: micro baseline, a few steps per stage, a real engine measurement."""
 
 import json
+import os
 import shutil
 import statistics
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from planer import build as build_module
 from planer.arch import BlockSpec
 from planer.build import Budget, build, search_alone, sweep
-from planer.checkpoint import load_model, save_weights
+from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
 from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
+from planer.files import ARCH_FILE, staging_dir
+from planer.latency import LatencyTable
 from planer.nn import LM
-from planer.search.search import SearchConfig
+from planer.search.search import OUTCOME_FILE, Candidate, SearchConfig, SearchOutcome
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
-from planer.train.trainer import run_corpus, saved_config
+from planer.train.trainer import CONFIG_FILE, EVAL_FILE, STATE_FILE, run_corpus, saved_config
 from tests.conftest import small_arch
 from tests.test_cli import _one_line_error, run
 
@@ -28,8 +35,12 @@ SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.ffn(6
 BUDGET = Budget(SearchConfig(rounds=1, steps=3, batch=2, valid_tokens=512), distill_steps=3, cosine=0.5)
 
 
-def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_file, tmp_path):
+def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_file, tmp_path, monkeypatch):
     out = tmp_path / "build"
+    searched_on = []  # the tokens each search (the result's, dense-only's) received
+    search = build_module.run_search
+    monkeypatch.setattr(build_module, "run_search", lambda baseline, training, *a, **k: (
+        searched_on.append(training.tokens), search(baseline, training, *a, **k))[1])
     summary = build(baseline_run, out, dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
                     table_cache=table_file, compare=True, show_progress=False)
     assert table_file.is_file()
@@ -43,16 +54,21 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert latency["met"] and latency["speedup"] >= 1.5 and summary["speedup"] == latency["speedup"]
     assert latency["result"]["p50"] * 1.5 <= latency["baseline"]["p50"]
     assert latency["parity_max_abs_diff"] < 1e-4
-    # confirmed in separate runs: the headline is the median of the runs' own ratios, the figures the median run's
+    # confirmed in separate runs: each speedup is the median of the runs' own ratios, each network's figures its
+    # median run's (the baseline's, the result's)
     runs = [r["models"] for r in latency["confirmation"]["runs"]]
     twin = {"result-fp32"} if "decomposition" in latency else set()  # the result's fp32 twin, when it has int8
-    assert ("int8_loss_relative_difference" in latency) == bool(twin)  # an int8 graph is checked by its loss
-    assert latency.get("int8_loss_relative_difference", 0) < 5e-3
+    assert ("int8_simulation_disagreement" in latency) == bool(twin)  # an int8 graph is checked block by block
+    assert latency.get("int8_simulation_disagreement", 0) < 0.05
     assert len(runs) == 3 and all(set(run) == {"baseline", "result", *latency["comparisons"], *twin} for run in runs)
     ratios = [r["baseline"]["p50"] / r["result"]["p50"] for r in runs]
     assert latency["speedup"] == pytest.approx(statistics.median(ratios))
-    assert {"baseline": latency["baseline"], "result": latency["result"]} | latency["comparisons"] in [
-        {name: stats for name, stats in run.items() if name not in twin} for run in runs]
+    assert {"baseline": latency["baseline"], "result": latency["result"]} in [
+        {name: run[name] for name in ("baseline", "result")} for run in runs]
+    for name, stats in latency["comparisons"].items():
+        own = [r["baseline"]["p50"] / r[name]["p50"] for r in runs]
+        assert stats == runs[own.index(statistics.median_low(own))][name]
+        assert latency["confirmation"]["speedups"][name] == pytest.approx(statistics.median(own))
     if twin:
         d = latency["decomposition"]
         assert d["architecture"] * d["precision"] == pytest.approx(latency["speedup"])
@@ -79,6 +95,7 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert accuracy["evaluated_in"] == "ort"
     shipped = load_model(out)
     corpus = run_corpus(baseline_run, None, shipped.arch.vocab_size)
+    assert len(searched_on) == 2 and all(np.array_equal(tokens, corpus.train) for tokens in searched_on)
     assert evaluate(shipped, corpus.valid, corpus.unit)["loss"] == pytest.approx(accuracy["result"]["loss"], rel=1e-5)
     for scored in (accuracy["result"], accuracy["baseline_continued"], *accuracy["comparisons"].values()):
         assert scored["pytorch"]["loss"] == pytest.approx(scored["loss"], rel=1e-5)
@@ -248,6 +265,87 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     chosen = json.loads((out / "search" / "outcome.json").read_text())
     assert json.loads((out / "arch.json").read_text())["blocks"] == \
         chosen["candidates"][chosen["chosen"]]["arch"]["blocks"]
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_a_resumed_build_makes_again_what_it_finds_damaged(baseline_run, tmp_path, monkeypatch):
+    """The build's own files in OUT.partial truncated (a full disk, a hand): the stage that wrote each runs again,
+    where every rerun used to stop at it (a traceback, or advice to delete it). Stage by stage, without the rest
+    of a build; a user's latency table is refused in one line."""
+    baseline = load_model(baseline_run).eval()
+    work = tmp_path / "build.partial"
+    work.mkdir()
+    corpus = run_corpus(baseline_run, None, baseline.arch.vocab_size)
+    corpus = replace(corpus, valid=corpus.valid[:1024])  # every run ends by scoring it whole
+    budget = Budget(SearchConfig(rounds=1, steps=1, batch=2, valid_tokens=512), distill_steps=1)
+    stages = build_module._Build(baseline_run, baseline_run, work, baseline, corpus, SPACE, None, DEP,
+                                 Target(speedup=1.5), budget, False, None)
+    trained, train = [], build_module.train  # each training run: whether it resumed
+    finished = tmp_path / "finished"  # the first run, really trained: a new run after it is a copy of it
+
+    def training(corpus, recipe, out, *, resume, **kwargs):
+        trained.append(resume)
+        if resume or not finished.exists():
+            return train(corpus, recipe, out, resume=resume, **kwargs)
+        assert not out.exists() and not staging_dir(out).exists()  # or the real one would refuse to start
+        shutil.copytree(finished, out)
+
+    monkeypatch.setattr(build_module, "train", training)
+    run = work / "baseline-continued"
+    stages.trained(run, baseline, distill=0.0)
+    shutil.copytree(run, finished)
+    for name in (WEIGHTS_FILE, ARCH_FILE, EVAL_FILE):  # of a finished run
+        _truncated(run / name)
+        stages.trained(run, baseline, distill=0.0)
+    os.replace(run, staging_dir(run))  # interrupted after its last checkpoint: resumed, then evaluated
+    (staging_dir(run) / EVAL_FILE).unlink()
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(staging_dir(run), interrupted)
+    stages.trained(run, baseline, distill=0.0)
+    for name in (STATE_FILE, WEIGHTS_FILE, CONFIG_FILE):
+        shutil.rmtree(run)
+        shutil.copytree(interrupted, staging_dir(run))
+        _truncated(staging_dir(run) / name)
+        stages.trained(run, baseline, distill=0.0)
+        assert not staging_dir(run).exists()
+    assert trained == [False] * 4 + [True] + [True, False] * 3
+    assert load_model(run).arch == baseline.arch and json.loads((run / EVAL_FILE).read_text())["valid"]
+
+    chosen = Candidate(0, baseline.arch, 1.0, 1.0, 2.0, 3.0, baseline)
+    measured = LatencyTable({"lowering": "ops"}, {"fixed": {"p50": 1.0}})
+    searched = []
+    monkeypatch.setattr(build_module, "run_search",
+                        lambda *a, **k: searched.append(k) or SearchOutcome(chosen, [chosen], measured, 1.0))
+    search = work / "search"
+    stages.searched(search, SPACE, Target(speedup=1.5), "")
+    stages.searched(search, SPACE, Target(speedup=1.5), "")  # whole: read back
+    for name in (OUTCOME_FILE, ARCH_FILE, WEIGHTS_FILE, "latency_table.json"):
+        _truncated(search / name)
+        assert stages.searched(search, SPACE, Target(speedup=1.5), "").chosen.arch == baseline.arch
+    assert len(searched) == 5
+
+    known = []
+    monkeypatch.setattr(build_module, "profile", lambda *a, table, **k: known.append(table) or table or measured)
+    for damage in (None, None, _truncated):  # none yet, then read back, then damaged
+        if damage:
+            damage(work / "latency_table.json")
+        build_module._profiled(baseline, SPACE, DEP, work, None, False)
+    assert known[0] is None and known[1] == measured and known[2] is None
+    mine = tmp_path / "my_table.json"  # --table-cache: the user's own file
+    for text in ('{"format": "planer.latency/1", "entries": {}', '{"format": "planer.latency/1", "entries": []}'):
+        mine.write_text(text)
+        with pytest.raises(PlanerError, match="my_table.json.*profile again") as refused:
+            build_module._profiled(baseline, SPACE, DEP, work, mine, False)
+        assert "\n" not in str(refused.value)
+    done = tmp_path / "sweep.partial" / "x1.5"  # a build a sweep finished: refused in one line, not a traceback
+    done.mkdir(parents=True)
+    (done / "latency.json").write_text('{"speedup": 1.')
+    with pytest.raises(PlanerError, match="x1.5/latency.json: unreadable.*delete .*x1.5") as refused:
+        build_module._summary(done)
+    assert "\n" not in str(refused.value)
 
 
 def test_build_refuses_a_space_this_machine_cannot_train(baseline_run, tmp_path, monkeypatch):

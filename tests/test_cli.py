@@ -130,9 +130,9 @@ def test_export_checks_parity(tiny_run, tmp_path):
     assert "max |ONNX Runtime - PyTorch|" in result.output and (tmp_path / "m.onnx").is_file()
 
 
-def test_export_of_int8_blocks_checks_the_fp32_graph_and_the_int8_loss(tmp_path, text_file):
+def test_export_of_int8_blocks_checks_the_fp32_graph_and_the_int8_blocks(tmp_path, text_file):
     """An int8 network is verified as a build verifies it (planer.export.reference.verify): its graph's structure
-    in fp32, its int8 graph by the loss on the validation tokens of the data on record, or of --data."""
+    in fp32, its int8 graph block by block on the validation tokens of the data on record, or of --data."""
     import shutil
 
     from planer.arch import BlockSpec
@@ -147,7 +147,7 @@ def test_export_of_int8_blocks_checks_the_fp32_graph_and_the_int8_loss(tmp_path,
     result = run("export", trained, "--out", tmp_path / "m.onnx")
     assert result.exit_code == 0, result.output
     assert "its graph in fp32: max |ONNX Runtime - PyTorch|" in result.output
-    assert "in int8: loss" in result.output and f"validation tokens of enwik8:{text_file}" in result.output
+    assert "in int8, block by block" in result.output and f"validation tokens of enwik8:{text_file}" in result.output
 
     bare = tmp_path / "bare"  # weights alone: no record of the data
     bare.mkdir()
@@ -157,7 +157,7 @@ def test_export_of_int8_blocks_checks_the_fp32_graph_and_the_int8_loss(tmp_path,
                     "says which data it was trained on; pass --data")
     assert not (tmp_path / "bare.onnx").exists()
     given = run("export", bare, "--out", tmp_path / "bare.onnx", "--data", f"enwik8:{text_file}")
-    assert given.exit_code == 0 and "in int8: loss" in given.output, given.output
+    assert given.exit_code == 0 and "in int8, block by block" in given.output, given.output
 
 
 def test_export_refuses_a_lowering_it_cannot_do_exactly(tiny_run, tmp_path):
@@ -428,3 +428,11 @@ def test_sigterm_stops_a_training_run_as_ctrl_c_does(tmp_path, text_file):
     assert proc.returncode != 0 and "Traceback" not in err, err
     assert "interrupted before the first checkpoint; nothing was kept" in err
     assert list(tmp_path.iterdir()) == []  # the same command can start again
+
+
+@pytest.mark.parametrize("args", [["export", "{run}", "--out", "{dir}"], ["bench", "{run}", "--save", "{dir}"],
+                                  ["profile", "{run}", "--out", "{dir}"]])
+def test_an_output_file_named_by_an_existing_directory_is_refused_before_any_work(tmp_path, args):
+    """export wrote the graph, and bench timed both models, before failing on a directory where a file goes."""
+    (tmp_path / "out").mkdir()
+    _one_line_error(run(*(a.format(run=tmp_path, dir=tmp_path / "out") for a in args)), "is a directory")

@@ -80,3 +80,33 @@ def test_narrow_finds_the_widest_factor_that_fits_in_few_profiles(monkeypatch):
         fits = [f for f in factors if table.predict(ARCH.with_blocks([_narrowed(b, f) for b in ARCH.blocks])) <= budget]
         assert narrowed == [_narrowed(b, max(fits, default=1 / 16)) for b in ARCH.blocks]
         assert len(tried) <= 4
+
+
+def test_each_comparison_is_quoted_from_its_own_runs(monkeypatch, tmp_path):
+    """A comparison's speedup is the median of its own runs' ratios, and its latency that run's, not its figures in
+    the result's median run (a build quoted dense-only at 2.12x there, where its own runs' median was 2.10x)."""
+    from types import SimpleNamespace
+
+    from planer.build import _Build
+    from planer.deployment import Deployment, Target
+    from planer.latency import confirm as confirm_module
+    from planer.report import _comparisons
+    from planer.runtime import LatencyStats
+
+    bases = [10.0, 12.0, 8.0]  # the baseline drifts from run to run
+    result = [2.0, 2.1, 2.2]  # the result's ratios: its median run is the second
+    dense = [2.3, 2.05, 2.15]  # dense-only's: 2.05 in the result's median run, its own median 2.15 in the third
+    runs = iter([[LatencyStats.of([b]), LatencyStats.of([b / r]), LatencyStats.of([b / d])]
+                 for b, r, d in zip(bases, result, dense)])
+    monkeypatch.setattr(confirm_module, "measure", lambda models, dep: next(runs))
+    build = SimpleNamespace(dep=Deployment(), table=SimpleNamespace(provenance={}), target=Target(speedup=2.0),
+                            work=tmp_path)
+    net = SimpleNamespace(arch=ARCH)
+    timed = [("baseline", "baseline.onnx", net), ("result", "result.onnx", net), ("dense-only", "dense.onnx", net)]
+    latency = _Build.verdict(build, timed, [], {})
+    assert latency["speedup"] == pytest.approx(2.1) and latency["result"]["p50"] == pytest.approx(12 / 2.1)
+    assert latency["comparisons"]["dense-only"]["p50"] == pytest.approx(8 / 2.15)
+    scores = {"loss": 1.0, "bpc": 1.0}
+    table = _comparisons(latency, {"result": scores, "comparisons": {"dense-only": scores}}, {"dense-only": ARCH}, ARCH)
+    assert f"| result (MoE search) | {12 / 2.1:.3f} | 2.10 |" in table
+    assert f"| dense-only | {8 / 2.15:.3f} | 2.15 |" in table

@@ -89,6 +89,21 @@ def test_cli_writes_a_run_directory(checkpoints, tmp_path):
     assert again.exit_code != 0 and "already exists" in again.output
 
 
+def test_a_partial_build_imports_again_an_import_damaged_since(checkpoints, tmp_path):
+    from planer.build import _imported
+    from planer.deployment import Deployment
+
+    dep = Deployment(batch=1, tgt_len=32, mem_len=32, threads=1)
+    work = tmp_path / "build.partial"
+    imported = _imported(checkpoints["gpt2"], work, dep)
+    weights = imported / "model.safetensors"
+    expected = load_model(imported).state_dict()
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a full disk, a hand
+    assert _imported(checkpoints["gpt2"], work, dep) == imported
+    again = load_model(imported).state_dict()
+    assert again.keys() == expected.keys() and all(torch.equal(again[k], expected[k]) for k in expected)
+
+
 def test_unsupported_models_get_a_one_line_error_naming_what_is_supported(tmp_path):
     torch.manual_seed(0)
     bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

@@ -113,4 +113,6 @@ def test_timing_interleaves_and_reports_spread():
     a, b = time_engines([(Fake("a"), {}), (Fake("b"), {})], warmup=1, min_iters=4, min_seconds=0)
     assert calls[2:] == ["a", "b"] * 4 and a.count == b.count == 4
     assert time_engine(Fake("c"), {}, warmup=0, min_iters=3, min_seconds=0).count == 3
-    assert LatencyStats.of([1, 1, 1, 2]).spread >= 1.0
+    # spread is p90 / p50, percentiles interpolated linearly between the sorted samples 2 2 3 5: p50 at rank 1.5,
+    # (2 + 3) / 2 = 2.5; p90 at rank 2.7, 3 + 0.7 * (5 - 3) = 4.4
+    assert LatencyStats.of([5, 2, 3, 2]).spread == pytest.approx(4.4 / 2.5)

@@ -1,6 +1,5 @@
-from dataclasses import replace
+import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,12 +11,13 @@ from planer.nn import LM
 from planer.search.local import (Library, alternatives, calibration_inputs, distil_locally, parent_pass, ranked_parent,
                                  score, search_local, with_pairs)
 from planer.train.trainer import distillation_loss
+from planer.search import local as local_module
 from planer.search.search import SearchConfig
 from planer.search.split import oracle_routes
 from planer.search.units import rank_units, unit_importance
 from planer.space import SearchSpace
 from tests.conftest import small_arch
-from tests.test_search import DEP, _Sealed
+from tests.test_search import DEP, assert_held_out_training_tokens_only, spy_on_tokens
 
 SPACE = SearchSpace(4, (BlockSpec.skip(), BlockSpec.attn(1, 16), BlockSpec.attn(2, 16), BlockSpec.ffn(32),
                         BlockSpec.ffn(64), BlockSpec.linear(), BlockSpec.ffn(64, "int8"), BlockSpec.moe(4, 1, 32),
@@ -163,6 +163,38 @@ def test_a_saved_library_loads_back_and_one_of_another_search_is_refused(baselin
         Library(parent, paired_options, calibration_inputs(parent, data, [1, 3]), starts).load(tmp_path)
 
 
+def test_a_damaged_saved_library_is_refused_in_one_line_and_a_search_trains_it_again(baseline, tmp_path, monkeypatch):
+    """The library a build keeps in OUT.partial, truncated (a full disk, a hand): a resumed search trains it again."""
+    from types import SimpleNamespace
+
+    options = [[b, BlockSpec.ffn(64)] if b.kind == "ffn" else [b] for b in baseline.arch.blocks]  # no splits
+    library = Library(baseline, options)
+    for key in library.blocks:  # as scoring leaves it
+        library.note(key, kl=0.5)
+    (tmp_path / "whole").mkdir()
+    library.save(tmp_path / "whole")
+
+    class TrainedAgain(Exception):
+        pass
+
+    def training(*args, **kwargs):
+        raise TrainedAgain
+
+    monkeypatch.setattr(local_module, "distil_locally", training)
+    search = SimpleNamespace(library=library, main=True, show_progress=False, cfg=SearchConfig(), data=None,
+                             probe=None)
+    local_module._Local.library_trained(search, tmp_path / "whole")  # read back, not trained
+    for name in (local_module.LIBRARY_FILE, local_module.LIBRARY_RECORD):
+        damaged = tmp_path / name
+        shutil.copytree(tmp_path / "whole", damaged)
+        (damaged / name).write_bytes((damaged / name).read_bytes()[:(damaged / name).stat().st_size // 2])
+        with pytest.raises(PlanerError, match=f"{name}: unreadable") as refused:
+            library.load(damaged)
+        assert "\n" not in str(refused.value)
+        with pytest.raises(TrainedAgain):
+            local_module._Local.library_trained(search, damaged)
+
+
 def test_rank_units_orders_by_activation_and_keeps_the_function(baseline, corpus):
     probe = _probe(corpus)
     ranked = rank_units(baseline, probe)
@@ -172,17 +204,18 @@ def test_rank_units_orders_by_activation_and_keeps_the_function(baseline, corpus
         assert torch.all(importance[:-1] >= importance[1:] - 1e-6)
 
 
-def test_local_search_chooses_on_training_tokens_only(baseline, corpus, tmp_path):
+def test_local_search_chooses_on_training_tokens_only(baseline, corpus, tmp_path, monkeypatch):
     """Local distillation, scoring, selection and trials never read the validation split; the outcome is a network
     of the library's alternatives and the library is kept where asked."""
     from planer.latency.profile import profile
 
     table = profile(baseline.arch, SPACE.candidates, DEP, show_progress=False)
-    sealed = replace(corpus, valid=np.asarray(corpus.valid).view(_Sealed))
+    seen = spy_on_tokens(monkeypatch, local_module)
     cfg = SearchConfig(method="local", rounds=2, batch=2, local_steps=5, trials=2, trial_steps=2, trial_tokens=512,
                        solutions=2)
-    outcome = search_local(baseline, sealed, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False,
-                           library_dir=tmp_path / "library")
+    outcome = search_local(baseline, corpus.training_split(), SPACE, table, DEP, Target(speedup=1.2), cfg=cfg,
+                           show_progress=False, library_dir=tmp_path / "library")
+    assert_held_out_training_tokens_only(corpus, cfg, seen, len(outcome.candidates))
     assert (tmp_path / "library" / "library.safetensors").is_file()
     assert outcome.chosen in outcome.candidates and outcome.chosen.model is not None
     assert any(b.kind == "attn" for b in outcome.chosen.arch.blocks)

@@ -14,7 +14,7 @@ from planer.latency.profile import profile
 from planer.nn import LM
 from planer.search import search as search_module
 from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _shortlist, _trials,
-                                  held_out_tokens, search)
+                                  search)
 from planer.space import SearchSpace
 from planer.train.evaluate import evaluate
 from tests.conftest import small_arch
@@ -38,7 +38,7 @@ def test_search_rounds_are_measured_and_logged(setup, tmp_path):
     log = tmp_path / "search_log.jsonl"
     # probe_flops=1: the derivation measures on one stream, as it does for deep baselines
     cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256, probe_flops=1.0)
-    outcome = search(baseline, corpus, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, log_path=log,
+    outcome = search(baseline, corpus.training_split(), SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, log_path=log,
                      show_progress=False)
     chosen, candidates = outcome.chosen, outcome.candidates
     assert outcome.table.scale != 1.0  # calibrated by the measurements
@@ -81,14 +81,14 @@ def test_a_graph_that_missed_the_target_is_deleted_once_timed(setup, monkeypatch
     monkeypatch.setattr(search_module, "measure", first_round_misses)
     monkeypatch.setattr(search_module, "_confirm", confirm_and_look)
     cfg = SearchConfig(rounds=1, steps=2, batch=2, valid_tokens=256)
-    outcome = search(baseline, corpus, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
+    outcome = search(baseline, corpus.training_split(), SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
     assert outcome.candidates[0].onnx == "" and gone == [True]
 
 
 def test_infeasible_target_stops_before_training(setup, tmp_path):
     baseline, corpus, table = setup
     with pytest.raises(InfeasibleTarget, match="below the fastest network in the space"):
-        search(baseline, corpus, SPACE, table, DEP, Target(ms=1e-4), cfg=SearchConfig(rounds=1, steps=1),
+        search(baseline, corpus.training_split(), SPACE, table, DEP, Target(ms=1e-4), cfg=SearchConfig(rounds=1, steps=1),
                show_progress=False)
 
 
@@ -106,7 +106,7 @@ def test_trials_train_one_network_per_attention_count_and_choose_the_best(setup,
     # half cross-entropy: the random teacher's logits alone would not lower the held-out loss checked below
     cfg = SearchConfig(batch=2, trials=2, trial_steps=3, trial_tokens=512, valid_tokens=256, trial_distill=0.5,
                        trial_cosine=0.0)
-    chosen = _trials(_shortlist([a, b, c, again], 2), baseline, corpus, cut, cfg, tmp_path, log,
+    chosen = _trials(_shortlist([a, b, c, again], 2), baseline, corpus.training_split(), cut, cfg, tmp_path, log,
                      show_progress=False)
     assert b.trial_loss is None and again.trial_loss is None and a.trial_loss > 0 and c.trial_loss > 0
     assert chosen is min([a, c], key=lambda x: x.trial_loss)
@@ -117,7 +117,7 @@ def test_trials_train_one_network_per_attention_count_and_choose_the_best(setup,
     assert a.trial_loss < held_out
     # more trials: then the runner-up by supernet loss, never a network already trialled (`again` repeats `a`)
     (tmp_path / "more").mkdir()
-    _trials(_shortlist([a, b, c, again], 4), baseline, corpus, cut, cfg, tmp_path / "more", None,
+    _trials(_shortlist([a, b, c, again], 4), baseline, corpus.training_split(), cut, cfg, tmp_path / "more", None,
             show_progress=False)
     assert b.trial_loss is not None and again.trial_loss is None
 
@@ -139,7 +139,7 @@ def test_trials_train_with_the_builds_recipe(setup, tmp_path):
     unaligned = Candidate(0, small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(64), BlockSpec.ffn(64)]), 1.0, 1.0,
                           2.0, 3.0, None)
     unaligned.model = LM(unaligned.arch).eval()
-    _trials([aligned, unaligned], baseline, corpus, int(len(corpus.train) * 0.9), cfg, tmp_path, None,
+    _trials([aligned, unaligned], baseline, corpus.training_split(), int(len(corpus.train) * 0.9), cfg, tmp_path, None,
             show_progress=False)
     recipes = [saved_config(tmp_path / f"trial-{i}")[0] for i in range(2)]
     assert [(r.distill, r.cosine) for r in recipes] == [(0.7, 0.5), (0.7, 0.0)]  # no alignment, no cosine loss
@@ -149,7 +149,7 @@ def test_search_with_trials_logs_them_and_chooses_by_trial_loss(setup, tmp_path)
     baseline, corpus, table = setup
     log = tmp_path / "search_log.jsonl"
     cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256, trials=3, trial_steps=2, trial_tokens=512)
-    outcome = search(baseline, corpus, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, log_path=log,
+    outcome = search(baseline, corpus.training_split(), SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, log_path=log,
                      show_progress=False)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     trialled = [c for c in outcome.candidates if c.trial_loss is not None]
@@ -164,28 +164,49 @@ def test_search_with_trials_logs_them_and_chooses_by_trial_loss(setup, tmp_path)
     assert [r["min_attn"] for r in derived] == [c.min_attn for c in outcome.candidates]
 
 
-class _Sealed(np.ndarray):
-    """A validation split that fails the test the moment anything reads its tokens."""
-
-    def __getitem__(self, index):
-        raise AssertionError("the search read validation tokens")
-
-    def __len__(self):
-        raise AssertionError("the search read validation tokens")
-
-    def __array__(self, *args, **kwargs):
-        raise AssertionError("the search read validation tokens")
+def _recording(fn, seen: list, arg: int):
+    """`fn`, which appends its positional argument `arg` to `seen` at every call."""
+    def recorded(*args, **kwargs):
+        seen.append(args[arg])
+        return fn(*args, **kwargs)
+    return recorded
 
 
-def test_selection_never_reads_the_validation_split(setup):
-    """Candidates are scored, trials judged and the result chosen on held-out training tokens only."""
+def spy_on_tokens(monkeypatch, module) -> dict[str, list]:
+    """Records what a search in `module` reads: every token array it streams (Segments: training, probes) or
+    scores candidates on (evaluate), and every corpus a trial trains on (train, in the search module)."""
+    seen: dict[str, list] = {"read": [], "scored": [], "trials": []}
+    for where, name, key, arg in ((module, "Segments", "read", 0), (search_module, "Segments", "read", 0),
+                                  (module, "evaluate", "scored", 1), (search_module, "train", "trials", 0)):
+        monkeypatch.setattr(where, name, _recording(getattr(where, name), seen[key], arg))
+    return seen
+
+
+def assert_held_out_training_tokens_only(corpus, cfg: SearchConfig, seen: dict[str, list], candidates: int) -> None:
+    """Everything `seen` (spy_on_tokens) is the training split's; candidates were scored and trials judged on its
+    last `cfg.trial_tokens` (the architecture split's end, held out from the weights), trials trained before it."""
+    for tokens in seen["read"] + [t for data in seen["trials"] for t in (data.train, data.valid, data.test)]:
+        assert np.shares_memory(tokens, corpus.train) or not len(tokens)
+        assert not np.shares_memory(tokens, corpus.valid)
+    held_out = corpus.train[-cfg.trial_tokens:]
+    for tokens in seen["scored"] + [data.valid for data in seen["trials"]]:
+        np.testing.assert_array_equal(tokens, held_out)
+    for data in seen["trials"]:
+        np.testing.assert_array_equal(data.train, corpus.train[:int(len(corpus.train) * (1 - cfg.arch_split))])
+    assert len(seen["trials"]) == cfg.trials and len(seen["scored"]) == candidates >= 2 and seen["read"]
+
+
+def test_selection_reads_only_held_out_training_tokens(setup, monkeypatch):
+    """The search receives the training split alone, so no step of it can read the validation split; and every
+    token array it trains, probes, scores candidates or judges trials on is the training split's, those it scores
+    and judges on the last `trial_tokens` of it (held out from the weights)."""
     baseline, corpus, table = setup
-    sealed = replace(corpus, valid=np.asarray(corpus.valid).view(_Sealed))
+    training = corpus.training_split()
+    assert not hasattr(training, "valid") and not hasattr(training, "test")
+    seen = spy_on_tokens(monkeypatch, search_module)
     cfg = SearchConfig(rounds=2, steps=4, batch=2, trials=2, trial_steps=2, trial_tokens=512)
-    outcome = search(baseline, sealed, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
-    held_out = held_out_tokens(corpus, int(len(corpus.train) * (1 - cfg.arch_split)), cfg)
-    first = outcome.candidates[0]
-    assert len(held_out) == 512 and first.held_out_loss > 0
+    outcome = search(baseline, training, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
+    assert_held_out_training_tokens_only(corpus, cfg, seen, len(outcome.candidates))
 
 
 def test_an_outcome_scored_on_validation_is_not_resumed(tmp_path):
@@ -215,7 +236,7 @@ def test_calibration_follows_the_ratio_to_the_baseline_not_the_machines_drift(se
 
     monkeypatch.setattr(search_module, "measure", drifting)
     cfg = SearchConfig(rounds=2, steps=4, batch=2, valid_tokens=256)
-    outcome = search(baseline, corpus, SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
+    outcome = search(baseline, corpus.training_split(), SPACE, table, DEP, Target(speedup=1.2), cfg=cfg, show_progress=False)
     # a candidate runs at half its blocks' sum beside a 10 ms baseline in every run: so says the table, at the
     # speed of the search's baseline timing (the median of its first three runs: 1.4**2), whatever the machine
     # did since (absolute times: 1.4**4 and on)

@@ -1,6 +1,6 @@
 """Corpora (enwik8-format bytes, WikiText-format words, the bundled sample) and segment streams."""
 
-from planer.data.corpus import Corpus, DataError, load_corpus
+from planer.data.corpus import Corpus, DataError, TrainingSplit, load_corpus
 from planer.data.stream import Segments
 
-__all__ = ["Corpus", "DataError", "Segments", "load_corpus"]
+__all__ = ["Corpus", "DataError", "Segments", "TrainingSplit", "load_corpus"]

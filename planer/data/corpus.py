@@ -58,6 +58,27 @@ class Corpus:
             raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         return getattr(self, name)
 
+    def training_split(self) -> TrainingSplit:
+        """The training split alone: all that choosing a network may read."""
+        return TrainingSplit(self.spec, self.unit, self.train, self.vocab, self.symbols)
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """A corpus's training split and how to read it, without its validation and test splits: what the search
+    receives, so that nothing it scores, trains or chooses on can be a token that judges the result."""
+
+    spec: str
+    unit: str
+    tokens: np.ndarray
+    vocab: list[str] | None = None
+    symbols: int = 256
+
+    def trial_corpus(self, cut: int, held_out: np.ndarray) -> Corpus:
+        """A corpus for a trial training: the first `cut` tokens to train on and `held_out`, training tokens the
+        trial never trains on, where the validation split would be, to judge it by."""
+        return Corpus(self.spec, self.unit, self.tokens[:cut], held_out, held_out[:0], self.vocab, self.symbols)
+
 
 def split_bytes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Transformer-XL's enwik8 split: first 90 %, next 5 %, last 5 % (90M/5M/5M for enwik8)."""

@@ -9,6 +9,7 @@ applies the calibration that end-to-end measurements taught (`calibrate`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from collections.abc import Iterable
@@ -89,4 +90,14 @@ class LatencyTable:
             raise TableError(f"{p}: not a latency table ({e}); delete it and profile again") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise TableError(f"{p}: not a {FORMAT} latency table; delete it and profile again")
-        return LatencyTable(d["provenance"], d["entries"], d.get("scale", 1.0))
+        provenance, entries, scale = d.get("provenance"), d.get("entries"), d.get("scale", 1.0)
+        if not (isinstance(provenance, dict) and isinstance(entries, dict) and _finite_non_negative(scale)
+                and scale > 0
+                and all(isinstance(e, dict) and _finite_non_negative(e.get("p50")) for e in entries.values())):
+            raise TableError(f"{p}: damaged (its provenance, entries or scale are not what planer writes); delete "
+                             "it and profile again")
+        return LatencyTable(provenance, entries, scale)
+
+
+def _finite_non_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,17 +43,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from planer import distributed
 from planer.arch import Architecture, BlockSpec
-from planer.data import Corpus, Segments
+from planer.data import Segments, TrainingSplit
 from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
-from planer.files import atomic_write, replacing
+from planer.files import atomic_write, read_json, replacing
 from planer.latency import LatencyTable
 from planer.latency.profile import measure
 from planer.latency.table import FIXED
@@ -306,8 +308,14 @@ class Library:
         atomic_write(out / LIBRARY_RECORD, json.dumps(self.record, indent=2) + "\n")
 
     def load(self, out: Path) -> None:
-        tensors = load_file(str(out / LIBRARY_FILE))
-        record = json.loads((out / LIBRARY_RECORD).read_text())
+        """The library saved in `out`; one damaged or of another search is refused (PlanerError), none of it
+        loaded."""
+        remedy = f"delete {out} and run the same command again"
+        record = read_json(out / LIBRARY_RECORD, remedy)
+        try:
+            tensors = load_file(str(out / LIBRARY_FILE))
+        except (SafetensorError, OSError) as e:
+            raise PlanerError(f"{out / LIBRARY_FILE}: unreadable or truncated ({e}); {remedy}") from None
         missing = [f"{p}:{label}" for p, label in self.blocks if f"{p}:{label}" not in record
                    or not any(k.startswith(f"{p}/{label}/") for k in tensors) and self.spec[(p, label)].kind != "skip"]
         if missing:
@@ -449,22 +457,22 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
-def score_probe(corpus: Corpus, cut: int, arch: Architecture, cfg: SearchConfig, streams: slice = slice(None)
-                ) -> list[tuple[Tensor, Tensor]]:
+def score_probe(training: TrainingSplit, cut: int, arch: Architecture, cfg: SearchConfig,
+                streams: slice = slice(None)) -> list[tuple[Tensor, Tensor]]:
     """The segments alternatives are scored on: the first `cfg.score_tokens` of the held-out training tokens (as
     many streams as `cfg.probe_flops` allows each segment, as the supernet's probe)."""
-    data = Segments(held_out_tokens(corpus, cut, cfg), cfg.batch, arch.tgt_len, streams)
+    data = Segments(held_out_tokens(training, cut, cfg), cfg.batch, arch.tgt_len, streams)
     segments = [data[i] for i in range(min(len(data), max(2, cfg.score_tokens // (cfg.batch * arch.tgt_len))))]
     keep = max(1, int(cfg.probe_flops // (arch.tgt_len * arch.flops_per_token())))
     return [(x[:keep], y[:keep]) for x, y in segments]
 
 
-def search_local(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment,
+def search_local(baseline: LM, training: TrainingSplit, space: SearchSpace, table: LatencyTable, dep: Deployment,
                  target: Target, *, cfg: SearchConfig = SearchConfig(), log_path: Path | None = None,
                  show_progress: bool = True, baseline_onnx: str | None = None, library_dir: Path | None = None
                  ) -> SearchOutcome:
-    """The local search (see the module's docstring), returning what the supernet search returns. `library_dir`
-    receives the trained library (and a finished one there is reused)."""
+    """The local search (see the module's docstring) on the training split alone, returning what the supernet
+    search returns. `library_dir` receives the trained library (and a finished one there is reused)."""
     for name, value, allowed in (("init", cfg.init, INITS), ("selection", cfg.selection, SELECTIONS),
                                  ("scoring", cfg.scoring, SCORINGS)):
         if value not in allowed:
@@ -473,7 +481,7 @@ def search_local(baseline: LM, corpus: Corpus, space: SearchSpace, table: Latenc
         raise ValueError(f"SearchConfig.local_steps must be at least 1, got {cfg.local_steps}")
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="planer-local-") as tmp:
-        run = _Local(baseline.eval(), corpus, space, table, dep.resolved(table), target, cfg, Path(tmp), log_path,
+        run = _Local(baseline.eval(), training, space, table, dep.resolved(table), target, cfg, Path(tmp), log_path,
                      show_progress, baseline_onnx)
         run.library_trained(library_dir)
         run.solve()
@@ -485,10 +493,10 @@ class _Local:
     """One local search: the baseline timed, the library built, trained and scored, then rounds of exact selection
     with the engine's measurements calibrating the table. Rank 0 alone exports, times and writes."""
 
-    def __init__(self, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment,
-                 target: Target, cfg: SearchConfig, tmp: Path, log_path: Path | None, show_progress: bool,
-                 baseline_onnx: str | None):
-        self.baseline, self.corpus, self.dep, self.cfg, self.tmp = baseline, corpus, dep, cfg, tmp
+    def __init__(self, baseline: LM, training: TrainingSplit, space: SearchSpace, table: LatencyTable,
+                 dep: Deployment, target: Target, cfg: SearchConfig, tmp: Path, log_path: Path | None,
+                 show_progress: bool, baseline_onnx: str | None):
+        self.baseline, self.training, self.dep, self.cfg, self.tmp = baseline, training, dep, cfg, tmp
         self.log_path, self.show_progress = log_path, show_progress
         self.arch = arch = baseline.arch
         self.main = distributed.is_main()
@@ -496,11 +504,11 @@ class _Local:
         self.target_ms = target.ms_for(self.baseline_ms)
         self.table = table.calibrate([(arch, self.baseline_ms)])
         self.measured: list[tuple[Architecture, float]] = []
-        self.cut = _arch_start(corpus, cfg)
-        self.held_out = held_out_tokens(corpus, self.cut, cfg)
+        self.cut = _arch_start(training, cfg)
+        self.held_out = held_out_tokens(training, self.cut, cfg)
         share = distributed.share(cfg.batch)
-        self.data = Segments(corpus.train[:self.cut], cfg.batch, arch.tgt_len, share)
-        self.probe = held_out_probe(corpus, arch, cfg, share)
+        self.data = Segments(training.tokens[:self.cut], cfg.batch, arch.tgt_len, share)
+        self.probe = held_out_probe(training, arch, cfg, share)
         self.options, paired_from = alternatives(arch, space), None
         if cfg.pairs and cfg.scoring == "kl":  # a pair's local errors do not add up with the skip's
             self.options, paired_from = with_pairs(arch, self.options)
@@ -518,15 +526,19 @@ class _Local:
     def library_trained(self, out: Path | None) -> None:
         """The library trained and scored, or loaded from `out` where an earlier run of the same search saved it."""
         if out is not None and (out / LIBRARY_RECORD).is_file():
-            self.library.load(out)
-            return
+            try:
+                self.library.load(out)
+                return
+            except PlanerError as e:  # this search's own output, damaged since: made again (and saved over it)
+                if self.main:
+                    print(f"the library saved in {out} cannot be used, so it is trained again ({e})", file=sys.stderr)
         began = time.perf_counter()
         steps = self.cfg.local_steps if self.cfg.local_train else 0
         with tqdm(total=steps, desc=f"local distillation of {len(self.library.trainable())} alternatives",
                   unit="step", disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
             distil_locally(self.library, self.data, self.probe, replace(self.cfg, local_steps=steps), bar)
         trained_s = time.perf_counter() - began
-        probe = score_probe(self.corpus, self.cut, self.arch, self.cfg, distributed.share(self.cfg.batch))
+        probe = score_probe(self.training, self.cut, self.arch, self.cfg, distributed.share(self.cfg.batch))
         scored = sum(not self.library.exact(key) for key in self.library.blocks)
         with tqdm(total=scored, desc="scoring: replace-one-block KL on held-out training tokens", unit="block",
                   disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
@@ -602,7 +614,7 @@ class _Local:
         if self.main:
             export_lm(model, path, **self.dep.export_options())
             base_stats, cand_stats = measure([(self.base_path, self.arch), (str(path), model.arch)], self.dep)
-            loss = evaluate(model, self.held_out, self.corpus.unit, batch=8)["loss"]
+            loss = evaluate(model, self.held_out, self.training.unit, batch=8)["loss"]
             base_ms, cand_ms, spread = base_stats.p50, cand_stats.p50, cand_stats.spread
         base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
         predicted = self.table.predict(model.arch)
@@ -636,5 +648,5 @@ class _Local:
             return min(self.candidates, key=lambda c: c.measured_ms / c.baseline_ms)
         if not self.cfg.trials:
             return min(feasible, key=lambda c: c.held_out_loss)
-        return _trials(_shortlist(feasible, self.cfg.trials), self.baseline, self.corpus, self.cut, self.cfg,
+        return _trials(_shortlist(feasible, self.cfg.trials), self.baseline, self.training, self.cut, self.cfg,
                        self.tmp, self.log_path, self.show_progress)

@@ -41,7 +41,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,7 @@ from tqdm import tqdm
 from planer import distributed
 from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
-from planer.data import Corpus, Segments
+from planer.data import Segments, TrainingSplit
 from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
@@ -210,26 +210,26 @@ class InfeasibleTarget(PlanerError):
     """No network in the search space can meet the latency target."""
 
 
-def held_out_probe(corpus: Corpus, arch: Architecture, cfg: SearchConfig, streams: slice = slice(None)
+def held_out_probe(training: TrainingSplit, arch: Architecture, cfg: SearchConfig, streams: slice = slice(None)
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The held-out segments the derivation and the heads' ranking measure losses on: the last
     `cfg.probe_segments` of the architecture split, on as many of `streams` as `cfg.probe_flops` allows."""
-    arch_data = Segments(corpus.train[_arch_start(corpus, cfg):], cfg.batch, arch.tgt_len, streams)
+    arch_data = Segments(training.tokens[_arch_start(training, cfg):], cfg.batch, arch.tgt_len, streams)
     probe = [arch_data[len(arch_data) - 1 - i] for i in reversed(range(min(cfg.probe_segments, len(arch_data))))]
     keep = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
     return [(x[:keep], y[:keep]) for x, y in probe]
 
 
-def held_out_tokens(corpus: Corpus, cut: int, cfg: SearchConfig) -> np.ndarray:
+def held_out_tokens(training: TrainingSplit, cut: int, cfg: SearchConfig) -> np.ndarray:
     """The training tokens candidates are scored and trials judged on: the last `cfg.trial_tokens` of the
     architecture split, which the weights never train on. The validation split judges only the result."""
-    return corpus.train[cut:][-cfg.trial_tokens:]
+    return training.tokens[cut:][-cfg.trial_tokens:]
 
 
-def _arch_start(corpus: Corpus, cfg: SearchConfig) -> int:
+def _arch_start(training: TrainingSplit, cfg: SearchConfig) -> int:
     """Where the training split's last part, which trains the architecture logits and is held out from the
     weights, begins."""
-    return int(len(corpus.train) * (1 - cfg.arch_split))
+    return int(len(training.tokens) * (1 - cfg.arch_split))
 
 
 def candidate_latencies(table: LatencyTable, space: SearchSpace) -> torch.Tensor:
@@ -258,14 +258,15 @@ def timed_baseline(baseline: LM, dep: Deployment, tmp: Path, exported: str | Non
                                                          for _ in range(3)))
 
 
-def search(baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment, target: Target,
-           *, cfg: SearchConfig = SearchConfig(), log_path: Path | None = None, show_progress: bool = True,
-           baseline_onnx: str | None = None) -> SearchOutcome:
-    """Search for a network that meets the target (see SearchOutcome for what is chosen). `baseline_onnx` is the
-    baseline already exported for this deployment (exported here otherwise); candidates are timed beside it."""
+def search(baseline: LM, training: TrainingSplit, space: SearchSpace, table: LatencyTable, dep: Deployment,
+           target: Target, *, cfg: SearchConfig = SearchConfig(), log_path: Path | None = None,
+           show_progress: bool = True, baseline_onnx: str | None = None) -> SearchOutcome:
+    """Search for a network that meets the target (see SearchOutcome for what is chosen), reading the training
+    split alone. `baseline_onnx` is the baseline already exported for this deployment (exported here otherwise);
+    candidates are timed beside it."""
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="planer-search-") as tmp:
-        run = _Search(baseline.eval(), corpus, space, table, dep.resolved(table), target, cfg, Path(tmp), log_path,
+        run = _Search(baseline.eval(), training, space, table, dep.resolved(table), target, cfg, Path(tmp), log_path,
                       show_progress, baseline_onnx)
         run.rounds()
         run.alternatives()
@@ -280,10 +281,10 @@ class _Search:
     networks that met the target. Under torchrun every rank trains; rank 0 alone exports, times, evaluates and
     writes, and broadcasts what it measured."""
 
-    def __init__(self, baseline: LM, corpus: Corpus, space: SearchSpace, table: LatencyTable, dep: Deployment,
-                 target: Target, cfg: SearchConfig, tmp: Path, log_path: Path | None, show_progress: bool,
-                 baseline_onnx: str | None):
-        self.baseline, self.corpus, self.space, self.dep, self.cfg = baseline, corpus, space, dep, cfg
+    def __init__(self, baseline: LM, training: TrainingSplit, space: SearchSpace, table: LatencyTable,
+                 dep: Deployment, target: Target, cfg: SearchConfig, tmp: Path, log_path: Path | None,
+                 show_progress: bool, baseline_onnx: str | None):
+        self.baseline, self.training, self.space, self.dep, self.cfg = baseline, training, space, dep, cfg
         self.tmp, self.log_path = tmp, log_path
         self.arch = arch = baseline.arch
         self.main = main = distributed.is_main()
@@ -301,11 +302,11 @@ class _Search:
             raise InfeasibleTarget(f"target {self.target_ms:.2f} ms is below the fastest network in the space "
                                    f"(predicted {floor:.2f} ms; the baseline measures {self.baseline_ms:.2f} ms); "
                                    "raise the target or widen the space")
-        self.cut = _arch_start(corpus, cfg)
-        self.held_out = held_out_tokens(corpus, self.cut, cfg)
-        self.weight_data = Segments(corpus.train[:self.cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
-        self.arch_data = Segments(corpus.train[self.cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
-        self.probe = held_out_probe(corpus, arch, cfg, distributed.share(cfg.batch))
+        self.cut = _arch_start(training, cfg)
+        self.held_out = held_out_tokens(training, self.cut, cfg)
+        self.weight_data = Segments(training.tokens[:self.cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
+        self.arch_data = Segments(training.tokens[self.cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
+        self.probe = held_out_probe(training, arch, cfg, distributed.share(cfg.batch))
         # The same function with each attention block's best heads first, so narrow candidates inherit those.
         self.ranked, self.orders = rank_heads(baseline, self.probe)
         self.net = SuperNet(self.ranked, space, baseline_bias=cfg.baseline_bias)
@@ -393,7 +394,7 @@ class _Search:
             with torch.random.fork_rng(devices=[]):  # the same upcycled experts on every rank, whatever came before
                 torch.manual_seed(cfg.seed)
                 c.model = inherit(self.ranked, c.positions).eval()
-        return _trials(shortlist, self.baseline, self.corpus, self.cut, cfg, self.tmp, self.log_path,
+        return _trials(shortlist, self.baseline, self.training, self.cut, cfg, self.tmp, self.log_path,
                        self.show_progress)
 
     def derive(self, start: list[int], min_attn: int = 1) -> tuple[list[int] | None, float]:
@@ -412,7 +413,7 @@ class _Search:
         if self.main:
             path = export_lm(model, self.tmp / f"candidate-{len(self.candidates)}.onnx", **self.dep.export_options())
             base_stats, cand_stats = measure([(self.base_path, self.arch), (str(path), model.arch)], self.dep)
-            scored = evaluate(model, self.held_out, self.corpus.unit, batch=8)
+            scored = evaluate(model, self.held_out, self.training.unit, batch=8)
             base_ms, cand_ms, spread, loss = base_stats.p50, cand_stats.p50, cand_stats.spread, scored["loss"]
         base_ms, cand_ms, spread, loss = distributed.broadcast((base_ms, cand_ms, spread, loss))
         predicted = self.table.predict(model.arch)
@@ -478,14 +479,14 @@ def _shortlist(feasible: list[Candidate], trials: int) -> list[Candidate]:
     return [*best.values(), *(c for c in ranked if id(c) not in firsts)][:trials]
 
 
-def _trials(shortlist: list[Candidate], teacher: LM, corpus: Corpus, cut: int, cfg: SearchConfig, tmp: Path,
-            log_path: Path | None, show_progress: bool) -> Candidate:
+def _trials(shortlist: list[Candidate], teacher: LM, training: TrainingSplit, cut: int, cfg: SearchConfig,
+            tmp: Path, log_path: Path | None, show_progress: bool) -> Candidate:
     """The best of the shortlisted networks after `cfg.trial_steps` steps of distillation each (the only one
     without a trial). They train on the weights' split and are scored on the last `cfg.trial_tokens` of the
     architecture split, so the validation split judges only the result."""
     if len(shortlist) == 1:
         return shortlist[0]
-    held_out = replace(corpus, train=corpus.train[:cut], valid=held_out_tokens(corpus, cut, cfg))
+    held_out = training.trial_corpus(cut, held_out_tokens(training, cut, cfg))
     for i, c in enumerate(shortlist):
         if show_progress and distributed.is_main():
             tqdm.write(f"trial {i + 1} of {len(shortlist)} ({c.describe()}): "

@@ -47,6 +47,11 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 
 
+class DamagedCheckpoint(PlanerError):
+    """A checkpoint whose files cannot be read back (truncated, garbage, or weights of another network): there is
+    nothing to resume from. A build, whose own training runs these are, starts such a run again."""
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
     if step < cfg.warmup:
@@ -186,17 +191,21 @@ def _load_checkpoint(work: Path, corpus: Corpus, cfg: TrainConfig) -> tuple[LM, 
         config = json.loads(config_path.read_text())
         # A damaged file fails inside torch's unpickler with whatever error its bytes happen to cause.
         state = torch.load(work / STATE_FILE, weights_only=True)
+        vocab = json.loads((work / VOCAB_FILE).read_text()) if corpus.vocab is not None else None
         if not (isinstance(config, dict) and isinstance(state, dict)):
             raise ValueError("not the layout planer writes")
     except Exception as e:
-        raise PlanerError(f"{work}: cannot resume, checkpoint unreadable ({type(e).__name__}: {e}); "
-                          "delete it and train again") from None
+        raise DamagedCheckpoint(f"{work}: cannot resume, checkpoint unreadable ({type(e).__name__}: {e}); "
+                                "delete it and train again") from None
     if not isinstance(config.get("data"), str) or canonical_spec(config["data"]) != corpus.spec:
         raise PlanerError(f"{work} was trained on --data {config.get('data')}, not {corpus.spec}; "
                           "resume with the same data")
-    if corpus.vocab is not None and json.loads((work / VOCAB_FILE).read_text()) != corpus.vocab:
+    if vocab != corpus.vocab:
         raise PlanerError(f"{work}: the vocabulary of {corpus.spec} changed since training; resume with the same files")
-    model = load_model(work, dropout=cfg.dropout, dropatt=cfg.dropatt)
+    try:
+        model = load_model(work, dropout=cfg.dropout, dropatt=cfg.dropatt)
+    except PlanerError as e:  # its weights or arch.json damaged
+        raise DamagedCheckpoint(str(e)) from None
     if "model" in state:  # written by this planer: self-contained
         model.load_state_dict(state["model"])
         return model, state, Progress(state["step"], state["tokens"], state["seconds"])
