@@ -392,10 +392,7 @@ def _start_or_resume(work: Path, request: dict[str, Any], file: str = REQUEST_FI
     """Create the staging directory, or check that the interrupted build (or sweep) in it asked for the same
     thing, as its `file` records."""
     if (work / file).exists():
-        try:
-            before = json.loads((work / file).read_text())
-        except (OSError, ValueError):
-            before = {}
+        before = read_json(work / file, f"what it was asked for is lost: delete {work} and run the command again")
         changed = [k for k in request if before.get(k) != json.loads(json.dumps(request[k]))]
         if changed:
             raise PlanerError(f"{work} holds an interrupted {Path(file).stem} of something else (differs in: "

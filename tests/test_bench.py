@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from planer import bench as bench_module
 from planer.arch import BlockSpec
 from planer.cli import main
 from planer.errors import PlanerError
@@ -38,6 +41,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     slowed = _model_dir(root, "slowed", [attn, BlockSpec.ffn(1024), attn, BlockSpec.ffn(1024), BlockSpec.ffn(1024),
                                          BlockSpec.moe(4, 2, 512)])
     return {"build": build, "slowed": slowed, "reference": build / "baseline"}
+
+
+@pytest.fixture(autouse=True)
+def _any_spread(monkeypatch):
+    """These tests time sub-millisecond models on shared machines, whose p90/p50 often passes the deployment's
+    1.2 (1.37 on a quiet 2-core host), and test what the gate does with a measurement; refusing a noisy one is
+    tested on its own (test_a_noisy_measurement_is_not_saved_as_a_reference)."""
+    chosen = bench_module.default_deployment
+    monkeypatch.setattr(bench_module, "default_deployment",
+                        lambda *args, **kwargs: replace(chosen(*args, **kwargs), max_spread=math.inf))
 
 
 def bench(*args: object):
@@ -109,7 +122,6 @@ def test_a_damaged_or_edited_reference_is_refused_in_one_line(models, tmp_path, 
 
 
 def test_a_noisy_measurement_is_not_saved_as_a_reference(tmp_path):
-    from planer import bench as bench_module
     from planer.deployment import Deployment
     from planer.runtime import LatencyStats
 

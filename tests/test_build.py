@@ -366,3 +366,14 @@ def test_the_supernet_refuses_experts_with_a_shared_part(baseline_run, tmp_path)
     assert not (tmp_path / "shared.partial").exists()
     with pytest.raises(PlanerError, match="shared part"):  # the API below the build refuses it too
         SuperNet(load_model(baseline_run), space)
+
+
+def test_a_damaged_request_in_a_partial_build_says_to_delete_it(tmp_path):
+    """It read as a build of something else, whose remedy (repeat its arguments) could not work."""
+    from planer.build import _start_or_resume
+
+    work = tmp_path / "b.partial"
+    work.mkdir()
+    (work / "build.json").write_text('{"model": "runs/')
+    with pytest.raises(PlanerError, match="unreadable or not JSON.*delete .*b.partial and run the command again"):
+        _start_or_resume(work, {"model": "runs/tiny"})
