@@ -76,9 +76,9 @@ def quantized_agreement(model: LM, engine: Engine, data: np.ndarray, *, keep_len
     SmolLM2 with all 60 blocks in int8 disagreed so in 14 of its 120 spans, by up to 0.1, and agreed to 4e-6 in
     the median. A quantizer that rounds another way disagrees in every span: medians 0.97 with the weight scale
     x1.5, 0.38 with the zero point off by one, 0.74 with the full int8 range (benchmarks/int8_verification.py,
-    benchmarks/RESULTS.md). Neither the loss nor the logits can tell: those quantizers moved the loss of the tests' networks
-    by 6e-8 to 6e-6, and on a deep network the steps compound, so at the first position SmolLM2's logits were 0.2 to
-    0.6 as far from the correct simulation as from fp32."""
+    benchmarks/RESULTS.md). Neither the loss nor the logits can tell: those quantizers moved the loss of the tests'
+    networks by 6e-8 to 6e-6, and on a deep network the steps compound through the blocks, so the logits of the
+    whole network run by each side do not tell a correct simulation from a broken one either."""
     keep = model.arch.mem_len if keep_len is None else keep_len
     length = min(length, keep) if keep else length
     fp32 = in_precision(model, "fp32")
