@@ -168,3 +168,36 @@ def record(name: str, data: dict, markdown: str, *, smoke: bool = False) -> None
     with RESULTS.open("a") as f:
         f.write(section)
     print(section)
+
+
+def spread(positions: list[int], n: int | None) -> list[int]:
+    """`n` of `positions` spread evenly over them, first and last included (all of them when n is None or more)."""
+    if not n or n >= len(positions):
+        return positions
+    return [positions[round(j * (len(positions) - 1) / max(1, n - 1))] for j in range(n)]
+
+
+def local_library(run: Path, data: str | None, baseline, options: list, cfg, rank: Callable):
+    """The alternatives `options` (per block of `baseline`, planer.search.local.Library's layout) trained and scored
+    as the local search trains and scores them: each position's parent block is `rank(baseline, probe)`'s, its
+    narrower alternatives cut from it. Returns the library and the held-out probe it was trained beside."""
+    from tqdm import tqdm
+
+    from planer.data import Segments
+    from planer.search.local import Library, calibration_inputs, distil_locally, score, score_probe
+    from planer.search.search import _arch_start, held_out_probe
+    from planer.train.trainer import run_corpus
+
+    arch = baseline.arch
+    training = run_corpus(run, data, arch.vocab_size).training_split()
+    cut = _arch_start(training, cfg)
+    segments = Segments(training.tokens[:cut], cfg.batch, arch.tgt_len)
+    probe = held_out_probe(training, arch, cfg)
+    parent = rank(baseline, probe)
+    splits = [p for p, specs in enumerate(options) if any(s.kind == "moe" for s in specs)]
+    library = Library(parent, options, calibration_inputs(parent, segments, splits))
+    with tqdm(total=cfg.local_steps, desc=f"local distillation of {len(library.trainable())} alternatives",
+              unit="step") as bar:
+        distil_locally(library, segments, probe, cfg, bar)
+    score(library, score_probe(training, cut, arch, cfg))
+    return library, probe

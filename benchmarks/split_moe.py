@@ -23,21 +23,18 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import given_or_tiny, record, smoke_option
-from tqdm import tqdm
+from common import given_or_tiny, local_library, record, smoke_option, spread
 
 from planer.arch import BlockSpec
 from planer.checkpoint import load_model
-from planer.data import Segments
 from planer.deployment import Deployment
 from planer.errors import PlanerError
 from planer.latency import LatencyTable
 from planer.latency.profile import profile
-from planer.search.local import Library, calibration_inputs, distil_locally, parent_pass, score, score_probe
-from planer.search.search import SearchConfig, _arch_start, held_out_probe
+from planer.search.local import Library, parent_pass
+from planer.search.search import SearchConfig
 from planer.search.split import oracle_routes, split_spec
 from planer.search.units import rank_units
-from planer.train.trainer import run_corpus
 
 
 def main() -> None:
@@ -86,21 +83,10 @@ def main() -> None:
 
     cfg = SearchConfig(local_steps=3 if args.smoke else args.local_steps, batch=args.batch,
                        score_tokens=512 if args.smoke else args.score_tokens, oracle_router=not args.gates_only)
-    training = run_corpus(run, args.data, arch.vocab_size).training_split()
-    cut = _arch_start(training, cfg)
-    data = Segments(training.tokens[:cut], cfg.batch, arch.tgt_len)
-    probe = held_out_probe(training, arch, cfg)
-    parent = rank_units(baseline, probe)  # the FFNs' units by activation importance; attention is not replaced
-    positions = [i for i, b in enumerate(arch.blocks) if b.kind == "ffn"]
-    if args.positions and args.positions < len(positions):
-        positions = [positions[round(j * (len(positions) - 1) / max(1, args.positions - 1))]
-                     for j in range(args.positions)]
+    positions = spread([i for i, b in enumerate(arch.blocks) if b.kind == "ffn"], args.positions)
     options = [[b, *splits, *narrowed] if i in positions else [b] for i, b in enumerate(arch.blocks)]
-    library = Library(parent, options, calibration_inputs(parent, data, positions))
-    with tqdm(total=cfg.local_steps, desc=f"local distillation of {len(library.trainable())} alternatives",
-              unit="step") as bar:
-        distil_locally(library, data, probe, cfg, bar)
-    score(library, score_probe(training, cut, arch, cfg))
+    # the FFNs' units by activation importance; attention is not replaced
+    library, probe = local_library(run, args.data, baseline, options, cfg, rank_units)
 
     def kl(spec: BlockSpec) -> float:
         return sum(library.figure((q, spec.label()), "kl") for q in positions) / len(positions)

@@ -1,7 +1,8 @@
 """The search space: which block each position of the supernet may become.
 
 PLANER's space (arXiv 2208.14580) over a baseline with H heads and FFN width W:
-`skip`; attention with h in {1, 2, 4, ..., H} heads of the baseline's head size;
+`skip`; attention with h in {1, 2, 4, ..., H} heads of the baseline's head size
+(with grouped-query attention, that many key/value groups, each with its query heads);
 FFN of width {1/4, 1/2, 1} x W; MoE with E in {2, 4, 8, 16} experts, top-k
 k in {1, 2}, expert width {1/4, 1/2, 1} x W. To these it adds Puzzle's (arXiv
 2411.19146) `linear` replacement of attention, one d_model x d_model projection,
@@ -15,7 +16,6 @@ The space is plain data with a JSON form users can narrow or widen.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +80,17 @@ class ExpertOptions:
                                         f"({ffn.d_inner}) left beside --shared {f:g}; use a divisor of {routed}")
 
 
+def _narrower_attention(attn: BlockSpec) -> list[BlockSpec]:
+    """The attention candidates cut from `attn`: 1, 2, 4, ... of its heads and all of them. With grouped-query
+    attention the unit is a key/value head with the query heads that read it, so that a narrower block inherits
+    whole groups (SmolLM2's 9 heads over 3 kv heads: 3/kv1, 6/kv2, 9/kv3); a count of query heads that splits a
+    group would leave heads reading another group's keys, and the local search could not cut it at all."""
+    units = attn.n_kv_heads
+    group = attn.heads // units
+    counts = sorted({u for u in (2 ** i for i in range(units.bit_length())) if u <= units} | {units})
+    return [BlockSpec.attn(group * u, attn.head_dim, u if attn.kv_heads else 0) for u in counts]
+
+
 def _csv(values: tuple) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -99,10 +110,8 @@ class SearchSpace:
         ffn = next((b for b in baseline.blocks if b.kind in ("ffn", "moe")), None)
         if attn is None or ffn is None:
             raise ArchError("the baseline needs an attention and an FFN block to define a search space")
-        heads = sorted({h for h in (2 ** i for i in range(attn.heads.bit_length())) if h <= attn.heads} | {attn.heads})
         sizes = sorted({max(1, int(ffn.d_inner * w)) for w in widths})
-        fixed = [BlockSpec.skip()]
-        fixed += [BlockSpec.attn(h, attn.head_dim, math.gcd(attn.kv_heads, h) if attn.kv_heads else 0) for h in heads]
+        fixed = [BlockSpec.skip(), *_narrower_attention(attn)]
         fixed += [BlockSpec.linear()]
         fixed += [BlockSpec.ffn(w) for w in sizes]
         sublayers = sum(b.kind != "skip" for b in baseline.blocks)

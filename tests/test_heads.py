@@ -50,3 +50,29 @@ def test_the_head_whose_removal_costs_more_comes_first():
     kept = 0 if losses[1] < losses[0] else 1  # removing the other head hurts less
     assert order == [kept, 1 - kept]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model passed in is untouched
+
+
+@torch.no_grad()
+def test_narrower_attention_of_the_default_space_inherits_whole_kv_groups():
+    """Each attention candidate of a grouped-query baseline's default space, cut from the baseline block, computes
+    what the baseline block computes with the remaining key/value groups cut off (an independent reference:
+    cut_heads zeroes their output columns). A count of query heads that splits a group (the old default offered
+    4 and 8 heads over 1 kv head here) fails it."""
+    from planer.search.heads import cut_heads
+    from planer.search.supernet import copy_attention
+    from planer.space import SearchSpace
+
+    rotary = dict(norm="rmsnorm", pos="rotary", activation="swiglu", bias=False)
+    parent = LM(small_arch([BlockSpec.attn(9, 8, kv_heads=3), BlockSpec.ffn(64)], **rotary)).eval()
+    for p in parent.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+    src = parent.blocks[0].f
+    cuts = [c for c in SearchSpace.default(parent.arch).candidates if c.kind == "attn"]
+    assert [(c.heads, c.n_kv_heads) for c in cuts] == [(3, 1), (6, 2), (9, 3)]
+    h = torch.randn(2, parent.arch.tgt_len, parent.arch.d_model)
+    for c in cuts:
+        dst = LM(small_arch([c, BlockSpec.ffn(64)], **rotary)).blocks[0].f
+        copy_attention(dst, src)
+        with cut_heads(src, range(c.n_kv_heads, src.kv_heads)):
+            want = src(h, parent.arch.tgt_len)
+        torch.testing.assert_close(dst(h, parent.arch.tgt_len), want, rtol=1e-5, atol=1e-6)
