@@ -207,6 +207,9 @@ class Architecture:
     scale_embeddings: bool = True  # token embeddings x sqrt(d_model) (Transformer-XL; not Llama, GPT-2)
     rope_base: float = 10000.0  # rotary: the frequencies' base (Llama's rope_theta)
     max_positions: int = 0  # learned: rows of the absolute position table (GPT-2's n_positions)
+    # The output head's product: fp32, or int8 as ONNX Runtime runs an int8 block's (planer.nn.quant). A large
+    # vocabulary makes the head a large share of a small model's latency (SmolLM2-135M: ~15 % at B1).
+    head_precision: str = "fp32"
     name: str = ""
 
     # ----------------------------------------------------------- construction
@@ -235,7 +238,8 @@ class Architecture:
             raise ArchError(f"tgt_len must be a positive integer, got {self.tgt_len!r}")
         if not isinstance(self.mem_len, int) or self.mem_len < 0:
             raise ArchError(f"mem_len must be an integer >= 0, got {self.mem_len!r}")
-        for name, allowed in (("norm", NORMS), ("pos", POSITIONS), ("activation", ACTIVATIONS)):
+        for name, allowed in (("norm", NORMS), ("pos", POSITIONS), ("activation", ACTIVATIONS),
+                              ("head_precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ArchError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.pos == "learned" and (not isinstance(self.max_positions, int)
@@ -262,6 +266,8 @@ class Architecture:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["blocks"] = [b.to_dict() for b in self.blocks]
+        if self.head_precision == "fp32":  # as blocks' optional fields: it appears only when used
+            del d["head_precision"]
         return {"format": FORMAT, **d}
 
     def to_json(self) -> str:

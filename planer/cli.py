@@ -313,14 +313,13 @@ def _export_onnx(run: Path, out: Path | None, lowering: str, mem_len: int | None
     from planer.checkpoint import load_model
     from planer.export import export_lm
     from planer.export.reference import verify
-    from planer.nn.model import in_precision
-    from planer.nn.quant import quantized_linears
+    from planer.nn.model import in_precision, int8_weights
     from planer.runtime import Engine, EngineError, OrtEngine, load_engine
     from planer.train.trainer import run_corpus
 
     model = load_model(run)
     # an int8 graph is checked by its loss on validation tokens: the data is settled before anything is written
-    corpus = run_corpus(run, data_spec, model.arch.vocab_size) if quantized_linears(model) else None
+    corpus = run_corpus(run, data_spec, model.arch.vocab_size) if int8_weights(model) else None
     out = out or run / "model.onnx"
     options = {"lowering": lowering, "mem_len": mem_len, "min_context": max_context}
     path = export_lm(model, out, **options)
@@ -387,6 +386,7 @@ def profile_command(source: Path, space: Path | None, engine: str, threads: int,
                     mem_len: int | None, lowering: str | None, precision: str | None, out: Path, quiet: bool) -> None:
     """Time every candidate block alone in the engine at the deployment shape: the latency table."""
     from planer.latency import LatencyTable
+    from planer.latency.table import fixed_label
     from planer.deployment import Deployment
     from planer.latency.profile import profile
     from planer.space import SearchSpace
@@ -403,7 +403,9 @@ def profile_command(source: Path, space: Path | None, engine: str, threads: int,
     trials = table.provenance.get("lowering_trials")
     measured = (" (MoE blocks in total: " + ", ".join(f"{lo} {ms:.2f} ms" for lo, ms in trials.items()) + ")"
                 if trials else "")
-    click.echo(f"{out}: {len(table.entries)} entries (fixed cost {table.entries['fixed']['p50']:.3f} ms); "
+    fixed = ", ".join(f"{table.fixed_ms(h):.3f} ms" + ("" if h == "fp32" else f" with the head in {h}")
+                      for h in dep.precisions if table.has(fixed_label(h)))
+    click.echo(f"{out}: {len(table.entries)} entries (fixed cost {fixed}); "
                f"noisiest {worst[0]} p90/p50 {worst[1]['spread']:.2f}; MoE lowering "
                f"{table.provenance['lowering']}{measured}")
 

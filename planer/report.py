@@ -9,7 +9,6 @@ from typing import Any
 from planer.arch import Architecture
 from planer.files import replacing
 from planer.latency import LatencyTable
-from planer.latency.table import FIXED
 from planer.train.evaluate import headline
 
 COLOURS = {"attn": "#4c72b0", "linear": "#64b5cd", "ffn": "#55a868", "moe": "#dd8452"}
@@ -65,7 +64,7 @@ def arch_plot(rows: list[tuple[str, Architecture]], table: LatencyTable, path: P
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 0.9 + 0.7 * len(rows)))
     for y, (name, arch) in enumerate(reversed(rows)):
-        x = table.scale * table.entries[FIXED]["p50"]
+        x = table.scale * table.fixed_ms(arch.head_precision)
         ax.barh(y, x, height=0.6, color="#bbbbbb", edgecolor="white")  # embedding, head, memory handling
         for block in arch.blocks:
             width = table.scale * table.block_ms(block)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -48,8 +49,12 @@ def test_profile_measures_blocks_and_reuses_the_cache():
     arch = small_arch()
     candidates = [BlockSpec.skip(), BlockSpec.attn(2, 16), BlockSpec.ffn(64), BlockSpec.moe(4, 2, 32)]
     table = profile(arch, candidates, DEP, show_progress=False)
-    assert set(table.entries) == {"fixed", "attn2x16", "ffn64", "moe4k2x32"}
+    # the fixed part once per precision its head may run in
+    assert set(table.entries) == {"fixed", "fixed@int8", "attn2x16", "ffn64", "moe4k2x32"}
     assert all(e["p50"] > 0 and e["count"] >= 5 for e in table.entries.values())
+    int8_head = replace(arch, head_precision="int8")
+    assert table.predict(int8_head) - table.predict(arch) == pytest.approx(
+        table.entries["fixed@int8"]["p50"] - table.entries["fixed"]["p50"])
     assert table.provenance["batch"] == 1 and table.provenance["engine"] == "ort"
     again = profile(arch, candidates, DEP, table=table, show_progress=False)
     assert again.entries == table.entries  # nothing re-timed

@@ -219,7 +219,7 @@ def test_local_search_chooses_on_training_tokens_only(baseline, corpus, tmp_path
     assert (tmp_path / "library" / "library.safetensors").is_file()
     assert outcome.chosen in outcome.candidates and outcome.chosen.model is not None
     assert any(b.kind == "attn" for b in outcome.chosen.arch.blocks)
-    assert len({c.arch.blocks for c in outcome.candidates}) == len(outcome.candidates)
+    assert len({(c.arch.blocks, c.arch.head_precision) for c in outcome.candidates}) == len(outcome.candidates)
     # with trials, the best network of every attention-block count was timed too, for the trials to decide
     assert {len(c.arch.attn_positions) for c in outcome.candidates} == {1, 2}
 
@@ -263,3 +263,55 @@ def test_each_alternative_trains_as_if_alone(baseline, corpus):
         trained[len(extra)] = library.blocks[(1, "ffn64")].state_dict()
     alone, beside = trained.values()
     assert all(torch.equal(alone[name], beside[name]) for name in alone)
+
+
+@torch.no_grad()
+def test_the_int8_heads_damage_is_the_kl_of_the_network_with_that_head(baseline, corpus):
+    """head_damage against an independent reference: the whole network run with its head in int8 (the
+    architecture's head_precision), its KL from the fp32 network token by token; 0 for the fp32 head."""
+    from dataclasses import replace
+
+    probe = _probe(corpus)
+    int8 = LM(replace(baseline.arch, head_precision="int8")).eval()
+    int8.load_state_dict(baseline.state_dict())
+    kl, mems, mems8 = [], None, None
+    for x, _ in probe:
+        out, out8 = baseline(x, mems), int8(x, mems8)
+        mems, mems8 = out.mems, out8.mems
+        p, q = out.logits.log_softmax(-1), out8.logits.log_softmax(-1)
+        kl.append(float((p.exp() * (p - q)).sum(-1).mean()))
+    want = sum(kl[1:]) / len(kl[1:])  # the first segment only fills the memories
+    assert local_module.head_damage(baseline, probe, "int8") == pytest.approx(want, rel=1e-4) and want > 0
+    assert local_module.head_damage(baseline, probe, "fp32") == 0.0
+
+
+def test_the_selection_puts_the_head_in_int8_where_that_buys_the_target(baseline):
+    """The head is one more row of the exact selection: its precisions cost what they save on the fixed part.
+    With a fixed part that only an int8 head brings under the budget, the selection takes it; with the fp32 head
+    alone nothing fits; where blocks can pay for it, the undamaged fp32 head is kept."""
+    from types import SimpleNamespace
+
+    from planer.latency import LatencyTable
+    from planer.search.select import select
+
+    options = [[b, BlockSpec.skip()] for b in baseline.arch.blocks]
+    library = Library(baseline, options)
+    for key in library.blocks:
+        library.note(key, kl=0.0 if library.exact(key) else 0.3)
+    entries = {"fixed": 10.0, "fixed@int8": 4.0, "attn2x16": 1.0, "ffn128": 1.0}
+    table = LatencyTable({}, {k: {"p50": v} for k, v in entries.items()})
+
+    def solved(target_ms: float, heads: list[str]):
+        run = SimpleNamespace(library=library, options=options, table=table, heads=heads, target_ms=target_ms,
+                              head_damage={"fp32": 0.0, "int8": 0.05}, cfg=SearchConfig(margin=0.0))
+        run._score = lambda key, spec: local_module._Local._score(run, key, spec)
+        scores, costs, budget = local_module._Local.problem(run)
+        assert (costs[-1], budget) == (([6.0, 0.0], target_ms - 4.0) if len(heads) == 2 else ([0.0], target_ms - 10.0))
+        found = select(scores, costs, budget)
+        return [heads[s.choice[-1]] for s in found], [s.choice[:-1] for s in found]
+
+    assert solved(9.0, ["fp32", "int8"]) == (["int8"], [(0, 0, 0, 0)])  # 4 + 4 blocks: only the int8 head fits
+    assert solved(9.0, ["fp32"]) == ([], [])
+    heads, choices = solved(13.0, ["fp32", "int8"])  # fp32 head + 3 blocks (0.3) or int8 head + 4 blocks (0.05)
+    assert heads == ["int8"] and choices == [(0, 0, 0, 0)]
+    assert solved(14.0, ["fp32", "int8"]) == (["fp32"], [(0, 0, 0, 0)])  # everything fits: nothing damaged

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from planer.export.quantize import digest, quantize_int8
 from planer.files import replacing
 from planer.nn import LM
 from planer.nn.attention import Attention
-from planer.nn.model import Block, embed_tokens, head_logits, next_memory
+from planer.nn.model import Block, embed_tokens, head_logits, int8_weights, next_memory
 from planer.nn.moe import MoE
 from planer.nn.quant import quantized_linears, set_precision
 from planer.runtime.feeds import MAX_CONTEXT_KEY, input_names, output_names
@@ -95,7 +96,7 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], dynamic: tuple, inputs:
             program.model.metadata_props[MAX_CONTEXT_KEY] = str(context)
         program.save(str(tmp), external_data=False)
         check_weights_present(tmp, original)
-        quantize_int8(tmp, [m.weight.detach().numpy() for m in quantized_linears(original)])
+        quantize_int8(tmp, [w.detach().numpy() for w in int8_weights(original)])
     return path
 
 
@@ -140,6 +141,9 @@ def _lowered(model: nn.Module, lowering: str, context: int) -> nn.Module:
                           "experts are fp32); use --lowering ops, or --precision fp32")
     copy_ = copy.deepcopy(model).eval()
     set_precision(copy_, "fp32")
+    for m in copy_.modules():
+        if isinstance(m, LM):
+            m.arch = replace(m.arch, head_precision="fp32")
     for attn in _relative(copy_):
         attn.freeze_positions(context)
     lower(copy_, lowering)
@@ -188,7 +192,7 @@ def export_block(arch: Architecture, spec: BlockSpec, path: str | os.PathLike, *
         path = Path(path)
         with replacing(path) as tmp:
             shutil.copyfile(fp32_twin, tmp)
-            quantize_int8(tmp, [m.weight.detach().numpy() for m in quantized_linears(original)])
+            quantize_int8(tmp, [w.detach().numpy() for w in int8_weights(original)])
         return path
     batch, seq, mem = _axes(original, context)
     x = torch.randn(_B, _T, arch.d_model)
@@ -200,11 +204,12 @@ def export_block(arch: Architecture, spec: BlockSpec, path: str | os.PathLike, *
 
 
 def export_fixed(arch: Architecture, path: str | os.PathLike) -> Path:
-    """Embedding, final norm and head of `arch`: input `tokens`, output `logits`."""
-    graph = _FixedGraph(LM(arch.with_blocks([BlockSpec.skip()])).eval())
+    """Embedding, final norm and head of `arch` (the head in `arch.head_precision`): input `tokens`, output
+    `logits`."""
+    model = LM(arch.with_blocks([BlockSpec.skip()])).eval()
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    return _export(graph, (torch.randint(0, arch.vocab_size, (_B, _T)),), ({0: batch, 1: seq},), ["tokens"],
-                   ["logits"], path, graph, 0)
+    return _export(_FixedGraph(_lowered(model, "ops", 0)), (torch.randint(0, arch.vocab_size, (_B, _T)),),
+                   ({0: batch, 1: seq},), ["tokens"], ["logits"], path, model, 0)
 
 
 def check_weights_present(onnx_path: str | os.PathLike, model: nn.Module) -> None:

@@ -40,6 +40,7 @@ def quantize_int8(path: str | os.PathLike, weights: Iterable[np.ndarray]) -> int
         return 0
     path = Path(path)
     model = onnx.load(str(path))
+    _fold_transposes(model)
     initializers = {t.name: t for t in model.graph.initializer}
     nodes, found, matched = [], set(), 0
     for i, node in enumerate(model.graph.node):
@@ -70,6 +71,31 @@ def quantize_int8(path: str | os.PathLike, weights: Iterable[np.ndarray]) -> int
         root.setLevel(level)
         tmp.unlink(missing_ok=True)
     return made
+
+
+def _fold_transposes(model: onnx.ModelProto) -> None:
+    """Give each MatMul whose weight reaches it through a Transpose of an initializer that transposed matrix as an
+    initializer of its own: the exporter folds small transposes only, so a tied output head of a large vocabulary
+    multiplies by Transpose(embedding), and the quantizer takes constant weights alone. The embedding's lookup
+    keeps the original table."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    transposed = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] in initializers
+                  and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])
+                  and len(initializers[n.input[0]].dims) == 2}
+    for node in graph.node:
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in transposed:
+            source = transposed[node.input[1]].input[0]
+            name = f"{source}__planer_transposed"
+            if name not in initializers:
+                initializers[name] = numpy_helper.from_array(numpy_helper.to_array(initializers[source]).T.copy(),
+                                                             name)
+                graph.initializer.append(initializers[name])
+            node.input[1] = name
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in [n for n in graph.node if n.op_type == "Transpose" and n.output[0] in transposed
+              and n.output[0] not in used]:
+        graph.node.remove(n)
 
 
 def _linear_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> tuple | None:

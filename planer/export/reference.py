@@ -11,8 +11,7 @@ import torch
 
 from planer.errors import PlanerError
 from planer.nn import LM
-from planer.nn.model import embed_tokens, head_logits, in_precision
-from planer.nn.quant import quantized_linears
+from planer.nn.model import embed_tokens, head_logits, in_precision, int8_weights
 from planer.runtime import Engine
 from planer.runtime.feeds import example_feeds, input_names, output_names
 
@@ -103,7 +102,8 @@ def _windows(data: np.ndarray, count: int, length: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def _span_ratios(model: LM, fp32: LM, engine: Engine, tokens: np.ndarray, keep: int) -> list[float]:
-    """|engine - int8 simulation| / |engine - fp32| of each span with int8 blocks, fed the engine's input of it."""
+    """|engine - int8 simulation| / |engine - fp32| of each span with int8 blocks (or ending in an int8 head), fed
+    the engine's input of it."""
     arch = model.arch
     names = input_names(arch)[1:]
     out = engine.run({"tokens": tokens} | {n: np.zeros((1, 0, arch.d_model), np.float32) for n in names})
@@ -113,8 +113,8 @@ def _span_ratios(model: LM, fp32: LM, engine: Engine, tokens: np.ndarray, keep: 
     ends = [*hidden, torch.from_numpy(out["logits"])]
     ratios = []
     for k, (lo, hi, x, want) in enumerate(zip(bounds, bounds[1:], starts, ends)):
-        if quantized_linears(model.blocks[lo:hi]):
-            last = k == len(ends) - 1
+        last = k == len(ends) - 1
+        if int8_weights(model.blocks[lo:hi]) or last and model.arch.head_precision == "int8":
             simulated, plain = (_span(m, lo, hi, x, last) for m in (model, fp32))
             ratios.append(float((simulated - want).norm() / (plain - want).norm()))
     return ratios
@@ -135,7 +135,7 @@ def verify(model: LM, engine: Engine, *, batch: int, tgt_len: int, mem_len: int,
     graph, block by block on `data`, validation tokens, since max-difference parity cannot tell a deep int8
     network's rounding from a wrong graph."""
     shape = {"batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "keep_len": keep_len}
-    if not quantized_linears(model):
+    if not int8_weights(model):
         return {"parity_max_abs_diff": parity(model, engine, **shape)}
     if twin is None or data is None:
         raise ValueError("an int8 graph is verified with its fp32 twin's graph and validation tokens")

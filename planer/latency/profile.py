@@ -17,7 +17,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.deployment import AUTO, Deployment
 from planer.errors import PlanerError
 from planer.export.quantize import INT8_RECIPE
-from planer.latency.table import FIXED, LatencyTable
+from planer.latency.table import LatencyTable, fixed_label
 from planer.runtime import Engine, LatencyStats, describe_engine, load_engine, time_engines
 from planer.runtime.feeds import example_feeds
 
@@ -79,7 +79,8 @@ def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment
         return distributed.broadcast(None)
 
     info = describe_engine(dep.engine, threads=dep.threads)
-    todo: list[BlockSpec | None] = [None]  # None stands for the fixed part
+    # a string stands for the fixed part with its head in that precision
+    todo: list[BlockSpec | str] = list(dep.precisions)
     todo += list(dict.fromkeys(c for c in (*arch.blocks, *candidates) if c.kind != "skip"))  # + the baseline's
     entries: dict[str, dict[str, float]] = dict(table.entries) if table else {}
     trials: dict[str, float] = table.provenance.get("lowering_trials", {}) if table else {}
@@ -88,32 +89,37 @@ def profile(arch: Architecture, candidates: Iterable[BlockSpec], dep: Deployment
             if table is not None:
                 dep = dep.resolved(table)
             else:
-                moe = [s for s in todo if s is not None and s.kind == "moe"]
+                moe = [s for s in todo if isinstance(s, BlockSpec) and s.kind == "moe"]
                 dep, trials, timed = _choose_lowering(arch, moe, dep, Path(tmp), show_progress)
                 entries.update(timed)
         prov = provenance(arch, dep, info) | ({"lowering_trials": trials} if trials else {})
         if table is not None:
             table.check(prov)
-        todo = [s for s in todo if (FIXED if s is None else s.label()) not in entries]
+        todo = [s for s in todo if _label(s) not in entries]
         entries.update(_time_blocks(arch, todo, dep, Path(tmp), "profile", show_progress))
     return distributed.broadcast(LatencyTable(prov, entries, table.scale if table else 1.0))
 
 
-def _time_blocks(arch: Architecture, specs: list[BlockSpec | None], dep: Deployment, tmp: Path, desc: str,
+def _label(spec: BlockSpec | str) -> str:
+    return fixed_label(spec) if isinstance(spec, str) else spec.label()
+
+
+def _time_blocks(arch: Architecture, specs: list[BlockSpec | str], dep: Deployment, tmp: Path, desc: str,
                  show_progress: bool) -> dict[str, dict[str, float]]:
-    """Table entries of candidate blocks (None: the fixed part), each exported alone, timed interleaved."""
+    """Table entries of candidate blocks (a string: the fixed part, its head in that precision), each exported
+    alone, timed interleaved."""
     from planer.export import export_block, export_fixed
 
     if not specs:
         return {}
     rng = np.random.default_rng(0)
     runs = []
-    specs = sorted(specs, key=lambda s: s is not None and s.precision != "fp32")  # fp32 first: int8 reuses them
+    specs = sorted(specs, key=lambda s: isinstance(s, BlockSpec) and s.precision != "fp32")  # int8 reuses fp32
     fp32: dict[BlockSpec, Path] = {}
     for i, spec in enumerate(tqdm(specs, desc=desc, unit="block", disable=not show_progress)):
         path = tmp / f"block{i}.onnx"
-        if spec is None:
-            export_fixed(arch, path)
+        if isinstance(spec, str):
+            export_fixed(replace(arch, head_precision=spec), path)
             feeds = {"tokens": rng.integers(0, arch.vocab_size, (dep.batch, dep.tgt_len), dtype=np.int64)}
         else:
             export_block(arch, spec, path, mem_len=dep.mem_len, fp32_twin=fp32.get(spec.in_precision("fp32")),
@@ -122,8 +128,7 @@ def _time_blocks(arch: Architecture, specs: list[BlockSpec | None], dep: Deploym
                 fp32[spec] = path
             feeds = _block_feeds(arch, spec, dep, rng)
         runs.append((load_engine(dep.engine, str(path), threads=dep.threads, shape=dep.shape), feeds))
-    labels = [FIXED if s is None else s.label() for s in specs]
-    return {label: stats.to_dict() for label, stats in zip(labels, _steady(runs, dep))}
+    return {_label(s): stats.to_dict() for s, stats in zip(specs, _steady(runs, dep))}
 
 
 def _choose_lowering(arch: Architecture, moe: list[BlockSpec], dep: Deployment, tmp: Path, show_progress: bool

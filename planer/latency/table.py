@@ -25,6 +25,11 @@ FORMAT = "planer.latency/1"
 FIXED = "fixed"
 
 
+def fixed_label(head_precision: str = "fp32") -> str:
+    """The table's label of the fixed part with its output head in `head_precision` (`fixed`, `fixed@int8`)."""
+    return FIXED if head_precision == "fp32" else f"{FIXED}@{head_precision}"
+
+
 class TableError(PlanerError):
     """A latency table that cannot be used for the request."""
 
@@ -47,11 +52,16 @@ class LatencyTable:
             raise TableError(f"the latency table has no entry for {spec.label()}; profile the search space "
                              "that contains it (`planer profile --space ...`)") from None
 
+    def fixed_ms(self, head_precision: str = "fp32") -> float:
+        """The fixed part's p50 (embedding, final norm, the head in `head_precision`), uncalibrated."""
+        label = fixed_label(head_precision)
+        if label not in self.entries:
+            raise TableError(f"the latency table has no {label} entry; profile it again")
+        return self.entries[label]["p50"]
+
     def predict(self, arch: Architecture) -> float:
         """Predicted end-to-end p50 milliseconds of `arch` at the table's shape."""
-        if FIXED not in self.entries:
-            raise TableError("the latency table has no fixed-cost entry; profile it again")
-        return self.scale * (self.entries[FIXED]["p50"] + sum(self.block_ms(b) for b in arch.blocks))
+        return self.scale * (self.fixed_ms(arch.head_precision) + sum(self.block_ms(b) for b in arch.blocks))
 
     def calibrate(self, measured: Iterable[tuple[Architecture, float]]) -> LatencyTable:
         """A table whose predictions match end-to-end measurements (arch, measured p50 ms) in the median.

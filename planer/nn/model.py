@@ -10,7 +10,7 @@ linear block, attention's replacement, sees only its own token: it has none.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from planer.arch import Architecture, BlockSpec
 from planer.nn.attention import Attention
 from planer.nn.ffn import FFN
 from planer.nn.moe import MoE
-from planer.nn.quant import QLinear, set_precision
+from planer.nn.quant import QLinear, linear, quantized_linears, set_precision
 
 
 def make_norm(arch: Architecture) -> nn.Module:
@@ -74,10 +74,12 @@ def embed_tokens(model: nn.Module, idx: Tensor, offset: int) -> Tensor:
     return x
 
 
-def head_logits(model: nn.Module, x: Tensor) -> Tensor:
+def head_logits(model: nn.Module, x: Tensor, precision: str | None = None) -> Tensor:
     """Logits of the final hidden states `x` (already normalised), for a model (LM or supernet) with `embed` and
-    `head`: the output head, or the input embedding transposed when the two are tied."""
-    return x @ model.embed.weight.t() if model.head is None else model.head(x)
+    `head`: the output head, or the input embedding transposed when the two are tied; computed in `precision`
+    (default: the architecture's head_precision)."""
+    weight = model.embed.weight if model.head is None else model.head.weight
+    return linear(x, weight, None, precision or model.arch.head_precision)
 
 
 def next_memory(x: Tensor, mem: Tensor | None, mem_len: int) -> Tensor:
@@ -137,8 +139,18 @@ class LM(nn.Module):
         return LMOutput(head_logits(self, self.norm(x)), new_mems, aux, outputs)
 
 
+def int8_weights(module: nn.Module) -> list[Tensor]:
+    """The weight matrices `module` multiplies by in int8, as an export quantizes them: its int8 blocks'
+    projections, and the output head of each LM inside it whose head is int8."""
+    heads = [m.embed.weight if m.head is None else m.head.weight for m in module.modules()
+             if isinstance(m, LM) and m.arch.head_precision == "int8"]
+    return [m.weight for m in quantized_linears(module)] + heads
+
+
 def in_precision(model: LM, precision: str) -> LM:
-    """`model` with every block computing in `precision`, sharing nothing but equal weights."""
-    other = LM(model.arch.with_blocks([b.in_precision(precision) for b in model.arch.blocks])).eval()
+    """`model` with every block and the head computing in `precision`, sharing nothing but equal weights."""
+    arch = replace(model.arch.with_blocks([b.in_precision(precision) for b in model.arch.blocks]),
+                   head_precision=precision)
+    other = LM(arch).eval()
     other.load_state_dict(model.state_dict())
     return other

@@ -57,7 +57,7 @@ from planer.export import export_lm
 from planer.files import atomic_write, read_json, replacing
 from planer.latency import LatencyTable
 from planer.latency.profile import measure
-from planer.latency.table import FIXED
+from planer.latency.table import fixed_label
 from planer.nn import LM
 from planer.nn.model import Block, embed_tokens, head_logits, init_weights, next_memory
 from planer.search.heads import rank_heads
@@ -287,11 +287,11 @@ class Library:
         figures = self.record.get(f"{key[0]}:{key[1]}", {})
         return figures[name] if default is None or name in figures else default
 
-    def network(self, choice: Sequence[int]) -> LM:
+    def network(self, choice: Sequence[int], head: str = "fp32") -> LM:
         """The network of one alternative per position (index into that position's options), skips dropped, with
-        the library's weights."""
+        the library's weights and its output head in precision `head`."""
         specs = [self.options[p][c] for p, c in enumerate(choice)]
-        arch = self.parent.arch.with_blocks([s for s in specs if s.kind != "skip"])
+        arch = replace(self.parent.arch.with_blocks([s for s in specs if s.kind != "skip"]), head_precision=head)
         model = LM(arch)
         state = {k: v for k, v in self.parent.state_dict().items() if not k.startswith("blocks.")}
         model.load_state_dict(state, strict=False)
@@ -452,6 +452,18 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | 
     return _spearman(*zip(*halves)) if len(halves) > 1 else 1.0
 
 
+@torch.no_grad()
+def head_damage(parent: LM, probe: Sequence[tuple[Tensor, Tensor]], precision: str) -> float:
+    """KL(parent || parent with its output head in `precision`) per token on `probe`, as `score` scores a block."""
+    kl, mems = [], None
+    for x, _ in probe:
+        seg, mems = parent_pass(parent, x, mems)
+        changed = head_logits(parent, parent.norm(seg.outputs[-1]), precision)
+        kl.append(distributed.mean(float(distillation_loss(changed, seg.logits))))
+    first = 1 if len(kl) > 1 else 0
+    return sum(kl[first:]) / len(kl[first:])
+
+
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     ranks = [torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b)]
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
@@ -484,6 +496,7 @@ def search_local(baseline: LM, training: TrainingSplit, space: SearchSpace, tabl
         run = _Local(baseline.eval(), training, space, table, dep.resolved(table), target, cfg, Path(tmp), log_path,
                      show_progress, baseline_onnx)
         run.library_trained(library_dir)
+        run.heads_scored()
         run.solve()
         chosen = run.choice()
     return SearchOutcome(chosen, run.candidates, run.table, run.target_ms)
@@ -518,6 +531,11 @@ class _Local:
                                paired_from)
         self.candidates: list[Candidate] = []
         self.by_choice: dict[tuple[int, ...], Candidate] = {}
+        # The output head's precisions: int8 where the deployment runs it and the table timed the fixed part so
+        # (with KL scoring only: a head's damage has no normalised MSE to add up with the blocks')
+        self.heads = ["fp32"] + [h for h in dep.precisions if h != "fp32" and self.table.has(fixed_label(h))
+                                 and cfg.scoring == "kl"]
+        self.head_damage: dict[str, float] = {}
 
     def say(self, text: str) -> None:
         if self.main and self.show_progress:
@@ -552,11 +570,25 @@ class _Local:
         if out is not None:
             distributed.main_writes(lambda: (out.mkdir(parents=True, exist_ok=True), self.library.save(out)))
 
+    def heads_scored(self) -> None:
+        """The damage of each precision the output head may run in (KL, as a block's), on the scoring tokens."""
+        probe = score_probe(self.training, self.cut, self.arch, self.cfg, distributed.share(self.cfg.batch))
+        self.head_damage = {h: head_damage(self.parent, probe, h) if h != "fp32" else 0.0 for h in self.heads}
+        for h in self.heads[1:]:
+            self.say(f"  the output head in {h}: KL {self.head_damage[h]:.4f}, the fixed part "
+                     f"{self.table.fixed_ms(h):.2f} ms against {self.table.fixed_ms():.2f} in fp32")
+        _log(self.log_path, {"head_damage": self.head_damage})
+
     def problem(self) -> tuple[list[list[float]], list[list[float]], float]:
+        """Scores, costs and budget of the exact selection: one row per block position, then one for the output
+        head (its precisions: the damage of each and what it saves on the fixed part)."""
         scores = [[self._score(key, s) for key, s in zip(self.library.keys[p], specs)]
                   for p, specs in enumerate(self.options)]
         costs = [[self.table.block_ms(s) for s in specs] for specs in self.options]
-        budget = (1 - self.cfg.margin) * self.target_ms / self.table.scale - self.table.entries[FIXED]["p50"]
+        fixed = [self.table.fixed_ms(h) for h in self.heads]
+        scores.append([self.head_damage[h] for h in self.heads])
+        costs.append([ms - min(fixed) for ms in fixed])
+        budget = (1 - self.cfg.margin) * self.target_ms / self.table.scale - min(fixed)
         return scores, costs, budget
 
     def _score(self, key: Key, spec: BlockSpec) -> float:
@@ -573,8 +605,9 @@ class _Local:
         every attention block over dropping some, and which is better shows only after training (a tiny 2x
         build chose all four attention blocks narrowed, 1.064x the reference, where the supernet's dropped two:
         benchmarks/RESULTS.md), so the trials decide between them."""
-        attn = [[s.kind == "attn" for s in specs] for specs in self.options]
-        shapes = [[s.in_precision("fp32") for s in specs] for specs in self.options]
+        head = [[False] * len(self.heads)]  # the head's row (problem): no attention block, one shape
+        attn = [[s.kind == "attn" for s in specs] for specs in self.options] + head
+        shapes = [[s.in_precision("fp32") for s in specs] for specs in self.options] + [["head"] * len(self.heads)]
         requires = self.library.requires()
         rnd = 0
         for rnd in range(self.cfg.rounds):
@@ -592,13 +625,14 @@ class _Local:
             if not new:
                 break
         if self.cfg.trials > 1 and self.cfg.selection == "exact":
-            other = [[not x for x in row] for row in attn]
+            other = [[not x for x in row] for row in attn[:-1]] + head
             scores, costs, budget = self.problem()
             kept = {len(c.arch.attn_positions) for c in self.candidates}
             for n in range(1, sum(any(row) for row in attn) + 1):  # exactly n attention blocks
                 if n in kept:
                     continue
-                found = select(scores, costs, budget, at_least=[(attn, n), (other, len(attn) - n)], requires=requires)
+                found = select(scores, costs, budget, at_least=[(attn, n), (other, len(self.options) - n)],
+                               requires=requires)
                 if found and found[0].choice not in self.by_choice:
                     self.assess(found[0].choice, found[0].score, rnd)
         if not self.candidates:
@@ -607,8 +641,9 @@ class _Local:
                                    "widen the space")
 
     def assess(self, choice: tuple[int, ...], damage: float, rnd: int) -> Candidate:
-        """Export, time beside the baseline, evaluate on held-out training tokens, calibrate and log."""
-        model = self.library.network(choice)
+        """Export, time beside the baseline, evaluate on held-out training tokens, calibrate and log. `choice`
+        ends with the head's precision (problem's last row)."""
+        model = self.library.network(choice[:-1], self.heads[choice[-1]])
         base_ms = cand_ms = spread = loss = 0.0
         path = self.tmp / f"candidate-{len(self.candidates)}.onnx"
         if self.main:
@@ -620,8 +655,9 @@ class _Local:
         predicted = self.table.predict(model.arch)
         self.measured.append((model.arch, cand_ms * self.baseline_ms / base_ms))
         self.table = self.table.calibrate(self.measured)
-        specs = tuple(self.options[p][c] for p, c in enumerate(choice))
-        labels = [self.library.keys[p][c][1] for p, c in enumerate(choice)]  # paired ones marked
+        specs = tuple(self.options[p][c] for p, c in enumerate(choice[:-1]))
+        labels = [self.library.keys[p][c][1] for p, c in enumerate(choice[:-1])]  # paired ones marked
+        labels += [f"head@{model.arch.head_precision}"] if model.arch.head_precision != "fp32" else []
         candidate = Candidate(rnd, model.arch, predicted, cand_ms, base_ms, loss, model, onnx=str(path),
                               positions=specs)
         self.candidates.append(candidate)

@@ -59,7 +59,6 @@ from planer.export import export_lm
 from planer.files import ARCH_FILE, atomic_write, read_json
 from planer.latency import LatencyTable
 from planer.latency.profile import measure
-from planer.latency.table import FIXED
 from planer.nn import LM
 from planer.search.derive import shrink
 from planer.search.heads import rank_heads
@@ -243,7 +242,7 @@ def fastest_predicted(table: LatencyTable, space: SearchSpace) -> float:
     attn = [i for i, c in enumerate(space.candidates) if c.kind == "attn"]
     cheapest_attn = min(ms[i].item() for i in attn) if attn else 0.0
     rest = (space.positions - 1) * ms.min().item()
-    return table.scale * (table.entries[FIXED]["p50"] + cheapest_attn + rest)
+    return table.scale * (table.fixed_ms() + cheapest_attn + rest)
 
 
 def timed_baseline(baseline: LM, dep: Deployment, tmp: Path, exported: str | None) -> tuple[str, float]:
@@ -345,7 +344,7 @@ class _Search:
                                        self.target_ms, cfg.lam, self.tau, self.mems)
                 else:
                     e_lat = float(self.table.scale * self.net.expected_latency(
-                        self.block_ms, self.table.entries[FIXED]["p50"]).detach())
+                        self.block_ms, self.table.fixed_ms()).detach())
                 self.bar.update(1)
                 if i % 10 == 0:
                     self.bar.set_postfix(tau=f"{self.tau:.2f}", E_lat=f"{e_lat:.2f}ms")
@@ -401,7 +400,7 @@ class _Search:
         """The network derived from `start` under the target less the margin (the same on every rank) and the
         seconds it took."""
         began = time.perf_counter()
-        blocks_ms = (1 - self.cfg.margin) * self.target_ms / self.table.scale - self.table.entries[FIXED]["p50"]
+        blocks_ms = (1 - self.cfg.margin) * self.target_ms / self.table.scale - self.table.fixed_ms()
         choice = derive_network(self.net, start, self.probe, self.block_ms, blocks_ms, self.is_attn,
                                 self.cfg.shortlist, min_attn)
         return distributed.broadcast(choice), time.perf_counter() - began
@@ -557,7 +556,7 @@ def _arch_step(net: SuperNet, data: Segments, step: int, opt: torch.optim.Optimi
     out = net(x, choice, weights, mems=state["a_mems"])
     state["a_mems"] = out.mems
     ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
-    e_lat = table.scale * net.expected_latency(block_ms, table.entries[FIXED]["p50"])
+    e_lat = table.scale * net.expected_latency(block_ms, table.fixed_ms())
     loss = ce + lam * torch.relu(e_lat / target_ms - 1)
     opt.zero_grad(set_to_none=True)
     # Only the logits' gradient: autograd then skips every weight-gradient product (a third of a backward pass).
