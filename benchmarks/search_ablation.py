@@ -22,9 +22,10 @@ Every build directory is kept under --out; the table gives each row's confirmed 
 (engine-measured, whole split) over the best reference of its own build.
 
 --library takes the trained library of an earlier local build of the same baseline and space
-(BUILD/search-library/): the rows whose alternatives train alike (local, no-pairs, nmse-scores, greedy and the
-recipe rows) start from it instead of training their own, so each costs its selection, trials, distillation and
-export. --continued names references to reuse (an earlier build's baseline-continued/; its
+(BUILD/search-library/): every local row starts from it, and the search keeps it where it was trained with the
+row's settings (the library records them: planer.search.local.LIBRARY_SETTINGS; local, no-pairs, nmse-scores,
+greedy and the recipe rows), so each of those costs its selection, trials, distillation and export; the others
+train their own. --continued names references to reuse (an earlier build's baseline-continued/; its
 baseline-self-distilled/ is reused too where the recipe matches).
 """
 
@@ -43,8 +44,6 @@ from planer.build import BUDGETS, CONTINUED, Budget, build
 from planer.deployment import Deployment, Target
 from planer.files import staging_dir
 
-# what a local search's trained alternatives depend on (beside the baseline and the space)
-LIBRARY_SETTINGS = ("local_steps", "local_lr", "local_train", "oracle_router", "init", "batch", "seed")
 # name -> (SearchConfig changes, Budget changes: the result's recipe)
 ROWS = {
     "local": ({"method": "local"}, {}),
@@ -101,8 +100,9 @@ def main() -> None:
         changes, recipe = ROWS[name]
         row_budget = replace(budget, search=replace(budget.search, **changes), **recipe)
         out = args.out / name
-        if args.library and row_budget.search.method == "local" and all(
-                getattr(row_budget.search, k) == getattr(budget.search, k) for k in LIBRARY_SETTINGS):
+        if args.library and row_budget.search.method == "local" and not (
+                out.exists() or (staging_dir(out) / "search-library").exists()):
+            # the search reuses it where it was trained with the row's settings (its library.json says which)
             shutil.copytree(args.library, staging_dir(out) / "search-library")
         summary = build(run, out, dep=dep, target=Target(speedup=args.target_speedup), budget=row_budget,
                         space=space, table_cache=table,

@@ -161,6 +161,15 @@ def test_a_saved_library_loads_back_and_one_of_another_search_is_refused(baselin
     paired_options, starts = with_pairs(baseline.arch, options)  # a search with pairs: alternatives the file lacks
     with pytest.raises(PlanerError, match="another version of planer; delete"):
         Library(parent, paired_options, calibration_inputs(parent, data, [1, 3]), starts).load(tmp_path)
+    # the same alternatives trained with other settings (the library says which): refused, naming the difference
+    settings = local_module.library_settings(SearchConfig())
+    library.settings = settings
+    library.save(tmp_path)
+    Library(parent, options, calibration_inputs(parent, data, [1, 3]), settings=settings).load(tmp_path)
+    longer = local_module.library_settings(SearchConfig(local_steps=1000, init="weights"))
+    with pytest.raises(PlanerError, match="other settings \\(local_steps 400, not 1000, init activations, not "
+                                          "weights\\); delete"):
+        Library(parent, options, calibration_inputs(parent, data, [1, 3]), settings=longer).load(tmp_path)
 
 
 def test_a_damaged_saved_library_is_refused_in_one_line_and_a_search_trains_it_again(baseline, tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -80,6 +81,14 @@ SCORINGS = ("kl", "nmse")
 FAMILIES = {"attn": ("attn", "linear", "skip"), "ffn": ("ffn", "moe", "skip")}
 BALANCE = 0.01  # the load-balancing loss's weight beside a split block's NMSE (Switch Transformer's)
 CALIBRATION_TOKENS = 8192  # training tokens the FFN splits are clustered and their routers fitted on
+# What a library's trained weights and scores depend on beside the baseline and its alternatives (SearchConfig's
+# fields): a library saved by a search that differs in any of them is trained again.
+LIBRARY_SETTINGS = ("local_steps", "local_lr", "local_train", "oracle_router", "init", "batch", "seed",
+                    "score_tokens", "trial_tokens", "probe_segments", "probe_flops", "arch_split")
+
+
+def library_settings(cfg: SearchConfig) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in LIBRARY_SETTINGS}
 
 
 def alternatives(parent: Architecture, space: SearchSpace) -> list[list[BlockSpec]]:
@@ -229,11 +238,12 @@ class Library:
     each: `nmse_before`/`nmse_after` (on held-out training tokens) and `kl` (replace-one-block divergence)."""
 
     def __init__(self, parent: LM, options: list[list[BlockSpec]], calibration: dict[int, Tensor] | None = None,
-                 paired_from: Sequence[int] | None = None):
+                 paired_from: Sequence[int] | None = None, settings: dict[str, Any] | None = None):
         """`calibration`: per position with split alternatives, the parent block's inputs on training tokens.
         `paired_from`: per position, the index of its first paired alternative (with_pairs); none by default. A
-        paired alternative starts from the weights of the same alternative unpaired."""
-        self.parent, self.options = parent, options
+        paired alternative starts from the weights of the same alternative unpaired. `settings`: what else its
+        training and scores depend on (library_settings); a saved library of other settings is not loaded."""
+        self.parent, self.options, self.settings = parent, options, settings or {}
         arch, calibration = parent.arch, calibration or {}
         starts = list(paired_from) if paired_from is not None else [len(specs) for specs in options]
         self.keys: list[list[Key]] = [[(p, s.label() + (AFTER_SKIP if c >= starts[p] else ""))
@@ -305,13 +315,22 @@ class Library:
                    for name, t in block.state_dict().items()}
         with replacing(out / LIBRARY_FILE) as tmp:
             save_file(tensors, str(tmp))
-        atomic_write(out / LIBRARY_RECORD, json.dumps(self.record, indent=2) + "\n")
+        atomic_write(out / LIBRARY_RECORD, json.dumps({"settings": self.settings, "alternatives": self.record},
+                                                      indent=2) + "\n")
 
     def load(self, out: Path) -> None:
-        """The library saved in `out`; one damaged or of another search is refused (PlanerError), none of it
-        loaded."""
+        """The library saved in `out`; one damaged, of another search or trained with other settings is refused
+        (PlanerError), none of it loaded."""
         remedy = f"delete {out} and run the same command again"
-        record = read_json(out / LIBRARY_RECORD, remedy)
+        saved = read_json(out / LIBRARY_RECORD, remedy)
+        if not isinstance(saved, dict) or not isinstance(saved.get("alternatives"), dict):
+            raise PlanerError(f"{out / LIBRARY_RECORD} was made by another version of planer; {remedy}")
+        if saved.get("settings") != json.loads(json.dumps(self.settings)):
+            other = {k: v for k, v in (saved.get("settings") or {}).items() if self.settings.get(k) != v}
+            raise PlanerError(f"the library in {out} was trained with other settings ("
+                              + ", ".join(f"{k} {v}, not {self.settings.get(k)}" for k, v in other.items())
+                              + f"); {remedy}")
+        record = saved["alternatives"]
         try:
             tensors = load_file(str(out / LIBRARY_FILE))
         except (SafetensorError, OSError) as e:
@@ -528,7 +547,7 @@ class _Local:
         self.parent = ranked_parent(baseline, self.probe, cfg.init)
         splits = [p for p, specs in enumerate(self.options) if any(s.kind == "moe" for s in specs)]
         self.library = Library(self.parent, self.options, calibration_inputs(self.parent, self.data, splits),
-                               paired_from)
+                               paired_from, library_settings(cfg))
         self.candidates: list[Candidate] = []
         self.by_choice: dict[tuple[int, ...], Candidate] = {}
         # The output head's precisions: int8 where the deployment runs it and the table timed the fixed part so
