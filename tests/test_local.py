@@ -324,3 +324,34 @@ def test_the_selection_puts_the_head_in_int8_where_that_buys_the_target(baseline
     heads, choices = solved(13.0, ["fp32", "int8"])  # fp32 head + 3 blocks (0.3) or int8 head + 4 blocks (0.05)
     assert heads == ["int8"] and choices == [(0, 0, 0, 0)]
     assert solved(14.0, ["fp32", "int8"]) == (["fp32"], [(0, 0, 0, 0)])  # everything fits: nothing damaged
+
+
+def test_alternatives_timed_above_their_parent_never_change_the_selection():
+    """undominated drops what the table times at or above the parent block (and nothing else); on random
+    instances where the parent scores 0 and every other alternative at least 0, the exact selection's best is
+    as good without them, at every budget (a pruned problem is a sub-problem, so only that equality can fail)."""
+    import random
+
+    from planer.latency import LatencyTable
+    from planer.search.select import select
+
+    rng = random.Random(0)
+    widths = [8, 16, 24, 32, 40, 48]
+    dropped = 0
+    for _ in range(60):
+        table = LatencyTable({}, {f"ffn{w}": {"p50": rng.uniform(0.1, 2.0)} for w in widths})
+        options = [[BlockSpec.ffn(p), BlockSpec.skip(), *(BlockSpec.ffn(w) for w in rng.sample(widths, 3) if w != p)]
+                   for p in rng.sample(widths, 3)]
+        kept = local_module.undominated(options, table)
+        assert all(left[0] == specs[0] and set(left) <= set(specs) for specs, left in zip(options, kept))
+        dropped += sum(map(len, options)) - sum(map(len, kept))
+        scores = [{s: 0.0 if i == 0 else rng.uniform(0.0, 1.0) for i, s in enumerate(specs)} for specs in options]
+
+        def best(opts, budget):
+            found = select([[scores[p][s] for s in specs] for p, specs in enumerate(opts)],
+                           [[table.block_ms(s) for s in specs] for specs in opts], budget)
+            return round(found[0].score, 9) if found else None
+
+        for budget in (0.5, 1.5, 3.0, 6.0):
+            assert best(kept, budget) == best(options, budget)
+    assert dropped > 60  # the instances do exercise the pruning

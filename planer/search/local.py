@@ -104,6 +104,15 @@ def alternatives(parent: Architecture, space: SearchSpace) -> list[list[BlockSpe
     return result
 
 
+def undominated(options: list[list[BlockSpec]], table: LatencyTable) -> list[list[BlockSpec]]:
+    """Each position's alternatives less those the table times at or above the parent block (each list's first):
+    the parent costs no more and does no damage (its KL is 0, every other's at least 0), so no selection prefers
+    them, in any round (calibration scales every cost alike). Dropped before training, they cost nothing: on
+    `tiny` and the deep preset most split experts are slower than the FFN at B1 (benchmarks/RESULTS.md)."""
+    return [[s for c, s in enumerate(specs) if c == 0 or table.block_ms(s) < table.block_ms(specs[0])]
+            for specs in options]
+
+
 def with_pairs(parent: Architecture, options: list[list[BlockSpec]]) -> tuple[list[list[BlockSpec]], list[int]]:
     """`options` with, at each FFN position after an attention position that may be skipped, its dense FFN
     alternatives again as paired ones (trained to stand for the attention and the FFN together); and per
@@ -541,7 +550,11 @@ class _Local:
         share = distributed.share(cfg.batch)
         self.data = Segments(training.tokens[:self.cut], cfg.batch, arch.tgt_len, share)
         self.probe = held_out_probe(training, arch, cfg, share)
-        self.options, paired_from = alternatives(arch, space), None
+        every = alternatives(arch, space)
+        self.options, paired_from = undominated(every, self.table), None
+        if dropped := sum(map(len, every)) - sum(map(len, self.options)):
+            self.say(f"{dropped} alternatives left out before training: the table times them at or above the block "
+                     "they would replace")
         if cfg.pairs and cfg.scoring == "kl":  # a pair's local errors do not add up with the skip's
             self.options, paired_from = with_pairs(arch, self.options)
         self.parent = ranked_parent(baseline, self.probe, cfg.init)
