@@ -208,7 +208,8 @@ class Architecture:
     rope_base: float = 10000.0  # rotary: the frequencies' base (Llama's rope_theta)
     max_positions: int = 0  # learned: rows of the absolute position table (GPT-2's n_positions)
     # The output head's product: fp32, or int8 as ONNX Runtime runs an int8 block's (planer.nn.quant). A large
-    # vocabulary makes the head a large share of a small model's latency (SmolLM2-135M: ~15 % at B1).
+    # vocabulary makes the head a large share of a small model's latency (SmolLM2-135M's head alone in int8: 0.907x
+    # the fp32 network's time, benchmarks/RESULTS.md).
     head_precision: str = "fp32"
     name: str = ""
 
