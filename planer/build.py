@@ -356,12 +356,13 @@ def _trainable(space: SearchSpace | None, arch: Architecture, dep: Deployment, m
     if space is not None and moe.given():
         raise PlanerError(f"{moe.given()[0]} shapes the default space; with --space, list the MoE blocks in the file")
     moe.check(arch, local)
-    if space is None:
-        upcycled = {k: v for k, v in (("experts", moe.experts), ("top_k", moe.top_k)) if v and not local}
-        space = SearchSpace.default(arch, max_params=None if local else limit, **upcycled)
-        if local:
-            splits = {k: v for k, v in (("experts", moe.experts), ("top_k", moe.top_k), ("shared", moe.shared)) if v}
-            space = space.with_splits(arch, **splits)
+    if space is None and local:  # the FFN's splits alone: the supernet's default expert counts would come back
+        # as splits (E experts of W/E units split W) beside those --experts asked for
+        splits = {k: v for k, v in (("experts", moe.experts), ("top_k", moe.top_k), ("shared", moe.shared)) if v}
+        space = SearchSpace.default(arch, experts=()).with_splits(arch, **splits)
+    elif space is None:
+        upcycled = {k: v for k, v in (("experts", moe.experts), ("top_k", moe.top_k)) if v}
+        space = SearchSpace.default(arch, max_params=limit, **upcycled)
     space = dep.searchable(space)
     if local:
         alternatives(arch, space)

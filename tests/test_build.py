@@ -358,6 +358,19 @@ def test_build_refuses_a_space_this_machine_cannot_train(baseline_run, tmp_path,
     assert not (tmp_path / "big.partial").exists()
 
 
+def test_the_local_search_space_holds_the_splits_asked_for_and_no_others():
+    from planer.space import ExpertOptions
+
+    # FFN 128: the supernet's default E x W/E experts (2 x 64, 4 x 32, ...) would split it too
+    arch = small_arch([BlockSpec.attn(2, 16), BlockSpec.ffn(128)])
+    space = build_module._trainable(None, arch, Deployment(), "local", ExpertOptions(experts=(4,), top_k=(1,),
+                                                                                     shared=(0.25,)))
+    assert {c.in_precision("fp32").label() for c in space.candidates if c.kind == "moe"} == {"moe4k1x24+s32"}
+    default = build_module._trainable(None, arch, Deployment(), "local")
+    assert {(c.experts, c.top_k, c.shared) for c in default.candidates if c.kind == "moe"} == {
+        (e, k, s) for e in (2, 4, 8) for k in (1, 2) for s in (0, 32) if k < e}
+
+
 def test_the_supernet_refuses_experts_with_a_shared_part(baseline_run, tmp_path):
     space = SearchSpace(4, SPACE.candidates + (BlockSpec.moe(2, 1, 32, shared=64),))
     with pytest.raises(PlanerError, match=r"moe2k1x32\+s64 is a MoE block with a shared part: only --search local"):
