@@ -625,7 +625,7 @@ class _Build:
         log = out.with_name(f"{out.name}_log.jsonl")
         distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
         if distributed.is_main():
-            log.unlink(missing_ok=True)  # an interrupted search starts over
+            log.unlink(missing_ok=True)  # an interrupted search starts over (its library goes on where it stopped)
         outcome = run_search(self.baseline, self.corpus.training_split(), space, self.table, self.dep, target,
                              cfg=self.budget.searched_with,
                              log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx,

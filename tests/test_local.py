@@ -172,7 +172,8 @@ def test_a_saved_library_loads_back_and_one_of_another_search_is_refused(baselin
         Library(parent, options, calibration_inputs(parent, data, [1, 3]), settings=longer).load(tmp_path)
 
 
-def test_a_damaged_saved_library_is_refused_in_one_line_and_a_search_trains_it_again(baseline, tmp_path, monkeypatch):
+def test_a_damaged_saved_library_is_refused_in_one_line_and_a_search_trains_it_again(baseline, corpus, tmp_path,
+                                                                                     monkeypatch):
     """The library a build keeps in OUT.partial, truncated (a full disk, a hand): a resumed search trains it again."""
     from types import SimpleNamespace
 
@@ -191,8 +192,18 @@ def test_a_damaged_saved_library_is_refused_in_one_line_and_a_search_trains_it_a
 
     monkeypatch.setattr(local_module, "distil_locally", training)
     search = SimpleNamespace(library=library, main=True, show_progress=False, cfg=SearchConfig(), data=None,
-                             probe=None)
+                             probe=None, training=None, cut=None, arch=None, log_path=None, say=lambda text: None)
     local_module._Local.library_trained(search, tmp_path / "whole")  # read back, not trained
+    # one saved as training leaves it, not yet scored: read back and scored, not trained
+    Library(baseline, options).save(tmp_path / "trained")
+    monkeypatch.setattr(local_module, "score_probe", lambda *args: _probe(corpus))
+    search.library = Library(baseline, options)
+    local_module._Local.library_trained(search, tmp_path / "trained")
+    assert search.library.scored()
+    again = Library(baseline, options)
+    again.load(tmp_path / "trained")
+    assert again.scored() and again.record == search.library.record
+    search.library = library
     for name in (local_module.LIBRARY_FILE, local_module.LIBRARY_RECORD):
         damaged = tmp_path / name
         shutil.copytree(tmp_path / "whole", damaged)
@@ -355,3 +366,87 @@ def test_alternatives_timed_above_their_parent_never_change_the_selection():
         for budget in (0.5, 1.5, 3.0, 6.0):
             assert best(kept, budget) == best(options, budget)
     assert dropped > 60  # the instances do exercise the pruning
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Bar:
+    """A progress bar that counts, and interrupts the work when it reaches `stop`."""
+
+    def __init__(self, stop: int | None = None):
+        self.n, self.stop = 0, stop
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.n == self.stop:
+            raise _Interrupted
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+
+def test_local_distillation_interrupted_goes_on_from_its_last_saved_state_as_if_never_stopped(
+        baseline, corpus, tmp_path, monkeypatch):
+    options = [[s for s in specs if s.kind != "moe"] for specs in alternatives(baseline.arch, SPACE)]
+    probe = _probe(corpus)
+    parent = ranked_parent(baseline, probe, "activations")
+    data = Segments(corpus.train[:50_000], 2, 16)
+    cfg = SearchConfig(local_steps=12, local_lr=3e-3)
+    whole = Library(parent, options)
+    distil_locally(whole, data, probe, cfg)
+    monkeypatch.setattr(local_module, "CHECKPOINT_S", 0.0)  # a state saved after every step
+    stopped = Library(parent, options)
+    with pytest.raises(_Interrupted):
+        distil_locally(stopped, data, probe, cfg, _Bar(stop=8), tmp_path)  # in step 8: the state after 7 is saved
+    assert torch.load(tmp_path / local_module.CHECKPOINT_FILE, weights_only=True)["step"] == 7
+    resumed = Library(parent, options)
+    bar = _Bar()
+    distil_locally(resumed, data, probe, cfg, bar, tmp_path)
+    assert bar.n == cfg.local_steps
+    for key in whole.trainable():  # the same weights (optimizer state, memories and schedule carried over)
+        for a, b in zip(whole.blocks[key].state_dict().values(), resumed.blocks[key].state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for key in whole.changed():
+        for name in ("nmse_before", "nmse_after"):
+            assert resumed.figure(key, name) == pytest.approx(whole.figure(key, name), rel=1e-5)
+    # a state saved for other settings is not taken up: training starts again (and ends as a fresh run does)
+    other = Library(parent, options, settings={"local_steps": 12})
+    distil_locally(other, data, probe, cfg, None, tmp_path)
+    for key in whole.trainable():
+        for a, b in zip(whole.blocks[key].state_dict().values(), other.blocks[key].state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_scoring_interrupted_goes_on_with_the_alternatives_it_had_not_scored(baseline, corpus, tmp_path):
+    options, starts = with_pairs(baseline.arch, [[s for s in specs if s.kind != "moe"]
+                                                 for specs in alternatives(baseline.arch, SPACE)])
+    probe = _probe(corpus)
+    parent = ranked_parent(baseline, probe, "activations")
+    whole = Library(parent, options, None, starts)
+    agreement = score(whole, probe)
+    stopped = Library(parent, options, None, starts)
+    stopped.save(tmp_path)  # as training leaves it: weights, nothing scored
+    saves = []
+
+    def saved() -> None:
+        stopped.save_record(tmp_path)
+        saves.append(1)
+        if len(saves) == 2:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        score(stopped, probe, saved=saved)
+    resumed = Library(parent, options, None, starts)
+    resumed.load(tmp_path)
+    done = [key for key in resumed.blocks if resumed.has(key, "kl")]
+    assert not resumed.scored() and {p for p, _ in done} == {0, 1}
+    bar = _Bar()
+    assert score(resumed, probe, bar) == pytest.approx(agreement)
+    assert bar.n == sum(not whole.exact(key) for key in whole.blocks)
+    assert resumed.scored()
+    score(resumed, probe)  # a scored library: nothing scored again, nothing changed
+    for key in whole.blocks:  # paired ones' KL less the skip's once, not twice
+        for name in ("kl", "pair_kl") if local_module.paired(key) else ("kl",):
+            assert resumed.figure(key, name) == pytest.approx(whole.figure(key, name), rel=1e-6, abs=1e-9)

@@ -38,7 +38,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,8 @@ SELECTIONS = ("exact", "greedy")
 SCORINGS = ("kl", "nmse")
 FAMILIES = {"attn": ("attn", "linear", "skip"), "ffn": ("ffn", "moe", "skip")}
 BALANCE = 0.01  # the load-balancing loss's weight beside a split block's NMSE (Switch Transformer's)
+CHECKPOINT_FILE = "training.pt"  # local distillation's state while it runs, beside the library it becomes
+CHECKPOINT_S = 600.0  # at most this much local distillation is lost to an interruption
 CALIBRATION_TOKENS = 8192  # training tokens the FFN splits are clustered and their routers fitted on
 # What a library's trained weights and scores depend on beside the baseline and its alternatives (SearchConfig's
 # fields): a library saved by a search that differs in any of them is trained again.
@@ -301,6 +303,9 @@ class Library:
     def note(self, key: Key, **figures: float) -> None:
         self.record.setdefault(f"{key[0]}:{key[1]}", {}).update(figures)
 
+    def has(self, key: Key, name: str) -> bool:
+        return name in self.record.get(f"{key[0]}:{key[1]}", {})
+
     def figure(self, key: Key, name: str, default: float | None = None) -> float:
         """What was measured of `key`; `default` where it was not (None: that is an error)."""
         figures = self.record.get(f"{key[0]}:{key[1]}", {})
@@ -320,31 +325,41 @@ class Library:
         return model.eval()
 
     def save(self, out: Path) -> None:
+        """The weights and what was measured so far, in `out` (made if missing)."""
+        out.mkdir(parents=True, exist_ok=True)
         tensors = {f"{p}/{label}/{name}": t.detach().contiguous() for (p, label), block in self.blocks.items()
                    for name, t in block.state_dict().items()}
         with replacing(out / LIBRARY_FILE) as tmp:
             save_file(tensors, str(tmp))
-        atomic_write(out / LIBRARY_RECORD, json.dumps({"settings": self.settings, "alternatives": self.record},
+        self.save_record(out)
+
+    def save_record(self, out: Path) -> None:
+        """What was measured so far (the weights, saved by `save`, unchanged since)."""
+        atomic_write(out / LIBRARY_RECORD, json.dumps({"settings": self.settings, "alternatives": self.record,
+                                                       "keys": [f"{p}:{label}" for p, label in self.blocks]},
                                                       indent=2) + "\n")
 
+    def scored(self) -> bool:
+        return all(self.has(key, "kl") for key in self.blocks)
+
     def load(self, out: Path) -> None:
-        """The library saved in `out`; one damaged, of another search or trained with other settings is refused
-        (PlanerError), none of it loaded."""
+        """The library saved in `out`, trained and scored or partly scored (see `scored`); one damaged, of another
+        search or trained with other settings is refused (PlanerError), none of it loaded."""
         remedy = f"delete {out} and run the same command again"
         saved = read_json(out / LIBRARY_RECORD, remedy)
-        if not isinstance(saved, dict) or not isinstance(saved.get("alternatives"), dict):
+        if not isinstance(saved, dict) or not isinstance(saved.get("alternatives"), dict) or not isinstance(
+                saved.get("keys"), list):
             raise PlanerError(f"{out / LIBRARY_RECORD} was made by another version of planer; {remedy}")
         if saved.get("settings") != json.loads(json.dumps(self.settings)):
             other = {k: v for k, v in (saved.get("settings") or {}).items() if self.settings.get(k) != v}
             raise PlanerError(f"the library in {out} was trained with other settings ("
                               + ", ".join(f"{k} {v}, not {self.settings.get(k)}" for k, v in other.items())
                               + f"); {remedy}")
-        record = saved["alternatives"]
         try:
             tensors = load_file(str(out / LIBRARY_FILE))
         except (SafetensorError, OSError) as e:
             raise PlanerError(f"{out / LIBRARY_FILE}: unreadable or truncated ({e}); {remedy}") from None
-        missing = [f"{p}:{label}" for p, label in self.blocks if f"{p}:{label}" not in record
+        missing = [f"{p}:{label}" for p, label in self.blocks if f"{p}:{label}" not in saved["keys"]
                    or not any(k.startswith(f"{p}/{label}/") for k in tensors) and self.spec[(p, label)].kind != "skip"]
         if missing:
             raise PlanerError(f"the library in {out} lacks {len(missing)} of this search's alternatives (e.g. "
@@ -353,23 +368,37 @@ class Library:
         for (p, label), block in self.blocks.items():
             prefix = f"{p}/{label}/"
             block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        self.record = record
+        self.record = saved["alternatives"]
 
 
 def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tensor, Tensor]], cfg: SearchConfig,
-                   bar: tqdm | None = None) -> None:
+                   bar: tqdm | None = None, checkpoint: Path | None = None) -> None:
     """Train every trainable alternative for `cfg.local_steps` steps to reproduce its parent block (see `nmse`),
-    all on one parent pass per step; each alternative's normalised MSE on `probe` is noted before and after."""
+    all on one parent pass per step; each alternative's normalised MSE on `probe` is noted before and after.
+
+    With `checkpoint` (a directory), the training's state is saved there every CHECKPOINT_S seconds, and training
+    interrupted before its end continues from the last state saved: the steps an uninterrupted run would have
+    taken, on the same segments (a SmolLM2-135M library trains for about half an hour on two cores)."""
     keys = library.trainable()
-    _note_nmse(library, library.changed(), probe, "nmse_before")
     params = [q for k in keys for q in library.blocks[k].parameters()]
+    resumed = _resumed(library, keys, checkpoint) if cfg.local_steps and params else None
+    if resumed is None:
+        _note_nmse(library, library.changed(), probe, "nmse_before")
     if cfg.local_steps and params:
         opt = torch.optim.AdamW(params, lr=cfg.local_lr, betas=(0.9, 0.99), weight_decay=0.0)
         schedule = TrainConfig(steps=cfg.local_steps, lr=cfg.local_lr, warmup=min(100, cfg.local_steps // 10))
         for k in keys:
             library.blocks[k].train()
-        mems = None
-        for step in range(cfg.local_steps):
+        first, mems = 0, None
+        if resumed is not None:
+            opt.load_state_dict(resumed["optimizer"])
+            torch.set_rng_state(resumed["rng"])
+            first = resumed["step"]
+            mems = None if resumed["mems"] is None else [m[distributed.share(cfg.batch)] for m in resumed["mems"]]
+            if bar is not None:
+                bar.update(first)
+        saved_at = time.perf_counter()
+        for step in range(first, cfg.local_steps):
             index = step % len(data)
             x, _ = data[index]
             seg, mems = parent_pass(library.parent, x, None if index == 0 else mems)
@@ -387,10 +416,57 @@ def distil_locally(library: Library, data: Segments, probe: Sequence[tuple[Tenso
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(mean_nmse=f"{float(loss.detach()) / len(keys):.3f}")
+            # rank 0's clock decides for every rank: saving gathers every rank's memories
+            if checkpoint is not None and step + 1 < cfg.local_steps and distributed.broadcast(
+                    time.perf_counter() - saved_at >= CHECKPOINT_S):
+                _save_training(library, keys, checkpoint, step + 1, opt, mems)
+                saved_at = time.perf_counter()
         for k in keys:
             library.blocks[k].eval()
     library.share_twins()
     _note_nmse(library, library.changed(), probe, "nmse_after")
+
+
+def _save_training(library: Library, keys: list[Key], out: Path, step: int, opt: torch.optim.Optimizer,
+                   mems: list[Tensor | None] | None) -> None:
+    mems = distributed.gather_streams(mems)  # every rank's streams, so that any number of ranks can resume
+
+    def write() -> None:
+        state = {"settings": json.dumps(library.settings, sort_keys=True), "step": step,
+                 "keys": [f"{p}:{label}" for p, label in keys], "record": json.dumps(library.record),
+                 "blocks": {f"{p}:{label}": library.blocks[(p, label)].state_dict() for p, label in keys},
+                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "mems": mems}
+        out.mkdir(parents=True, exist_ok=True)
+        with replacing(out / CHECKPOINT_FILE) as tmp:
+            torch.save(state, tmp)
+
+    distributed.main_writes(write)
+
+
+def _resumed(library: Library, keys: list[Key], out: Path | None) -> dict[str, Any] | None:
+    """The training state saved in `out` for these alternatives and settings, loaded into `library` (its blocks
+    and the errors noted before training); None where there is none, or one that cannot be used (said why)."""
+    path = out / CHECKPOINT_FILE if out is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:  # tensors, numbers and strings only: nothing else is unpickled
+        state = torch.load(path, weights_only=True)
+        if state["keys"] != [f"{p}:{label}" for p, label in keys] or state["settings"] != json.dumps(
+                library.settings, sort_keys=True):
+            why = "it trained other alternatives or with other settings"
+        elif any({k: v.shape for k, v in state["blocks"][f"{p}:{label}"].items()}
+                 != {k: v.shape for k, v in library.blocks[(p, label)].state_dict().items()} for p, label in keys):
+            why = "its weights are not these alternatives' shapes"
+        else:
+            for p, label in keys:
+                library.blocks[(p, label)].load_state_dict(state["blocks"][f"{p}:{label}"])
+            library.record = json.loads(state["record"])
+            return state
+    except Exception as e:  # a damaged file fails inside the unpickler with whatever its bytes cause
+        why = f"unreadable: {type(e).__name__}: {e}"
+    if distributed.is_main():
+        print(f"{path} cannot be resumed from ({why}); local distillation starts again", file=sys.stderr)
+    return None
 
 
 def _balance(block: Block) -> Tensor | float:
@@ -437,10 +513,14 @@ def _note_nmse(library: Library, keys: list[Key], probe: Sequence[tuple[Tensor, 
 
 
 @torch.no_grad()
-def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | None = None) -> float:
+def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | None = None,
+          saved: Callable[[], None] | None = None) -> float:
     """Note every alternative's `kl`: KL(parent || network with only that block replaced), per token, on `probe`
     (consecutive segments; the first only fills the memories unless it is the only one). The blocks before the
     replaced one see what they saw in the parent, so each pass starts at the replaced block.
+
+    Alternatives already scored (by a search interrupted while scoring) are not scored again; `saved` is called
+    after each position's, to keep what was scored (SmolLM2-135M's ~600 alternatives score for about an hour).
 
     Returns how stable the ranking is: the Spearman correlation between the alternatives' KL on the first and on
     the second half of the scored segments (1: the same order)."""
@@ -451,10 +531,11 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | 
         passes.append(seg)
     first = 1 if len(passes) > 1 else 0  # the segments scored
     half = first + (len(passes) - first) // 2
-    halves: list[tuple[float, float]] = []
-    pairs: list[Key] = []
+    if bar is not None:
+        bar.update(sum(library.has(key, "kl") and not library.exact(key) for key in library.blocks))
     for p, keys in enumerate(library.keys):
-        for key in keys:
+        todo = [key for key in keys if not library.has(key, "kl")]
+        for key in todo:
             if library.exact(key):
                 library.note(key, kl=0.0)
                 continue
@@ -468,15 +549,19 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | 
                 out, own = run_blocks(blocks, seg.inputs[start], seg.mems[:start + 1] + later, parent.arch.mem_len,
                                       start=start)
                 kl.append(distributed.mean(float(distillation_loss(head_logits(parent, parent.norm(out)), seg.logits))))
-            library.note(key, kl=sum(kl[first:]) / len(kl[first:]))
-            halves.append((sum(kl[first:half]) / max(1, half - first), sum(kl[half:]) / max(1, len(kl) - half)))
-            if paired(key):
-                pairs.append(key)
+            library.note(key, kl=sum(kl[first:]) / len(kl[first:]),
+                         kl_first_half=sum(kl[first:half]) / max(1, half - first),
+                         kl_second_half=sum(kl[half:]) / max(1, len(kl) - half))
             if bar is not None:
                 bar.update(1)
-    for p, label in pairs:  # the pair's damage less the skip's: the selection adds the two
-        library.note((p, label), pair_kl=library.figure((p, label), "kl"),
-                     kl=library.figure((p, label), "kl") - library.figure((p - 1, "skip"), "kl"))
+        if todo and saved is not None:
+            saved()
+    for key in library.blocks:  # the pair's damage less the skip's: the selection adds the two
+        if paired(key) and not library.has(key, "pair_kl"):
+            library.note(key, pair_kl=library.figure(key, "kl"),
+                         kl=library.figure(key, "kl") - library.figure((key[0] - 1, "skip"), "kl"))
+    halves = [(library.figure(key, "kl_first_half"), library.figure(key, "kl_second_half"))
+              for key in library.blocks if not library.exact(key)]
     return _spearman(*zip(*halves)) if len(halves) > 1 else 1.0
 
 
@@ -574,25 +659,34 @@ class _Local:
             tqdm.write(text)
 
     def library_trained(self, out: Path | None) -> None:
-        """The library trained and scored, or loaded from `out` where an earlier run of the same search saved it."""
+        """The library trained and scored, saved in `out`; what an earlier run of the same search saved there (the
+        library, trained or also scored, or the training's last state) is taken up where it stopped."""
+        loaded = False
         if out is not None and (out / LIBRARY_RECORD).is_file():
             try:
                 self.library.load(out)
-                return
+                loaded = True
             except PlanerError as e:  # this search's own output, damaged since: made again (and saved over it)
                 if self.main:
                     print(f"the library saved in {out} cannot be used, so it is trained again ({e})", file=sys.stderr)
         began = time.perf_counter()
         steps = self.cfg.local_steps if self.cfg.local_train else 0
-        with tqdm(total=steps, desc=f"local distillation of {len(self.library.trainable())} alternatives",
-                  unit="step", disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
-            distil_locally(self.library, self.data, self.probe, replace(self.cfg, local_steps=steps), bar)
+        if not loaded:
+            with tqdm(total=steps, desc=f"local distillation of {len(self.library.trainable())} alternatives",
+                      unit="step", disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
+                distil_locally(self.library, self.data, self.probe, replace(self.cfg, local_steps=steps), bar, out)
+            if out is not None:
+                distributed.main_writes(lambda: (self.library.save(out),
+                                                 (out / CHECKPOINT_FILE).unlink(missing_ok=True)))
         trained_s = time.perf_counter() - began
+        if self.library.scored():
+            return
         probe = score_probe(self.training, self.cut, self.arch, self.cfg, distributed.share(self.cfg.batch))
         scored = sum(not self.library.exact(key) for key in self.library.blocks)
         with tqdm(total=scored, desc="scoring: replace-one-block KL on held-out training tokens", unit="block",
                   disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
-            agreement = score(self.library, probe, bar)
+            agreement = score(self.library, probe, bar, None if out is None else
+                              lambda: distributed.main_writes(lambda: self.library.save_record(out)))
         self.say(f"  rank agreement of the scores between the two halves of the scoring tokens: {agreement:.3f} "
                  "(Spearman)")
         _log(self.log_path, {"library": self.library.record, "local_steps": steps, "init": self.cfg.init,
@@ -600,7 +694,7 @@ class _Local:
                              "trained_s": round(trained_s, 1), "scored_s": round(time.perf_counter() - began
                                                                                  - trained_s, 1)})
         if out is not None:
-            distributed.main_writes(lambda: (out.mkdir(parents=True, exist_ok=True), self.library.save(out)))
+            distributed.main_writes(lambda: self.library.save_record(out))
 
     def heads_scored(self) -> None:
         """The damage of each precision the output head may run in (KL, as a block's), on the scoring tokens."""
