@@ -33,6 +33,7 @@ files there are damaged runs again). It holds:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -63,7 +64,7 @@ from planer.nn.model import in_precision
 from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import Engine, describe_engine, evaluate_engine, load_engine
 from planer.search import run_search
-from planer.search.local import alternatives
+from planer.search.local import LIBRARY_FILE, LIBRARY_RECORD, alternatives
 from planer.search.search import OUTCOME_FILE, Candidate, InfeasibleTarget, SearchConfig, SearchOutcome
 from planer.space import ExpertOptions, SearchSpace, trainable_params_limit
 from planer.train.evaluate import headline, scores
@@ -442,6 +443,21 @@ def sweep(run: str | Path, out: str | Path, speedups: list[float], **options: An
     return summaries
 
 
+def _linked(source: Path, dest: Path, names: Sequence[str]) -> None:
+    """`names` of directory `source` in a new directory `dest`, as hard links where the file system allows (a
+    SmolLM2-135M library is 3.4 GB). Files are only ever replaced whole (planer.files.replacing), never written in
+    place, so a link never changes the file it was made from."""
+    staging = staging_dir(dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in names:
+        try:
+            os.link(source / name, staging / name)
+        except OSError:  # another file system
+            shutil.copy2(source / name, staging / name)
+    publish(staging, dest)
+
+
 def _finished(done: Path, options: dict[str, Any]) -> dict[str, Any]:
     """The summary of a build an interrupted sweep finished, if it was asked for the same way as now."""
     before = read_json(done / REQUEST_FILE, f"delete {done} and run the sweep again")
@@ -574,7 +590,8 @@ class _Build:
         accuracy.json's contents, on every rank."""
         base_tokens = _tokens_seen(self.run)
         base_onnx = self.exported_baseline()
-        outcome = self.searched(self.work / "search", self.space, self.target, base_onnx)
+        outcome = self.searched(self.work / "search", self.space, self.target, base_onnx,
+                                continued.parent if continued is not None else None)
         self.table = outcome.table
         self.clock.lap("search")
         result = self.distilled(outcome.chosen)
@@ -616,20 +633,26 @@ class _Build:
         path = out / "model.onnx"
         return str(path if _parses(path) else export_lm(self.baseline, path, **self.dep.export_options()))
 
-    def searched(self, out: Path, space: SearchSpace, target: Target, base_onnx: str) -> SearchOutcome:
-        """The search's outcome in OUT, or the one an earlier, interrupted build saved there."""
+    def searched(self, out: Path, space: SearchSpace, target: Target, base_onnx: str,
+                 reuse: Path | None = None) -> SearchOutcome:
+        """The search's outcome in OUT, or the one an earlier, interrupted build saved there. `reuse`: an earlier
+        build's directory, whose local search's library this one starts from (the library depends on the baseline,
+        the space and the budget, not on the target; the search trains its own where it is not the same)."""
         if (out / OUTCOME_FILE).exists():
             saved = _kept(out, lambda: SearchOutcome.load(out))
             if saved is not None:
                 return saved
         log = out.with_name(f"{out.name}_log.jsonl")
+        library = out.with_name(f"{out.name}-library")
         distributed.barrier()  # every rank saw no outcome before rank 0 starts a new log
         if distributed.is_main():
             log.unlink(missing_ok=True)  # an interrupted search starts over (its library goes on where it stopped)
+            if reuse is not None and (reuse / library.name / LIBRARY_RECORD).is_file() and not library.exists():
+                _linked(reuse / library.name, library, (LIBRARY_FILE, LIBRARY_RECORD))
+        distributed.barrier()
         outcome = run_search(self.baseline, self.corpus.training_split(), space, self.table, self.dep, target,
-                             cfg=self.budget.searched_with,
-                             log_path=log, show_progress=self.show_progress, baseline_onnx=base_onnx,
-                             library_dir=out.with_name(f"{out.name}-library"))
+                             cfg=self.budget.searched_with, log_path=log, show_progress=self.show_progress,
+                             baseline_onnx=base_onnx, library_dir=library)
 
         def save() -> None:
             staging = staging_dir(out)

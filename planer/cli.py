@@ -492,7 +492,8 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
               "attention dropped, the baseline narrowed, and the search without MoE (about 3x the build time)")
 @click.option("--reuse-continued", "continued", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="the baseline-continued/ directory of an earlier build of the same baseline and budget, reused "
-                   "instead of training the reference again (refused if it trained on fewer tokens than the result)")
+                   "instead of training the reference again (refused if it trained on fewer tokens than the result); "
+                   "that build's local-search library too, where it holds this search's alternatives")
 def build_command(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
                   batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
                   precision: str | None, budget: str, space: Path | None, method: str, local_steps: int | None,

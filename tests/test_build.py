@@ -19,6 +19,7 @@ from planer.errors import PlanerError
 from planer.files import ARCH_FILE, staging_dir
 from planer.latency import LatencyTable
 from planer.nn import LM
+from planer.search.local import LIBRARY_FILE
 from planer.search.search import OUTCOME_FILE, Candidate, SearchConfig, SearchOutcome
 from planer.search.supernet import SuperNet
 from planer.space import SearchSpace
@@ -113,9 +114,10 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert all(a["tokens_trained"] == accuracy["result"]["tokens_trained"] for a in accuracy["comparisons"].values())
 
 
-def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp_path):
+def test_sweep_shares_table_continued_baseline_and_library(baseline_run, table_file, tmp_path):
     out = tmp_path / "sweep"
-    summaries = sweep(baseline_run, out, [1.2, 1.5], dep=DEP, budget=BUDGET, space=SPACE, table_cache=table_file,
+    local = BUDGET.searching("local", local_steps=3)
+    summaries = sweep(baseline_run, out, [1.2, 1.5], dep=DEP, budget=local, space=SPACE, table_cache=table_file,
                       show_progress=False)
     assert [s["target_speedup"] for s in summaries] == [1.2, 1.5]
     assert {p.name for p in out.iterdir()} >= {"x1.2", "x1.5", "pareto.png", "sweep.md"}
@@ -123,16 +125,18 @@ def test_sweep_shares_table_and_continued_baseline(baseline_run, table_file, tmp
     for reference in ("baseline_continued", "baseline_self_distilled"):  # each trained once, reused
         scores = [json.loads((out / x / "accuracy.json").read_text())[reference] for x in ("x1.2", "x1.5")]
         assert scores[0] == scores[1]
+    # the local search's library too: it does not depend on the target
+    assert os.path.samefile(*(out / x / "search-library" / LIBRARY_FILE for x in ("x1.2", "x1.5")))
     assert "x1.5" in (out / "sweep.md").read_text()
     # An interrupted sweep reuses its finished builds only when asked for the same way.
     again = tmp_path / "again"
     shutil.copytree(out / "x1.2", tmp_path / "again.partial" / "x1.2")
-    longer = Budget(BUDGET.search, distill_steps=BUDGET.distill_steps + 1)
+    longer = Budget(local.search, distill_steps=local.distill_steps + 1)
     with pytest.raises(PlanerError, match="x1.2 was built with another budget"):
         sweep(baseline_run, again, [1.2, 1.5], dep=DEP, budget=longer, space=SPACE, show_progress=False)
     other = shutil.copytree(baseline_run, tmp_path / "other-run")  # its finished target is not another model's
     with pytest.raises(PlanerError, match="interrupted sweep of something else \\(differs in: model\\)"):
-        sweep(other, again, [1.2, 1.5], dep=DEP, budget=BUDGET, space=SPACE, show_progress=False)
+        sweep(other, again, [1.2, 1.5], dep=DEP, budget=local, space=SPACE, show_progress=False)
 
 
 def test_build_infeasible_target_leaves_nothing(baseline_run, table_file, tmp_path):
