@@ -240,6 +240,11 @@ Key = tuple[int, str]  # (position, the alternative's label, with AFTER_SKIP for
 AFTER_SKIP = "|after-skip"
 
 
+def named(key: Key) -> str:
+    """`key` as the library's files name it: "position:label"."""
+    return f"{key[0]}:{key[1]}"
+
+
 def paired(key: Key) -> bool:
     return key[1].endswith(AFTER_SKIP)
 
@@ -301,14 +306,14 @@ class Library:
                 for p, keys in enumerate(self.keys) for c, key in enumerate(keys) if paired(key)]
 
     def note(self, key: Key, **figures: float) -> None:
-        self.record.setdefault(f"{key[0]}:{key[1]}", {}).update(figures)
+        self.record.setdefault(named(key), {}).update(figures)
 
     def has(self, key: Key, name: str) -> bool:
-        return name in self.record.get(f"{key[0]}:{key[1]}", {})
+        return name in self.record.get(named(key), {})
 
     def figure(self, key: Key, name: str, default: float | None = None) -> float:
         """What was measured of `key`; `default` where it was not (None: that is an error)."""
-        figures = self.record.get(f"{key[0]}:{key[1]}", {})
+        figures = self.record.get(named(key), {})
         return figures[name] if default is None or name in figures else default
 
     def network(self, choice: Sequence[int], head: str = "fp32") -> LM:
@@ -336,7 +341,7 @@ class Library:
     def save_record(self, out: Path) -> None:
         """What was measured so far (the weights, saved by `save`, unchanged since)."""
         atomic_write(out / LIBRARY_RECORD, json.dumps({"settings": self.settings, "alternatives": self.record,
-                                                       "keys": [f"{p}:{label}" for p, label in self.blocks]},
+                                                       "keys": list(map(named, self.blocks))},
                                                       indent=2) + "\n")
 
     def scored(self) -> bool:
@@ -359,7 +364,7 @@ class Library:
             tensors = load_file(str(out / LIBRARY_FILE))
         except (SafetensorError, OSError) as e:
             raise PlanerError(f"{out / LIBRARY_FILE}: unreadable or truncated ({e}); {remedy}") from None
-        missing = [f"{p}:{label}" for p, label in self.blocks if f"{p}:{label}" not in saved["keys"]
+        missing = [named((p, label)) for p, label in self.blocks if named((p, label)) not in saved["keys"]
                    or not any(k.startswith(f"{p}/{label}/") for k in tensors) and self.spec[(p, label)].kind != "skip"]
         if missing:
             raise PlanerError(f"the library in {out} lacks {len(missing)} of this search's alternatives (e.g. "
@@ -433,8 +438,8 @@ def _save_training(library: Library, keys: list[Key], out: Path, step: int, opt:
 
     def write() -> None:
         state = {"settings": json.dumps(library.settings, sort_keys=True), "step": step,
-                 "keys": [f"{p}:{label}" for p, label in keys], "record": json.dumps(library.record),
-                 "blocks": {f"{p}:{label}": library.blocks[(p, label)].state_dict() for p, label in keys},
+                 "keys": list(map(named, keys)), "record": json.dumps(library.record),
+                 "blocks": {named(k): library.blocks[k].state_dict() for k in keys},
                  "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "mems": mems}
         out.mkdir(parents=True, exist_ok=True)
         with replacing(out / CHECKPOINT_FILE) as tmp:
@@ -451,15 +456,15 @@ def _resumed(library: Library, keys: list[Key], out: Path | None) -> dict[str, A
         return None
     try:  # tensors, numbers and strings only: nothing else is unpickled
         state = torch.load(path, weights_only=True)
-        if state["keys"] != [f"{p}:{label}" for p, label in keys] or state["settings"] != json.dumps(
+        if state["keys"] != list(map(named, keys)) or state["settings"] != json.dumps(
                 library.settings, sort_keys=True):
             why = "it trained other alternatives or with other settings"
-        elif any({k: v.shape for k, v in state["blocks"][f"{p}:{label}"].items()}
-                 != {k: v.shape for k, v in library.blocks[(p, label)].state_dict().items()} for p, label in keys):
+        elif any({n: v.shape for n, v in state["blocks"][named(k)].items()}
+                 != {n: v.shape for n, v in library.blocks[k].state_dict().items()} for k in keys):
             why = "its weights are not these alternatives' shapes"
         else:
-            for p, label in keys:
-                library.blocks[(p, label)].load_state_dict(state["blocks"][f"{p}:{label}"])
+            for k in keys:
+                library.blocks[k].load_state_dict(state["blocks"][named(k)])
             library.record = json.loads(state["record"])
             return state
     except Exception as e:  # a damaged file fails inside the unpickler with whatever its bytes cause
