@@ -127,6 +127,9 @@ def test_sweep_shares_table_continued_baseline_and_library(baseline_run, table_f
         assert scores[0] == scores[1]
     # the local search's library too: it does not depend on the target
     assert os.path.samefile(*(out / x / "search-library" / LIBRARY_FILE for x in ("x1.2", "x1.5")))
+    logged = [json.loads(line) for line in (out / "x1.5" / "search_log.jsonl").read_text().splitlines()]
+    library = [entry for entry in logged if "library" in entry]  # logged though neither trained nor scored again
+    assert len(library) == 1 and library[0]["trained_s"] is None and library[0]["scored_s"] is None
     assert "x1.5" in (out / "sweep.md").read_text()
     # An interrupted sweep reuses its finished builds only when asked for the same way.
     again = tmp_path / "again"

@@ -180,7 +180,7 @@ def test_a_damaged_saved_library_is_refused_in_one_line_and_a_search_trains_it_a
     options = [[b, BlockSpec.ffn(64)] if b.kind == "ffn" else [b] for b in baseline.arch.blocks]  # no splits
     library = Library(baseline, options)
     for key in library.blocks:  # as scoring leaves it
-        library.note(key, kl=0.5)
+        library.note(key, kl=0.5, kl_first_half=0.4, kl_second_half=0.6)
     (tmp_path / "whole").mkdir()
     library.save(tmp_path / "whole")
 
@@ -419,7 +419,8 @@ def test_local_distillation_interrupted_goes_on_from_its_last_saved_state_as_if_
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_scoring_interrupted_goes_on_with_the_alternatives_it_had_not_scored(baseline, corpus, tmp_path):
+@pytest.mark.parametrize("stop", [2, 4])  # 4: every position scored, the pairs not yet corrected
+def test_scoring_interrupted_goes_on_with_the_alternatives_it_had_not_scored(baseline, corpus, tmp_path, stop):
     options, starts = with_pairs(baseline.arch, [[s for s in specs if s.kind != "moe"]
                                                  for specs in alternatives(baseline.arch, SPACE)])
     probe = _probe(corpus)
@@ -433,7 +434,7 @@ def test_scoring_interrupted_goes_on_with_the_alternatives_it_had_not_scored(bas
     def saved() -> None:
         stopped.save_record(tmp_path)
         saves.append(1)
-        if len(saves) == 2:
+        if len(saves) == stop:
             raise _Interrupted
 
     with pytest.raises(_Interrupted):
@@ -441,7 +442,7 @@ def test_scoring_interrupted_goes_on_with_the_alternatives_it_had_not_scored(bas
     resumed = Library(parent, options, None, starts)
     resumed.load(tmp_path)
     done = [key for key in resumed.blocks if resumed.has(key, "kl")]
-    assert not resumed.scored() and {p for p, _ in done} == {0, 1}
+    assert not resumed.scored() and {p for p, _ in done} == set(range(stop))
     bar = _Bar()
     assert score(resumed, probe, bar) == pytest.approx(agreement)
     assert bar.n == sum(not whole.exact(key) for key in whole.blocks)

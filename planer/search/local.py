@@ -345,7 +345,15 @@ class Library:
                                                       indent=2) + "\n")
 
     def scored(self) -> bool:
-        return all(self.has(key, "kl") for key in self.blocks)
+        """Every alternative scored, the pairs' damage corrected too (scoring stopped between the two is not)."""
+        return all(self.has(key, "kl") and (not paired(key) or self.has(key, "pair_kl")) for key in self.blocks)
+
+    def agreement(self) -> float:
+        """How stable the scored ranking is: the Spearman correlation between the alternatives' KL on the first
+        and on the second half of the scoring segments (1: the same order)."""
+        halves = [(self.figure(key, "kl_first_half"), self.figure(key, "kl_second_half"))
+                  for key in self.blocks if not self.exact(key)]
+        return _spearman(*zip(*halves)) if len(halves) > 1 else 1.0
 
     def load(self, out: Path) -> None:
         """The library saved in `out`, trained and scored or partly scored (see `scored`); one damaged, of another
@@ -565,9 +573,7 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | 
         if paired(key) and not library.has(key, "pair_kl"):
             library.note(key, pair_kl=library.figure(key, "kl"),
                          kl=library.figure(key, "kl") - library.figure((key[0] - 1, "skip"), "kl"))
-    halves = [(library.figure(key, "kl_first_half"), library.figure(key, "kl_second_half"))
-              for key in library.blocks if not library.exact(key)]
-    return _spearman(*zip(*halves)) if len(halves) > 1 else 1.0
+    return library.agreement()
 
 
 @torch.no_grad()
@@ -683,23 +689,25 @@ class _Local:
             if out is not None:
                 distributed.main_writes(lambda: (self.library.save(out),
                                                  (out / CHECKPOINT_FILE).unlink(missing_ok=True)))
-        trained_s = time.perf_counter() - began
-        if self.library.scored():
-            return
-        probe = score_probe(self.training, self.cut, self.arch, self.cfg, distributed.share(self.cfg.batch))
-        scored = sum(not self.library.exact(key) for key in self.library.blocks)
-        with tqdm(total=scored, desc="scoring: replace-one-block KL on held-out training tokens", unit="block",
-                  disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
-            agreement = score(self.library, probe, bar, None if out is None else
-                              lambda: distributed.main_writes(lambda: self.library.save_record(out)))
+        trained_s, scored_s = time.perf_counter() - began, None
+        if not self.library.scored():
+            probe = score_probe(self.training, self.cut, self.arch, self.cfg, distributed.share(self.cfg.batch))
+            scored = sum(not self.library.exact(key) for key in self.library.blocks)
+            with tqdm(total=scored, desc="scoring: replace-one-block KL on held-out training tokens", unit="block",
+                      disable=not (self.show_progress and self.main), dynamic_ncols=True) as bar:
+                score(self.library, probe, bar, None if out is None else
+                      lambda: distributed.main_writes(lambda: self.library.save_record(out)))
+            if out is not None:
+                distributed.main_writes(lambda: self.library.save_record(out))
+            scored_s = round(time.perf_counter() - began - trained_s, 1)
+        agreement = self.library.agreement()
         self.say(f"  rank agreement of the scores between the two halves of the scoring tokens: {agreement:.3f} "
                  "(Spearman)")
+        # a library taken up from an earlier run is logged too; None: no time spent training or scoring in this one
         _log(self.log_path, {"library": self.library.record, "local_steps": steps, "init": self.cfg.init,
                              "score_tokens": self.cfg.score_tokens, "score_rank_agreement": agreement,
-                             "trained_s": round(trained_s, 1), "scored_s": round(time.perf_counter() - began
-                                                                                 - trained_s, 1)})
-        if out is not None:
-            distributed.main_writes(lambda: self.library.save_record(out))
+                             "trained_s": None if loaded else round(trained_s, 1),
+                             "scored_s": scored_s})
 
     def heads_scored(self) -> None:
         """The damage of each precision the output head may run in (KL, as a block's), on the scoring tokens."""
