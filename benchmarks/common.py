@@ -185,12 +185,12 @@ def local_library(run: Path, data: str | None, baseline, options: list, cfg, ran
 
     from planer.data import Segments
     from planer.search.local import Library, calibration_inputs, distil_locally, score, score_probe
-    from planer.search.search import _arch_start, held_out_probe
+    from planer.search.search import arch_start, held_out_probe
     from planer.train.trainer import run_corpus
 
     arch = baseline.arch
     training = run_corpus(run, data, arch.vocab_size).training_split()
-    cut = _arch_start(training, cfg)
+    cut = arch_start(training, cfg)
     segments = Segments(training.tokens[:cut], cfg.batch, arch.tgt_len)
     probe = held_out_probe(training, arch, cfg)
     parent = rank(baseline, probe)

@@ -21,9 +21,10 @@ files there are damaged runs again). It holds:
     search/                        the search's outcome: the chosen network before distillation, every candidate
     search-library/                the local search's trained alternatives (library.safetensors) and what was
                                    measured of each (library.json: normalised MSE before and after, KL)
-    distill/                       the distillation run (resumable training directory)
     baseline-continued/            the baseline trained on as many more tokens as the result saw
-    baseline-self-distilled/       the baseline trained as long with the result's recipe (distilled from itself)
+    teacher.json                   what the result is distilled from (the baseline or baseline-continued/) and why
+    distill/                       the distillation run (resumable training directory)
+    baseline-self-distilled/       the baseline trained as long with the result's recipe (distilled from the teacher)
     compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
     pareto.png, arch.png           latency vs accuracy; the block sequences of baseline and result
     timings.json                   wall seconds per stage (summed over the invocations of a resumed build)
@@ -48,7 +49,7 @@ from planer import __version__, distributed
 from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import WEIGHTS_FILE, load_model
 from planer.compare import dense_space, fixed_comparisons
-from planer.data import Corpus
+from planer.data import Corpus, read_spans
 from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.export import export_lm
@@ -65,9 +66,10 @@ from planer.report import Point, arch_plot, pareto_plot, report
 from planer.runtime import Engine, describe_engine, evaluate_engine, load_engine
 from planer.search import run_search
 from planer.search.local import LIBRARY_FILE, LIBRARY_RECORD, alternatives
-from planer.search.search import OUTCOME_FILE, Candidate, InfeasibleTarget, SearchConfig, SearchOutcome
+from planer.search.search import (OUTCOME_FILE, Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, arch_start,
+                                  held_out_tokens)
 from planer.space import ExpertOptions, SearchSpace, trainable_params_limit
-from planer.train.evaluate import headline, scores
+from planer.train.evaluate import evaluate, headline, scores
 from planer.train.presets import COSINE, DISTILL_SHARE, TrainConfig, finetune_config
 from planer.train.trainer import (CONFIG_FILE, EVAL_FILE, DamagedCheckpoint, alignment, resumable, run_corpus,
                                   run_source, saved_config, train)
@@ -81,6 +83,10 @@ class Budget:
     distill_steps: int  # beyond the search's steps: see extra_steps
     distill_share: float = DISTILL_SHARE  # of the logits' loss; the rest cross-entropy
     cosine: float = COSINE  # weight of the hidden states' cosine loss in every distillation (TrainConfig.cosine)
+    # What the result and the self-distilled reference distil from (planer.choices.TEACHERS): the baseline as given,
+    # the continued baseline (the baseline trained on the build's data as long as the result: it adapts an imported
+    # model to that data), or auto: the one with the lower loss on the search's held-out training tokens.
+    teacher: str = "auto"
 
     @property
     def extra_steps(self) -> int:
@@ -137,6 +143,7 @@ SELF_DISTILLED = "baseline-self-distilled"
 EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in PyTorch (planer.train.evaluate)
 BASELINE = "baseline"
 TIMINGS_FILE = "timings.json"
+TEACHER_FILE = "teacher.json"
 SWEEP_FILE = "sweep.json"  # what a sweep was asked for (its builds' build.json name the baseline they read)
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
@@ -550,19 +557,12 @@ def _engine_accuracy(path: str, arch: Architecture, corpus: Corpus, dep: Deploym
                            mem_len=arch.mem_len, batch=EVAL_BATCH, show_progress=show_progress)
 
 
-def _check_fair(work: Path, base_tokens: int, kept_tokens: int) -> None:
-    """Refuse a reference baseline that trained on fewer tokens than the result (which also trained on the
-    `kept_tokens` of its search): judged against it, the result would owe part of its accuracy to the extra
-    training alone."""
-    result = _trained(work / "distill", base_tokens + kept_tokens)["tokens_trained"]
-    for name in (CONTINUED, SELF_DISTILLED):
-        reference = _trained(work / name, base_tokens)["tokens_trained"]
-        if reference < result:
-            if distributed.is_main():
-                shutil.rmtree(work / name)  # a copy of another build's: without it, a rerun trains a fair one
-            raise PlanerError(f"the reference {name} trained on {reference:,} tokens, fewer than the result's "
-                              f"{result:,}, so the comparison would flatter the result; build again without reusing "
-                              "a reference trained with a smaller budget")
+def _teacher_record(path: Path) -> dict[str, Any]:
+    """A build's teacher.json (see _Build.taught_by)."""
+    record = read_json(path, f"delete {path} and run the same command again")
+    if record.get("teacher") not in ("baseline", "continued"):
+        raise PlanerError(f"{path}: not the record planer writes; delete it and run the same command again")
+    return record
 
 
 @dataclass
@@ -586,21 +586,25 @@ class _Build:
     clock: _Clock
 
     def finish(self, continued: Path | None, compare: bool) -> tuple[dict, dict]:
-        """Search, distil, continue the baseline, compare, then export, time and score: latency.json's and
-        accuracy.json's contents, on every rank."""
+        """Search, continue the baseline, choose the teacher, distil, train the self-distilled reference, compare,
+        then export, time and score: latency.json's and accuracy.json's contents, on every rank. `continued`: an
+        earlier build's baseline-continued/ to reuse (see `reference`)."""
         base_tokens = _tokens_seen(self.run)
         base_onnx = self.exported_baseline()
-        outcome = self.searched(self.work / "search", self.space, self.target, base_onnx,
-                                continued.parent if continued is not None else None)
+        earlier = continued.parent if continued is not None else None
+        outcome = self.searched(self.work / "search", self.space, self.target, base_onnx, earlier)
         self.table = outcome.table
         self.clock.lap("search")
-        result = self.distilled(outcome.chosen)
+        continued_model = self.reference(CONTINUED, continued, None)
+        teacher = self.taught_by(continued_model)
+        self.clock.lap("continued baseline")
+        result = self.distilled(outcome.chosen, teacher)
         self.clock.lap("distill")
-        continued_model, self_distilled = self.references(continued, base_tokens)
-        self.clock.lap("references")
+        self_distilled = self.reference(SELF_DISTILLED, earlier and earlier / SELF_DISTILLED, teacher)
+        self.clock.lap("self-distilled baseline")
         comparisons: list[tuple[str, LM]] = []
         if compare:
-            comparisons = self.compared(self.table.predict(result.arch), base_onnx)
+            comparisons = self.compared(self.table.predict(result.arch), base_onnx, teacher)
             self.clock.lap("compare")
         if not distributed.is_main():
             return distributed.broadcast(None)
@@ -663,10 +667,10 @@ class _Build:
         distributed.main_writes(save)
         return outcome
 
-    def trained(self, out: Path, init: LM, distill: float, searched: bool = False,
+    def trained(self, out: Path, init: LM, teacher: LM | None, searched: bool = False,
                 positions: Sequence[BlockSpec] = ()) -> LM:
-        """`init` trained with the budget's recipe in OUT (distilled from the baseline unless `distill` is 0),
-        an interrupted run there continued, or a finished one loaded. A `searched` network trains the steps its
+        """`init` trained with the budget's recipe in OUT (distilled from `teacher`, with cross-entropy alone
+        where it is None), an interrupted run there continued, or a finished one loaded. A `searched` network trains the steps its
         search did not already train it for (Budget.result_steps). `positions`: the blocks it was chosen as, one
         per position, skips included, which align its hidden states with the baseline's for the cosine loss
         (without them only a network of the baseline's depth is aligned, block for block). A run whose files are
@@ -677,14 +681,15 @@ class _Build:
                 return finished
         steps = self.budget.result_steps if searched else self.budget.extra_steps
         match = alignment(init.arch, self.baseline.arch, positions)
+        distill = self.budget.distill_share if teacher is not None else 0.0
         recipe = self.budget.recipe(steps, distill=distill, cosine=self.budget.cosine, aligned=match is not None)
         if distill and self.budget.cosine and not recipe.cosine:
             print(f"{out.name}: its blocks do not align with the baseline's; distilled without the cosine loss",
                   file=sys.stderr)
 
         def run(resume: bool) -> None:
-            train(self.corpus, recipe, out, init=init, teacher=self.baseline if distill else None, match=match,
-                  resume=resume, show_progress=self.show_progress)
+            train(self.corpus, recipe, out, init=init, teacher=teacher, match=match, resume=resume,
+                  show_progress=self.show_progress)
 
         try:
             run(resumable(out))
@@ -693,49 +698,92 @@ class _Build:
             run(False)
         return load_model(out).eval()
 
-    def distilled(self, chosen: Candidate) -> LM:
-        """The chosen network distilled from the baseline (distill/), its weights and architecture in WORK."""
-        result = self.trained(self.work / "distill", chosen.model, distill=self.budget.distill_share, searched=True,
-                              positions=chosen.positions)
+    def distilled(self, chosen: Candidate, teacher: LM) -> LM:
+        """The chosen network distilled from `teacher` (distill/), its weights and architecture in WORK."""
+        result = self.trained(self.work / "distill", chosen.model, teacher, searched=True, positions=chosen.positions)
         if distributed.is_main():
             shutil.copy(self.work / "distill" / ARCH_FILE, self.work / ARCH_FILE)
             shutil.copy(self.work / "distill" / WEIGHTS_FILE, self.work / WEIGHTS_FILE)
         return result
 
-    def references(self, reuse: Path | None, base_tokens: int) -> tuple[LM, LM]:
+    def reference(self, name: str, reuse: Path | None, teacher: LM | None) -> LM:
         """Fairness: the result has seen the baseline's tokens plus as many as the search and distillation
-        steps, so the baselines it is judged against train on as many more tokens: with cross-entropy
-        (baseline-continued/) and with the result's own recipe, distilled from the baseline itself
-        (baseline-self-distilled/). `reuse` is an earlier build's baseline-continued/, copied with the
-        self-distilled one beside it (each trained again where it did not train on as many tokens)."""
-        def copy_reused() -> None:
-            for name, source in ((CONTINUED, reuse), (SELF_DISTILLED, reuse and reuse.parent / SELF_DISTILLED)):
-                if source is None or not source.is_dir() or (self.work / name).exists():
-                    continue
-                recipe = saved_config(source)[0] if name == SELF_DISTILLED else None
-                if recipe and (recipe.distill, recipe.cosine) != (self.budget.distill_share, self.budget.cosine):
-                    continue  # another recipe's: this build trains its own
-                shutil.copytree(source, self.work / name)
+        steps, so the baselines it is judged against train on as many more tokens: with cross-entropy (`teacher`
+        None: baseline-continued/) and with the result's own recipe, distilled from its teacher
+        (baseline-self-distilled/). `reuse`: the same reference of an earlier build, copied instead of trained
+        where it is the same (a self-distilled one: the same recipe and teacher); refused where it trained on
+        fewer tokens than the result will."""
+        out = self.work / name
+        if reuse is not None and reuse.is_dir() and not out.exists() and self._same_reference(reuse, teacher):
+            needed = self.budget.extra_steps * self.budget.search.batch * self.baseline.arch.tgt_len
+            had = _trained(reuse, 0)["tokens_trained"]
+            if had < needed:
+                raise PlanerError(f"the reference {reuse} trained on {had:,} tokens, fewer than the {needed:,} the "
+                                  "result trains on, so the comparison would flatter the result; build again "
+                                  "without reusing a reference trained with a smaller budget")
+            distributed.main_writes(lambda: shutil.copytree(reuse, out))
+        return self.trained(out, self.baseline, teacher)
 
-        distributed.main_writes(copy_reused)
-        continued = self.trained(self.work / CONTINUED, self.baseline, distill=0.0)
-        self_distilled = self.trained(self.work / SELF_DISTILLED, self.baseline, distill=self.budget.distill_share)
-        _check_fair(self.work, base_tokens, self.budget.kept_tokens(self.baseline.arch.tgt_len))
-        return continued, self_distilled
+    def _same_reference(self, reuse: Path, teacher: LM | None) -> bool:
+        """Whether an earlier build's reference `reuse` trained as this build's would: any continued baseline
+        does; a self-distilled one only with this build's recipe and the same teacher (that build's teacher.json,
+        or the baseline, which every build distilled from before it had one)."""
+        if teacher is None:
+            return True
+        recipe = saved_config(reuse)[0]
+        if (recipe.distill, recipe.cosine) != (self.budget.distill_share, self.budget.cosine):
+            return False
+        record = reuse.parent / TEACHER_FILE
+        theirs = _teacher_record(record)["teacher"] if record.exists() else "baseline"
+        return theirs == _teacher_record(self.work / TEACHER_FILE)["teacher"]
 
-    def compared(self, budget_ms: float, base_onnx: str) -> list[tuple[str, LM]]:
-        """The --compare networks in compare/, trained with the result's recipe (see planer.compare). dense-only
+    def taught_by(self, continued: LM) -> LM:
+        """The teacher of the result and of the self-distilled reference, chosen once and recorded in
+        teacher.json (a resumed build keeps the one its distillation started with): the one --teacher names,
+        or for auto the better of the baseline and the continued baseline on the search's held-out training
+        tokens, which neither trained on more than the other."""
+        path = self.work / TEACHER_FILE
+        record = _kept(path, lambda: _teacher_record(path)) if path.exists() else None
+        if record is None:
+            record = distributed.broadcast(self._chosen_teacher(continued) if distributed.is_main() else None)
+            distributed.main_writes(lambda: atomic_write(path, json.dumps(record, indent=2) + "\n"))
+        return continued if record["teacher"] == "continued" else self.baseline
+
+    def _chosen_teacher(self, continued: LM) -> dict[str, Any]:
+        """teacher.json's record. The held-out tokens compare the two fairly only where the continued baseline
+        never read them (the baseline's own training, if planer's, read them as much as the continued's start
+        did); a continued run long enough to reach them leaves the baseline, the method's own teacher."""
+        asked = self.budget.teacher
+        if asked != "auto":
+            return {"teacher": asked, "asked": asked}
+        training, cfg = self.corpus.training_split(), self.budget.search
+        held_out = held_out_tokens(training, arch_start(training, cfg), cfg)
+        start = len(training.tokens) - len(held_out)
+        recipe = saved_config(self.work / CONTINUED)[0]
+        if any(span.stop > start for span in read_spans(len(training.tokens), recipe.batch,
+                                                        self.baseline.arch.tgt_len, recipe.steps)):
+            print("the continued baseline read the held-out training tokens that would compare it with the "
+                  "baseline, so the result distils from the baseline (--teacher continued chooses it)",
+                  file=sys.stderr)
+            return {"teacher": "baseline", "asked": asked, "why": "the continued baseline read the held-out tokens"}
+        losses = {name: evaluate(model, held_out, training.unit, batch=EVAL_BATCH,
+                                 progress=f"teacher: {name}" if self.show_progress else None)["loss"]
+                  for name, model in (("baseline", self.baseline), ("continued", continued))}
+        return {"teacher": min(losses, key=losses.__getitem__), "asked": asked, "held_out_loss": losses,
+                "held_out_tokens": len(held_out)}
+
+    def compared(self, budget_ms: float, base_onnx: str, teacher: LM) -> list[tuple[str, LM]]:
+        """The --compare networks in compare/, trained with the result's recipe and teacher (see planer.compare). dense-only
         searches for the build's own target: a target in ms taken from the first search would be read against
         this search's own baseline measurement, and one measured high made it cut to half the result's time."""
         root = self.work / "compare"
         if distributed.is_main():
             root.mkdir(exist_ok=True)
         fixed, self.table = fixed_comparisons(self.baseline, self.table, budget_ms, self.dep, self.show_progress)
-        trained = [(c.name, self.trained(root / c.name, c.model, distill=self.budget.distill_share,
-                                         positions=c.positions)) for c in fixed]
+        trained = [(c.name, self.trained(root / c.name, c.model, teacher, positions=c.positions)) for c in fixed]
         dense = self.searched(root / "dense-only-search", dense_space(self.space), self.target, base_onnx)
-        dense_only = self.trained(root / "dense-only", dense.chosen.model, distill=self.budget.distill_share,
-                                  searched=True, positions=dense.chosen.positions)
+        dense_only = self.trained(root / "dense-only", dense.chosen.model, teacher, searched=True,
+                                  positions=dense.chosen.positions)
         return trained + [("dense-only", dense_only)]
 
     def exported(self, result: LM, twin: list[tuple[str, str, LM]]) -> tuple[Path, dict[str, float]]:
@@ -795,7 +843,7 @@ class _Build:
         graded = {name: scored[name] | (_trained(runs[name], base_tokens + (kept if name in searched else 0))
                                         if name in runs else {"tokens_trained": base_tokens}) for name in scored}
         accuracy = {"data": self.corpus.name, "split": "valid", "evaluated_in": self.dep.engine,
-                    "baseline": graded[BASELINE], "baseline_continued": graded[CONTINUED],
+                    "teacher": _teacher_record(self.work / TEACHER_FILE), "baseline": graded[BASELINE], "baseline_continued": graded[CONTINUED],
                     "baseline_self_distilled": graded[SELF_DISTILLED],
                     "result": graded["result"], "comparisons": {name: graded[name] for name in compared}}
         accuracy.update(_judged_against(accuracy))

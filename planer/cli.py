@@ -14,12 +14,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from planer import __version__
-from planer.choices import ENGINES, LOWERINGS, SEARCH_METHODS
+from planer.choices import ENGINES, LOWERINGS, SEARCH_METHODS, TEACHERS
 from planer.errors import PlanerError
 
 
@@ -494,11 +495,16 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
               help="the baseline-continued/ directory of an earlier build of the same baseline and budget, reused "
                    "instead of training the reference again (refused if it trained on fewer tokens than the result); "
                    "that build's local-search library too, where it holds this search's alternatives")
+@click.option("--teacher", type=click.Choice(TEACHERS), default="auto", show_default=True,
+              help="what the result (and the self-distilled reference) distils from: baseline: the model as given; "
+                   "continued: the baseline trained on --data with cross-entropy as long as the result (it adapts an "
+                   "imported model to that data); auto: the one with the lower loss on held-out training tokens "
+                   "(recorded in teacher.json)")
 def build_command(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
                   batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
                   precision: str | None, budget: str, space: Path | None, method: str, local_steps: int | None,
                   experts: str | None, top_k: str | None, shared: str | None, data_spec: str | None,
-                  table_cache: Path | None, compare: bool, continued: Path | None, quiet: bool) -> None:
+                  table_cache: Path | None, compare: bool, continued: Path | None, teacher: str, quiet: bool) -> None:
     """Compile a baseline into a faster sparse (MoE) network that meets a latency target in the engine:
     profile, search, distill, export, verify."""
     from planer import distributed
@@ -513,8 +519,8 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
     moe = _expert_options(experts, top_k, shared)
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
-    options = dict(dep=dep, budget=BUDGETS[budget].searching(method, local_steps), data=data_spec,
-                   space=SearchSpace.load(space) if space else None, moe=moe,
+    options = dict(dep=dep, budget=replace(BUDGETS[budget].searching(method, local_steps), teacher=teacher),
+                   data=data_spec, space=SearchSpace.load(space) if space else None, moe=moe,
                    table_cache=table_cache, compare=compare, continued=continued, show_progress=not quiet)
     try:
         if len(targets) > 1:

@@ -149,6 +149,18 @@ def _parity_note(latency: dict) -> str:
             "random inputs a deep int8 network's outputs part ways by rounding alone; the scores above compare both)")
 
 
+def _teacher(record: dict) -> str:
+    """What the result was distilled from, and why (teacher.json)."""
+    name = {"baseline": "the baseline", "continued": "the continued baseline"}[record["teacher"]]
+    if record["asked"] != "auto":
+        return f"Teacher: {name} (--teacher {record['asked']})."
+    if "held_out_loss" not in record:
+        return f"Teacher: {name} ({record['why']})."
+    losses = record["held_out_loss"]
+    return (f"Teacher: {name}, the lower loss on {record['held_out_tokens']:,} held-out training tokens "
+            f"(baseline {losses['baseline']:.4f}, continued {losses['continued']:.4f}).")
+
+
 def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,
            comparisons: dict[str, Architecture], steps: str, laps: dict[str, float]) -> str:
     b, r = latency["baseline"], latency["result"]
@@ -180,7 +192,8 @@ Accuracy on the whole validation split of {accuracy['data']}, each network's exp
 {accuracy['evaluated_in']} (PyTorch's own evaluation of the result: {headline(res['pytorch'])}). The result has trained on more tokens than the
 baseline (as many steps as the search and the distillation); for a fair comparison the baseline was trained
 further on as many tokens, with cross-entropy (`baseline-continued/`) and with the result's own recipe, distilled
-from itself (`baseline-self-distilled/`), and the result is judged against the best of the three.
+from the result's teacher (`baseline-self-distilled/`), and the result is judged against the best of the three.
+{_teacher(accuracy['teacher'])}
 
 | | tokens trained | validation |
 |---|---|---|

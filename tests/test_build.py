@@ -101,6 +101,16 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     for scored in (accuracy["result"], accuracy["baseline_continued"], *accuracy["comparisons"].values()):
         assert scored["pytorch"]["loss"] == pytest.approx(scored["loss"], rel=1e-5)
     assert "test" not in json.loads((out / "distill" / "eval.json").read_text())  # a build judges on valid alone
+    # the teacher, auto: the lower loss of the baseline and the continued baseline on the search's held-out training
+    # tokens (the split's tail, which the continued run never reached), scored again here
+    teacher = accuracy["teacher"]
+    assert teacher == json.loads((out / "teacher.json").read_text()) and teacher["asked"] == "auto"
+    assert 0 < teacher["held_out_tokens"] <= BUDGET.search.trial_tokens
+    held_out = corpus.train[-teacher["held_out_tokens"]:]
+    losses = {name: evaluate(load_model(run_dir).eval(), held_out, corpus.unit)["loss"]
+              for name, run_dir in (("baseline", baseline_run), ("continued", out / "baseline-continued"))}
+    assert teacher["held_out_loss"] == pytest.approx(losses, rel=1e-5)
+    assert teacher["teacher"] == min(losses, key=losses.__getitem__)
     log = (out / "search_log.jsonl").read_text().splitlines()
     assert sum('"confirm"' not in line for line in log) == BUDGET.search.rounds
     report = (out / "report.md").read_text()
@@ -131,6 +141,18 @@ def test_sweep_shares_table_continued_baseline_and_library(baseline_run, table_f
     library = [entry for entry in logged if "library" in entry]  # logged though neither trained nor scored again
     assert len(library) == 1 and library[0]["trained_s"] is None and library[0]["scored_s"] is None
     assert "x1.5" in (out / "sweep.md").read_text()
+    # a self-distilled reference is taken up only from a build that distilled from the same teacher
+    first = out / "x1.2"
+    theirs = json.loads((first / "teacher.json").read_text())["teacher"]
+    baseline = load_model(baseline_run).eval()
+    work = tmp_path / "mine.partial"
+    work.mkdir()
+    stages = build_module._Build(baseline_run, baseline_run, work, baseline, None, SPACE, None, DEP,
+                                 Target(speedup=1.5), local, False, None)
+    for mine in ("baseline", "continued"):
+        (work / "teacher.json").write_text(json.dumps({"teacher": mine, "asked": mine}))
+        assert stages._same_reference(first / "baseline-self-distilled", baseline) == (mine == theirs)
+    assert stages._same_reference(first / "baseline-continued", None)  # a continued one is the same whatever taught
     # An interrupted sweep reuses its finished builds only when asked for the same way.
     again = tmp_path / "again"
     shutil.copytree(out / "x1.2", tmp_path / "again.partial" / "x1.2")
@@ -234,8 +256,8 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     import planer.build as build_module
 
     out = tmp_path / "build"
-    args = dict(dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE, table_cache=table_file,
-                show_progress=False)
+    args = dict(dep=DEP, target=Target(speedup=1.5), budget=replace(BUDGET, teacher="continued"), space=SPACE,
+                table_cache=table_file, show_progress=False)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -253,10 +275,10 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     with pytest.raises(PlanerError, match="differs in: target_speedup"):
         build(baseline_run, out, **(args | {"target": Target(speedup=1.2)}))
     # fairness by the runs' records: the baseline run itself (two steps) as the continued baseline trained on
-    # fewer tokens than the result; the distilled result is kept, the unfair copy is not, so the rerun trains one
-    with pytest.raises(PlanerError, match="fewer than the result's"):
+    # fewer tokens than the result will: refused before it is copied, or taught anything
+    with pytest.raises(PlanerError, match="fewer than the .* the result trains on"):
         build(baseline_run, out, **(args | {"continued": baseline_run}))
-    assert (partial / "distill" / "eval.json").is_file() and not (partial / "baseline-continued").exists()
+    assert not (partial / "baseline-continued").exists() and not (partial / "distill").exists()
 
     def no_search(*a, **k):
         raise AssertionError("the finished search ran again")
@@ -269,6 +291,7 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     assert (out / "search_log.jsonl").read_text() == log
     timings = json.loads((out / "timings.json").read_text())  # the report's wall time counts the earlier runs too
     assert timings["search"] >= first["search"] and "export, verify, time, evaluate" in timings
+    assert json.loads((out / "accuracy.json").read_text())["teacher"] == {"teacher": "continued", "asked": "continued"}
     chosen = json.loads((out / "search" / "outcome.json").read_text())
     assert json.loads((out / "arch.json").read_text())["blocks"] == \
         chosen["candidates"][chosen["chosen"]]["arch"]["blocks"]
@@ -302,21 +325,21 @@ def test_a_resumed_build_makes_again_what_it_finds_damaged(baseline_run, tmp_pat
 
     monkeypatch.setattr(build_module, "train", training)
     run = work / "baseline-continued"
-    stages.trained(run, baseline, distill=0.0)
+    stages.trained(run, baseline, None)
     shutil.copytree(run, finished)
     for name in (WEIGHTS_FILE, ARCH_FILE, EVAL_FILE):  # of a finished run
         _truncated(run / name)
-        stages.trained(run, baseline, distill=0.0)
+        stages.trained(run, baseline, None)
     os.replace(run, staging_dir(run))  # interrupted after its last checkpoint: resumed, then evaluated
     (staging_dir(run) / EVAL_FILE).unlink()
     interrupted = tmp_path / "interrupted"
     shutil.copytree(staging_dir(run), interrupted)
-    stages.trained(run, baseline, distill=0.0)
+    stages.trained(run, baseline, None)
     for name in (STATE_FILE, WEIGHTS_FILE, CONFIG_FILE):
         shutil.rmtree(run)
         shutil.copytree(interrupted, staging_dir(run))
         _truncated(staging_dir(run) / name)
-        stages.trained(run, baseline, distill=0.0)
+        stages.trained(run, baseline, None)
         assert not staging_dir(run).exists()
     assert trained == [False] * 4 + [True] + [True, False] * 3
     assert load_model(run).arch == baseline.arch and json.loads((run / EVAL_FILE).read_text())["valid"]

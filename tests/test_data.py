@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from planer.data import Segments, load_corpus
+from planer.data import Segments, load_corpus, read_spans
 from planer.data.corpus import DataError, split_bytes
 
 
@@ -77,3 +77,16 @@ def test_segments_are_ordered_streams():
     xs = [x for x, _ in seg]
     assert xs[-1].shape == (4, 4)  # the last segment is shorter
     assert torch.cat(xs, 1)[1].tolist() == list(range(25, 49))
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3, 4, 5, 9])
+def test_read_spans_are_the_positions_training_reads(steps):
+    """What a training run of `steps` steps reads, as the trainer reads it (segment step % len, passes repeating),
+    against the spans computed without reading."""
+    data = np.arange(103)
+    seg = Segments(data, batch=4, tgt_len=7)  # 4 streams of 25: 4 segments per pass, the last of 3
+    read = set()
+    for step in range(steps):
+        x, y = seg[step % len(seg)]
+        read |= set(x.flatten().tolist()) | set(y.flatten().tolist())
+    assert read == {p for span in read_spans(len(data), 4, 7, steps) for p in span}

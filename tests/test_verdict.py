@@ -5,12 +5,15 @@ import json
 
 import pytest
 
-from planer.build import CONTINUED, SELF_DISTILLED, _check_fair, _trained
-from planer.deployment import Deployment
+from planer.build import CONTINUED, Budget, _Build, _trained
+from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.latency import confirm as confirm_module
 from planer.latency.confirm import confirm
+from planer.nn import LM
 from planer.runtime import LatencyStats
+from planer.search.search import SearchConfig
+from tests.conftest import small_arch
 
 MODELS = [("baseline.onnx", None), ("result.onnx", None)]
 
@@ -64,27 +67,36 @@ def test_a_steady_run_is_timed_once(monkeypatch):
     assert confirm(MODELS, Deployment(), runs=3).tries == [1, 1, 1] and len(answered) == 3
 
 
-def fake_build(tmp_path, continued_tokens: int, result_tokens: int, self_distilled_tokens: int | None = None):
-    own = continued_tokens if self_distilled_tokens is None else self_distilled_tokens
-    for name, tokens in ((CONTINUED, continued_tokens), (SELF_DISTILLED, own), ("distill", result_tokens)):
-        (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "eval.json").write_text(json.dumps({"tokens_seen": tokens, "valid": {"loss": 3.0}}))
-    return tmp_path
+def fake_run(run_dir, tokens: int):
+    """A finished training run's record, as _trained reads it."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "eval.json").write_text(json.dumps({"tokens_seen": tokens, "valid": {"loss": 3.0}}))
+    return run_dir
 
 
-def test_a_reference_trained_on_fewer_tokens_is_refused(tmp_path):
-    with pytest.raises(PlanerError, match="baseline-continued trained on 1,500 tokens, fewer than the result's 1,600"):
-        _check_fair(fake_build(tmp_path / "a", 500, 600), base_tokens=1000, kept_tokens=0)
-    # the result's tokens include those its search's kept blocks trained on
-    with pytest.raises(PlanerError, match="self-distilled trained on 1,550 tokens, fewer than the result's 1,600"):
-        _check_fair(fake_build(tmp_path / "b", 700, 500, 550), base_tokens=1000, kept_tokens=100)
-    _check_fair(fake_build(tmp_path / "c", 600, 500, 600), base_tokens=1000, kept_tokens=100)  # as many: fair
+@pytest.mark.parametrize("method", ["gumbel", "local"])
+def test_a_reused_reference_trained_on_fewer_tokens_is_refused(tmp_path, monkeypatch, method):
+    """Before it is copied, or teaches anything: the result trains on the search's steps (the local search's kept
+    blocks' included) and the distillation's, every one a segment on every stream."""
+    budget = Budget(SearchConfig(rounds=2, steps=3, batch=2, local_steps=5), distill_steps=4).searching(method)
+    work = tmp_path / "build.partial"
+    stages = _Build(work, work, work, LM(small_arch()), None, None, None, Deployment(), Target(speedup=2), budget,
+                    False, None)
+    needed = (5 if method == "local" else 2 * 3) + 4
+    needed *= 2 * 16  # streams x tgt_len
+    monkeypatch.setattr(_Build, "trained", lambda self, out, init, teacher, **k: out)  # what it would load or train
+    short = fake_run(tmp_path / "short" / CONTINUED, needed - 1)
+    with pytest.raises(PlanerError, match=f"trained on {needed - 1:,} tokens, fewer than the {needed:,} the result"):
+        stages.reference(CONTINUED, short, None)
+    assert not (work / CONTINUED).exists()
+    enough = fake_run(tmp_path / "enough" / CONTINUED, needed)
+    assert stages.reference(CONTINUED, enough, None) == work / CONTINUED
+    assert json.loads((work / CONTINUED / "eval.json").read_text())["tokens_seen"] == needed
 
 
 def test_tokens_trained_are_the_runs_records(tmp_path):
     # two runs of one budget that recorded different counts: a count made from the budget's arithmetic would be
     # the same for both
     for recorded in (600, 1234):
-        work = fake_build(tmp_path / str(recorded), recorded, recorded)
-        _check_fair(work, base_tokens=1000, kept_tokens=0)
-        assert _trained(work / "distill", 1000)["tokens_trained"] == 1000 + recorded  # the baseline's + the record's
+        run_dir = fake_run(tmp_path / str(recorded) / "distill", recorded)
+        assert _trained(run_dir, 1000)["tokens_trained"] == 1000 + recorded  # the baseline's + the record's

@@ -42,3 +42,12 @@ class Segments:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return (self[i] for i in range(len(self)))
+
+
+def read_spans(tokens: int, batch: int, tgt_len: int, steps: int) -> list[range]:
+    """The positions, in a text of `tokens` tokens, that `steps` steps of its Segments(batch, tgt_len) read as
+    inputs or targets: one range per stream (every stream whole once a pass is complete)."""
+    length = tokens // batch
+    per_pass = -(-(length - 1) // tgt_len)
+    read = length if steps >= per_pass else steps * tgt_len + 1 if steps else 0
+    return [range(b * length, b * length + read) for b in range(batch)]

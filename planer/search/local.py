@@ -62,7 +62,7 @@ from planer.latency.table import fixed_label
 from planer.nn import LM
 from planer.nn.model import Block, embed_tokens, head_logits, init_weights, next_memory
 from planer.search.heads import rank_heads
-from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, _arch_start, _confirm,
+from planer.search.search import (Candidate, InfeasibleTarget, SearchConfig, SearchOutcome, arch_start, _confirm,
                                   _log, _shortlist, _trials, held_out_probe, held_out_tokens, timed_baseline)
 from planer.search.select import greedy, select
 from planer.search.split import Cut, oracle_routes, routed_to, router_loss, split_ffn
@@ -641,7 +641,7 @@ class _Local:
         self.target_ms = target.ms_for(self.baseline_ms)
         self.table = table.calibrate([(arch, self.baseline_ms)])
         self.measured: list[tuple[Architecture, float]] = []
-        self.cut = _arch_start(training, cfg)
+        self.cut = arch_start(training, cfg)
         self.held_out = held_out_tokens(training, self.cut, cfg)
         share = distributed.share(cfg.batch)
         self.data = Segments(training.tokens[:self.cut], cfg.batch, arch.tgt_len, share)

@@ -213,7 +213,7 @@ def held_out_probe(training: TrainingSplit, arch: Architecture, cfg: SearchConfi
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The held-out segments the derivation and the heads' ranking measure losses on: the last
     `cfg.probe_segments` of the architecture split, on as many of `streams` as `cfg.probe_flops` allows."""
-    arch_data = Segments(training.tokens[_arch_start(training, cfg):], cfg.batch, arch.tgt_len, streams)
+    arch_data = Segments(training.tokens[arch_start(training, cfg):], cfg.batch, arch.tgt_len, streams)
     probe = [arch_data[len(arch_data) - 1 - i] for i in reversed(range(min(cfg.probe_segments, len(arch_data))))]
     keep = max(1, int(cfg.probe_flops // (len(probe) * arch.tgt_len * arch.flops_per_token())))
     return [(x[:keep], y[:keep]) for x, y in probe]
@@ -225,7 +225,7 @@ def held_out_tokens(training: TrainingSplit, cut: int, cfg: SearchConfig) -> np.
     return training.tokens[cut:][-cfg.trial_tokens:]
 
 
-def _arch_start(training: TrainingSplit, cfg: SearchConfig) -> int:
+def arch_start(training: TrainingSplit, cfg: SearchConfig) -> int:
     """Where the training split's last part, which trains the architecture logits and is held out from the
     weights, begins."""
     return int(len(training.tokens) * (1 - cfg.arch_split))
@@ -301,7 +301,7 @@ class _Search:
             raise InfeasibleTarget(f"target {self.target_ms:.2f} ms is below the fastest network in the space "
                                    f"(predicted {floor:.2f} ms; the baseline measures {self.baseline_ms:.2f} ms); "
                                    "raise the target or widen the space")
-        self.cut = _arch_start(training, cfg)
+        self.cut = arch_start(training, cfg)
         self.held_out = held_out_tokens(training, self.cut, cfg)
         self.weight_data = Segments(training.tokens[:self.cut], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
         self.arch_data = Segments(training.tokens[self.cut:], cfg.batch, arch.tgt_len, distributed.share(cfg.batch))
