@@ -2,6 +2,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from planer.arch import BlockSpec
 from planer.data import Segments, load_corpus
@@ -161,6 +162,11 @@ def test_a_saved_library_loads_back_and_one_of_another_search_is_refused(baselin
     paired_options, starts = with_pairs(baseline.arch, options)  # a search with pairs: alternatives the file lacks
     with pytest.raises(PlanerError, match="another version of planer; delete"):
         Library(parent, paired_options, calibration_inputs(parent, data, [1, 3]), starts).load(tmp_path)
+    tensors = load_file(str(tmp_path / local_module.LIBRARY_FILE))  # one alternative's weights in another shape
+    name = next(n for n, t in tensors.items() if t.dim() > 0)
+    save_file(tensors | {name: torch.cat([tensors[name], tensors[name]])}, str(tmp_path / local_module.LIBRARY_FILE))
+    with pytest.raises(PlanerError, match=f"in other shapes \\(e.g. {name.split('/')[0]}:"):
+        again.load(tmp_path)
     # the same alternatives trained with other settings (the library says which): refused, naming the difference
     settings = local_module.library_settings(SearchConfig())
     library.settings = settings

@@ -332,7 +332,7 @@ class Library:
     def save(self, out: Path) -> None:
         """The weights and what was measured so far, in `out` (made if missing)."""
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{p}/{label}/{name}": t.detach().contiguous() for (p, label), block in self.blocks.items()
+        tensors = {_tensor_prefix(key) + name: t.detach().contiguous() for key, block in self.blocks.items()
                    for name, t in block.state_dict().items()}
         with replacing(out / LIBRARY_FILE) as tmp:
             save_file(tensors, str(tmp))
@@ -372,15 +372,15 @@ class Library:
             tensors = load_file(str(out / LIBRARY_FILE))
         except (SafetensorError, OSError) as e:
             raise PlanerError(f"{out / LIBRARY_FILE}: unreadable or truncated ({e}); {remedy}") from None
-        missing = [named((p, label)) for p, label in self.blocks if named((p, label)) not in saved["keys"]
-                   or not any(k.startswith(f"{p}/{label}/") for k in tensors) and self.spec[(p, label)].kind != "skip"]
-        if missing:
-            raise PlanerError(f"the library in {out} lacks {len(missing)} of this search's alternatives (e.g. "
-                              f"{missing[0]}): it was made by another version of planer; delete {out} and run "
-                              "the same command again")
-        for (p, label), block in self.blocks.items():
-            prefix = f"{p}/{label}/"
-            block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        states = {key: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                  for key, prefix in ((key, _tensor_prefix(key)) for key in self.blocks)}
+        unfit = [named(key) for key, block in self.blocks.items()
+                 if named(key) not in saved["keys"] or not _fits(states[key], block)]
+        if unfit:
+            raise PlanerError(f"the library in {out} lacks {len(unfit)} of this search's alternatives or holds them "
+                              f"in other shapes (e.g. {unfit[0]}): it was made by another version of planer; {remedy}")
+        for key, block in self.blocks.items():
+            block.load_state_dict(states[key])
         self.record = saved["alternatives"]
 
 
@@ -467,8 +467,7 @@ def _resumed(library: Library, keys: list[Key], out: Path | None) -> dict[str, A
         if state["keys"] != list(map(named, keys)) or state["settings"] != json.dumps(
                 library.settings, sort_keys=True):
             why = "it trained other alternatives or with other settings"
-        elif any({n: v.shape for n, v in state["blocks"][named(k)].items()}
-                 != {n: v.shape for n, v in library.blocks[k].state_dict().items()} for k in keys):
+        elif not all(_fits(state["blocks"][named(k)], library.blocks[k]) for k in keys):
             why = "its weights are not these alternatives' shapes"
         else:
             for k in keys:
@@ -480,6 +479,16 @@ def _resumed(library: Library, keys: list[Key], out: Path | None) -> dict[str, A
     if distributed.is_main():
         print(f"{path} cannot be resumed from ({why}); local distillation starts again", file=sys.stderr)
     return None
+
+
+def _tensor_prefix(key: Key) -> str:
+    """Where an alternative's tensors are in library.safetensors: its position and label, then the block's names."""
+    return f"{key[0]}/{key[1]}/"
+
+
+def _fits(state: dict[str, Tensor], block: Block) -> bool:
+    """Whether saved weights are `block`'s, name for name and shape for shape (a skip has none)."""
+    return {n: v.shape for n, v in state.items()} == {n: v.shape for n, v in block.state_dict().items()}
 
 
 def _balance(block: Block) -> Tensor | float:
