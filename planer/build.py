@@ -508,8 +508,9 @@ REFERENCES = ("baseline_continued", "baseline_self_distilled", "baseline")
 
 def _judged_against(accuracy: dict) -> dict:
     """The baseline the result is judged against: the best of the baseline trained on with cross-entropy, the
-    baseline trained with the result's own recipe (distilled from itself: the all-int8 baseline distilled so
-    scored 0.991x the cross-entropy one, so that recipe alone can favour the result) and the baseline as it was
+    baseline trained with the result's own recipe (distilled from the result's teacher: the all-int8 baseline
+    distilled so scored 0.991x the cross-entropy one, so that recipe alone can favour the result) and the baseline
+    as it was
     (training on can leave it worse, and stopping early is a baseline a user could have had)."""
     name = min((n for n in REFERENCES if n in accuracy), key=lambda n: accuracy[n]["loss"])
     return {"reference": name, "result_vs_reference": accuracy["result"]["loss"] / accuracy[name]["loss"]}
