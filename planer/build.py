@@ -110,6 +110,10 @@ class Budget:
         """Tokens the kept search steps read (each a segment of `tgt_len` on every stream of the batch)."""
         return self.kept_steps * self.search.batch * tgt_len
 
+    def extra_tokens(self, tgt_len: int) -> int:
+        """Tokens the extra steps read, as kept_tokens counts them: what the result trains on at most."""
+        return self.extra_steps * self.search.batch * tgt_len
+
     def recipe(self, steps: int, distill: float, cosine: float = 0.0, aligned: bool = True) -> TrainConfig:
         """The fine-tuning recipe of this budget's batch for `steps` steps (planer.train.presets.finetune_config)."""
         return finetune_config(steps, self.search.batch, self.search.valid_tokens, distill, cosine, aligned)
@@ -510,8 +514,7 @@ def _judged_against(accuracy: dict) -> dict:
     """The baseline the result is judged against: the best of the baseline trained on with cross-entropy, the
     baseline trained with the result's own recipe (distilled from the result's teacher: the all-int8 baseline
     distilled so scored 0.991x the cross-entropy one, so that recipe alone can favour the result) and the baseline
-    as it was
-    (training on can leave it worse, and stopping early is a baseline a user could have had)."""
+    as it was (training on can leave it worse, and stopping early is a baseline a user could have had)."""
     name = min((n for n in REFERENCES if n in accuracy), key=lambda n: accuracy[n]["loss"])
     return {"reference": name, "result_vs_reference": accuracy["result"]["loss"] / accuracy[name]["loss"]}
 
@@ -671,8 +674,8 @@ class _Build:
     def trained(self, out: Path, init: LM, teacher: LM | None, searched: bool = False,
                 positions: Sequence[BlockSpec] = ()) -> LM:
         """`init` trained with the budget's recipe in OUT (distilled from `teacher`, with cross-entropy alone
-        where it is None), an interrupted run there continued, or a finished one loaded. A `searched` network trains the steps its
-        search did not already train it for (Budget.result_steps). `positions`: the blocks it was chosen as, one
+        where it is None), an interrupted run there continued, or a finished one loaded. A `searched` network
+        trains the steps its search did not already train it for (Budget.result_steps). `positions`: the blocks it was chosen as, one
         per position, skips included, which align its hidden states with the baseline's for the cosine loss
         (without them only a network of the baseline's depth is aligned, block for block). A run whose files are
         damaged is trained again."""
@@ -716,7 +719,7 @@ class _Build:
         fewer tokens than the result will."""
         out = self.work / name
         if reuse is not None and reuse.is_dir() and not out.exists() and self._same_reference(reuse, teacher):
-            needed = self.budget.extra_steps * self.budget.search.batch * self.baseline.arch.tgt_len
+            needed = self.budget.extra_tokens(self.baseline.arch.tgt_len)
             had = _trained(reuse, 0)["tokens_trained"]
             if had < needed:
                 raise PlanerError(f"the reference {reuse} trained on {had:,} tokens, fewer than the {needed:,} the "
@@ -774,8 +777,8 @@ class _Build:
                 "held_out_tokens": len(held_out)}
 
     def compared(self, budget_ms: float, base_onnx: str, teacher: LM) -> list[tuple[str, LM]]:
-        """The --compare networks in compare/, trained with the result's recipe and teacher (see planer.compare). dense-only
-        searches for the build's own target: a target in ms taken from the first search would be read against
+        """The --compare networks in compare/, trained with the result's recipe and teacher (see planer.compare).
+        dense-only searches for the build's own target: a target in ms taken from the first search would be read against
         this search's own baseline measurement, and one measured high made it cut to half the result's time."""
         root = self.work / "compare"
         if distributed.is_main():
@@ -844,7 +847,8 @@ class _Build:
         graded = {name: scored[name] | (_trained(runs[name], base_tokens + (kept if name in searched else 0))
                                         if name in runs else {"tokens_trained": base_tokens}) for name in scored}
         accuracy = {"data": self.corpus.name, "split": "valid", "evaluated_in": self.dep.engine,
-                    "teacher": _teacher_record(self.work / TEACHER_FILE), "baseline": graded[BASELINE], "baseline_continued": graded[CONTINUED],
+                    "teacher": _teacher_record(self.work / TEACHER_FILE), "baseline": graded[BASELINE],
+                    "baseline_continued": graded[CONTINUED],
                     "baseline_self_distilled": graded[SELF_DISTILLED],
                     "result": graded["result"], "comparisons": {name: graded[name] for name in compared}}
         accuracy.update(_judged_against(accuracy))

@@ -25,7 +25,7 @@ class Segments:
 
     def __len__(self) -> int:
         """Segments per pass; the last one may be shorter than tgt_len."""
-        return -(-(self.streams.shape[1] - 1) // self.tgt_len)
+        return _per_pass(self.streams.shape[1], self.tgt_len)
 
     @property
     def tokens(self) -> int:
@@ -48,6 +48,10 @@ def read_spans(tokens: int, batch: int, tgt_len: int, steps: int) -> list[range]
     """The positions, in a text of `tokens` tokens, that `steps` steps of its Segments(batch, tgt_len) read as
     inputs or targets: one range per stream (every stream whole once a pass is complete)."""
     length = tokens // batch
-    per_pass = -(-(length - 1) // tgt_len)
-    read = length if steps >= per_pass else steps * tgt_len + 1 if steps else 0
+    read = length if steps >= _per_pass(length, tgt_len) else steps * tgt_len + 1 if steps else 0
     return [range(b * length, b * length + read) for b in range(batch)]
+
+
+def _per_pass(length: int, tgt_len: int) -> int:
+    """Segments in a pass over a stream of `length` tokens (each token but the first is a target once)."""
+    return -(-(length - 1) // tgt_len)
