@@ -2,8 +2,9 @@
 
 A build's chosen network, from the weights its search handed to the distillation (BUILD/search/), is trained
 with each recipe for the build's distillation steps (or --steps); beside it the baseline is trained with the same
-recipe, distilled from itself, for as many tokens as the build's references (that recipe's self-distilled
-reference). Each result is judged as the build judges its own: validation loss over the best of the baseline,
+recipe for as many tokens as the build's references (that recipe's self-distilled reference). Both distil from
+the build's teacher (its teacher.json: the baseline, or the continued baseline; a build without one distilled
+from the baseline). Each result is judged as the build judges its own: validation loss over the best of the baseline,
 the build's continued baseline and the recipe's self-distilled baseline. All losses are PyTorch's, whole split.
 
     python benchmarks/distill_recipe.py builds/deep-x2-local --recipes build,kl-only,kl-cosine
@@ -26,13 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
 from common import record, smoke_option, smoke_space, tiny_run
 
 from planer.arch import BlockSpec
-from planer.build import CONTINUED, SELF_DISTILLED, Budget, build
+from planer.build import CONTINUED, SELF_DISTILLED, TEACHER_FILE, Budget, build
 from planer.checkpoint import load_model
 from planer.search.search import OUTCOME_FILE, SearchConfig
 from planer.train.evaluate import evaluate
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--recipes", default="build,kl-only,kl-cosine", help=f"comma-separated, of {', '.join(RECIPES)}")
     p.add_argument("--steps", type=int, help="the network's training steps (default: the build's distillation's); "
                                              "the reference trains as many more as the build's did")
+    p.add_argument("--keep", type=Path, help="keep the trained runs in this new directory (default: a temporary one)")
     smoke_option(p)
     args = p.parse_args()
     recipes = args.recipes.split(",")
@@ -84,6 +87,9 @@ def main() -> None:
     steps = args.steps or budget.result_steps
     reference_steps = steps + budget.extra_steps - budget.result_steps
     baseline = load_model(options["model"]).eval()
+    taught_by = json.loads((work / TEACHER_FILE).read_text())["teacher"] if (work / TEACHER_FILE).is_file() \
+        else "baseline"
+    teacher = load_model(work / CONTINUED).eval() if taught_by == "continued" else baseline
     corpus = run_corpus(Path(options["model"]), options["data"], baseline.arch.vocab_size)
     chosen = json.loads((work / "search" / OUTCOME_FILE).read_text())
     positions = [BlockSpec.parse(s) for s in chosen["candidates"][chosen["chosen"]].get("positions", ())]
@@ -92,12 +98,14 @@ def main() -> None:
 
     def trained(out: Path, init, share: float, cosine: float, n: int, aligned: list[int] | None) -> dict:
         cfg = budget.recipe(n, distill=share, cosine=cosine, aligned=aligned is not None)
-        return train(corpus, cfg, out, init=init, teacher=baseline, match=aligned, show_progress=not args.smoke)
+        return train(corpus, cfg, out, init=init, teacher=teacher, match=aligned, show_progress=not args.smoke)
 
     rows = []
     base_loss = evaluate(baseline, corpus.valid, corpus.unit, batch=budget.recipe(1, 0.0).eval_batch)["loss"]
     continued = json.loads((work / CONTINUED / EVAL_FILE).read_text())["valid"]["loss"]
-    with tempfile.TemporaryDirectory(prefix="distill-recipe-") as tmp:
+    if args.keep is not None and args.keep.exists():
+        p.error(f"--keep {args.keep} exists; name a new directory")
+    with nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="distill-recipe-") as tmp:
         for name in recipes:
             share, cosine = RECIPES[name] or own
             if (share, cosine) == own and steps == budget.result_steps:
@@ -117,16 +125,18 @@ def main() -> None:
                          "train_seconds": result.get("train_seconds")})
             print(name, rows[-1], flush=True)
 
+    source = "continued baseline" if taught_by == "continued" else "baseline"
     lines = [f"`{work}`'s chosen network `{' '.join(b.label() for b in student.arch.blocks)}`, trained {steps} steps "
              f"from its search's weights; references {reference_steps} steps; baseline loss {base_loss:.4f}, "
-             f"continued {continued:.4f} (validation, whole split, PyTorch).", "",
+             f"continued {continued:.4f} (validation, whole split, PyTorch); distilled from the {source}.", "",
              "| recipe | KL share | cosine | network loss | self-distilled reference | best reference | "
              "/ best reference | runs |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['recipe']} | {r['distill_share']:g} | {r['cosine']:g} | {r['loss']:.4f} | "
               f"{r['self_distilled']:.4f} | {r['best_reference']:.4f} | **{r['ratio']:.4f}** | {r['source']} |"
               for r in rows]
-    record("distill_recipe", {"build": str(work), "steps": steps, "reference_steps": reference_steps,
-                              "baseline": base_loss, "continued": continued, "rows": rows},
+    record("distill_recipe", {"build": str(work), "teacher": taught_by, "steps": steps,
+                              "reference_steps": reference_steps, "baseline": base_loss, "continued": continued,
+                              "rows": rows},
            "\n".join(lines), smoke=args.smoke)
 
 
