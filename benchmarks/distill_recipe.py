@@ -83,12 +83,13 @@ def main() -> None:
     known = {f.name for f in fields(SearchConfig)}  # a build of an earlier planer may lack some, or have others
     budget = Budget(SearchConfig(**{k: v for k, v in b["search"].items() if k in known}), b["distill_steps"],
                     b["distill_share"], b.get("cosine", 0.0))
-    own = (budget.distill_share, budget.cosine)
     steps = args.steps or budget.result_steps
     reference_steps = steps + budget.extra_steps - budget.result_steps
     baseline = load_model(options["model"]).eval()
-    taught_by = json.loads((work / TEACHER_FILE).read_text())["teacher"] if (work / TEACHER_FILE).is_file() \
-        else "baseline"
+    # a build without teacher.json distilled from the baseline with its budget's share
+    taught = json.loads((work / TEACHER_FILE).read_text()) if (work / TEACHER_FILE).is_file() else {}
+    taught_by = taught.get("teacher", "baseline")
+    own = (taught.get("distill_share", budget.distill_share), budget.cosine)
     teacher = load_model(work / CONTINUED).eval() if taught_by == "continued" else baseline
     corpus = run_corpus(Path(options["model"]), options["data"], baseline.arch.vocab_size)
     chosen = json.loads((work / "search" / OUTCOME_FILE).read_text())

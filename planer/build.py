@@ -43,11 +43,12 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from planer import __version__, distributed
 from planer.arch import Architecture, BlockSpec
 from planer.checkpoint import WEIGHTS_FILE, load_model
+from planer.choices import TEACHERS
 from planer.compare import dense_space, fixed_comparisons
 from planer.data import Corpus, read_spans
 from planer.deployment import Deployment, Target
@@ -70,7 +71,7 @@ from planer.search.search import (OUTCOME_FILE, Candidate, InfeasibleTarget, Sea
                                   held_out_tokens)
 from planer.space import ExpertOptions, SearchSpace, trainable_params_limit
 from planer.train.evaluate import evaluate, headline, scores
-from planer.train.presets import COSINE, DISTILL_SHARE, TrainConfig, finetune_config
+from planer.train.presets import ADAPTED_SHARE, COSINE, DISTILL_SHARE, TrainConfig, finetune_config
 from planer.train.trainer import (CONFIG_FILE, EVAL_FILE, DamagedCheckpoint, alignment, resumable, run_corpus,
                                   run_source, saved_config, train)
 
@@ -81,7 +82,7 @@ T = TypeVar("T")
 class Budget:
     search: SearchConfig
     distill_steps: int  # beyond the search's steps: see extra_steps
-    distill_share: float = DISTILL_SHARE  # of the logits' loss; the rest cross-entropy
+    distill_share: float = DISTILL_SHARE  # of the logits' loss, the rest cross-entropy (see `share`)
     cosine: float = COSINE  # weight of the hidden states' cosine loss in every distillation (TrainConfig.cosine)
     # What the result and the self-distilled reference distil from (planer.choices.TEACHERS): the baseline as given,
     # the continued baseline (the baseline trained on the build's data as long as the result: it adapts an imported
@@ -113,6 +114,11 @@ class Budget:
     def extra_tokens(self, tgt_len: int) -> int:
         """Tokens the extra steps read, as kept_tokens counts them: what the result trains on at most."""
         return self.extra_steps * self.search.batch * tgt_len
+
+    def share(self, teacher: str) -> float:
+        """The KL share of the logits' loss when the result distils from `teacher` ("baseline" or "continued"):
+        the budget's, and at most ADAPTED_SHARE from the continued baseline (the data still teaches)."""
+        return min(self.distill_share, ADAPTED_SHARE) if teacher == "continued" else self.distill_share
 
     def recipe(self, steps: int, distill: float, cosine: float = 0.0, aligned: bool = True) -> TrainConfig:
         """The fine-tuning recipe of this budget's batch for `steps` steps (planer.train.presets.finetune_config)."""
@@ -148,6 +154,21 @@ EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in P
 BASELINE = "baseline"
 TIMINGS_FILE = "timings.json"
 TEACHER_FILE = "teacher.json"
+
+
+class _Teacher(NamedTuple):
+    """What the result and the self-distilled reference distil from, and teacher.json's record of it."""
+    model: LM
+    record: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.record["teacher"]
+
+    @property
+    def share(self) -> float:
+        """The KL share of their logits' loss (Budget.share), the rest cross-entropy."""
+        return self.record["distill_share"]
 SWEEP_FILE = "sweep.json"  # what a sweep was asked for (its builds' build.json name the baseline they read)
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
@@ -564,7 +585,7 @@ def _engine_accuracy(path: str, arch: Architecture, corpus: Corpus, dep: Deploym
 def _teacher_record(path: Path) -> dict[str, Any]:
     """A build's teacher.json (see _Build.taught_by)."""
     record = read_json(path, f"delete {path} and run the same command again")
-    if record.get("teacher") not in ("baseline", "continued"):
+    if record.get("teacher") not in set(TEACHERS) - {"auto"} or not 0 <= record.get("distill_share", 1.0) <= 1:
         raise PlanerError(f"{path}: not the record planer writes; delete it and run the same command again")
     return record
 
@@ -626,7 +647,7 @@ class _Build:
             scored = {name: _engine_accuracy(p, m.arch, self.corpus, self.dep, self.show_progress)
                       for name, p, m in timed + [graph(CONTINUED, continued_model),
                                                  graph(SELF_DISTILLED, self_distilled)]}
-        accuracy = self.judged(scored, [name for name, _ in comparisons], base_tokens)
+        accuracy = self.judged(scored, [name for name, _ in comparisons], base_tokens, teacher.record)
         self.figures(outcome, result, comparisons, latency, accuracy)
         return distributed.broadcast((latency, accuracy))
 
@@ -671,29 +692,29 @@ class _Build:
         distributed.main_writes(save)
         return outcome
 
-    def trained(self, out: Path, init: LM, teacher: LM | None, searched: bool = False,
+    def trained(self, out: Path, init: LM, teacher: _Teacher | None, searched: bool = False,
                 positions: Sequence[BlockSpec] = ()) -> LM:
-        """`init` trained with the budget's recipe in OUT (distilled from `teacher`, with cross-entropy alone
-        where it is None), an interrupted run there continued, or a finished one loaded. A `searched` network
-        trains the steps its search did not already train it for (Budget.result_steps). `positions`: the blocks it was chosen as, one
-        per position, skips included, which align its hidden states with the baseline's for the cosine loss
-        (without them only a network of the baseline's depth is aligned, block for block). A run whose files are
-        damaged is trained again."""
+        """`init` trained with the budget's recipe in OUT (distilled from `teacher` with its share of KL, with
+        cross-entropy alone where it is None), an interrupted run there continued, or a finished one loaded. A
+        `searched` network trains the steps its search did not already train it for (Budget.result_steps).
+        `positions`: the blocks it was chosen as, one per position, skips included, which align its hidden states
+        with the baseline's for the cosine loss (without them only a network of the baseline's depth is aligned,
+        block for block). A run whose files are damaged is trained again."""
         if (out / EVAL_FILE).exists():
             finished = _kept(out, lambda: _finished_run(out))
             if finished is not None:
                 return finished
         steps = self.budget.result_steps if searched else self.budget.extra_steps
         match = alignment(init.arch, self.baseline.arch, positions)
-        distill = self.budget.distill_share if teacher is not None else 0.0
+        distill = teacher.share if teacher is not None else 0.0
         recipe = self.budget.recipe(steps, distill=distill, cosine=self.budget.cosine, aligned=match is not None)
         if distill and self.budget.cosine and not recipe.cosine:
             print(f"{out.name}: its blocks do not align with the baseline's; distilled without the cosine loss",
                   file=sys.stderr)
 
         def run(resume: bool) -> None:
-            train(self.corpus, recipe, out, init=init, teacher=teacher, match=match, resume=resume,
-                  show_progress=self.show_progress)
+            train(self.corpus, recipe, out, init=init, teacher=teacher and teacher.model, match=match,
+                  resume=resume, show_progress=self.show_progress)
 
         try:
             run(resumable(out))
@@ -702,7 +723,7 @@ class _Build:
             run(False)
         return load_model(out).eval()
 
-    def distilled(self, chosen: Candidate, teacher: LM) -> LM:
+    def distilled(self, chosen: Candidate, teacher: _Teacher) -> LM:
         """The chosen network distilled from `teacher` (distill/), its weights and architecture in WORK."""
         result = self.trained(self.work / "distill", chosen.model, teacher, searched=True, positions=chosen.positions)
         if distributed.is_main():
@@ -710,7 +731,7 @@ class _Build:
             shutil.copy(self.work / "distill" / WEIGHTS_FILE, self.work / WEIGHTS_FILE)
         return result
 
-    def reference(self, name: str, reuse: Path | None, teacher: LM | None) -> LM:
+    def reference(self, name: str, reuse: Path | None, teacher: _Teacher | None) -> LM:
         """Fairness: the result has seen the baseline's tokens plus as many as the search and distillation
         steps, so the baselines it is judged against train on as many more tokens: with cross-entropy (`teacher`
         None: baseline-continued/) and with the result's own recipe, distilled from its teacher
@@ -728,30 +749,32 @@ class _Build:
             distributed.main_writes(lambda: shutil.copytree(reuse, out))
         return self.trained(out, self.baseline, teacher)
 
-    def _same_reference(self, reuse: Path, teacher: LM | None) -> bool:
+    def _same_reference(self, reuse: Path, teacher: _Teacher | None) -> bool:
         """Whether an earlier build's reference `reuse` trained as this build's would: any continued baseline
         does; a self-distilled one only with this build's recipe and the same teacher (that build's teacher.json,
         or the baseline, which every build distilled from before it had one)."""
         if teacher is None:
             return True
         recipe = saved_config(reuse)[0]
-        if (recipe.distill, recipe.cosine) != (self.budget.distill_share, self.budget.cosine):
+        if (recipe.distill, recipe.cosine) != (teacher.share, self.budget.cosine):
             return False
         record = reuse.parent / TEACHER_FILE
-        theirs = _teacher_record(record)["teacher"] if record.exists() else "baseline"
-        return theirs == _teacher_record(self.work / TEACHER_FILE)["teacher"]
+        return (_teacher_record(record)["teacher"] if record.exists() else "baseline") == teacher.name
 
-    def taught_by(self, continued: LM) -> LM:
+    def taught_by(self, continued: LM) -> _Teacher:
         """The teacher of the result and of the self-distilled reference, chosen once and recorded in
         teacher.json (a resumed build keeps the one its distillation started with): the one --teacher names,
         or for auto the better of the baseline and the continued baseline on the search's held-out training
-        tokens, which neither trained on more than the other."""
+        tokens, which neither trained on more than the other; with it, the KL share of their recipe (Budget.share;
+        a record from before it was recorded: the budget's, which its build distilled with)."""
         path = self.work / TEACHER_FILE
         record = _kept(path, lambda: _teacher_record(path)) if path.exists() else None
         if record is None:
             record = distributed.broadcast(self._chosen_teacher(continued) if distributed.is_main() else None)
+            record["distill_share"] = self.budget.share(record["teacher"])
             distributed.main_writes(lambda: atomic_write(path, json.dumps(record, indent=2) + "\n"))
-        return continued if record["teacher"] == "continued" else self.baseline
+        record = {"distill_share": self.budget.distill_share} | record
+        return _Teacher(continued if record["teacher"] == "continued" else self.baseline, record)
 
     def _chosen_teacher(self, continued: LM) -> dict[str, Any]:
         """teacher.json's record. The held-out tokens compare the two fairly only where the continued baseline
@@ -776,7 +799,7 @@ class _Build:
         return {"teacher": min(losses, key=losses.__getitem__), "asked": asked, "held_out_loss": losses,
                 "held_out_tokens": len(held_out)}
 
-    def compared(self, budget_ms: float, base_onnx: str, teacher: LM) -> list[tuple[str, LM]]:
+    def compared(self, budget_ms: float, base_onnx: str, teacher: _Teacher) -> list[tuple[str, LM]]:
         """The --compare networks in compare/, trained with the result's recipe and teacher (see planer.compare).
         dense-only searches for the build's own target: a target in ms taken from the first search would be read against
         this search's own baseline measurement, and one measured high made it cut to half the result's time."""
@@ -836,7 +859,7 @@ class _Build:
         atomic_write(self.work / "latency.json", json.dumps(latency, indent=2) + "\n")
         return latency
 
-    def judged(self, scored: dict[str, dict], compared: list[str], base_tokens: int) -> dict:
+    def judged(self, scored: dict[str, dict], compared: list[str], base_tokens: int, teacher: dict) -> dict:
         """accuracy.json: each graph's engine score, with the tokens each network trained on, and the reference
         the result is judged against."""
         runs = {CONTINUED: self.work / CONTINUED, SELF_DISTILLED: self.work / SELF_DISTILLED,
@@ -847,7 +870,7 @@ class _Build:
         graded = {name: scored[name] | (_trained(runs[name], base_tokens + (kept if name in searched else 0))
                                         if name in runs else {"tokens_trained": base_tokens}) for name in scored}
         accuracy = {"data": self.corpus.name, "split": "valid", "evaluated_in": self.dep.engine,
-                    "teacher": _teacher_record(self.work / TEACHER_FILE), "baseline": graded[BASELINE],
+                    "teacher": teacher, "baseline": graded[BASELINE],
                     "baseline_continued": graded[CONTINUED],
                     "baseline_self_distilled": graded[SELF_DISTILLED],
                     "result": graded["result"], "comparisons": {name: graded[name] for name in compared}}

@@ -150,15 +150,17 @@ def _parity_note(latency: dict) -> str:
 
 
 def _teacher(record: dict) -> str:
-    """What the result was distilled from, and why (teacher.json)."""
+    """What the result was distilled from, why, and with what share of cross-entropy (teacher.json)."""
     name = {"baseline": "the baseline", "continued": "the continued baseline"}[record["teacher"]]
+    share = record.get("distill_share", 1.0)
+    recipe = f" Logits' loss: {share:g} KL to it, {1 - share:g} cross-entropy." if share < 1 else ""
     if record["asked"] != "auto":
-        return f"Teacher: {name} (--teacher {record['asked']})."
+        return f"Teacher: {name} (--teacher {record['asked']}).{recipe}"
     if "held_out_loss" not in record:
-        return f"Teacher: {name} ({record['why']})."
+        return f"Teacher: {name} ({record['why']}).{recipe}"
     losses = record["held_out_loss"]
     return (f"Teacher: {name}, the lower loss on {record['held_out_tokens']:,} held-out training tokens "
-            f"(baseline {losses['baseline']:.4f}, continued {losses['continued']:.4f}).")
+            f"(baseline {losses['baseline']:.4f}, continued {losses['continued']:.4f}).{recipe}")
 
 
 def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,

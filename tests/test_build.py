@@ -111,6 +111,10 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
               for name, run_dir in (("baseline", baseline_run), ("continued", out / "baseline-continued"))}
     assert teacher["held_out_loss"] == pytest.approx(losses, rel=1e-5)
     assert teacher["teacher"] == min(losses, key=losses.__getitem__)
+    # and the recipe it taught with, as the two runs it taught recorded it
+    assert teacher["distill_share"] == BUDGET.share(teacher["teacher"])
+    assert all(json.loads((out / r / "config.json").read_text())["train"]["distill"] == teacher["distill_share"]
+               for r in ("distill", "baseline-self-distilled"))
     log = (out / "search_log.jsonl").read_text().splitlines()
     assert sum('"confirm"' not in line for line in log) == BUDGET.search.rounds
     report = (out / "report.md").read_text()
@@ -141,17 +145,19 @@ def test_sweep_shares_table_continued_baseline_and_library(baseline_run, table_f
     library = [entry for entry in logged if "library" in entry]  # logged though neither trained nor scored again
     assert len(library) == 1 and library[0]["trained_s"] is None and library[0]["scored_s"] is None
     assert "x1.5" in (out / "sweep.md").read_text()
-    # a self-distilled reference is taken up only from a build that distilled from the same teacher
+    # a self-distilled reference is taken up only from a build that distilled from the same teacher, with the same
+    # share of KL
     first = out / "x1.2"
-    theirs = json.loads((first / "teacher.json").read_text())["teacher"]
+    theirs = json.loads((first / "teacher.json").read_text())
     baseline = load_model(baseline_run).eval()
     work = tmp_path / "mine.partial"
-    work.mkdir()
     stages = build_module._Build(baseline_run, baseline_run, work, baseline, None, SPACE, None, DEP,
                                  Target(speedup=1.5), local, False, None)
     for mine in ("baseline", "continued"):
-        (work / "teacher.json").write_text(json.dumps({"teacher": mine, "asked": mine}))
-        assert stages._same_reference(first / "baseline-self-distilled", baseline) == (mine == theirs)
+        for share in (0.5, 1.0):
+            teacher = build_module._Teacher(baseline, {"teacher": mine, "distill_share": share})
+            assert stages._same_reference(first / "baseline-self-distilled", teacher) == \
+                (mine == theirs["teacher"] and share == theirs["distill_share"])
     assert stages._same_reference(first / "baseline-continued", None)  # a continued one is the same whatever taught
     # An interrupted sweep reuses its finished builds only when asked for the same way.
     again = tmp_path / "again"
@@ -291,7 +297,10 @@ def test_interrupted_build_resumes_after_the_search(baseline_run, table_file, tm
     assert (out / "search_log.jsonl").read_text() == log
     timings = json.loads((out / "timings.json").read_text())  # the report's wall time counts the earlier runs too
     assert timings["search"] >= first["search"] and "export, verify, time, evaluate" in timings
-    assert json.loads((out / "accuracy.json").read_text())["teacher"] == {"teacher": "continued", "asked": "continued"}
+    # taught by the continued baseline, with half cross-entropy: the data still teaches (Budget.share)
+    assert json.loads((out / "accuracy.json").read_text())["teacher"] == \
+        {"teacher": "continued", "asked": "continued", "distill_share": 0.5}
+    assert json.loads((out / "distill" / "config.json").read_text())["train"]["distill"] == 0.5
     chosen = json.loads((out / "search" / "outcome.json").read_text())
     assert json.loads((out / "arch.json").read_text())["blocks"] == \
         chosen["candidates"][chosen["chosen"]]["arch"]["blocks"]

@@ -38,7 +38,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,14 @@ def parent_pass(parent: LM, x: Tensor, mems: Sequence[Tensor | None] | None) -> 
     out, new_mems = run_blocks(parent.blocks, h, mems, parent.arch.mem_len, inputs=inputs)
     used = list(mems) if mems is not None else [None] * len(parent.blocks)
     return ParentPass(inputs, used, inputs[1:] + [out], head_logits(parent, parent.norm(out))), new_mems
+
+
+def parent_passes(parent: LM, probe: Iterable[tuple[Tensor, Tensor]]) -> Iterator[ParentPass]:
+    """The parent's passes over `probe`'s consecutive segments, memories carried from one to the next."""
+    mems = None
+    for x, _ in probe:
+        seg, mems = parent_pass(parent, x, mems)
+        yield seg
 
 
 def _call(block: Block, h: Tensor, mem: Tensor | None) -> Tensor:
@@ -525,9 +533,7 @@ def calibration_inputs(parent: LM, data: Segments, positions: Sequence[int], tok
 @torch.no_grad()
 def _note_nmse(library: Library, keys: list[Key], probe: Sequence[tuple[Tensor, Tensor]], name: str) -> None:
     totals = dict.fromkeys(keys, 0.0)
-    mems = None
-    for x, _ in probe:
-        seg, mems = parent_pass(library.parent, x, mems)
+    for seg in parent_passes(library.parent, probe):
         for k in keys:
             totals[k] += float(nmse(library.blocks[k], seg, k[0], paired(k)))
     for k in keys:
@@ -547,10 +553,7 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | 
     Returns how stable the ranking is: the Spearman correlation between the alternatives' KL on the first and on
     the second half of the scored segments (1: the same order)."""
     parent = library.parent
-    passes, mems = [], None
-    for x, _ in probe:
-        seg, mems = parent_pass(parent, x, mems)
-        passes.append(seg)
+    passes = list(parent_passes(parent, probe))
     first = 1 if len(passes) > 1 else 0  # the segments scored
     half = first + (len(passes) - first) // 2
     if bar is not None:
@@ -588,9 +591,8 @@ def score(library: Library, probe: Sequence[tuple[Tensor, Tensor]], bar: tqdm | 
 @torch.no_grad()
 def head_damage(parent: LM, probe: Sequence[tuple[Tensor, Tensor]], precision: str) -> float:
     """KL(parent || parent with its output head in `precision`) per token on `probe`, as `score` scores a block."""
-    kl, mems = [], None
-    for x, _ in probe:
-        seg, mems = parent_pass(parent, x, mems)
+    kl = []
+    for seg in parent_passes(parent, probe):
         changed = head_logits(parent, parent.norm(seg.outputs[-1]), precision)
         kl.append(distributed.mean(float(distillation_loss(changed, seg.logits))))
     first = 1 if len(kl) > 1 else 0

@@ -39,13 +39,21 @@ class TrainConfig:
         return TrainConfig(**{k: v for k, v in d.items() if k in known})
 
 
-# The recipe a build distils with unless its budget says otherwise (the result, the comparisons, the self-distilled
-# reference, the search's trials and `planer distill`): forward KL alone (the rest of the logits' loss would be
-# cross-entropy), plus the cosine loss between the hidden states at the blocks a network kept and the baseline's.
+# The recipe a build distils with unless its budget says otherwise (the search's trials, `planer distill`, and where
+# the baseline teaches, the result, the comparisons and the self-distilled reference): forward KL alone (the rest
+# of the logits' loss would be cross-entropy), plus the cosine loss between the hidden states at the blocks a
+# network kept and the baseline's.
 # On the deep preset's 2x network, 1,200 steps from the same weights: validation loss 1.3801 with KL and cosine,
 # 1.3822 with KL alone, 1.3908 with half cross-entropy, half KL (benchmarks/distill_recipe.py; RESULTS.md).
 DISTILL_SHARE = 1.0
 COSINE = 1.0
+# The KL share of a build's recipe where the result distils from the continued baseline: that teacher was chosen
+# because the build's data still taught the baseline (planer.build, teacher.json), and then it still teaches the
+# student, so half the logits' loss stays cross-entropy. On SmolLM2-135M's 2x network taught by its continued
+# baseline, 300 steps from the same weights: validation loss 2.8864 with half cross-entropy, half KL, and cosine,
+# 2.9304 with KL and cosine (benchmarks/distill_recipe.py; RESULTS.md); on `tiny`, a baseline far from its plateau
+# and taught by itself, half cross-entropy beat KL and cosine by 0.7 % too.
+ADAPTED_SHARE = 0.5
 
 
 def finetune_config(steps: int, batch: int, valid_tokens: int, distill: float, cosine: float = 0.0,
