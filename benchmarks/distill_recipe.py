@@ -34,7 +34,7 @@ from pathlib import Path
 from common import record, smoke_option, smoke_space, tiny_run
 
 from planer.arch import BlockSpec
-from planer.build import CONTINUED, SELF_DISTILLED, TEACHER_FILE, Budget, build
+from planer.build import CONTINUED, SELF_DISTILLED, Budget, build, teacher_of
 from planer.checkpoint import load_model
 from planer.search.search import OUTCOME_FILE, SearchConfig
 from planer.train.evaluate import evaluate
@@ -77,6 +77,8 @@ def main() -> None:
     if not (work / "search" / OUTCOME_FILE).is_file() or not (work / CONTINUED / EVAL_FILE).is_file():
         p.error(f"{work} is not a finished build (no search/{OUTCOME_FILE} or {CONTINUED}/{EVAL_FILE}); "
                 "give the directory `planer build --out` made")
+    if args.keep is not None and args.keep.exists():
+        p.error(f"--keep {args.keep} exists; name a new directory")
 
     options = json.loads((work / "build.json").read_text())
     b = options["budget"]
@@ -86,10 +88,9 @@ def main() -> None:
     steps = args.steps or budget.result_steps
     reference_steps = steps + budget.extra_steps - budget.result_steps
     baseline = load_model(options["model"]).eval()
-    # a build without teacher.json distilled from the baseline with its budget's share
-    taught = json.loads((work / TEACHER_FILE).read_text()) if (work / TEACHER_FILE).is_file() else {}
-    taught_by = taught.get("teacher", "baseline")
-    own = (taught.get("distill_share", budget.distill_share), budget.cosine)
+    taught = teacher_of(work, budget.distill_share)
+    taught_by = taught["teacher"]
+    own = (taught["distill_share"], budget.cosine)
     teacher = load_model(work / CONTINUED).eval() if taught_by == "continued" else baseline
     corpus = run_corpus(Path(options["model"]), options["data"], baseline.arch.vocab_size)
     chosen = json.loads((work / "search" / OUTCOME_FILE).read_text())
@@ -104,8 +105,6 @@ def main() -> None:
     rows = []
     base_loss = evaluate(baseline, corpus.valid, corpus.unit, batch=budget.recipe(1, 0.0).eval_batch)["loss"]
     continued = json.loads((work / CONTINUED / EVAL_FILE).read_text())["valid"]["loss"]
-    if args.keep is not None and args.keep.exists():
-        p.error(f"--keep {args.keep} exists; name a new directory")
     with nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="distill-recipe-") as tmp:
         for name in recipes:
             share, cosine = RECIPES[name] or own

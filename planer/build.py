@@ -154,21 +154,6 @@ EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in P
 BASELINE = "baseline"
 TIMINGS_FILE = "timings.json"
 TEACHER_FILE = "teacher.json"
-
-
-class _Teacher(NamedTuple):
-    """What the result and the self-distilled reference distil from, and teacher.json's record of it."""
-    model: LM
-    record: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return self.record["teacher"]
-
-    @property
-    def share(self) -> float:
-        """The KL share of their logits' loss (Budget.share), the rest cross-entropy."""
-        return self.record["distill_share"]
 SWEEP_FILE = "sweep.json"  # what a sweep was asked for (its builds' build.json name the baseline they read)
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
@@ -590,6 +575,29 @@ def _teacher_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def teacher_of(work: Path, distill_share: float) -> dict[str, Any]:
+    """What the build in WORK distilled from (its teacher.json), with the KL share: a build from before teachers
+    were recorded distilled from the baseline, and one from before the share was, with its budget's
+    `distill_share`."""
+    path = work / TEACHER_FILE
+    return {"teacher": "baseline", "distill_share": distill_share} | (_teacher_record(path) if path.exists() else {})
+
+
+class _Teacher(NamedTuple):
+    """What the result and the self-distilled reference distil from, and teacher.json's record of it."""
+    model: LM
+    record: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.record["teacher"]
+
+    @property
+    def share(self) -> float:
+        """The KL share of their logits' loss (Budget.share), the rest cross-entropy."""
+        return self.record["distill_share"]
+
+
 @dataclass
 class _Build:
     """A build past profiling: what every later stage reads, settled once (the baseline's run and model, the
@@ -758,8 +766,7 @@ class _Build:
         recipe = saved_config(reuse)[0]
         if (recipe.distill, recipe.cosine) != (teacher.share, self.budget.cosine):
             return False
-        record = reuse.parent / TEACHER_FILE
-        return (_teacher_record(record)["teacher"] if record.exists() else "baseline") == teacher.name
+        return teacher_of(reuse.parent, self.budget.distill_share)["teacher"] == teacher.name
 
     def taught_by(self, continued: LM) -> _Teacher:
         """The teacher of the result and of the self-distilled reference, chosen once and recorded in
@@ -768,12 +775,11 @@ class _Build:
         tokens, which neither trained on more than the other; with it, the KL share of their recipe (Budget.share;
         a record from before it was recorded: the budget's, which its build distilled with)."""
         path = self.work / TEACHER_FILE
-        record = _kept(path, lambda: _teacher_record(path)) if path.exists() else None
+        record = _kept(path, lambda: teacher_of(self.work, self.budget.distill_share)) if path.exists() else None
         if record is None:
             record = distributed.broadcast(self._chosen_teacher(continued) if distributed.is_main() else None)
             record["distill_share"] = self.budget.share(record["teacher"])
             distributed.main_writes(lambda: atomic_write(path, json.dumps(record, indent=2) + "\n"))
-        record = {"distill_share": self.budget.distill_share} | record
         return _Teacher(continued if record["teacher"] == "continued" else self.baseline, record)
 
     def _chosen_teacher(self, continued: LM) -> dict[str, Any]:
