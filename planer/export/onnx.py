@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,9 @@ from planer.export.quantize import digest, quantize_int8
 from planer.files import replacing
 from planer.nn import LM
 from planer.nn.attention import Attention
-from planer.nn.model import Block, embed_tokens, head_logits, int8_weights, next_memory
+from planer.nn.model import Block, compute_in, embed_tokens, head_logits, int8_weights, next_memory
 from planer.nn.moe import MoE
-from planer.nn.quant import quantized_linears, set_precision
+from planer.nn.quant import quantized_linears
 from planer.runtime.feeds import MAX_CONTEXT_KEY, input_names, output_names
 
 # Sample sizes avoid 0/1 and each other, so the exporter specialises on none of them.
@@ -140,10 +139,7 @@ def _lowered(model: nn.Module, lowering: str, context: int) -> nn.Module:
         raise ExportError(f"int8 MoE blocks run only in the `ops` lowering (the {lowering} lowering's fused "
                           "experts are fp32); use --lowering ops, or --precision fp32")
     copy_ = copy.deepcopy(model).eval()
-    set_precision(copy_, "fp32")
-    for m in copy_.modules():
-        if isinstance(m, LM):
-            m.arch = replace(m.arch, head_precision="fp32")
+    compute_in(copy_, "fp32")
     for attn in _relative(copy_):
         attn.freeze_positions(context)
     lower(copy_, lowering)

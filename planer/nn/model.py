@@ -147,6 +147,15 @@ def int8_weights(module: nn.Module) -> list[Tensor]:
     return [m.weight for m in quantized_linears(module)] + heads
 
 
+def compute_in(module: nn.Module, precision: str) -> None:
+    """Every product inside `module` computes in `precision`, in place: its blocks' projections and the output
+    head of each LM inside it (which reads its architecture's head_precision)."""
+    set_precision(module, precision)
+    for m in module.modules():
+        if isinstance(m, LM):
+            m.arch = replace(m.arch, head_precision=precision)
+
+
 def in_precision(model: LM, precision: str) -> LM:
     """`model` with every block and the head computing in `precision`, sharing nothing but equal weights."""
     arch = replace(model.arch.with_blocks([b.in_precision(precision) for b in model.arch.blocks]),
