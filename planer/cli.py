@@ -499,8 +499,8 @@ def _deployment(run: Path, engine: str, batch: int, tgt_len: int | None, mem_len
               help="what the result (and the self-distilled reference) distils from: baseline: the model as given; "
                    "continued: the baseline trained on --data with cross-entropy as long as the result (it adapts an "
                    "imported model to that data; the result then keeps half cross-entropy in its recipe, since the "
-                   "data still teaches); auto: the one with the lower loss on held-out training tokens (recorded "
-                   "in teacher.json)")
+                   "data still teaches); auto: the one with the lower loss on training tokens neither "
+                   "trained on, spread over the training split (recorded in teacher.json)")
 def build_command(run: Path, engine: str, target_speedup: str | None, target_latency_ms: float | None, out: Path | None,
                   batch: int, tgt_len: int | None, mem_len: int | None, threads: int, lowering: str | None,
                   precision: str | None, budget: str, space: Path | None, method: str, local_steps: int | None,

@@ -159,8 +159,11 @@ def _teacher(record: dict) -> str:
     if "held_out_loss" not in record:
         return f"Teacher: {name} ({record['why']}).{recipe}"
     losses = record["held_out_loss"]
-    return (f"Teacher: {name}, the lower loss on {record['held_out_tokens']:,} held-out training tokens "
-            f"(baseline {losses['baseline']:.4f}, continued {losses['continued']:.4f}).{recipe}")
+    windows = record.get("held_out_windows")  # a record from before them: the training split's tail
+    where = (f"training tokens neither trained on, in {len(windows)} stretches spread over the training split"
+             if windows else "held-out training tokens at the training split's end")
+    return (f"Teacher: {name}, the lower loss on {record['held_out_tokens']:,} {where} (baseline "
+            f"{losses['baseline']:.4f}, continued {losses['continued']:.4f}).{recipe}")
 
 
 def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,

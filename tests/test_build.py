@@ -14,6 +14,7 @@ from planer import build as build_module
 from planer.arch import BlockSpec
 from planer.build import Budget, build, search_alone, sweep
 from planer.checkpoint import WEIGHTS_FILE, load_model, save_weights
+from planer.data import Segments
 from planer.deployment import Deployment, Target
 from planer.errors import PlanerError
 from planer.files import ARCH_FILE, staging_dir
@@ -101,12 +102,24 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     for scored in (accuracy["result"], accuracy["baseline_continued"], *accuracy["comparisons"].values()):
         assert scored["pytorch"]["loss"] == pytest.approx(scored["loss"], rel=1e-5)
     assert "test" not in json.loads((out / "distill" / "eval.json").read_text())  # a build judges on valid alone
-    # the teacher, auto: the lower loss of the baseline and the continued baseline on the search's held-out training
-    # tokens (the split's tail, which the continued run never reached), scored again here
+    # the teacher, auto: the lower loss of the baseline and the continued baseline on training tokens neither run
+    # read (by their records), spread over the split, scored again here
     teacher = accuracy["teacher"]
     assert teacher == json.loads((out / "teacher.json").read_text()) and teacher["asked"] == "auto"
-    assert 0 < teacher["held_out_tokens"] <= BUDGET.search.trial_tokens
-    held_out = corpus.train[-teacher["held_out_tokens"]:]
+    windows = [range(*w) for w in teacher["held_out_windows"]]
+    assert len(windows) == build_module.TEACHER_WINDOWS
+    assert teacher["held_out_tokens"] == sum(map(len, windows)) == BUDGET.search.trial_tokens
+    read = np.zeros(len(corpus.train), bool)
+    for run_dir in (baseline_run, out / "baseline-continued"):
+        recipe = saved_config(run_dir)[0]
+        seg = Segments(corpus.train, recipe.batch, shipped.arch.tgt_len)
+        for step in range(recipe.steps):  # as the trainer reads
+            positions = np.arange(len(corpus.train) // recipe.batch * recipe.batch).reshape(recipe.batch, -1)
+            start = step % len(seg) * seg.tgt_len
+            read[positions[:, start:start + seg.tgt_len + 1].ravel()] = True
+    assert not any(read[w.start:w.stop].any() for w in windows)
+    assert windows[-1].start > len(corpus.train) // 2  # spread, not the first stretch alone
+    held_out = np.concatenate([corpus.train[w.start:w.stop] for w in windows])
     losses = {name: evaluate(load_model(run_dir).eval(), held_out, corpus.unit)["loss"]
               for name, run_dir in (("baseline", baseline_run), ("continued", out / "baseline-continued"))}
     assert teacher["held_out_loss"] == pytest.approx(losses, rel=1e-5)
@@ -119,6 +132,7 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert sum('"confirm"' not in line for line in log) == BUDGET.search.rounds
     report = (out / "report.md").read_text()
     assert "met" in report and "the dense-only search" in report
+    assert f"training tokens neither trained on, in {build_module.TEACHER_WINDOWS} stretches" in report
     # --compare: the baseline in its fastest precisions, three alternatives at the result's latency, trained and
     # timed beside it (fastest-precision only where int8 measured faster than fp32 for some baseline block)
     names = ["drop-attention", "narrow", "dense-only"]

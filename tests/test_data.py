@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from planer.data import Segments, load_corpus, read_spans
+from planer.data import Segments, load_corpus, read_spans, unread_windows
 from planer.data.corpus import DataError, split_bytes
 
 
@@ -90,3 +90,28 @@ def test_read_spans_are_the_positions_training_reads(steps):
         x, y = seg[step % len(seg)]
         read |= set(x.flatten().tolist()) | set(y.flatten().tolist())
     assert read == {p for span in read_spans(len(data), 4, 7, steps) for p in span}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_unread_windows_are_unread_and_spread(seed):
+    """Against brute force on a mask: the candidates are each unread stretch cut into windows from its start, and
+    the windows chosen are the middle candidates of `count` equal slices of them (all where fewer fit)."""
+    rng = np.random.default_rng(seed)
+    tokens, window, count = int(rng.integers(50, 400)), int(rng.integers(1, 9)), int(rng.integers(1, 12))
+    read = [range(a, min(tokens, a + int(rng.integers(0, 40)))) for a in rng.integers(0, tokens, rng.integers(0, 8))]
+    touched = np.zeros(tokens + 1, bool)  # a sentinel at the end closes the last stretch
+    touched[tokens] = True
+    for r in read:
+        touched[r.start:r.stop] = True
+    candidates, start = [], None
+    for i, t in enumerate(touched):
+        if not t and start is None:
+            start = i
+        elif t and start is not None:
+            candidates += [range(s, s + window) for s in range(start, i - window + 1, window)]
+            start = None
+    want = (candidates if len(candidates) <= count else
+            [candidates[(2 * i + 1) * len(candidates) // (2 * count)] for i in range(count)])
+    windows = unread_windows(tokens, read, window, count)
+    assert windows == want
+    assert all(not touched[w.start:w.stop].any() for w in windows)

@@ -7,7 +7,7 @@ step, so the memory a stream carries from segment i-1 really is its own past.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +50,18 @@ def read_spans(tokens: int, batch: int, tgt_len: int, steps: int) -> list[range]
     length = tokens // batch
     read = length if steps >= _per_pass(length, tgt_len) else steps * tgt_len + 1 if steps else 0
     return [range(b * length, b * length + read) for b in range(batch)]
+
+
+def unread_windows(tokens: int, read: Iterable[range], window: int, count: int) -> list[range]:
+    """`count` windows of `window` positions of a text of `tokens` tokens that no range of `read` touches, spread
+    evenly over the text (the whole text's variety, not one stretch's), in order; fewer where fewer fit."""
+    windows, at = [], 0
+    for span in sorted((r for r in read if len(r)), key=lambda r: r.start) + [range(tokens, tokens + 1)]:
+        windows += [range(s, s + window) for s in range(at, span.start - window + 1, window)]
+        at = max(at, span.stop)
+    if len(windows) <= count:
+        return windows
+    return [windows[(2 * i + 1) * len(windows) // (2 * count)] for i in range(count)]
 
 
 def _per_pass(length: int, tgt_len: int) -> int:
