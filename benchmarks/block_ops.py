@@ -7,8 +7,9 @@ int8 dense FFN it came from).
 
 Each block is exported alone, as a build profiles it (random weights and router: near-uniform routing), in fp32
 and in int8, and run `--runs` times in a session configured as planer's engine (2 threads, no spinning unless
-`--allow-spinning`, every graph optimisation). Times are the profiler's, per run: `run` is its whole-run event (median), `kernels` the sum
-of its node events (mean), split into matrix products (MatMul, Gemm and their int8 forms) and everything else.
+`--allow-spinning`, every graph optimisation). Times are the profiler's, per run: `run` is its whole-run event
+(median), `kernels` the sum of its node events (mean), split into matrix products (MatMul, Gemm and their int8
+forms) and everything else.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def main() -> None:
     spin = "-spinning" if a.allow_spinning else ""
     record(f"block_ops-{shape}-b{a.batch}{spin}", {"shape": shape, "batch": a.batch, "runs": runs,
                                                    "allow_spinning": a.allow_spinning, "rows": rows},
-           f"ONNX Runtime CPU, 2 threads ({'spinning' if a.allow_spinning else 'not spinning'}), `ops` lowering, {shape} FFN shape (d {d_model}, width {width}, "
-           f"{activation}), B{a.batch}, segment {segment}; {runs} profiled runs per block; ms per run.\n\n"
+           f"ONNX Runtime CPU, 2 threads ({'spinning' if a.allow_spinning else 'not spinning'}), `ops` lowering, "
+           f"{shape} FFN shape (d {d_model}, width {width}, {activation}), B{a.batch}, segment {segment}; {runs} "
+           "profiled runs per block; ms per run.\n\n"
            "| block | nodes run | run (median) | kernels | of which products | other kernels | largest by operator |\n"
            "|---|---|---|---|---|---|---|\n" + "\n".join(lines), smoke=a.smoke)
 
