@@ -113,10 +113,16 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     for run_dir in (baseline_run, out / "baseline-continued"):
         recipe = saved_config(run_dir)[0]
         seg = Segments(corpus.train, recipe.batch, shipped.arch.tgt_len)
+        by_run = np.zeros_like(read)
         for step in range(recipe.steps):  # as the trainer reads
             positions = np.arange(len(corpus.train) // recipe.batch * recipe.batch).reshape(recipe.batch, -1)
             start = step % len(seg) * seg.tgt_len
-            read[positions[:, start:start + seg.tgt_len + 1].ravel()] = True
+            by_run[positions[:, start:start + seg.tgt_len + 1].ravel()] = True
+        recorded = np.zeros_like(read)  # what the build takes each run to have read, from its record
+        for span in build_module.recorded_reads(run_dir, corpus):
+            recorded[span.start:span.stop] = True
+        assert by_run.any() and np.array_equal(recorded, by_run)
+        read |= by_run
     assert not any(read[w.start:w.stop].any() for w in windows)
     assert windows[-1].start > len(corpus.train) // 2  # spread, not the first stretch alone
     held_out = np.concatenate([corpus.train[w.start:w.stop] for w in windows])
