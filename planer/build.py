@@ -590,7 +590,7 @@ def recorded_reads(run: Path, corpus: Corpus) -> list[range]:
     none for an imported model or a run on other data (whatever else it read, planer cannot know)."""
     if (run / IMPORT_FILE).is_file() or not (run / CONFIG_FILE).is_file():
         return []
-    if read_json(run / CONFIG_FILE, f"delete {run} or train it again").get("data") != corpus.spec:
+    if read_json(run / CONFIG_FILE, f"restore it from a copy, or train {run} again").get("data") != corpus.spec:
         return []
     recipe = saved_config(run)[0]
     return read_spans(len(corpus.train), recipe.batch, Architecture.load(run / ARCH_FILE).tgt_len, recipe.steps)

@@ -449,3 +449,13 @@ def test_a_damaged_request_in_a_partial_build_says_to_delete_it(tmp_path):
     (work / "build.json").write_text('{"model": "runs/')
     with pytest.raises(PlanerError, match="unreadable or not JSON.*delete .*b.partial and run the command again"):
         _start_or_resume(work, {"model": "runs/tiny"})
+
+
+def test_a_damaged_record_of_the_baseline_says_to_restore_it_not_to_delete_it(baseline_run, tmp_path):
+    """The teacher choice reads what the user's baseline read from its config.json; that run is theirs."""
+    run_dir = tmp_path / "base"
+    shutil.copytree(baseline_run, run_dir)
+    corpus = run_corpus(baseline_run, None, load_model(baseline_run).arch.vocab_size)
+    (run_dir / CONFIG_FILE).write_text('{"data": ')
+    with pytest.raises(PlanerError, match=f"unreadable or not JSON.*restore it from a copy, or train {run_dir} again"):
+        build_module.recorded_reads(run_dir, corpus)
