@@ -118,7 +118,7 @@ def main() -> None:
                 narrow = BlockSpec.ffn(width // share)
                 export(f"{narrow.label()} fp32", narrow)
                 export(f"{narrow.label()}@int8", replace(narrow, precision="int8"), twin=f"{narrow.label()} fp32")
-            sizes = {}
+            sizes, errors = {}, {}
             for spec in splits:
                 label = spec.label()
                 export(f"{label} ops fp32", spec)
@@ -137,20 +137,19 @@ def main() -> None:
                     if not error <= MAX_ERROR:
                         raise SystemExit(f"{name} {label}: QMoE's output is {error:.3f} from the fp32 block's "
                                          f"(at most {MAX_ERROR}); the rewrite is wrong")
-                    sizes[f"{label} error"] = error
+                    errors[label] = error
                 stats = dict(zip(engines, time_engines([(e, {"x": x}) for e in engines.values()],
                                                       min_seconds=(0.05 if a.smoke else a.seconds) * len(engines))))
                 ms = {label: s.p50 for label, s in stats.items()}
                 worst = max(s.spread for s in stats.values())
                 rows.append({"shape": name, "batch": b, "ms": ms, "spread": {k: s.spread for k, s in stats.items()},
-                             "block_sizes": {k: v for k, v in sizes.items() if not k.endswith("error")},
-                             "qmoe_error": {k[:-6]: v for k, v in sizes.items() if k.endswith("error")}})
+                             "block_sizes": sizes, "qmoe_error": dict(errors)})
                 dense32, dense8 = ms["dense fp32"], ms["dense int8"]
                 for spec in splits:
                     label = spec.label()
                     fused = [ms[f"{label} {form}"] for form in ("ops fp32", "ort-moe fp32", "ops int8", "qmoe int8")]
                     lines.append(f"| {name} | B{b} | {label} | " + " | ".join(f"{v / dense8:.2f}" for v in fused)
-                                 + f" | {sizes[label]} / {sizes[label + ' error']:.3f} |")
+                                 + f" | {sizes[label]} / {errors[label]:.3f} |")
                 narrowed = ", ".join(f"{k.split('@')[0]} {ms[k] / dense8:.2f}" for k in ms if k.endswith("@int8"))
                 lines.append(f"| {name} | B{b} | dense ffn{width}: fp32 {dense32:.3f} ms, int8 {dense8:.3f} ms "
                              f"(int8 narrowed: {narrowed}) | {dense32 / dense8:.2f} | | 1 | | worst spread "
