@@ -19,7 +19,6 @@ built with it (latency only; the exact GELU's cost is the same kind of elementwi
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
