@@ -156,6 +156,7 @@ EVAL_BATCH = 8  # streams the validation split is read as, in the engine as in P
 BASELINE = "baseline"
 TIMINGS_FILE = "timings.json"
 TEACHER_FILE = "teacher.json"
+HELD_OUT_FILE = "held_out.json"  # the training split's stretches a continued baseline was kept from (teacher_windows)
 SWEEP_FILE = "sweep.json"  # what a sweep was asked for (its builds' build.json name the baseline they read)
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
@@ -587,13 +588,31 @@ def teacher_of(work: Path, distill_share: float) -> dict[str, Any]:
 
 def recorded_reads(run: Path, corpus: Corpus) -> list[range]:
     """The positions of `corpus`'s training split that the training run `run` read, by its record (config.json):
-    none for an imported model or a run on other data (whatever else it read, planer cannot know)."""
+    none for an imported model or a run on other data (whatever else it read, planer cannot know); for a run kept
+    from some stretches (its held_out.json), every position outside them."""
     if (run / IMPORT_FILE).is_file() or not (run / CONFIG_FILE).is_file():
         return []
     if read_json(run / CONFIG_FILE, f"restore it from a copy, or train {run} again").get("data") != corpus.spec:
         return []
+    if (run / HELD_OUT_FILE).is_file():
+        kept_from = held_out_windows(run / HELD_OUT_FILE, len(corpus.train))
+        bounds = [0, *(i for w in kept_from for i in (w.start, w.stop)), len(corpus.train)]
+        return [range(a, b) for a, b in zip(bounds[::2], bounds[1::2]) if b > a]
     recipe = saved_config(run)[0]
     return read_spans(len(corpus.train), recipe.batch, Architecture.load(run / ARCH_FILE).tgt_len, recipe.steps)
+
+
+def held_out_windows(path: Path, tokens: int) -> list[range]:
+    """The stretches a held_out.json records, checked to lie in order within a training split of `tokens`."""
+    remedy = f"delete {path.parent} and build again (the continued baseline is trained again)"
+    spans = read_json(path, remedy).get("held_out_windows")
+    ok = isinstance(spans, list) and all(
+        isinstance(w, list) and len(w) == 2 and all(isinstance(i, int) for i in w) for w in spans)
+    windows = [range(a, b) for a, b in spans] if ok else []
+    if not ok or any(not 0 <= w.start < w.stop <= tokens for w in windows) or any(
+            a.stop > b.start for a, b in zip(windows, windows[1:])):
+        raise PlanerError(f"{path}: not the record planer writes for this data; {remedy}")
+    return windows
 
 
 class _Teacher(NamedTuple):
@@ -714,13 +733,14 @@ class _Build:
         return outcome
 
     def trained(self, out: Path, init: LM, teacher: _Teacher | None, searched: bool = False,
-                positions: Sequence[BlockSpec] = ()) -> LM:
+                positions: Sequence[BlockSpec] = (), kept_from: Sequence[range] = ()) -> LM:
         """`init` trained with the budget's recipe in OUT (distilled from `teacher` with its share of KL, with
         cross-entropy alone where it is None), an interrupted run there continued, or a finished one loaded. A
         `searched` network trains the steps its search did not already train it for (Budget.result_steps).
         `positions`: the blocks it was chosen as, one per position, skips included, which align its hidden states
         with the baseline's for the cosine loss (without them only a network of the baseline's depth is aligned,
-        block for block). A run whose files are damaged is trained again."""
+        block for block). `kept_from`: stretches of the training split it trains without. A run whose files are
+        damaged is trained again."""
         if (out / EVAL_FILE).exists():
             finished = _kept(out, lambda: _finished_run(out))
             if finished is not None:
@@ -733,8 +753,13 @@ class _Build:
             print(f"{out.name}: its blocks do not align with the baseline's; distilled without the cosine loss",
                   file=sys.stderr)
 
+        corpus = self.corpus
+        if kept_from:
+            corpus = replace(corpus, train=np.delete(corpus.train, np.concatenate([np.arange(w.start, w.stop)
+                                                                                 for w in kept_from])))
+
         def run(resume: bool) -> None:
-            train(self.corpus, recipe, out, init=init, teacher=teacher and teacher.model, match=match,
+            train(corpus, recipe, out, init=init, teacher=teacher and teacher.model, match=match,
                   resume=resume, show_progress=self.show_progress)
 
         try:
@@ -768,7 +793,35 @@ class _Build:
                                   "result trains on, so the comparison would flatter the result; build again "
                                   "without reusing a reference trained with a smaller budget")
             distributed.main_writes(lambda: shutil.copytree(reuse, out))
-        return self.trained(out, self.baseline, teacher)
+        kept_from = self.teacher_windows(out) if teacher is None else []
+        model = self.trained(out, self.baseline, teacher, kept_from=kept_from)
+        if kept_from:  # the run's own record from now on: later builds take it over (sweeps, --reuse-continued)
+            distributed.main_writes(lambda: os.replace(self.work / HELD_OUT_FILE, out / HELD_OUT_FILE))
+        return model
+
+    def teacher_windows(self, continued: Path) -> list[range]:
+        """The stretches of the training split that --teacher auto compares the baseline and the continued
+        baseline on, which the continued baseline (at `continued`) trains without: TEACHER_WINDOWS of
+        `trial_tokens / TEACHER_WINDOWS` tokens, spread over the split, that the baseline did not read by its
+        record. A continuation can read the whole split (`tiny` at --budget large: 1.1 passes), and the choice
+        then had no tokens to compare on and fell back to the baseline, a far weaker teacher there. Chosen
+        before it trains and recorded in WORK/held_out.json until it has trained, so a resumed build keeps
+        them; none for a continued baseline taken over from another build or an older one, nor where the
+        baseline read nearly all the split."""
+        record = self.work / HELD_OUT_FILE
+        if distributed.is_main() and not record.exists() and run_source(continued) is None:
+            windows = self._unread(self.run)
+            if len(windows) == TEACHER_WINDOWS:
+                atomic_write(record, json.dumps({"held_out_windows": [[w.start, w.stop] for w in windows]}) + "\n")
+        distributed.barrier()
+        return held_out_windows(record, len(self.corpus.train)) if record.exists() else []
+
+    def _unread(self, *runs: Path) -> list[range]:
+        """TEACHER_WINDOWS stretches of the training split, as many tokens in all as the search holds out, spread
+        over it, that none of `runs` read by its record; fewer where fewer fit."""
+        read = [span for run in runs for span in recorded_reads(run, self.corpus)]
+        return unread_windows(len(self.corpus.train), read, self.budget.search.trial_tokens // TEACHER_WINDOWS,
+                              TEACHER_WINDOWS)
 
     def _same_reference(self, reuse: Path, teacher: _Teacher | None) -> bool:
         """Whether an earlier build's reference `reuse` trained as this build's would: any continued baseline
@@ -800,19 +853,18 @@ class _Build:
         records: the continued one's, the baseline's where planer trained it on this data), as many as the search
         holds out, in TEACHER_WINDOWS stretches spread over the split: one stretch is one kind of text, and the
         split's tail, which the baseline's last steps read up to, favoured it (`tiny`: 1.4151 against 1.4801 on
-        the tail, the continued baseline lower in 40 of 56 unread stretches and on the validation split). Where
-        too few such tokens remain, the baseline, the method's own teacher."""
+        the tail, the continued baseline lower in 40 of 56 unread stretches and on the validation split). The
+        continued baseline is kept from them (`teacher_windows`). Where too few such tokens remain, the baseline,
+        the method's own teacher."""
         asked = self.budget.teacher
         if asked != "auto":
             return {"teacher": asked, "asked": asked}
         tokens = self.corpus.train
-        read = [span for run in (self.run, self.work / CONTINUED) for span in recorded_reads(run, self.corpus)]
-        size = self.budget.search.trial_tokens // TEACHER_WINDOWS
-        windows = unread_windows(len(tokens), read, size, TEACHER_WINDOWS)
+        windows = self._unread(self.run, self.work / CONTINUED)
         if len(windows) < TEACHER_WINDOWS:
-            print("the continued baseline and the baseline read nearly all the training split, which leaves no "
-                  "tokens to compare them on, so the result distils from the baseline (--teacher continued "
-                  "chooses it)", file=sys.stderr)
+            print("the baseline and the continued baseline read nearly all the training split between them, which "
+                  "leaves no tokens to compare them on, so the result distils from the baseline (--teacher "
+                  "continued chooses the other)", file=sys.stderr)
             return {"teacher": "baseline", "asked": asked, "why": "too few training tokens neither read"}
         held_out = np.concatenate([tokens[w.start:w.stop] for w in windows])
         losses = {name: evaluate(model, held_out, self.corpus.unit, batch=EVAL_BATCH,

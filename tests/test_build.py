@@ -109,19 +109,14 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     windows = [range(*w) for w in teacher["held_out_windows"]]
     assert len(windows) == build_module.TEACHER_WINDOWS
     assert teacher["held_out_tokens"] == sum(map(len, windows)) == BUDGET.search.trial_tokens
+    # the continued baseline trained without them (its held_out.json), and the build takes it to have read the rest
+    assert json.loads((out / "baseline-continued" / "held_out.json").read_text()) == {
+        "held_out_windows": teacher["held_out_windows"]}
     read = np.zeros(len(corpus.train), bool)
-    for run_dir in (baseline_run, out / "baseline-continued"):
-        recipe = saved_config(run_dir)[0]
-        seg = Segments(corpus.train, recipe.batch, shipped.arch.tgt_len)
-        by_run = np.zeros_like(read)
-        for step in range(recipe.steps):  # as the trainer reads
-            positions = np.arange(len(corpus.train) // recipe.batch * recipe.batch).reshape(recipe.batch, -1)
-            start = step % len(seg) * seg.tgt_len
-            by_run[positions[:, start:start + seg.tgt_len + 1].ravel()] = True
-        recorded = np.zeros_like(read)  # what the build takes each run to have read, from its record
-        for span in build_module.recorded_reads(run_dir, corpus):
-            recorded[span.start:span.stop] = True
-        assert by_run.any() and np.array_equal(recorded, by_run)
+    for run_dir, kept_from in ((baseline_run, []), (out / "baseline-continued", windows)):
+        by_run = _positions_read(run_dir, len(corpus.train), kept_from)
+        recorded = _recorded(run_dir, corpus)
+        assert by_run.any() and (np.array_equal(recorded, by_run) if not kept_from else not (by_run & ~recorded).any())
         read |= by_run
     assert not any(read[w.start:w.stop].any() for w in windows)
     assert windows[-1].start > len(corpus.train) // 2  # spread, not the first stretch alone
@@ -146,6 +141,59 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert sorted(latency["comparisons"]) == sorted(accuracy["comparisons"]) == sorted(names)
     assert all((out / "compare" / n / "model.safetensors").is_file() for n in names)
     assert all(a["tokens_trained"] == accuracy["result"]["tokens_trained"] for a in accuracy["comparisons"].values())
+
+
+def _positions_read(run_dir: Path, tokens: int, kept_from: list[range]) -> np.ndarray:
+    """Which positions of a training split of `tokens` the run read, as the trainer reads: its streams laid over the
+    split without the stretches `kept_from`, one segment (and the next target) per stream and step."""
+    recipe = saved_config(run_dir)[0]
+    text = np.delete(np.arange(tokens), [i for w in kept_from for i in w])
+    seg = Segments(text, recipe.batch, load_model(run_dir).arch.tgt_len)
+    streams = text[:len(text) // recipe.batch * recipe.batch].reshape(recipe.batch, -1)
+    read = np.zeros(tokens, bool)
+    for step in range(recipe.steps):
+        start = step % len(seg) * seg.tgt_len
+        read[streams[:, start:start + seg.tgt_len + 1].ravel()] = True
+    return read
+
+
+def _recorded(run_dir: Path, corpus) -> np.ndarray:
+    """What the build takes the run to have read, from its record."""
+    recorded = np.zeros(len(corpus.train), bool)
+    for span in build_module.recorded_reads(run_dir, corpus):
+        recorded[span.start:span.stop] = True
+    return recorded
+
+
+def test_a_continuation_past_a_pass_leaves_the_teacher_choice_tokens_neither_read(baseline_run, tmp_path):
+    """A continued baseline that reads the training split more than once (`tiny` at --budget large) left no
+    tokens to compare it with the baseline on, and --teacher auto fell back to the baseline, a far weaker teacher
+    there. It now trains without the stretches the choice compares the two on."""
+    baseline = load_model(baseline_run).eval()
+    corpus = run_corpus(baseline_run, None, baseline.arch.vocab_size)
+    budget = Budget(SearchConfig(rounds=1, steps=1, batch=64, trial_tokens=build_module.TEACHER_WINDOWS * 256),
+                    distill_steps=49)
+    work = tmp_path / "b.partial"
+    work.mkdir()
+    stages = build_module._Build(baseline_run, baseline_run, work, baseline, corpus, SPACE, None, DEP,
+                                 Target(speedup=1.5), budget, False, None)
+    continued = stages.reference(build_module.CONTINUED, None, None)
+    run_dir = work / build_module.CONTINUED
+    per_pass = len(Segments(corpus.train, 64, baseline.arch.tgt_len))
+    assert saved_config(run_dir)[0].steps == budget.extra_steps > per_pass  # the whole split, had it read it all
+    choice = stages._chosen_teacher(continued)
+    windows = [range(*w) for w in choice["held_out_windows"]]
+    assert len(windows) == build_module.TEACHER_WINDOWS and sum(map(len, windows)) == budget.search.trial_tokens
+    read = _positions_read(run_dir, len(corpus.train), windows) | _positions_read(baseline_run, len(corpus.train), [])
+    assert not any(read[w.start:w.stop].any() for w in windows)
+    assert read.sum() > 0.9 * len(corpus.train)  # and the rest it read
+    losses = {name: evaluate(model, np.concatenate([corpus.train[w.start:w.stop] for w in windows]), corpus.unit)[
+        "loss"] for name, model in (("baseline", baseline), ("continued", continued))}
+    assert choice["held_out_loss"] == pytest.approx(losses, rel=1e-5)
+    # a damaged record is named, with what to do
+    (run_dir / "held_out.json").write_text('{"held_out_windows": [[5, 2]]}')
+    with pytest.raises(PlanerError, match="held_out.json: not the record planer writes.*delete .* and build again"):
+        build_module.recorded_reads(run_dir, corpus)
 
 
 def test_sweep_shares_table_continued_baseline_and_library(baseline_run, table_file, tmp_path):
