@@ -25,8 +25,12 @@ Every build directory is kept under --out; the table gives each row's confirmed 
 (BUILD/search-library/): every local row starts from it, and the search keeps it where it was trained with the
 row's settings (the library records them: planer.search.local.LIBRARY_SETTINGS; local, no-pairs, nmse-scores,
 greedy and the recipe rows), so each of those costs its selection, trials, distillation and export; the others
-train their own. --continued names references to reuse (an earlier build's baseline-continued/; its
+train their own. Without --library, each local row after the first starts from the library of the first row
+that trained one. --continued names references to reuse (an earlier build's baseline-continued/; its
 baseline-self-distilled/ is reused too where the recipe matches).
+
+--resume finishes an earlier invocation's --out: a row whose build completed is read from its directory, an
+interrupted one continues from its last completed stage, and the table covers every row asked for.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ def main() -> None:
     p.add_argument("--table", type=Path, help="latency table file to reuse and extend (default: OUT/table.json)")
     p.add_argument("--library", type=Path, help="an earlier local build's search-library/ to start rows from")
     p.add_argument("--continued", type=Path, help="an earlier build's baseline-continued/ to reuse")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the rows of an earlier invocation's --out instead of refusing it")
     smoke_option(p)
     args = p.parse_args()
     rows = args.rows.split(",")
@@ -91,23 +97,28 @@ def main() -> None:
         args.target_speedup = 1.1
     if args.out is None:
         p.error("give --out (or --smoke)")
-    if args.out.exists():
-        p.error(f"{args.out} already exists; choose another --out")
-    args.out.mkdir(parents=True)
+    if args.out.exists() and not args.resume:
+        p.error(f"{args.out} already exists; choose another --out, or give --resume to finish its rows")
+    args.out.mkdir(parents=True, exist_ok=True)
     table = args.table or args.out / "table.json"
     results = []
     for i, name in enumerate(rows):
         changes, recipe = ROWS[name]
         row_budget = replace(budget, search=replace(budget.search, **changes), **recipe)
         out = args.out / name
-        if args.library and row_budget.search.method == "local" and not (
+        library = args.library or next(
+            (d for d in (args.out / r / "search-library" for r in rows[:i]) if d.exists()), None)
+        if library and row_budget.search.method == "local" and not (
                 out.exists() or (staging_dir(out) / "search-library").exists()):
             # the search reuses it where it was trained with the row's settings (its library.json says which)
-            shutil.copytree(args.library, staging_dir(out) / "search-library")
-        summary = build(run, out, dep=dep, target=Target(speedup=args.target_speedup), budget=row_budget,
-                        space=space, table_cache=table,
-                        continued=args.out / rows[0] / CONTINUED if i else args.continued,
-                        show_progress=not args.smoke)
+            shutil.copytree(library, staging_dir(out) / "search-library")
+        if out.exists():  # built by an earlier invocation (--resume)
+            summary = json.loads((out / "latency.json").read_text())
+        else:
+            summary = build(run, out, dep=dep, target=Target(speedup=args.target_speedup), budget=row_budget,
+                            space=space, table_cache=table,
+                            continued=args.out / rows[0] / CONTINUED if i else args.continued,
+                            show_progress=not args.smoke)
         accuracy = json.loads((out / "accuracy.json").read_text())
         results.append({"row": name, "search": changes, "distill_share": row_budget.distill_share,
                         "cosine": row_budget.cosine,
