@@ -11,6 +11,7 @@ recipe matches), so the rows differ by the technique alone:
                    baseline's order, instead of those measured most important on activations
     sliced         no local distillation: the alternatives keep their inherited weights
     no-pairs       no paired alternatives: an FFN is never trained to make up for the attention dropped before it
+    no-splits      no split experts: the space without its MoE blocks (issue 40's build with and without experts)
     nmse-scores    alternatives scored by their local error instead of their replace-one-block KL
     greedy         a greedy walk instead of the exact selection
     kl-only        the result distilled with the KL divergence alone, without the cosine loss between the hidden
@@ -23,10 +24,10 @@ Every build directory is kept under --out; the table gives each row's confirmed 
 
 --library takes the trained library of an earlier local build of the same baseline and space
 (BUILD/search-library/): every local row starts from it, and the search keeps it where it was trained with the
-row's settings (the library records them: planer.search.local.LIBRARY_SETTINGS; local, no-pairs, nmse-scores,
-greedy and the recipe rows), so each of those costs its selection, trials, distillation and export; the others
-train their own. Without --library, each local row after the first starts from the library of the first row
-that trained one. --continued names references to reuse (an earlier build's baseline-continued/; its
+row's settings (the library records them: planer.search.local.LIBRARY_SETTINGS; local, no-pairs, no-splits,
+nmse-scores, greedy and the recipe rows), so each of those costs its selection, trials, distillation and export;
+the others train their own. Without --library, each local row after the first starts from the library of the
+first row that trained one. --continued names references to reuse (an earlier build's baseline-continued/; its
 baseline-self-distilled/ is reused too where the recipe matches).
 
 --resume finishes an earlier invocation's --out: a row whose build completed is read from its directory, an
@@ -40,26 +41,42 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from common import given_or_tiny, record, smoke_option, smoke_space
 
 from planer.arch import Architecture
 from planer.build import BUDGETS, CONTINUED, Budget, build
+from planer.checkpoint import load_model
 from planer.deployment import Deployment, Target
 from planer.files import staging_dir
+from planer.space import SearchSpace
 
-# name -> (SearchConfig changes, Budget changes: the result's recipe)
+
+class Row(NamedTuple):
+    search: dict[str, Any]  # SearchConfig changes
+    recipe: dict[str, Any] = {}  # Budget changes: the result's recipe
+    splits: bool = True  # whether the space keeps its MoE blocks
+
+
 ROWS = {
-    "local": ({"method": "local"}, {}),
-    "init-weights": ({"method": "local", "init": "weights"}, {}),
-    "sliced": ({"method": "local", "local_train": False}, {}),
-    "no-pairs": ({"method": "local", "pairs": False}, {}),
-    "nmse-scores": ({"method": "local", "scoring": "nmse"}, {}),
-    "greedy": ({"method": "local", "selection": "greedy"}, {}),
-    "kl-only": ({"method": "local"}, {"cosine": 0.0}),
-    "ce-kl": ({"method": "local"}, {"distill_share": 0.5, "cosine": 0.0}),
-    "gumbel": ({"method": "gumbel"}, {}),
+    "local": Row({"method": "local"}),
+    "init-weights": Row({"method": "local", "init": "weights"}),
+    "sliced": Row({"method": "local", "local_train": False}),
+    "no-pairs": Row({"method": "local", "pairs": False}),
+    "no-splits": Row({"method": "local"}, splits=False),
+    "nmse-scores": Row({"method": "local", "scoring": "nmse"}),
+    "greedy": Row({"method": "local", "selection": "greedy"}),
+    "kl-only": Row({"method": "local"}, {"cosine": 0.0}),
+    "ce-kl": Row({"method": "local"}, {"distill_share": 0.5, "cosine": 0.0}),
+    "gumbel": Row({"method": "gumbel"}),
 }
+
+
+def without_moe(space: SearchSpace | None, arch: Architecture) -> SearchSpace:
+    """`space` (None: the local search's default around `arch`) less its MoE blocks."""
+    space = space or SearchSpace.default(arch, experts=())
+    return SearchSpace(space.positions, tuple(c for c in space.candidates if c.kind != "moe")).validate()
 
 
 def main() -> None:
@@ -84,10 +101,9 @@ def main() -> None:
     if args.smoke:  # two rows of a micro build, timed briefly
         import tempfile
 
-        from planer.checkpoint import load_model
         from planer.search.search import SearchConfig
 
-        rows = rows if args.rows != ",".join(ROWS) else ["local", "greedy"]
+        rows = rows if args.rows != ",".join(ROWS) else ["local", "no-splits"]
         dep = Deployment(batch=1, tgt_len=16, mem_len=16, threads=1, min_iters=5, min_seconds=0.05,
                          verdict_seconds=0.2)
         budget = Budget(SearchConfig(rounds=1, steps=2, batch=2, valid_tokens=256, trial_tokens=512, local_steps=2),
@@ -103,25 +119,25 @@ def main() -> None:
     table = args.table or args.out / "table.json"
     results = []
     for i, name in enumerate(rows):
-        changes, recipe = ROWS[name]
-        row_budget = replace(budget, search=replace(budget.search, **changes), **recipe)
+        row = ROWS[name]
+        row_budget = replace(budget, search=replace(budget.search, **row.search), **row.recipe)
         out = args.out / name
         library = args.library or next(
             (d for d in (args.out / r / "search-library" for r in rows[:i]) if d.exists()), None)
-        if library and row_budget.search.method == "local" and not (
-                out.exists() or (staging_dir(out) / "search-library").exists()):
-            # the search reuses it where it was trained with the row's settings (its library.json says which)
-            shutil.copytree(library, staging_dir(out) / "search-library")
         if out.exists():  # built by an earlier invocation (--resume)
             summary = json.loads((out / "latency.json").read_text())
         else:
+            if library and row_budget.search.method == "local" and not (staging_dir(out) / "search-library").exists():
+                # the search reuses it where it was trained with the row's settings (its library.json says which)
+                shutil.copytree(library, staging_dir(out) / "search-library")
             summary = build(run, out, dep=dep, target=Target(speedup=args.target_speedup), budget=row_budget,
-                            space=space, table_cache=table,
+                            space=space if row.splits else without_moe(space, load_model(run).arch),
+                            table_cache=table,
                             continued=args.out / rows[0] / CONTINUED if i else args.continued,
                             show_progress=not args.smoke)
         accuracy = json.loads((out / "accuracy.json").read_text())
-        results.append({"row": name, "search": changes, "distill_share": row_budget.distill_share,
-                        "cosine": row_budget.cosine,
+        results.append({"row": name, "search": row.search, "splits": row.splits,
+                        "distill_share": row_budget.distill_share, "cosine": row_budget.cosine,
                         "speedup": summary["speedup"], "met": summary["met"],
                         "blocks": [b.label() for b in Architecture.load(out / "arch.json").blocks],
                         "loss": accuracy["result"]["loss"], "reference": accuracy["reference"],
