@@ -122,11 +122,11 @@ def main() -> None:
         row = ROWS[name]
         row_budget = replace(budget, search=replace(budget.search, **row.search), **row.recipe)
         out = args.out / name
-        library = args.library or next(
-            (d for d in (args.out / r / "search-library" for r in rows[:i]) if d.exists()), None)
         if out.exists():  # built by an earlier invocation (--resume)
             summary = json.loads((out / "latency.json").read_text())
         else:
+            library = args.library or next(
+                (d for d in (args.out / r / "search-library" for r in rows[:i]) if d.exists()), None)
             if library and row_budget.search.method == "local" and not (staging_dir(out) / "search-library").exists():
                 # the search reuses it where it was trained with the row's settings (its library.json says which)
                 shutil.copytree(library, staging_dir(out) / "search-library")
