@@ -73,12 +73,6 @@ ROWS = {
 }
 
 
-def without_moe(space: SearchSpace | None, arch: Architecture) -> SearchSpace:
-    """`space` (None: the local search's default around `arch`) less its MoE blocks."""
-    space = space or SearchSpace.default(arch, experts=())
-    return SearchSpace(space.positions, tuple(c for c in space.candidates if c.kind != "moe")).validate()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, nargs="?", help="the baseline's run directory (planer train)")
@@ -130,9 +124,9 @@ def main() -> None:
             if library and row_budget.search.method == "local" and not (staging_dir(out) / "search-library").exists():
                 # the search reuses it where it was trained with the row's settings (its library.json says which)
                 shutil.copytree(library, staging_dir(out) / "search-library")
+            row_space = space if row.splits else (space or SearchSpace.default(load_model(run).arch)).without_moe()
             summary = build(run, out, dep=dep, target=Target(speedup=args.target_speedup), budget=row_budget,
-                            space=space if row.splits else without_moe(space, load_model(run).arch),
-                            table_cache=table,
+                            space=row_space, table_cache=table,
                             continued=args.out / rows[0] / CONTINUED if i else args.continued,
                             show_progress=not args.smoke)
         accuracy = json.loads((out / "accuracy.json").read_text())

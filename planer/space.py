@@ -149,6 +149,10 @@ class SearchSpace:
                        if k < e and (ffn.d_inner - s) % e == 0]
         return SearchSpace(self.positions, tuple(dict.fromkeys(self.candidates + tuple(splits)))).validate()
 
+    def without_moe(self) -> SearchSpace:
+        """This space less its MoE blocks: the dense alternatives alone (a build without experts, side by side)."""
+        return SearchSpace(self.positions, tuple(c for c in self.candidates if c.kind != "moe")).validate()
+
     def supernet_params(self, baseline: Architecture) -> int:
         """Parameters of the supernet over `baseline` (planer.search.supernet.Position's layout): per position,
         one attention module per head count, one linear projection (sharing the attention's norm), one FFN of

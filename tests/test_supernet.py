@@ -256,3 +256,12 @@ def test_the_default_space_narrows_to_fit_a_parameter_budget():
     assert {c.kind for c in fitted.candidates} == {c.kind for c in full.candidates}
     with pytest.raises(ArchError, match="pass a smaller --space"):
         SearchSpace.default(arch, max_params=1000)
+
+
+def test_a_space_without_moe_keeps_its_dense_alternatives_in_order():
+    arch = small_arch()
+    full = SearchSpace.default(arch).with_splits(arch)
+    dense = full.without_moe()
+    assert dense == SearchSpace.default(arch, experts=())  # built without MoE blocks in the first place
+    assert dense.positions == full.positions
+    assert len(dense.candidates) < len(full.candidates) and all(c.kind != "moe" for c in dense.candidates)
