@@ -19,7 +19,8 @@ hidden states at the blocks the network kept and the baseline's, Puzzle's global
     ce-kl-cosine   half cross-entropy, half KL, plus the cosine loss
 
 Where a recipe and step count are the build's own, its distill/ and baseline-self-distilled/ are read, not
-trained again.
+trained again. A recipe with no cross-entropy taught by the baseline has no self-distilled reference to train: the
+baseline starts at that recipe's minimum (planer.build.teaches_the_baseline).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from common import record, smoke_option, smoke_space, tiny_run
 
 from planer.arch import BlockSpec
-from planer.build import CONTINUED, SELF_DISTILLED, Budget, build, teacher_of
+from planer.build import CONTINUED, SELF_DISTILLED, Budget, build, teacher_of, teaches_the_baseline
 from planer.checkpoint import load_model
 from planer.search.search import OUTCOME_FILE, SearchConfig
 from planer.train.evaluate import evaluate
@@ -108,19 +109,21 @@ def main() -> None:
     with nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="distill-recipe-") as tmp:
         for name in recipes:
             share, cosine = RECIPES[name] or own
+            moves = teaches_the_baseline(taught_by, share)  # or the baseline is its own self-distilled reference
             if (share, cosine) == own and steps == budget.result_steps:
                 result = json.loads((work / "distill" / EVAL_FILE).read_text())
-                reference = json.loads((work / SELF_DISTILLED / EVAL_FILE).read_text())
+                reference = json.loads((work / SELF_DISTILLED / EVAL_FILE).read_text()) if moves else None
                 source = "the build's"
             else:
                 result = trained(Path(tmp) / name, student, share, cosine, steps, match)
                 reference = trained(Path(tmp) / f"{name}-reference", baseline, share, cosine, reference_steps,
-                                    list(range(len(baseline.arch.blocks))))
+                                    list(range(len(baseline.arch.blocks)))) if moves else None
                 source = "trained here"
-            best = min(base_loss, continued, reference["valid"]["loss"])
+            self_distilled = reference["valid"]["loss"] if reference else None
+            best = min(base_loss, continued, *([self_distilled] if reference else []))
             rows.append({"recipe": name, "distill_share": share, "cosine": cosine, "steps": steps,
                          "reference_steps": reference_steps, "loss": result["valid"]["loss"],
-                         "self_distilled": reference["valid"]["loss"], "best_reference": best,
+                         "self_distilled": self_distilled, "best_reference": best,
                          "ratio": result["valid"]["loss"] / best, "source": source,
                          "train_seconds": result.get("train_seconds")})
             print(name, rows[-1], flush=True)
@@ -132,7 +135,8 @@ def main() -> None:
              "| recipe | KL share | cosine | network loss | self-distilled reference | best reference | "
              "/ best reference | runs |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['recipe']} | {r['distill_share']:g} | {r['cosine']:g} | {r['loss']:.4f} | "
-              f"{r['self_distilled']:.4f} | {r['best_reference']:.4f} | **{r['ratio']:.4f}** | {r['source']} |"
+              f"{'the baseline' if r['self_distilled'] is None else format(r['self_distilled'], '.4f')} | "
+              f"{r['best_reference']:.4f} | **{r['ratio']:.4f}** | {r['source']} |"
               for r in rows]
     record("distill_recipe", {"build": str(work), "teacher": taught_by, "steps": steps,
                               "reference_steps": reference_steps, "baseline": base_loss, "continued": continued,

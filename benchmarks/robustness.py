@@ -407,7 +407,7 @@ class Fixtures:
         what `planer build --model RUN --space SPACE BUILD_OPTIONS` asks for, so that the command resumes it."""
         self.partial_build_job.wait(900)
         made = partial(self.root / "partial-template")
-        if self.partial_build_job.returncode != 0 or not (made / "baseline-self-distilled" / "eval.json").is_file():
+        if self.partial_build_job.returncode != 0 or not (made / "distill" / "eval.json").is_file():
             raise Setup(f"the partial build was not made: {(self.root / 'partial-template.txt').read_text()[-300:]}")
         return made
 

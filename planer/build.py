@@ -24,7 +24,8 @@ files there are damaged runs again). It holds:
     baseline-continued/            the baseline trained on as many more tokens as the result saw
     teacher.json                   what the result is distilled from (the baseline or baseline-continued/) and why
     distill/                       the distillation run (resumable training directory)
-    baseline-self-distilled/       the baseline trained as long with the result's recipe (distilled from the teacher)
+    baseline-self-distilled/       the baseline trained as long with the result's recipe (distilled from the teacher),
+                                   unless that recipe leaves the baseline where it is (_Teacher.teaches_the_baseline)
     compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
     pareto.png, arch.png           latency vs accuracy; the block sequences of baseline and result
     timings.json                   wall seconds per stage (summed over the invocations of a resumed build)
@@ -615,6 +616,16 @@ def held_out_windows(path: Path, tokens: int) -> list[range]:
     return windows
 
 
+def teaches_the_baseline(teacher: str, share: float) -> bool:
+    """Whether a recipe of KL share `share` (the rest cross-entropy) taught by `teacher` would move the baseline at
+    all. Taught by itself with no cross-entropy, the baseline starts at the recipe's minimum (its logits bitwise
+    the teacher's, KL and cosine zero, the gradient rounding alone), so it is its own self-distilled reference.
+    Training it only jitters it about where it started, since Adam's steps stay near the learning rate however
+    small the gradient (RESULTS.md, the deep preset: +0.024 loss at step 550 of 2,200, 1.3207 against 1.3193 at
+    the end, for 15 of the build's 70 minutes)."""
+    return teacher != "baseline" or share < 1.0
+
+
 class _Teacher(NamedTuple):
     """What the result and the self-distilled reference distil from, and teacher.json's record of it."""
     model: LM
@@ -628,6 +639,10 @@ class _Teacher(NamedTuple):
     def share(self) -> float:
         """The KL share of their logits' loss (Budget.share), the rest cross-entropy."""
         return self.record["distill_share"]
+
+    @property
+    def teaches_the_baseline(self) -> bool:
+        return teaches_the_baseline(self.name, self.share)
 
 
 @dataclass
@@ -651,7 +666,8 @@ class _Build:
     clock: _Clock
 
     def finish(self, continued: Path | None, compare: bool) -> tuple[dict, dict]:
-        """Search, continue the baseline, choose the teacher, distil, train the self-distilled reference, compare,
+        """Search, continue the baseline, choose the teacher, distil, train the self-distilled reference (where the
+        recipe would move the baseline at all), compare,
         then export, time and score: latency.json's and accuracy.json's contents, on every rank. `continued`: an
         earlier build's baseline-continued/ to reuse (see `reference`)."""
         base_tokens = _tokens_seen(self.run)
@@ -665,8 +681,11 @@ class _Build:
         self.clock.lap("continued baseline")
         result = self.distilled(outcome.chosen, teacher)
         self.clock.lap("distill")
-        self_distilled = self.reference(SELF_DISTILLED, earlier and earlier / SELF_DISTILLED, teacher)
-        self.clock.lap("self-distilled baseline")
+        references = [(CONTINUED, continued_model)]
+        if teacher.teaches_the_baseline:
+            references.append((SELF_DISTILLED, self.reference(SELF_DISTILLED, earlier and earlier / SELF_DISTILLED,
+                                                              teacher)))
+            self.clock.lap("self-distilled baseline")
         comparisons: list[tuple[str, LM]] = []
         if compare:
             comparisons = self.compared(self.table.predict(result.arch), base_onnx, teacher)
@@ -685,8 +704,7 @@ class _Build:
             timed += [graph(name, m) for name, m in comparisons]
             latency = self.verdict(timed, twin, checked)
             scored = {name: _engine_accuracy(p, m.arch, self.corpus, self.dep, self.show_progress)
-                      for name, p, m in timed + [graph(CONTINUED, continued_model),
-                                                 graph(SELF_DISTILLED, self_distilled)]}
+                      for name, p, m in timed + [graph(name, model) for name, model in references]}
         accuracy = self.judged(scored, [name for name, _ in comparisons], base_tokens, teacher.record)
         self.figures(outcome, result, comparisons, latency, accuracy)
         return distributed.broadcast((latency, accuracy))
@@ -946,7 +964,7 @@ class _Build:
         accuracy = {"data": self.corpus.name, "split": "valid", "evaluated_in": self.dep.engine,
                     "teacher": teacher, "baseline": graded[BASELINE],
                     "baseline_continued": graded[CONTINUED],
-                    "baseline_self_distilled": graded[SELF_DISTILLED],
+                    **({"baseline_self_distilled": graded[SELF_DISTILLED]} if SELF_DISTILLED in graded else {}),
                     "result": graded["result"], "comparisons": {name: graded[name] for name in compared}}
         accuracy.update(_judged_against(accuracy))
         atomic_write(self.work / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
@@ -957,8 +975,9 @@ class _Build:
         """pareto.png, arch.png, timings.json and report.md."""
         base_ms = latency["baseline"]["p50"]
         points = [Point("baseline", base_ms, accuracy["baseline"]),
-                  Point("baseline, continued", base_ms, accuracy["baseline_continued"]),
-                  Point("baseline, self-distilled", base_ms, accuracy["baseline_self_distilled"])]
+                  Point("baseline, continued", base_ms, accuracy["baseline_continued"])]
+        if "baseline_self_distilled" in accuracy:
+            points.append(Point("baseline, self-distilled", base_ms, accuracy["baseline_self_distilled"]))
         points += [Point(f"{c.describe()} (the search's weights; held-out training loss)",
                          base_ms * c.measured_ms / c.baseline_ms, scores(c.held_out_loss, self.corpus.unit),
                          kind="candidate") for c in outcome.candidates]

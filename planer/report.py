@@ -166,6 +166,14 @@ def _teacher(record: dict) -> str:
             f"{losses['baseline']:.4f}, continued {losses['continued']:.4f}).{recipe}")
 
 
+def _self_distilled(own: dict | None) -> str:
+    if own:
+        return (" and with the result's own recipe, distilled from the result's teacher "
+                "(`baseline-self-distilled/`)")
+    return (" (not with the result's own recipe: taught by itself with no cross-entropy, the baseline starts at that "
+            "recipe's minimum, so it is its own self-distilled reference)")
+
+
 def report(run: Path, base_arch: Architecture, result_arch: Architecture, latency: dict, accuracy: dict,
            comparisons: dict[str, Architecture], steps: str, laps: dict[str, float]) -> str:
     b, r = latency["baseline"], latency["result"]
@@ -196,9 +204,8 @@ baseline and result timed interleaved in {len(latency['confirmation']['runs'])} 
 Accuracy on the whole validation split of {accuracy['data']}, each network's exported graph run in
 {accuracy['evaluated_in']} (PyTorch's own evaluation of the result: {headline(res['pytorch'])}). The result has trained on more tokens than the
 baseline (as many steps as the search and the distillation); for a fair comparison the baseline was trained
-further on as many tokens, with cross-entropy (`baseline-continued/`) and with the result's own recipe, distilled
-from the result's teacher (`baseline-self-distilled/`), and the result is judged against the best of the three.
-{_teacher(accuracy['teacher'])}
+further on as many tokens, with cross-entropy (`baseline-continued/`){_self_distilled(own)}, and the result is judged
+against the best of these. {_teacher(accuracy['teacher'])}
 
 | | tokens trained | validation |
 |---|---|---|

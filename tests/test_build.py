@@ -43,7 +43,8 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     search = build_module.run_search
     monkeypatch.setattr(build_module, "run_search", lambda baseline, training, *a, **k: (
         searched_on.append(training.tokens), search(baseline, training, *a, **k))[1])
-    summary = build(baseline_run, out, dep=DEP, target=Target(speedup=1.5), budget=BUDGET, space=SPACE,
+    budget = replace(BUDGET, distill_share=0.5)  # cross-entropy in the recipe: either teacher moves the baseline
+    summary = build(baseline_run, out, dep=DEP, target=Target(speedup=1.5), budget=budget, space=SPACE,
                     table_cache=table_file, compare=True, show_progress=False)
     assert table_file.is_file()
     names = {p.name for p in out.iterdir()}
@@ -126,7 +127,7 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert teacher["held_out_loss"] == pytest.approx(losses, rel=1e-5)
     assert teacher["teacher"] == min(losses, key=losses.__getitem__)
     # and the recipe it taught with, as the two runs it taught recorded it
-    assert teacher["distill_share"] == BUDGET.share(teacher["teacher"])
+    assert teacher["distill_share"] == budget.share(teacher["teacher"])
     assert all(json.loads((out / r / "config.json").read_text())["train"]["distill"] == teacher["distill_share"]
                for r in ("distill", "baseline-self-distilled"))
     log = (out / "search_log.jsonl").read_text().splitlines()
@@ -141,6 +142,16 @@ def test_build_directory_is_complete_and_meets_its_target(baseline_run, table_fi
     assert sorted(latency["comparisons"]) == sorted(accuracy["comparisons"]) == sorted(names)
     assert all((out / "compare" / n / "model.safetensors").is_file() for n in names)
     assert all(a["tokens_trained"] == accuracy["result"]["tokens_trained"] for a in accuracy["comparisons"].values())
+    # a self-distilled reference is taken up only from a build that distilled from the same teacher, with the same
+    # share of KL
+    stages = build_module._Build(baseline_run, baseline_run, tmp_path / "mine.partial", load_model(baseline_run),
+                                 None, SPACE, None, DEP, Target(speedup=1.5), budget, False, None)
+    for mine in ("baseline", "continued"):
+        for share in (0.5, 1.0):
+            other = build_module._Teacher(None, {"teacher": mine, "distill_share": share})
+            assert stages._same_reference(out / "baseline-self-distilled", other) == \
+                (mine == teacher["teacher"] and share == teacher["distill_share"])
+    assert stages._same_reference(out / "baseline-continued", None)  # a continued one is the same whatever taught
 
 
 def _positions_read(run_dir: Path, tokens: int, kept_from: list[range]) -> np.ndarray:
@@ -198,35 +209,25 @@ def test_a_continuation_past_a_pass_leaves_the_teacher_choice_tokens_neither_rea
 
 def test_sweep_shares_table_continued_baseline_and_library(baseline_run, table_file, tmp_path):
     out = tmp_path / "sweep"
-    local = BUDGET.searching("local", local_steps=3)
+    local = replace(BUDGET.searching("local", local_steps=3), teacher="baseline")  # KL and cosine, no cross-entropy
     summaries = sweep(baseline_run, out, [1.2, 1.5], dep=DEP, budget=local, space=SPACE, table_cache=table_file,
                       show_progress=False)
     assert [s["target_speedup"] for s in summaries] == [1.2, 1.5]
     assert {p.name for p in out.iterdir()} >= {"x1.2", "x1.5", "pareto.png", "sweep.md"}
     assert all((out / x / "report.md").is_file() for x in ("x1.2", "x1.5"))
-    for reference in ("baseline_continued", "baseline_self_distilled"):  # each trained once, reused
-        scores = [json.loads((out / x / "accuracy.json").read_text())[reference] for x in ("x1.2", "x1.5")]
-        assert scores[0] == scores[1]
+    scores = [json.loads((out / x / "accuracy.json").read_text()) for x in ("x1.2", "x1.5")]
+    assert scores[0]["baseline_continued"] == scores[1]["baseline_continued"]  # trained once, reused
+    # taught by itself with no cross-entropy, the baseline is its own self-distilled reference: none is trained
+    assert all("baseline_self_distilled" not in s and not (out / x / "baseline-self-distilled").exists()
+               for s, x in zip(scores, ("x1.2", "x1.5")))
+    assert "it is its own self-distilled reference" in (out / "x1.2" / "report.md").read_text()
+    assert "self-distilled baseline" not in json.loads((out / "x1.2" / "timings.json").read_text())
     # the local search's library too: it does not depend on the target
     assert os.path.samefile(*(out / x / "search-library" / LIBRARY_FILE for x in ("x1.2", "x1.5")))
     logged = [json.loads(line) for line in (out / "x1.5" / "search_log.jsonl").read_text().splitlines()]
     library = [entry for entry in logged if "library" in entry]  # logged though neither trained nor scored again
     assert len(library) == 1 and library[0]["trained_s"] is None and library[0]["scored_s"] is None
     assert "x1.5" in (out / "sweep.md").read_text()
-    # a self-distilled reference is taken up only from a build that distilled from the same teacher, with the same
-    # share of KL
-    first = out / "x1.2"
-    theirs = json.loads((first / "teacher.json").read_text())
-    baseline = load_model(baseline_run).eval()
-    work = tmp_path / "mine.partial"
-    stages = build_module._Build(baseline_run, baseline_run, work, baseline, None, SPACE, None, DEP,
-                                 Target(speedup=1.5), local, False, None)
-    for mine in ("baseline", "continued"):
-        for share in (0.5, 1.0):
-            teacher = build_module._Teacher(baseline, {"teacher": mine, "distill_share": share})
-            assert stages._same_reference(first / "baseline-self-distilled", teacher) == \
-                (mine == theirs["teacher"] and share == theirs["distill_share"])
-    assert stages._same_reference(first / "baseline-continued", None)  # a continued one is the same whatever taught
     # An interrupted sweep reuses its finished builds only when asked for the same way.
     again = tmp_path / "again"
     shutil.copytree(out / "x1.2", tmp_path / "again.partial" / "x1.2")
