@@ -439,7 +439,7 @@ _search_options = _options(
     click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
                  help="search rounds x steps, trial runs x steps, distillation steps beyond the search's (the "
                       "result distils for both), streams of the segment length per step: small 2x100, no trials, "
-                      "300, at 4 streams; medium 4x250, 4x300, 1200, at 8; large 6x500, 4x600, 3000, at 8"),
+                      "300, at 4 streams; medium 4x250, 4x300, 3600, at 8; large 6x500, 4x600, 7200, at 8"),
     click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
                  "around the baseline)"),
     click.option("--search", "method", type=click.Choice(SEARCH_METHODS), default="gumbel", show_default=True,
@@ -592,7 +592,7 @@ def search_command(run: Path, engine: str, target_speedup: float | None, target_
 @click.option("--teacher", required=True, type=click.Path(path_type=Path),
               help="the baseline's run directory, whose logits the student learns from")
 @click.option("--out", required=True, type=_OUTPUT, help="run directory to create")
-@click.option("--steps", type=_COUNT, default=1200, show_default=True, help="training steps (a medium build's)")
+@click.option("--steps", type=_COUNT, default=3600, show_default=True, help="training steps (a medium build's)")
 @click.option("--batch", type=_BATCH, default=8, show_default=True, help="streams of the segment length per step")
 @click.option("--data", "data_spec", help="corpus (default: the teacher's). " + _DATA_HELP)
 @click.option("--resume", is_flag=True, help="continue the interrupted or finished run at --out")
