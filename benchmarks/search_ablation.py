@@ -78,6 +78,9 @@ def main() -> None:
     p.add_argument("run", type=Path, nargs="?", help="the baseline's run directory (planer train)")
     p.add_argument("--target-speedup", type=float, default=2.0)
     p.add_argument("--budget", choices=list(BUDGETS), default="medium")
+    p.add_argument("--distill-steps", type=int,
+                   help="the result's distillation steps (default: the budget's): to finish rows begun under "
+                        "another default")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--out", type=Path, help="directory to create: one build directory per row")
     p.add_argument("--table", type=Path, help="latency table file to reuse and extend (default: OUT/table.json)")
@@ -105,6 +108,10 @@ def main() -> None:
         space = smoke_space(load_model(run).arch)
         args.out = args.out or Path(tempfile.mkdtemp(prefix="planer-ablation-")) / "ablation"
         args.target_speedup = 1.1
+    if args.distill_steps is not None:
+        if args.distill_steps < 1:
+            p.error(f"--distill-steps {args.distill_steps}: give at least 1")
+        budget = replace(budget, distill_steps=args.distill_steps)
     if args.out is None:
         p.error("give --out (or --smoke)")
     if args.out.exists() and not args.resume:
@@ -138,7 +145,8 @@ def main() -> None:
                         "reference_loss": accuracy[accuracy["reference"]]["loss"],
                         "vs_reference": accuracy["result_vs_reference"]})
         print(name, results[-1]["speedup"], results[-1]["vs_reference"], flush=True)
-    lines = [f"`{run}` at {args.target_speedup:g}x, budget {args.budget}, builds in `{args.out}`; loss: the result's "
+    lines = [f"`{run}` at {args.target_speedup:g}x, budget {args.budget} (the result distilled {budget.distill_steps} "
+             f"steps), builds in `{args.out}`; loss: the result's "
              "validation loss in the engine (whole split) over the best reference of its build.", "",
              "| row | speedup (confirmed) | met | validation loss | reference | / reference |",
              "|---|---|---|---|---|---|"]
