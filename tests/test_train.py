@@ -137,3 +137,35 @@ def test_the_recipe_keeps_the_cosine_loss_only_for_an_aligned_distillation():
 
     assert cosine(1.0, True) == 0.5 and cosine(0.5, True) == 0.5
     assert cosine(1.0, False) == 0.0 and cosine(0.0, True) == 0.0
+
+
+def test_a_baseline_taught_by_itself_without_cross_entropy_starts_at_the_recipes_minimum():
+    """Why a build trains no self-distilled reference where the baseline teaches with KL and cosine alone
+    (planer.build.teaches_the_baseline): the student's logits and hidden states are the teacher's, bit for bit,
+    so the loss is zero and its gradient rounding alone, while any cross-entropy in the recipe moves it."""
+    import copy
+
+    from planer.build import teaches_the_baseline
+    from planer.train.trainer import cosine_loss, distillation_loss
+
+    torch.manual_seed(0)
+    teacher = LM(small_arch()).eval()
+    x = torch.randint(0, teacher.arch.vocab_size, (2, 16))
+    y = torch.randint(0, teacher.arch.vocab_size, (2, 16))
+
+    def gradient_norm(ce_share: float) -> float:
+        student = copy.deepcopy(teacher).train()
+        out = student(x, hidden=True)
+        with torch.no_grad():
+            taught = teacher(x, hidden=True)
+        assert torch.equal(out.logits, taught.logits)
+        match = list(range(len(teacher.arch.blocks)))
+        kl, cos = distillation_loss(out.logits, taught.logits), cosine_loss(out.hidden, taught.hidden, match)
+        assert kl.item() == 0.0 and abs(cos.item()) < 1e-6
+        ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+        ((1 - ce_share) * kl + ce_share * ce + cos).backward()
+        return float(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]).norm())
+
+    assert gradient_norm(0.0) < 1e-5 < 1e-2 < gradient_norm(0.5)
+    assert not teaches_the_baseline("baseline", 1.0)
+    assert teaches_the_baseline("baseline", 0.5) and teaches_the_baseline("continued", 1.0)
