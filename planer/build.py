@@ -25,7 +25,7 @@ files there are damaged runs again). It holds:
     teacher.json                   what the result is distilled from (the baseline or baseline-continued/) and why
     distill/                       the distillation run (resumable training directory)
     baseline-self-distilled/       the baseline trained as long with the result's recipe (distilled from the teacher),
-                                   unless that recipe leaves the baseline where it is (_Teacher.teaches_the_baseline)
+                                   unless that recipe leaves the baseline where it is (teaches_the_baseline)
     compare/                       with --compare: drop-attention, narrow, dense-only (planer.compare)
     pareto.png, arch.png           latency vs accuracy; the block sequences of baseline and result
     timings.json                   wall seconds per stage (summed over the invocations of a resumed build)
@@ -642,10 +642,6 @@ class _Teacher(NamedTuple):
         """The KL share of their logits' loss (Budget.share), the rest cross-entropy."""
         return self.record["distill_share"]
 
-    @property
-    def teaches_the_baseline(self) -> bool:
-        return teaches_the_baseline(self.name, self.share)
-
 
 @dataclass
 class _Build:
@@ -684,7 +680,7 @@ class _Build:
         result = self.distilled(outcome.chosen, teacher)
         self.clock.lap("distill")
         references = [(CONTINUED, continued_model)]
-        if teacher.teaches_the_baseline:
+        if teaches_the_baseline(teacher.name, teacher.share):
             references.append((SELF_DISTILLED, self.reference(SELF_DISTILLED, earlier and earlier / SELF_DISTILLED,
                                                               teacher)))
             self.clock.lap("self-distilled baseline")

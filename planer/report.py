@@ -181,7 +181,7 @@ def report(run: Path, base_arch: Architecture, result_arch: Architecture, latenc
     verdict = "met" if latency["met"] else "**missed**"
     kind = f"speedup {latency['target_speedup']:g}" if latency["target_speedup"] else "absolute"
     base, cont, res = accuracy["baseline"], accuracy["baseline_continued"], accuracy["result"]
-    own = accuracy.get("baseline_self_distilled")  # builds before it was trained have none
+    own = accuracy.get("baseline_self_distilled")  # none where the recipe cannot move the baseline, or older
     reference = {"baseline_continued": "continued baseline",
                  "baseline_self_distilled": "baseline trained with the result's recipe",
                  "baseline": "baseline (training it on made it worse)"}[accuracy["reference"]]
