@@ -374,6 +374,18 @@ def test_alternatives_timed_above_their_parent_never_change_the_selection():
     assert dropped > 60  # the instances do exercise the pruning
 
 
+def test_a_split_is_trained_only_where_the_table_times_it_clearly_under_its_ffn():
+    """A dense alternative just under its parent stays; a split needs SPLIT_MARGIN of headroom, both sides of it."""
+    from planer.latency import LatencyTable
+
+    margin = local_module.SPLIT_MARGIN
+    near, clear = BlockSpec.moe(4, 1, 16), BlockSpec.moe(8, 1, 8)
+    table = LatencyTable({}, {"ffn64": {"p50": 1.0}, "ffn48": {"p50": 0.99}, near.label(): {"p50": margin + 0.01},
+                              clear.label(): {"p50": margin - 0.01}})
+    assert local_module.undominated([[BlockSpec.ffn(64), BlockSpec.ffn(48), near, clear]], table) == [
+        [BlockSpec.ffn(64), BlockSpec.ffn(48), clear]]
+
+
 class _Interrupted(Exception):
     pass
 
