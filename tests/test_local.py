@@ -160,7 +160,7 @@ def test_a_saved_library_loads_back_and_one_of_another_search_is_refused(baselin
         assert all(torch.equal(a, b) for a, b in zip(block.state_dict().values(), again.blocks[key].state_dict().values()))
     assert again.record == library.record
     paired_options, starts = with_pairs(baseline.arch, options)  # a search with pairs: alternatives the file lacks
-    with pytest.raises(PlanerError, match="another version of planer; delete"):
+    with pytest.raises(PlanerError, match="another version of planer; it is trained again"):
         Library(parent, paired_options, calibration_inputs(parent, data, [1, 3]), starts).load(tmp_path)
     tensors = load_file(str(tmp_path / local_module.LIBRARY_FILE))  # one alternative's weights in another shape
     name = next(n for n, t in tensors.items() if t.dim() > 0)
@@ -174,7 +174,7 @@ def test_a_saved_library_loads_back_and_one_of_another_search_is_refused(baselin
     Library(parent, options, calibration_inputs(parent, data, [1, 3]), settings=settings).load(tmp_path)
     longer = local_module.library_settings(SearchConfig(local_steps=1000, init="weights"))
     with pytest.raises(PlanerError, match="other settings \\(local_steps 400, not 1000, init activations, not "
-                                          "weights\\); delete"):
+                                          "weights\\); it is trained again"):
         Library(parent, options, calibration_inputs(parent, data, [1, 3]), settings=longer).load(tmp_path)
 
 

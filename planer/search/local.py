@@ -376,8 +376,9 @@ class Library:
 
     def load(self, out: Path) -> None:
         """The library saved in `out`, trained and scored or partly scored (see `scored`); one damaged, of another
-        search or trained with other settings is refused (PlanerError), none of it loaded."""
-        remedy = f"delete {out} and run the same command again"
+        search or trained with other settings is refused (PlanerError), none of it loaded. Its one caller,
+        `_Local.library_trained`, then trains the library again and saves it over, so that is the remedy named."""
+        remedy = "it is trained again and saved over it"
         saved = read_json(out / LIBRARY_RECORD, remedy)
         if not isinstance(saved, dict) or not isinstance(saved.get("alternatives"), dict) or not isinstance(
                 saved.get("keys"), list):
@@ -701,7 +702,7 @@ class _Local:
                 loaded = True
             except PlanerError as e:  # this search's own output, damaged since: made again (and saved over it)
                 if self.main:
-                    print(f"the library saved in {out} cannot be used, so it is trained again ({e})", file=sys.stderr)
+                    print(e, file=sys.stderr)
         began = time.perf_counter()
         steps = self.cfg.local_steps if self.cfg.local_train else 0
         if not loaded:
