@@ -246,8 +246,46 @@ def test_local_search_chooses_on_training_tokens_only(baseline, corpus, tmp_path
     assert outcome.chosen in outcome.candidates and outcome.chosen.model is not None
     assert any(b.kind == "attn" for b in outcome.chosen.arch.blocks)
     assert len({(c.arch.blocks, c.arch.head_precision) for c in outcome.candidates}) == len(outcome.candidates)
-    # with trials, the best network of every attention-block count was timed too, for the trials to decide
-    assert {len(c.arch.attn_positions) for c in outcome.candidates} == {1, 2}
+    # which attention-block counts fit depends on the engine's timings here (a 2-core CI machine once fitted none
+    # with two at 1.2x); test_with_trials_the_best_network_of_each_attention_count_is_timed fixes the table
+    assert all(c.arch.attn_positions for c in outcome.candidates)
+
+
+def test_with_trials_the_best_network_of_each_attention_count_is_timed(baseline):
+    """The rounds' summed KL favours narrowing both attention blocks over dropping one; with trials, the best
+    network keeping one attention block is timed too, for the trials to decide; without, it is not."""
+    from types import SimpleNamespace
+
+    from planer.latency import LatencyTable
+
+    narrow = BlockSpec.attn(1, 16)
+    options = [[b, narrow, BlockSpec.skip()] if b.kind == "attn" else [b, BlockSpec.skip()]
+               for b in baseline.arch.blocks]
+    library = Library(baseline, options)
+    for key in library.blocks:
+        library.note(key, kl=0.0 if library.exact(key) else 0.1 if library.spec[key] == narrow else 0.3)
+    entries = {"fixed": 1.0, "attn2x16": 2.0, "attn1x16": 1.0, "ffn128": 1.0}
+    table = LatencyTable({}, {k: {"p50": v} for k, v in entries.items()})
+
+    def timed(trials: int) -> list[int]:
+        run = SimpleNamespace(library=library, options=options, table=table, heads=["fp32"], target_ms=5.0,
+                              head_damage={"fp32": 0.0}, candidates=[], by_choice={}, say=lambda text: None,
+                              cfg=SearchConfig(method="local", margin=0.0, rounds=3, solutions=1, trials=trials))
+
+        def assess(choice, score, rnd):
+            kept = [p for p, c in enumerate(choice[:-1]) if options[p][c].kind == "attn"]
+            run.candidates.append(SimpleNamespace(arch=SimpleNamespace(attn_positions=kept)))
+            run.by_choice[choice] = run.candidates[-1]
+
+        run.assess = assess
+        run._score = lambda key, spec: local_module._Local._score(run, key, spec)
+        run.problem = lambda: local_module._Local.problem(run)
+        local_module._Local.solve(run)
+        return [len(c.arch.attn_positions) for c in run.candidates]
+
+    # 5 ms of 7 (1 + 2 + 1 + 2 + 1): both attention blocks narrowed (0.2) or one dropped (0.3)
+    assert timed(trials=0) == [2]
+    assert timed(trials=2) == [2, 1]
 
 
 def test_split_routers_taught_the_oracle_choose_as_it_does(baseline, corpus):
