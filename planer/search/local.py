@@ -700,7 +700,7 @@ class _Local:
             try:
                 self.library.load(out)
                 loaded = True
-            except PlanerError as e:  # this search's own output, damaged since: made again (and saved over it)
+            except PlanerError as e:  # damaged, or saved by a search of other settings: made again, saved over it
                 if self.main:
                     print(e, file=sys.stderr)
         began = time.perf_counter()
