@@ -29,6 +29,41 @@ def test_predict_and_calibrate():
         table.predict(arch.with_blocks([BlockSpec.moe(4, 1, 8)]))
 
 
+def _steady_scripted(monkeypatch, tries: list[list[tuple[float, float]]]) -> tuple[list[LatencyStats], list[str]]:
+    """_steady over runs named a, b, ..., the timing answering the scripted (p50, spread) tries in turn; what it
+    kept, and which runs each try timed."""
+    from planer.latency import profile as profile_module
+
+    script, timed = iter(tries), []
+
+    def time_engines(runs, **options):
+        timed.append("".join(name for name, _ in runs))
+        return [LatencyStats(p50, p50 * spread, p50 * spread, p50, p50, 100) for p50, spread in next(script)]
+
+    monkeypatch.setattr(profile_module, "time_engines", time_engines)
+    runs = [(chr(ord("a") + i), {}) for i in range(len(tries[0]))]
+    return profile_module._steady(runs, Deployment(max_spread=1.2, retries=2)), timed
+
+
+def test_an_entry_timed_again_is_scaled_to_the_first_tries_load(monkeypatch):
+    """Entries of one table compare as if timed together: a try again comes back at the first try's load through
+    the steadiest run (a) timed beside it, and the steadier of each entry's tries is kept."""
+    best, timed = _steady_scripted(monkeypatch, [
+        [(1.0, 1.05), (2.0, 1.5), (3.0, 1.1), (4.0, 1.4)],
+        [(5.0, 1.1), (7.0, 1.3), (2.0, 1.05)],  # b, d and a at twice the load: b 2.5 kept, d 3.5 still noisy
+        [(6.0, 1.05), (1.5, 1.05)],  # d and a at 1.5 times the load
+    ])
+    assert timed == ["abcd", "bda", "da"]
+    assert [s.p50 for s in best] == pytest.approx([1.0, 2.5, 3.0, 4.0])
+    assert [round(s.spread, 2) for s in best] == [1.05, 1.1, 1.1, 1.05]
+
+
+def test_where_every_entry_is_noisy_the_steadiest_is_timed_again_once_and_still_scales(monkeypatch):
+    best, timed = _steady_scripted(monkeypatch, [[(1.0, 1.3), (2.0, 1.5)], [(2.0, 1.1), (5.0, 1.1)]])
+    assert timed == ["ab", "ab"]
+    assert [s.p50 for s in best] == pytest.approx([1.0, 2.5])
+
+
 def test_provenance_mismatch_is_refused():
     table = LatencyTable({"engine": "ort", "batch": 1}, {})
     table.check({"engine": "ort", "batch": 1})

@@ -45,21 +45,30 @@ def _block_feeds(arch: Architecture, spec: BlockSpec, dep: Deployment, rng: np.r
 
 def _steady(runs: list[tuple[Engine, dict]], dep: Deployment) -> list[LatencyStats]:
     """Time all runs interleaved, `dep.min_seconds` per run; those whose spread exceeds dep.max_spread again
-    (a few tries, interleaved among themselves), keeping each one's steadiest try.
+    (a few tries, interleaved among themselves and the first try's steadiest run), keeping each one's steadiest
+    try, rescaled to the first try's load.
 
     Interleaved, not one after another: on a shared machine the load drifts over a profile's minutes, and
     timed in turn the blocks met different loads (a dense FFN came out slower than a MoE layer of the same
-    width in one such table). Interleaved, the drift moves every entry alike."""
-    def interleaved(some: list[tuple[Engine, dict]]) -> list[LatencyStats]:
-        return time_engines(some, **(dep.timing() | {"min_seconds": dep.min_seconds * len(some)}))
+    width in one such table). Interleaved, the drift moves every entry alike. A try again meets another load,
+    so the steadiest run is timed with it to scale it back. Unscaled, entries of different tries were compared
+    as if timed together: in one deep table the dense FFN came from a try again and its split experts from
+    others, and which splits the search trains follows that comparison (planer.search.local.undominated)."""
+    def interleaved(some: list[int]) -> list[LatencyStats]:
+        return time_engines([runs[i] for i in some], **(dep.timing() | {"min_seconds": dep.min_seconds * len(some)}))
 
-    best = interleaved(runs)
+    best = interleaved(list(range(len(runs))))
+    anchor = min(range(len(best)), key=lambda i: best[i].spread)
+    anchor_ms = best[anchor].p50
     for _ in range(dep.retries):
         noisy = [i for i, s in enumerate(best) if s.spread > dep.max_spread]
         if not noisy:
             break
-        for i, stats in zip(noisy, interleaved([runs[i] for i in noisy])):
-            best[i] = min(best[i], stats, key=lambda s: s.spread)
+        some = noisy if anchor in noisy else [*noisy, anchor]
+        timed = interleaved(some)
+        load = anchor_ms / timed[some.index(anchor)].p50
+        for i, stats in zip(noisy, timed):
+            best[i] = min(best[i], stats.scaled(load), key=lambda s: s.spread)
     return best
 
 

@@ -41,6 +41,11 @@ class LatencyStats:
         p50, p90, p99 = np.percentile(a, [50, 90, 99])
         return LatencyStats(float(p50), float(p90), float(p99), float(a.mean()), float(a.min()), int(a.size))
 
+    def scaled(self, factor: float) -> LatencyStats:
+        """The same timings under a load `factor` times as slow (the spread unchanged)."""
+        return LatencyStats(self.p50 * factor, self.p90 * factor, self.p99 * factor, self.mean * factor,
+                            self.min * factor, self.count)
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "spread": round(self.spread, 4)}
 
