@@ -81,6 +81,9 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int,
                    help="the result's distillation steps (default: the budget's): to finish rows begun under "
                         "another default")
+    p.add_argument("--local-steps", type=int,
+                   help="the local search's distillation steps of every alternative (default: the budget's): with "
+                        "--distill-steps, another split of the same tokens between local and global distillation")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--out", type=Path, help="directory to create: one build directory per row")
     p.add_argument("--table", type=Path, help="latency table file to reuse and extend (default: OUT/table.json)")
@@ -108,10 +111,13 @@ def main() -> None:
         space = smoke_space(load_model(run).arch)
         args.out = args.out or Path(tempfile.mkdtemp(prefix="planer-ablation-")) / "ablation"
         args.target_speedup = 1.1
+    for option, steps in (("--distill-steps", args.distill_steps), ("--local-steps", args.local_steps)):
+        if steps is not None and steps < 1:
+            p.error(f"{option} {steps}: give at least 1")
     if args.distill_steps is not None:
-        if args.distill_steps < 1:
-            p.error(f"--distill-steps {args.distill_steps}: give at least 1")
         budget = replace(budget, distill_steps=args.distill_steps)
+    if args.local_steps is not None:
+        budget = replace(budget, search=replace(budget.search, local_steps=args.local_steps))
     if args.out is None:
         p.error("give --out (or --smoke)")
     if args.out.exists() and not args.resume:
@@ -146,8 +152,8 @@ def main() -> None:
                         "vs_reference": accuracy["result_vs_reference"]})
         print(name, results[-1]["speedup"], results[-1]["vs_reference"], flush=True)
     lines = [f"`{run}` at {args.target_speedup:g}x, budget {args.budget} (the result distilled {budget.distill_steps} "
-             f"steps), builds in `{args.out}`; loss: the result's "
-             "validation loss in the engine (whole split) over the best reference of its build.", "",
+             f"steps; the local search's library {budget.search.local_steps}), builds in `{args.out}`; loss: the "
+             "result's validation loss in the engine (whole split) over the best reference of its build.", "",
              "| row | speedup (confirmed) | met | validation loss | reference | / reference |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['row']} | {r['speedup']:.2f} | {'yes' if r['met'] else 'no'} | {r['loss']:.4f} | "
