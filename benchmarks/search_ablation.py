@@ -49,6 +49,7 @@ from planer.arch import Architecture
 from planer.build import BUDGETS, CONTINUED, Budget, build
 from planer.checkpoint import load_model
 from planer.deployment import Deployment, Target
+from planer.errors import PlanerError
 from planer.files import staging_dir
 from planer.space import SearchSpace
 
@@ -79,11 +80,11 @@ def main() -> None:
     p.add_argument("--target-speedup", type=float, default=2.0)
     p.add_argument("--budget", choices=list(BUDGETS), default="medium")
     p.add_argument("--distill-steps", type=int,
-                   help="the result's distillation steps (default: the budget's): to finish rows begun under "
-                        "another default")
+                   help="the budget's distillation steps beyond the search's (default: the budget's): to finish "
+                        "rows begun under another default")
     p.add_argument("--local-steps", type=int,
-                   help="the local search's distillation steps of every alternative (default: the budget's): with "
-                        "--distill-steps, another split of the same tokens between local and global distillation")
+                   help="the local search's distillation steps of every alternative (default: the budget's): "
+                        "another split of the budget's steps between local and global distillation")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--out", type=Path, help="directory to create: one build directory per row")
     p.add_argument("--table", type=Path, help="latency table file to reuse and extend (default: OUT/table.json)")
@@ -116,8 +117,10 @@ def main() -> None:
             p.error(f"{option} {steps}: give at least 1")
     if args.distill_steps is not None:
         budget = replace(budget, distill_steps=args.distill_steps)
-    if args.local_steps is not None:
-        budget = replace(budget, search=replace(budget.search, local_steps=args.local_steps))
+    try:  # every row sets its own method; this one checks the local rows' split
+        budget = budget.searching("local", args.local_steps)
+    except PlanerError as e:
+        p.error(str(e))
     if args.out is None:
         p.error("give --out (or --smoke)")
     if args.out.exists() and not args.resume:
@@ -151,8 +154,9 @@ def main() -> None:
                         "reference_loss": accuracy[accuracy["reference"]]["loss"],
                         "vs_reference": accuracy["result_vs_reference"]})
         print(name, results[-1]["speedup"], results[-1]["vs_reference"], flush=True)
-    lines = [f"`{run}` at {args.target_speedup:g}x, budget {args.budget} (the result distilled {budget.distill_steps} "
-             f"steps; the local search's library {budget.search.local_steps}), builds in `{args.out}`; loss: the "
+    lines = [f"`{run}` at {args.target_speedup:g}x, budget {args.budget} (every result trained "
+             f"{budget.extra_steps} steps; the local search's library {budget.search.local_steps} of them), builds in "
+             f"`{args.out}`; loss: the "
              "result's validation loss in the engine (whole split) over the best reference of its build.", "",
              "| row | speedup (confirmed) | met | validation loss | reference | / reference |",
              "|---|---|---|---|---|---|"]

@@ -93,12 +93,11 @@ class Budget:
 
     @property
     def extra_steps(self) -> int:
-        """Training steps beyond the baseline's, the search's and the distillation's: the continued baseline
-        trains this many, and so does the result: from the baseline's weights after the supernet search (which
-        only chose it), or as many local distillation steps of its blocks and the rest (`result_steps`) after the
-        local search."""
-        s = self.search
-        return (s.local_steps if s.method == "local" else s.rounds * s.steps) + self.distill_steps
+        """Training steps beyond the baseline's, the search's and the distillation's, whichever the method: the
+        continued baseline trains this many, and so does the result: from the baseline's weights after the
+        supernet search (which only chose it), or as its blocks' local distillation steps and the rest
+        (`result_steps`) after the local search."""
+        return self.search.rounds * self.search.steps + self.distill_steps
 
     @property
     def kept_steps(self) -> int:
@@ -135,7 +134,11 @@ class Budget:
         """This budget with the search `method` (planer.choices.SEARCH_METHODS) and, for the local search, another
         number of local distillation steps."""
         steps = self.search.local_steps if local_steps is None else local_steps
-        return replace(self, search=replace(self.search, method=method, local_steps=steps))
+        chosen = replace(self, search=replace(self.search, method=method, local_steps=steps))
+        if method == "local" and chosen.result_steps < 1:
+            raise PlanerError(f"--local-steps {steps} leaves no training steps of the budget's {self.extra_steps:,} "
+                              f"for the network chosen: give at most {self.extra_steps - 1:,}, or a larger --budget")
+        return chosen
 
     def describe(self) -> str:
         s = self.search
@@ -161,12 +164,14 @@ HELD_OUT_FILE = "held_out.json"  # the training split's stretches a continued ba
 SWEEP_FILE = "sweep.json"  # what a sweep was asked for (its builds' build.json name the baseline they read)
 BUDGETS = {
     # small is the quickest build that still runs every stage: half the streams per step of the others.
-    # The local search trains its alternatives as many steps as the supernet search trains the supernet, so that
-    # both methods' results (and the baselines continued beside them) train on as many tokens.
+    # Both methods' results (and the baselines continued beside them) train on as many tokens (extra_steps): the
+    # local search spends local_steps of them on its alternatives, the network it chooses the rest.
     "small": Budget(SearchConfig(rounds=2, steps=100, batch=4, local_steps=200), 300),
     # The distillation is the longest lever: the deep preset's 2x network distilled 3,600 steps instead of 1,200
-    # scored 1.0216x the baseline's loss instead of 1.0434x (`planer distill`; RESULTS.md).
-    "medium": Budget(SearchConfig(rounds=4, steps=250, trials=4, trial_steps=300, local_steps=1000), 3600),
+    # scored 1.0216x the baseline's loss instead of 1.0434x (`planer distill`). Local distillation helps the
+    # selection sooner than the result: deep at 2x, 250 local + 4,350 global steps scored 1.0309x the best
+    # reference against 1.0377x for 1,000 + 3,600 (and 1.0344x against 1.0434x at 2,200 steps; RESULTS.md).
+    "medium": Budget(SearchConfig(rounds=4, steps=250, trials=4, trial_steps=300, local_steps=250), 3600),
     "large": Budget(SearchConfig(rounds=6, steps=500, trials=4, trial_steps=600, local_steps=3000), 7200),
 }
 

@@ -438,8 +438,9 @@ _search_options = _options(
     click.option("--precision", "precision", metavar="P[,P...]", help=_PRECISION_HELP),
     click.option("--budget", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
                  help="search rounds x steps, trial runs x steps, distillation steps beyond the search's (the "
-                      "result distils for both), streams of the segment length per step: small 2x100, no trials, "
-                      "300, at 4 streams; medium 4x250, 4x300, 3600, at 8; large 6x500, 4x600, 7200, at 8"),
+                      "result distils for both, less the local search's --local-steps), streams of the segment "
+                      "length per step: small 2x100, no trials, 300, at 4 streams; medium 4x250, 4x300, 3600, at 8; "
+                      "large 6x500, 4x600, 7200, at 8"),
     click.option("--space", type=click.Path(path_type=Path), help="search space JSON (default: PLANER's space "
                  "around the baseline)"),
     click.option("--search", "method", type=click.Choice(SEARCH_METHODS), default="gumbel", show_default=True,
@@ -448,8 +449,9 @@ _search_options = _options(
                       "baseline's hidden states, scored by the KL it causes alone, one per block chosen exactly under "
                       "the latency table (Puzzle)"),
     click.option("--local-steps", type=_COUNT, help="local search: distillation steps of every alternative block "
-                 "(default: the budget's: small 200 at 4 streams, medium 1000 and large 3000 at 8); they count "
-                 "toward the result's training, so the reference baselines train as many more"),
+                 "(default: the budget's: small 200 of 500 at 4 streams, medium 250 of 4,600 and large 3,000 of "
+                 "10,200 at 8); they are taken from the budget's training steps, and the network chosen distils "
+                 "for the rest"),
     click.option("--experts", metavar="E[,E...]", help="expert counts of the default space's MoE candidates "
                  "(gumbel: copies of the FFN, default 2,4,8,16; local: the FFN's units split into E experts, "
                  "default 2,4,8; E must divide the units routed)"),
@@ -519,8 +521,9 @@ def build_command(run: Path, engine: str, target_speedup: str | None, target_lat
         suffix = "sweep" if len(targets) > 1 else targets[0].label()
         out = Path("builds") / f"{run.stem if run.is_file() else run.name}-{suffix}"
     moe = _expert_options(experts, top_k, shared)
+    chosen = replace(BUDGETS[budget].searching(method, local_steps), teacher=teacher)
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
-    options = dict(dep=dep, budget=replace(BUDGETS[budget].searching(method, local_steps), teacher=teacher),
+    options = dict(dep=dep, budget=chosen,
                    data=data_spec, space=SearchSpace.load(space) if space else None, moe=moe,
                    table_cache=table_cache, compare=compare, continued=continued, show_progress=not quiet)
     try:
@@ -565,9 +568,10 @@ def search_command(run: Path, engine: str, target_speedup: float | None, target_
 
     target = Target(ms=target_latency_ms, speedup=target_speedup)
     moe = _expert_options(experts, top_k, shared)
+    chosen = BUDGETS[budget].searching(method, local_steps)
     dep = _deployment(run, engine, batch, tgt_len, mem_len, threads, lowering, precision)
     try:
-        outcome = search_alone(run, out, dep=dep, target=target, budget=BUDGETS[budget].searching(method, local_steps),
+        outcome = search_alone(run, out, dep=dep, target=target, budget=chosen,
                                data=data_spec, space=SearchSpace.load(space) if space else None,
                                moe=moe, table_cache=table_cache,
                                show_progress=not quiet)

@@ -264,6 +264,10 @@ def test_profile_bad_space(tiny_run, tmp_path):
     (["search", "--model", "M", "--target-speedup", "-2"], "--target-speedup"),
     (["build", "--model", "M", "--target-speedup", "2", "--local-steps", "0"], "--local-steps"),
     (["search", "--model", "M", "--target-speedup", "2", "--local-steps", "-5"], "--local-steps"),
+    # as many local steps as the whole budget leaves the network chosen none to distil
+    (["build", "--model", "M", "--target-speedup", "2", "--search", "local", "--local-steps", "4600"], "--local-steps"),
+    (["search", "--model", "M", "--target-speedup", "2", "--search", "local", "--budget", "small", "--local-steps",
+      "501"], "--local-steps"),
     (["build", "--model", "M", "--target-speedup", "2", "--search", "supernet"], "--search"),
     (["build", "--model", "M", "--target-speedup", "2", "--experts", "two"], "--experts"),
     (["search", "--model", "M", "--target-speedup", "2", "--shared", "1/4"], "--shared"),

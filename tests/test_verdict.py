@@ -82,7 +82,8 @@ def test_a_reused_reference_trained_on_fewer_tokens_is_refused(tmp_path, monkeyp
     work = tmp_path / "build.partial"
     stages = _Build(work, work, work, LM(small_arch()), None, None, None, Deployment(), Target(speedup=2), budget,
                     False, None)
-    needed = (5 if method == "local" else 2 * 3) + 4
+    needed = 2 * 3 + 4  # whichever the method: the local search's 5 steps are taken from them
+    assert budget.result_steps == (needed - 5 if method == "local" else needed)
     needed *= 2 * 16  # streams x tgt_len
     monkeypatch.setattr(_Build, "trained", lambda self, out, init, teacher, **k: out)  # what it would load or train
     short = fake_run(tmp_path / "short" / CONTINUED, needed - 1)
