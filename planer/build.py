@@ -132,7 +132,7 @@ class Budget:
 
     def searching(self, method: str, local_steps: int | None = None) -> Budget:
         """This budget with the search `method` (planer.choices.SEARCH_METHODS) and, for the local search, another
-        number of local distillation steps."""
+        number of local distillation steps, taken from extra_steps: PlanerError where they leave none."""
         steps = self.search.local_steps if local_steps is None else local_steps
         chosen = replace(self, search=replace(self.search, method=method, local_steps=steps))
         if method == "local" and chosen.result_steps < 1:
